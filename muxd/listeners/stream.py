@@ -1,0 +1,302 @@
+"""Raw byte-stream readers over TCP and Unix sockets.
+
+A StreamListener owns one listening socket. It accepts in a bounded batch per
+wake-up (a burst of a thousand connects cannot starve the device), and on
+EMFILE/ENFILE stops watching the socket for a moment instead of spinning on a
+connection it cannot take, while connected clients carry on.
+
+A StreamClient is one connection. Output goes straight from the hub's ring to
+the socket: ``send`` of one memoryview, or ``sendmsg`` of two when the range
+wraps. It asks for EPOLLOUT only while the kernel's buffer is full, so idle
+clients cost no wake-ups. Input, for rw listeners, goes to the hub, which may
+tell the client to stop reading (backpressure). EOF, ECONNRESET and EPIPE are
+ordinary disconnects. Closing shuts down the write side first and discards
+unread input, so the peer sees FIN after the last byte rather than RST.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+
+from muxd.config import Listener
+from muxd.hub import Hub, Reader
+from muxd.reactor import ERRMASK, IN, OUT, Reactor, is_disconnect
+
+log = logging.getLogger("muxd.listener")
+
+# Connections taken per wake-up: bounded so a connect storm shares the loop.
+ACCEPT_BATCH = 64
+# Pause after EMFILE/ENFILE before trying to accept again.
+ACCEPT_BACKOFF = 0.5
+# The kernel's send buffer per client. Left alone, Linux autotunes it up to
+# net.ipv4.tcp_wmem's max (4 MiB): memory our accounting cannot see, backlog
+# the overflow policy cannot govern. 64 KiB (the kernel doubles it) is over
+# 5 s at 115200 baud and fills any LAN path at serial data rates.
+SEND_BUFFER = 64 * 1024
+# Unread input discarded at close, at most: enough to avoid an RST in every
+# normal case without letting a flooding peer hold up the close.
+CLOSE_DRAIN = 64 * 1024
+
+
+class StreamClient:
+    def __init__(self, sock: socket.socket, peer: str, cfg: Listener, hub: Hub, reactor: Reactor) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.cfg = cfg
+        self.hub = hub
+        self.reactor = reactor
+        self.closed = False
+        self.finishing = False
+        self.on_close: list[Callable[[StreamClient], None]] = []
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # The hub already batches; Nagle would only add latency to small frames.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader: Reader = hub.attach(self, cfg, peer)
+        reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
+        self.on_data()  # history or already-published bytes, if any
+
+    # -- ReaderOwner ------------------------------------------------------------
+
+    def on_data(self) -> None:
+        if self.closed:
+            return
+        hub, reader = self.hub, self.reader
+        while True:
+            views = hub.pending(reader)
+            if not views:  # caught up, or closed by the overflow policy
+                break
+            try:
+                n = self.sock.send(views[0]) if len(views) == 1 else self.sock.sendmsg(views)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self._gone(exc)
+                return
+            hub.advance(reader, n)
+            if n < sum(len(v) for v in views):
+                break
+        if reader.id not in hub.readers:
+            return
+        if self.finishing and hub.caught_up(reader):
+            self.close("shutdown")
+            return
+        self._set_blocked(not hub.caught_up(reader))
+
+    def on_write_room(self) -> None:
+        if not self.closed:
+            self._watch()
+
+    def finish(self) -> None:
+        """Graceful stop: stop reading, send what this reader is owed, then close."""
+        self.finishing = True
+        self._watch()
+        self.on_data()
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.hub.detach(self.reader, reason)
+        self.reactor.remove(self.fd)
+        for callback in self.on_close:
+            callback(self)
+        log.debug("%s: %s disconnected (%s)", self.cfg.name, self.peer, reason)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            for _ in range(CLOSE_DRAIN // 4096):
+                if not self.sock.recv(4096):
+                    break
+        self.sock.close()
+
+    # -- events -------------------------------------------------------------
+
+    def _set_blocked(self, blocked: bool) -> None:
+        if blocked != self.reader.blocked:
+            self.hub.set_blocked(self.reader, blocked)
+            self._watch()
+
+    def _watch(self) -> None:
+        mask = 0 if self.reader.input_paused or self.finishing else IN
+        if self.reader.blocked:
+            mask |= OUT
+        self.reactor.modify(self.fd, mask)
+
+    def _on_events(self, mask: int) -> None:
+        if mask & OUT:
+            self.on_data()
+        if not self.closed and mask & (IN | ERRMASK):
+            self._on_readable()
+
+    def _on_readable(self) -> None:
+        budget = self.hub.input_budget(self.reader)
+        if budget == 0:
+            self._watch()  # the write queue is full: stop reading until it drains
+            return
+        try:
+            data = self.sock.recv(budget)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._gone(exc)
+            return
+        if not data:
+            self.close("peer closed")
+            return
+        self.hub.submit(self.reader, data)
+
+    def _gone(self, exc: OSError) -> None:
+        if not is_disconnect(exc):
+            log.warning("%s: %s: %s", self.cfg.name, self.peer, exc)
+        self.close("reset" if exc.errno == errno.ECONNRESET else "error")
+
+    def _on_internal_error(self, _exc: BaseException) -> None:
+        self.close("internal error")
+
+
+class StreamListener:
+    def __init__(self, cfg: Listener, hub: Hub, reactor: Reactor, sock: socket.socket | None = None) -> None:
+        self.cfg = cfg
+        self.hub = hub
+        self.reactor = reactor
+        self.clients: set[StreamClient] = set()
+        self._sock = sock  # passed in by socket activation, or bound in start()
+        self._owns_path = False
+        self._paused = False
+
+    def start(self) -> None:
+        if self._sock is None:
+            self._sock = self._bind()
+        self._sock.setblocking(False)
+        self.reactor.add(self._sock.fileno(), IN, self._on_accept)
+        log.info("%s: listening on %s (%s)", self.hub.name, self.cfg.address, self.cfg.mode)
+
+    def _bind(self) -> socket.socket:
+        cfg = self.cfg
+        if cfg.kind == "unix":
+            return self._bind_unix()
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # A restarted daemon must bind at once, not after TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((cfg.host, cfg.port))
+            # The kernel caps this at net.core.somaxconn; a small backlog would make
+            # a burst of connects wait for SYN retries.
+            sock.listen(socket.SOMAXCONN)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _bind_unix(self) -> socket.socket:
+        path = self.cfg.path
+        _remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(path)
+            self._owns_path = True
+            os.chmod(path, self.cfg.file_mode)
+            if self.cfg.group is not None:
+                gid = (
+                    self.cfg.group if isinstance(self.cfg.group, int) else grp.getgrnam(self.cfg.group).gr_gid
+                )
+                os.chown(path, -1, gid)
+            sock.listen(socket.SOMAXCONN)
+        except (OSError, KeyError):
+            sock.close()
+            raise
+        return sock
+
+    def stop(self) -> None:
+        """Stop accepting; connected clients are left to the caller."""
+        if self._sock is not None:
+            self.reactor.remove(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        if self._owns_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.cfg.path)
+            self._owns_path = False
+
+    def _on_accept(self, _mask: int) -> None:
+        assert self._sock is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = self._sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause_accepting(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the peer gave up while queued
+                raise
+            self._accepted(conn, _peer_name(addr, self.cfg))
+
+    def _accepted(self, conn: socket.socket, peer: str) -> None:
+        stats = self.hub.stats_for(self.cfg)
+        if len(self.clients) >= self.cfg.max_clients:
+            stats.rejected += 1
+            log.warning("%s: %s refused: max_clients (%d) reached", self.cfg.name, peer, self.cfg.max_clients)
+            conn.close()
+            return
+        log.debug("%s: %s connected", self.cfg.name, peer)
+        client = StreamClient(conn, peer, self.cfg, self.hub, self.reactor)
+        if not client.closed:
+            self.clients.add(client)
+            client.on_close.append(self.clients.discard)
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        if self._paused or self._sock is None:
+            return
+        self._paused = True
+        log.error(
+            "%s: cannot accept (%s); pausing accepts for %.1fs", self.cfg.name, exc.strerror, ACCEPT_BACKOFF
+        )
+        self.reactor.remove(self._sock.fileno())
+
+        def resume() -> None:
+            self._paused = False
+            if self._sock is not None:
+                self.reactor.add(self._sock.fileno(), IN, self._on_accept)
+
+        self.reactor.call_later(ACCEPT_BACKOFF, resume)
+
+
+def _peer_name(addr: object, cfg: Listener) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return f"unix:{cfg.path}"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file left by a dead instance; refuse to steal a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")

@@ -1,0 +1,176 @@
+"""What every fd-based upstream shares: one fd, reads into the hub, drains the
+hub's write queue, and reopens with capped, jittered exponential backoff.
+
+The state machine is small: ``connecting`` -> ``up`` -> (loss) ``down`` ->
+``backing-off`` -> ``connecting``. There is never more than one fd: a new one
+is opened only after the old one is closed, so a K2 never sees two of us.
+
+Writes queued while the device is down stay queued in the hub (bounded, with
+backpressure on the writers) and go out in order once it is back up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from abc import ABC, abstractmethod
+
+from muxd.hub import Hub
+from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
+
+log = logging.getLogger("muxd.upstream")
+
+# One read per wake-up takes this much: a 4 Mbaud device produces ~400 KB/s,
+# so 64 KiB keeps wake-ups rare under flood and costs one buffer, not one per reader.
+READ_SIZE = 64 * 1024
+# Reads taken from the device at stop: 16 x 64 KiB covers any tty or socket
+# buffer, and bounds the stop against a device that never pauses.
+FINAL_READS = 16
+
+
+class FdUpstream(ABC):
+    def __init__(self, hub: Hub, reactor: Reactor, backoff_min: float, backoff_max: float) -> None:
+        self.hub = hub
+        self.reactor = reactor
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.fd: int | None = None
+        self.attempts = 0  # consecutive failures, for the backoff
+        self.open_attempts = 0  # total, for tests and metrics
+        self._retry: Timer | None = None
+        self._stopped = False
+        hub.on_write_ready = self._on_write_ready
+
+    # -- subclass hooks -------------------------------------------------------
+
+    @abstractmethod
+    def _open(self) -> None:
+        """Try to open the device: call _opened(fd) or _failed(reason), now or later."""
+
+    @abstractmethod
+    def _read(self) -> bytes:
+        """Read up to READ_SIZE; b"" means the device is gone. May raise OSError."""
+
+    @abstractmethod
+    def _write(self, data: memoryview) -> int:
+        """Write some of data; may raise BlockingIOError or OSError."""
+
+    @abstractmethod
+    def _close_fd(self) -> None:
+        """Close the fd (and whatever object owns it)."""
+
+    def _on_up(self) -> None:  # noqa: B027 - an optional hook, empty by default
+        """The device is open: a hook for subclasses (e.g. to push line settings)."""
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopped = False
+        self._connect()
+
+    def stop(self) -> None:
+        """Close the device, first taking what it has already sent (readers are owed it)."""
+        self._stopped = True
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for _ in range(FINAL_READS):
+            if self.fd is None:
+                break
+            try:
+                data = self._read()
+            except OSError:
+                break
+            if not data:
+                break
+            self.hub.publish(data)
+        self._drop_fd()
+        self.hub.set_state("down", "stopped")
+
+    def _connect(self) -> None:
+        self._retry = None
+        if self._stopped:
+            return
+        self.open_attempts += 1
+        self.hub.set_state("connecting", "opening")
+        self._open()
+
+    def _opened(self, fd: int) -> None:
+        self.fd = fd
+        self.attempts = 0
+        self.reactor.add(fd, IN | self._out_mask(), self._on_events, self._on_internal_error)
+        self.hub.set_state("up", "opened")
+        self._on_up()
+
+    def _failed(self, reason: str, delay: float | None = None) -> None:
+        """Opening failed (or the device was lost): close and schedule a retry."""
+        self._drop_fd()
+        if self._stopped:
+            return
+        if delay is None:
+            delay = self.backoff_delay()
+            self.attempts += 1
+        self.hub.set_state("backing-off", reason)
+        self._retry = self.reactor.call_later(delay, self._connect)
+
+    def _lost(self, reason: str) -> None:
+        self.hub.set_state("down", reason)
+        self._failed(reason)
+
+    def backoff_delay(self) -> float:
+        """Exponential from backoff_min, capped at backoff_max, with "equal jitter"
+        so that a lab full of muxd instances does not reconnect in lockstep."""
+        ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(self.attempts, 30))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _drop_fd(self) -> None:
+        if self.fd is not None:
+            self.reactor.remove(self.fd)
+            self.fd = None
+            with contextlib.suppress(OSError):
+                self._close_fd()
+
+    def _on_internal_error(self, exc: BaseException) -> None:
+        self._lost(f"internal error: {exc!r}")
+
+    # -- data -------------------------------------------------------------------
+
+    def _out_mask(self) -> int:
+        return OUT if self.hub.queue.bytes else 0
+
+    def _on_events(self, mask: int) -> None:
+        if mask & OUT:
+            self._drain()
+        if self.fd is not None and mask & (IN | ERRMASK):
+            try:
+                data = self._read()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._lost(exc.strerror or str(exc))
+                return
+            if not data:
+                self._lost("device closed")
+                return
+            self.hub.publish(data)
+
+    def _on_write_ready(self) -> None:
+        if self.fd is not None and not (self.reactor.mask(self.fd) & OUT):
+            self._drain()  # try at once; EPOLLOUT only if the device is slower
+
+    def _drain(self) -> None:
+        queue = self.hub.queue
+        while self.fd is not None and (unit := queue.peek()) is not None:
+            try:
+                n = self._write(unit)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._lost(exc.strerror or str(exc))
+                return
+            self.hub.consumed(n)
+            if n < len(unit):
+                break
+        if self.fd is not None:
+            self.reactor.modify(self.fd, IN | self._out_mask())

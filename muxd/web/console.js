@@ -1,0 +1,502 @@
+/*
+ * muxd web console: theory of operation.
+ *
+ * Two independent loops drive the page.
+ *
+ * 1. A poll loop fetches api/v1/ports every REFRESH_MS (and the selected
+ *    port's clients) and updates the ports list and clients table in place,
+ *    so keyboard focus survives a refresh. The next poll is scheduled only
+ *    after the previous one finished, so a slow daemon never piles requests up.
+ *
+ * 2. One WebSocket, ws/<port>?history=N, for the selected port. Binary frames
+ *    are raw device bytes and go straight into xterm.js, which parses ANSI and
+ *    UTF-8 itself. When the socket closes it is reopened after a backoff
+ *    (doubling, capped); a reopen writes a marked separator and replays muxd's
+ *    history again, so nothing already shown is thrown away and the repeat is
+ *    visibly labelled. Lines typed in the input are sent as one binary frame of
+ *    UTF-8 bytes; muxd writes them to the device only when the port is writable,
+ *    and the input is shown only then.
+ *
+ * Pause is a scroll lock done by holding bytes here rather than in xterm: the
+ * view cannot move because nothing is written; on resume the held bytes are
+ * written in order. The port is selected by the URL fragment #port=NAME, so
+ * a link opens a given port and Back returns to the previous one.
+ *
+ * Plain ES2017, no build step: the page must be served as-is by muxd.
+ */
+(function () {
+  'use strict';
+
+  var REFRESH_MS = 2000;
+  var FETCH_TIMEOUT_MS = 5000;
+  // Bytes of recent output asked for on open; muxd caps it at the port's
+  // `history` (64 KiB by default), so asking for that default shows it all.
+  var HISTORY_BYTES = 65536;
+  // ~10,000 lines of 80-200 columns is 1-2 MB of cells: hours of a chatty
+  // console, yet small enough for a laptop tab.
+  var SCROLLBACK_LINES = 10000;
+  // Held while paused. 1 MiB is ~90 s of a saturated 115200-baud line, and
+  // more than the scrollback could keep on resume anyway; beyond it the
+  // oldest held bytes are dropped, counted and reported.
+  var PAUSE_HOLD_LIMIT = 1024 * 1024;
+  // Reconnect backoff: fast first retry for a daemon restart, capped so a
+  // long outage costs one attempt per 10 s per open tab.
+  var BACKOFF_MIN_MS = 500;
+  var BACKOFF_MAX_MS = 10000;
+  // A socket that stayed open this long was a real connection: the next
+  // failure starts from BACKOFF_MIN_MS again rather than from a grown delay.
+  var STABLE_MS = 5000;
+  // Up/Down recall; 100 lines is far more than anyone scrolls through.
+  var SENT_HISTORY_LIMIT = 100;
+
+  // What Enter sends. A real terminal sends CR for Enter: a Linux getty/shell
+  // maps it to NL (ICRNL), U-Boot, Zephyr and most RTOS shells act on CR, and
+  // CRLF would be seen as two line ends (an extra empty command) by a tty
+  // with ICRNL. So CR is the default; LF/CRLF/none exist for odd devices.
+  var LINE_ENDINGS = { cr: '\r', lf: '\n', crlf: '\r\n', none: '' };
+
+  var encoder = new TextEncoder();
+
+  function $(id) { return document.getElementById(id); }
+
+  var el = {
+    apiStatus: $('api-status'),
+    ports: $('ports'),
+    portsEmpty: $('ports-empty'),
+    portTitle: $('port-title'),
+    wsStatus: $('ws-status'),
+    pause: $('pause'),
+    pauseInfo: $('pause-info'),
+    clear: $('clear'),
+    terminal: $('terminal'),
+    sendForm: $('send-form'),
+    sendInput: $('send-input'),
+    lineEnding: $('line-ending'),
+    sendButton: $('send-button'),
+    clients: $('clients'),
+  };
+
+  // ---- formatting --------------------------------------------------------
+
+  function fmtBytes(n) {
+    if (typeof n !== 'number') return '?';
+    var units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+    var i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    // No-break space: a unit never wraps away from its number.
+    return (i === 0 ? String(n) : n.toFixed(1)) + '\u00a0' + units[i];
+  }
+
+  function fmtAge(epochSeconds) {
+    if (typeof epochSeconds !== 'number') return '?';
+    // Clamped: the daemon's and the browser's clocks may disagree slightly.
+    var s = Math.max(0, Math.floor(Date.now() / 1000 - epochSeconds));
+    if (s < 60) return s + 's';
+    if (s < 3600) return Math.floor(s / 60) + 'm ' + (s % 60) + 's';
+    if (s < 86400) return Math.floor(s / 3600) + 'h ' + Math.floor((s % 3600) / 60) + 'm';
+    return Math.floor(s / 86400) + 'd ' + Math.floor((s % 86400) / 3600) + 'h';
+  }
+
+  function fmtTime(epochSeconds) {
+    return typeof epochSeconds === 'number' ? new Date(epochSeconds * 1000).toLocaleString() : '';
+  }
+
+  function make(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  // ---- terminal ----------------------------------------------------------
+
+  var term = new Terminal({
+    convertEol: true,           // device consoles often send a bare LF
+    scrollback: SCROLLBACK_LINES,
+    disableStdin: true,         // input goes through the send line only
+    cursorBlink: false,
+    fontFamily: getComputedStyle(document.documentElement).getPropertyValue('--mono-font'),
+    fontSize: 14,
+    theme: { background: '#0c0c0c', foreground: '#d0d0d0' },
+  });
+  var fitAddon = new FitAddon.FitAddon();
+  term.loadAddon(fitAddon);
+  term.open(el.terminal);
+
+  var fitPending = false;
+  function fitSoon() {
+    // Coalesced into one frame: ResizeObserver can fire many times per drag.
+    if (fitPending) return;
+    fitPending = true;
+    requestAnimationFrame(function () {
+      fitPending = false;
+      fitAddon.fit();
+    });
+  }
+  new ResizeObserver(fitSoon).observe(el.terminal);
+
+  function terminalText() {
+    var buf = term.buffer.active;
+    var lines = [];
+    for (var i = 0; i < buf.length; i++) {
+      var line = buf.getLine(i);
+      var s = line.translateToString(true);
+      if (line.isWrapped && lines.length) lines[lines.length - 1] += s;
+      else lines.push(s);
+    }
+    while (lines.length && lines[lines.length - 1] === '') lines.pop();
+    return lines.join('\n');
+  }
+
+  function notice(text) {
+    return encoder.encode('\r\n\x1b[2;3m-- muxd console: ' + text + ' --\x1b[0m\r\n');
+  }
+
+  // ---- pause (scroll lock) ----------------------------------------------
+
+  var paused = false;
+  var held = [];          // Uint8Array chunks, oldest first
+  var heldBytes = 0;
+  var arrivedWhilePaused = 0;
+  var droppedWhilePaused = 0;
+
+  function show(bytes) {
+    if (!paused) {
+      term.write(bytes);
+      return;
+    }
+    held.push(bytes);
+    heldBytes += bytes.length;
+    while (heldBytes > PAUSE_HOLD_LIMIT) {
+      var excess = heldBytes - PAUSE_HOLD_LIMIT;
+      var first = held[0];
+      if (first.length <= excess) {
+        held.shift();
+        heldBytes -= first.length;
+        droppedWhilePaused += first.length;
+      } else {
+        held[0] = first.subarray(excess);
+        heldBytes -= excess;
+        droppedWhilePaused += excess;
+      }
+    }
+  }
+
+  function updatePauseInfo() {
+    if (!paused) {
+      el.pauseInfo.textContent = '';
+      return;
+    }
+    var text = 'paused: ' + fmtBytes(arrivedWhilePaused) + ' arrived';
+    if (droppedWhilePaused) {
+      text += ', ' + fmtBytes(droppedWhilePaused) + ' dropped (hold limit ' +
+        fmtBytes(PAUSE_HOLD_LIMIT) + ')';
+    }
+    el.pauseInfo.textContent = text;
+  }
+
+  function dropHeld() {
+    held = [];
+    heldBytes = 0;
+    arrivedWhilePaused = 0;
+    droppedWhilePaused = 0;
+  }
+
+  function setPaused(on) {
+    paused = on;
+    el.pause.setAttribute('aria-pressed', String(on));
+    el.pause.textContent = on ? 'Resume' : 'Pause';
+    if (!on) {
+      if (droppedWhilePaused) {
+        term.write(notice(fmtBytes(droppedWhilePaused) + ' dropped while paused'));
+      }
+      held.forEach(function (chunk) { term.write(chunk); });
+      term.scrollToBottom();
+    }
+    dropHeld();
+    updatePauseInfo();
+  }
+
+  el.pause.addEventListener('click', function () { setPaused(!paused); });
+  el.clear.addEventListener('click', function () { term.clear(); });
+
+  // ---- WebSocket ---------------------------------------------------------
+
+  var ws = null;            // the current socket; events of older ones are ignored
+  var wsPort = null;        // port the socket (or the pending retry) is for
+  var wsOpenedAt = 0;
+  var backoffMs = BACKOFF_MIN_MS;
+  var retryTimer = null;
+  var countdownTimer = null;
+  var hadConnection = false;
+
+  function setWsStatus(kind, text) {
+    el.wsStatus.className = 'ws-status ws-' + kind;
+    el.wsStatus.textContent = text;
+    el.sendButton.disabled = kind !== 'connected';
+  }
+
+  function wsUrl(port) {
+    var url = new URL('ws/' + encodeURIComponent(port), location.href);
+    url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    url.search = '?history=' + HISTORY_BYTES;
+    url.hash = '';
+    return url.href;
+  }
+
+  function stopSocket() {
+    clearTimeout(retryTimer);
+    clearInterval(countdownTimer);
+    retryTimer = countdownTimer = null;
+    if (ws) {
+      var old = ws;
+      ws = null;
+      old.close();
+    }
+  }
+
+  function connect() {
+    var sock = new WebSocket(wsUrl(wsPort));
+    sock.binaryType = 'arraybuffer';
+    ws = sock;
+    setWsStatus('connecting', 'connecting');
+    sock.onopen = function () {
+      if (sock !== ws) return;
+      wsOpenedAt = Date.now();
+      setWsStatus('connected', 'connected');
+      if (hadConnection) show(notice('reconnected; replaying recent output'));
+      hadConnection = true;
+    };
+    sock.onmessage = function (ev) {
+      if (sock !== ws) return;
+      var bytes = typeof ev.data === 'string' ? encoder.encode(ev.data) : new Uint8Array(ev.data);
+      if (paused) {
+        arrivedWhilePaused += bytes.length;
+        updatePauseInfo();
+      }
+      show(bytes);
+    };
+    sock.onclose = function () {
+      if (sock !== ws) return;
+      ws = null;
+      if (wsOpenedAt && Date.now() - wsOpenedAt >= STABLE_MS) backoffMs = BACKOFF_MIN_MS;
+      wsOpenedAt = 0;
+      scheduleReconnect();
+    };
+  }
+
+  function scheduleReconnect() {
+    var delay = backoffMs;
+    backoffMs = Math.min(backoffMs * 2, BACKOFF_MAX_MS);
+    var due = Date.now() + delay;
+    function tick() {
+      var left = Math.max(0, Math.ceil((due - Date.now()) / 1000));
+      setWsStatus('reconnecting', 'disconnected, reconnecting in ' + left + 's');
+    }
+    tick();
+    countdownTimer = setInterval(tick, 250);
+    retryTimer = setTimeout(function () {
+      clearInterval(countdownTimer);
+      countdownTimer = retryTimer = null;
+      connect();
+    }, delay);
+  }
+
+  function openPort(port) {
+    stopSocket();
+    dropHeld();
+    setPaused(false);
+    // RIS through the write queue, not term.reset(): xterm parses writes
+    // later, so bytes of the old port still queued must land before the wipe.
+    term.write('\x1bc');
+    wsPort = port;
+    backoffMs = BACKOFF_MIN_MS;
+    hadConnection = false;
+    if (port === null) {
+      setWsStatus('idle', 'idle');
+      return;
+    }
+    connect();
+  }
+
+  // ---- send line ---------------------------------------------------------
+
+  var sent = [];            // lines sent, oldest first, bounded by SENT_HISTORY_LIMIT
+  var recallIndex = 0;      // == sent.length when not recalling
+  var draft = '';           // what was typed before Up was first pressed
+
+  el.sendForm.addEventListener('submit', function (ev) {
+    ev.preventDefault();
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    var line = el.sendInput.value;
+    ws.send(encoder.encode(line + LINE_ENDINGS[el.lineEnding.value]));
+    if (line !== '' && line !== sent[sent.length - 1]) {
+      sent.push(line);
+      if (sent.length > SENT_HISTORY_LIMIT) sent.shift();
+    }
+    recallIndex = sent.length;
+    draft = '';
+    el.sendInput.value = '';
+  });
+
+  el.sendInput.addEventListener('keydown', function (ev) {
+    if (ev.key !== 'ArrowUp' && ev.key !== 'ArrowDown') return;
+    ev.preventDefault();
+    if (ev.key === 'ArrowUp') {
+      if (recallIndex === 0) return;
+      if (recallIndex === sent.length) draft = el.sendInput.value;
+      recallIndex--;
+    } else {
+      if (recallIndex === sent.length) return;
+      recallIndex++;
+    }
+    el.sendInput.value = recallIndex === sent.length ? draft : sent[recallIndex];
+    el.sendInput.setSelectionRange(el.sendInput.value.length, el.sendInput.value.length);
+  });
+
+  // ---- ports list and clients table -------------------------------------
+
+  var selected = null;      // selected port name
+  var portRows = new Map(); // name -> {li, button, state, detail, stats}
+
+  function portFromHash() {
+    return new URLSearchParams(location.hash.slice(1)).get('port');
+  }
+
+  function select(name) {
+    if (name === selected) return;
+    selected = name;
+    el.portTitle.textContent = name === null ? 'No port selected' : name;
+    portRows.forEach(function (row, rowName) {
+      row.button.setAttribute('aria-current', String(rowName === name));
+    });
+    el.sendForm.hidden = true;  // until the next poll says whether it is writable
+    el.clients.textContent = '';
+    openPort(name);
+  }
+
+  function portRow(name) {
+    var row = portRows.get(name);
+    if (row) return row;
+    var li = make('li');
+    li.setAttribute('data-testid', 'port-' + name);
+    var button = make('button');
+    button.type = 'button';
+    button.setAttribute('aria-current', String(name === selected));
+    var head = make('span', 'port-head');
+    var state = make('span', 'state');
+    state.setAttribute('data-testid', 'state-' + name);
+    head.appendChild(make('span', 'port-name', name));
+    head.appendChild(state);
+    var detail = make('span', 'port-detail');
+    var stats = make('span', 'port-stats');
+    button.appendChild(head);
+    button.appendChild(detail);
+    button.appendChild(stats);
+    button.addEventListener('click', function () {
+      location.hash = 'port=' + encodeURIComponent(name);
+    });
+    li.appendChild(button);
+    row = { li: li, button: button, state: state, detail: detail, stats: stats };
+    portRows.set(name, row);
+    return row;
+  }
+
+  function renderPorts(ports) {
+    var seen = new Set();
+    ports.forEach(function (p) {
+      seen.add(p.name);
+      var row = portRow(p.name);
+      row.state.textContent = p.state;
+      row.state.className = 'state state-' + p.state;
+      row.detail.textContent = (p.reason || '') + ' · since ' + fmtAge(p.since);
+      row.detail.title = fmtTime(p.since);
+      row.stats.textContent = '';
+      row.stats.appendChild(document.createTextNode(
+        p.clients + (p.clients === 1 ? ' client' : ' clients') +
+        ' · in ' + fmtBytes(p.bytes_in) + ' · out ' + fmtBytes(p.bytes_out) +
+        ' · max\u00a0lag ' + fmtBytes(p.max_lag)));
+      if (typeof p.dropped === 'number') {
+        row.stats.appendChild(make('span', p.dropped ? 'dropped' : '',
+          ' · dropped ' + fmtBytes(p.dropped)));
+      }
+      el.ports.appendChild(row.li);  // re-appending keeps the daemon's order
+    });
+    portRows.forEach(function (row, name) {
+      if (!seen.has(name)) {
+        row.li.remove();
+        portRows.delete(name);
+      }
+    });
+    el.portsEmpty.hidden = ports.length > 0;
+    el.portsEmpty.textContent = 'No ports configured.';
+
+    var current = ports.filter(function (p) { return p.name === selected; })[0];
+    el.sendForm.hidden = !(current && current.writable);
+    if (selected !== null) {
+      el.portTitle.textContent = current ? selected : selected + ' (no such port)';
+    }
+  }
+
+  function renderClients(clients) {
+    el.clients.textContent = '';
+    if (!clients.length) {
+      var tr = make('tr');
+      var td = make('td', 'muted', 'No clients.');
+      td.colSpan = 7;
+      tr.appendChild(td);
+      el.clients.appendChild(tr);
+      return;
+    }
+    clients.forEach(function (c) {
+      var tr = make('tr');
+      var since = make('td', '', fmtAge(c.since));
+      since.title = fmtTime(c.since);
+      [make('td', '', c.peer), make('td', '', c.listener), make('td', '', c.mode), since,
+        make('td', 'num', fmtBytes(c.delivered)), make('td', 'num', fmtBytes(c.dropped)),
+        make('td', 'num', fmtBytes(c.lag))].forEach(function (td) { tr.appendChild(td); });
+      el.clients.appendChild(tr);
+    });
+  }
+
+  async function getJson(path) {
+    var ctrl = new AbortController();
+    var timer = setTimeout(function () { ctrl.abort(); }, FETCH_TIMEOUT_MS);
+    try {
+      var resp = await fetch(path, { signal: ctrl.signal, cache: 'no-store' });
+      if (!resp.ok) throw new Error(path + ': HTTP ' + resp.status);
+      return await resp.json();
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async function poll() {
+    try {
+      var ports = (await getJson('api/v1/ports')).ports;
+      renderPorts(ports);
+      if (selected === null && ports.length) {
+        // No #port= in the link: show the first port, and put it in the URL
+        // so the address bar is a link to what is on screen.
+        history.replaceState(null, '', '#port=' + encodeURIComponent(ports[0].name));
+        select(ports[0].name);
+      }
+      var port = selected;
+      if (port !== null && portRows.has(port)) {
+        var clients = (await getJson('api/v1/ports/' + encodeURIComponent(port) + '/clients')).clients;
+        if (port === selected) renderClients(clients);
+      }
+      el.apiStatus.textContent = '';
+    } catch (err) {
+      el.apiStatus.textContent = 'API unreachable: ' + err.message;
+    }
+    setTimeout(poll, REFRESH_MS);
+  }
+
+  window.addEventListener('hashchange', function () { select(portFromHash()); });
+
+  window.muxdConsole = { text: terminalText };
+
+  select(portFromHash());
+  poll();
+})();

@@ -1,0 +1,377 @@
+"""End to end: a pty as the serial device, muxd as a subprocess, real clients."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import serial
+
+from tests.conftest import (
+    Muxd,
+    PtyDevice,
+    connect,
+    free_port,
+    recv_exactly,
+    recv_until,
+    wait_for,
+    write_config,
+)
+
+StartMuxd = Callable[..., Muxd]
+
+
+def start_port(
+    muxd: StartMuxd,
+    tmp_path: Path,
+    dev: PtyDevice,
+    listeners: list[dict[str, object]],
+    **port_opts: object,
+) -> Muxd:
+    cfg = write_config(
+        tmp_path,
+        {"ports": [{"name": "dut", "upstream": {"serial": dev.path}, "listeners": listeners, **port_opts}]},
+    )
+    m = muxd("run", "-c", str(cfg), "--log-level", "debug")
+    m.wait_log("dut upstream up")
+    for lst in listeners:
+        if "tcp" in lst:
+            m.wait_port(int(str(lst["tcp"]).rsplit(":", 1)[1]))
+    return m
+
+
+def test_every_client_gets_identical_bytes_in_order(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}"}])
+    clients = [connect(port) for _ in range(8)]
+    m.wait_clients(8)
+    payload = random.Random(1).randbytes(300_000)
+    for i in range(0, len(payload), 4096):
+        pty_device.write(payload[i : i + 4096])
+    for c in clients:
+        assert recv_exactly(c, len(payload), timeout=20) == payload
+        c.close()
+
+
+def _timestamped_frames(dev: PtyDevice, seconds: float, rate: float, stop: threading.Event) -> None:
+    """Frames of 64 bytes: 8-byte sequence, 8-byte monotonic_ns, padding, newline."""
+    seq = 0
+    start = time.monotonic()
+    while not stop.is_set() and time.monotonic() - start < seconds:
+        due = start + seq / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            stop.wait(delay)
+        frame = struct.pack(">QQ", seq, time.monotonic_ns()) + b"." * 47 + b"\n"
+        dev.write(frame)
+        seq += 1
+
+
+def _read_frames(socks: list[socket.socket], deadline: float) -> list[tuple[list[int], float]]:
+    """Read frames from all socks until the deadline; per sock: sequence numbers, max latency (s)."""
+    bufs = {s: bytearray() for s in socks}
+    out: dict[socket.socket, tuple[list[int], list[float]]] = {s: ([], [0.0]) for s in socks}
+    for s in socks:
+        s.setblocking(False)
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select(socks, [], [], 0.05)
+        for sock in ready:
+            chunk = sock.recv(65536)
+            assert chunk, "a healthy reader was disconnected"
+            now = time.monotonic_ns()
+            buf = bufs[sock]
+            buf += chunk
+            seqs, worst = out[sock]
+            while len(buf) >= 64:
+                seq, stamp = struct.unpack(">QQ", buf[:16])
+                seqs.append(seq)
+                worst[0] = max(worst[0], (now - stamp) / 1e9)
+                del buf[:64]
+    return [(out[s][0], out[s][1][0]) for s in socks]
+
+
+def test_stuck_client_does_not_delay_the_others(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "buffer": "16KiB"}])
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", port))
+    readers = [connect(port) for _ in range(3)]
+    m.wait_clients(4)
+    stop = threading.Event()
+    # 115,200 B/s for 3 s: about 20 times what the stuck client's buffers can hold.
+    producer = threading.Thread(target=_timestamped_frames, args=(pty_device, 3.0, 1800.0, stop))
+    producer.start()
+    try:
+        results = _read_frames(readers, time.monotonic() + 4.0)
+    finally:
+        stop.set()
+        producer.join(10)
+    seqs = results[0][0]
+    assert len(seqs) > 4000
+    for got, worst in results:
+        assert got == seqs == list(range(len(seqs))), "a healthy reader lost or reordered frames"
+        # A device-wide stall would show as hundreds of ms; the bench measures the p99.
+        assert worst < 0.25, f"healthy reader saw {worst * 1000:.0f} ms latency while another was stuck"
+    # The stuck client lost the middle of the stream, never the order.
+    stuck.setblocking(False)
+    held = bytearray()
+    for _ in range(1000):
+        try:
+            chunk = stuck.recv(65536)
+        except BlockingIOError:
+            break
+        held += chunk
+    assert 0 < len(held) < len(seqs) * 64
+
+
+def test_overflow_disconnect_policy(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
+    port = free_port()
+    m = start_port(
+        muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "buffer": "8KiB", "overflow": "disconnect"}]
+    )
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", port))
+    healthy = connect(port)
+    m.wait_clients(2)
+    payload = os.urandom(2_000_000)
+    for i in range(0, len(payload), 8192):
+        pty_device.write(payload[i : i + 8192])
+        recv_exactly(healthy, min(8192, len(payload) - i))
+    # The stuck one was cut off: it reads what was in flight, then EOF.
+    stuck.settimeout(5)
+    total = 0
+    for _ in range(10_000):
+        chunk = stuck.recv(65536)
+        if not chunk:
+            break
+        total += len(chunk)
+    assert total < len(payload)
+    pty_device.write(b"still here\n")
+    assert recv_until(healthy, b"still here\n").endswith(b"still here\n")
+
+
+def test_drop_oldest_keeps_order_and_the_newest_bytes(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "buffer": "8KiB"}])
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", port))
+    healthy = connect(port)
+    m.wait_clients(2)
+    lines = b"".join(b"%08d\n" % i for i in range(100_000))  # 900 KB of numbered lines
+    for i in range(0, len(lines), 9000):
+        pty_device.write(lines[i : i + 9000])
+        recv_exactly(healthy, min(9000, len(lines) - i), timeout=10)
+    got = recv_until(slow, b"%08d\n" % 99_999, timeout=10)
+    numbers = [int(x) for x in got.split(b"\n") if len(x) == 8]
+    assert numbers == sorted(set(numbers)), "dropped bytes must leave order intact and never repeat"
+    assert numbers[-1] == 99_999 and len(numbers) < 100_000
+
+
+def test_ro_discards_and_rw_writes(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
+    ro, rw = free_port(), free_port()
+    m = start_port(
+        muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{ro}"}, {"tcp": f"127.0.0.1:{rw}", "mode": "rw"}]
+    )
+    a, b = connect(ro), connect(rw)
+    m.wait_clients(2)
+    a.sendall(b"ignored\n")
+    b.sendall(b"to the device\n")
+    assert pty_device.read(14) == b"to the device\n"
+    pty_device.write(b"reply\n")
+    assert recv_exactly(a, 6) == recv_exactly(b, 6) == b"reply\n"
+
+
+def test_two_writers_with_lines_never_interleave(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "mode": "rw", "write": "lines"}])
+    writers = [connect(port) for _ in range(3)]
+    m.wait_clients(3)
+    sent: dict[int, list[bytes]] = {}
+    rng = random.Random(7)
+
+    def write(i: int, sock: socket.socket) -> None:
+        lines = [(b"w%d-%03d-" % (i, n)) + bytes([97 + i]) * 180 + b"\n" for n in range(60)]
+        sent[i] = lines
+        data = b"".join(lines)
+        pos = 0
+        while pos < len(data):  # random split points: half lines and several lines per send
+            step = rng.randint(1, 700)
+            sock.sendall(data[pos : pos + step])
+            pos += step
+
+    threads = [threading.Thread(target=write, args=(i, s)) for i, s in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    total = sum(len(b"".join(v)) for v in sent.values())
+    got = pty_device.read(total, timeout=10).split(b"\n")[:-1]
+    assert len(got) == 180
+    for i, lines in sent.items():
+        mine = [line + b"\n" for line in got if line.startswith(b"w%d-" % i)]
+        assert mine == lines, f"writer {i}: a line was split, merged or reordered"
+
+
+def test_pyserial_socket_url_reads_and_writes(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "mode": "rw"}])
+    ser = serial.serial_for_url(f"socket://127.0.0.1:{port}", timeout=5)
+    try:
+        m.wait_clients(1)
+        ser.write(b"AT\r\n")
+        assert pty_device.read(4) == b"AT\r\n"
+        pty_device.write(b"OK\r\n")
+        assert ser.read_until(b"OK\r\n") == b"OK\r\n"
+    finally:
+        ser.close()
+
+
+def test_unix_socket_client(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
+    path = tmp_path / "dut.sock"
+    m = start_port(muxd, tmp_path, pty_device, [{"unix": str(path), "mode": "rw", "socket_mode": "0600"}])
+    wait_for(path.exists, what="unix socket")
+    assert (path.stat().st_mode & 0o777) == 0o600
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(path))
+    m.wait_clients(1)
+    s.sendall(b"hello\n")
+    assert pty_device.read(6) == b"hello\n"
+    pty_device.write(b"world\n")
+    assert recv_exactly(s, 6) == b"world\n"
+
+
+def test_sigterm_delivers_the_tail_and_ends_with_fin(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "buffer": "1MiB"}])
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    c.connect(("127.0.0.1", port))
+    m.wait_clients(1)
+    payload = os.urandom(400_000)
+    pty_device.write(payload)
+    # Let muxd take it all from the pty before the signal (it is owed to the client).
+    wait_for(lambda: _pty_drained(pty_device), what="muxd to read the device")
+    m.signal(signal.SIGTERM)
+    got = recv_exactly(c, len(payload), timeout=10)
+    assert got == payload
+    c.settimeout(5)
+    assert c.recv(1) == b"", "expected FIN (orderly EOF), not more data or a reset"
+    assert m.wait_exit() == 0
+
+
+def _pty_drained(dev: PtyDevice) -> bool:
+    import fcntl
+    import termios
+
+    buf = bytearray(4)
+    fcntl.ioctl(dev.master, termios.TIOCOUTQ, buf)
+    return int.from_bytes(buf, "little") == 0
+
+
+def test_connect_burst_is_accepted(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2300:
+        pytest.skip(f"needs 2300 fds, hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2300), hard))
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "max_clients": 2000}])
+    socks = []
+    started = time.monotonic()
+    try:
+        for _ in range(1000):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            socks.append(s)
+        pending = set(socks)
+        deadline = time.monotonic() + 10
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], list(pending)[:1000], [], 0.5)
+            for s in writable:
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                pending.discard(s)
+        assert not pending
+        # A SYN retry would take a full second; the whole burst takes far less.
+        assert time.monotonic() - started < 1.0
+        m.wait_clients(1000)
+        pty_device.write(b"to all\n")
+        for s in socks:
+            s.setblocking(True)
+            assert recv_exactly(s, 7) == b"to all\n"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_fd_exhaustion_backs_off_and_keeps_serving(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        {
+            "ports": [
+                {
+                    "name": "dut",
+                    "upstream": {"serial": pty_device.path},
+                    "listeners": [{"tcp": f"127.0.0.1:{port}"}],
+                }
+            ]
+        },
+    )
+    m = muxd("run", "-c", str(cfg), "--log-level", "debug", nofile=48)
+    m.wait_log("dut upstream up")
+    m.wait_port(port)
+    first = connect(port)
+    m.wait_clients(1)
+    extra = [connect(port) for _ in range(60)]  # more than muxd has fds for
+    m.wait_log("pausing accepts")
+    cpu_before = _cpu_seconds(m.pid)
+    t0 = time.monotonic()
+    pty_device.write(b"served\n")
+    assert recv_exactly(first, 7) == b"served\n"
+    wait_for(lambda: time.monotonic() - t0 > 1.0, what="a one second window")
+    assert _cpu_seconds(m.pid) - cpu_before < 0.5, "muxd spins on EMFILE"
+    for s in extra:
+        s.close()
+    late = connect(port)
+
+    def late_gets_data() -> bytes:
+        pty_device.write(b"again\n")
+        late.settimeout(0.2)
+        try:
+            return late.recv(64)
+        except TimeoutError:
+            return b""
+
+    assert b"again" in wait_for(late_gets_data, timeout=5, what="a client accepted once fds are free")
+    first.close()
+    late.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
