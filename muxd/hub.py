@@ -5,11 +5,15 @@ Out (device -> readers)
     cursor into it, so a reader's backlog is ``head - cursor`` and costs no
     memory of its own. After a publish the hub wakes every reader that is not
     already waiting for EPOLLOUT; the reader sends straight from memoryviews of
-    the ring. When a reader's lag exceeds its listener's ``buffer`` the
-    listener's policy applies: ``drop-oldest`` skips its cursor forward to the
-    oldest byte it may still have and counts the skipped bytes; ``disconnect``
-    closes it. Either way the loss is counted. Nothing a slow reader does can
-    slow the device or another reader: the ring never waits for anybody.
+    the ring. A reader's backlog is what the kernel has refused to take: when a
+    reader is blocked (its socket buffer is full) and its lag exceeds its
+    listener's ``buffer``, the listener's policy applies: ``drop-oldest`` skips
+    its cursor forward to the oldest byte it may still have and counts the
+    skipped bytes; ``disconnect`` closes it. A reader that is keeping up is
+    never judged on a burst it has not yet been offered; it only loses bytes
+    the ring itself has overwritten, which are counted the same way. Nothing a
+    slow reader does can slow the device or another reader: the ring never
+    waits for anybody.
 
     With many readers the wake-up pass is deferred by a few milliseconds so
     that several device reads go out in one send per reader: syscalls per byte
@@ -188,6 +192,9 @@ class Hub:
         self._flush_timer: Timer | None = None
         self.queue = WriteQueue(port.write_queue)
         self.status = UpstreamStatus()
+        # Failure reasons logged since the upstream was last up: a handful of
+        # distinct strings per outage, cleared when it comes back.
+        self._failures_logged: set[str] = set()
         self.listener_stats: dict[str, ListenerStats] = {}
         # Set by the upstream: called when the write queue goes from empty to non-empty.
         self.on_write_ready: Callable[[], None] = lambda: None
@@ -263,10 +270,11 @@ class Hub:
             if not reader.blocked and (reader.cursor != head or reader.notices):
                 reader.owner.on_data()
 
-    def _overflow(self, reader: Reader) -> None:
+    def _overflow(self, reader: Reader, keep: int | None = None) -> None:
+        """Apply the policy: keep at most `keep` bytes of backlog (default: its bound)."""
         lag = self.head - reader.cursor
         if reader.drop_oldest:
-            skip = lag - reader.capacity
+            skip = lag - (reader.capacity if keep is None else keep)
             reader.cursor += skip
             reader.dropped += skip
         else:
@@ -276,8 +284,8 @@ class Hub:
 
     def pending(self, reader: Reader, limit: int = 1 << 30) -> list[memoryview]:
         """Views of what the reader is owed next (notices first where due)."""
-        if self.head - reader.cursor > reader.capacity:
-            self._overflow(reader)
+        if reader.cursor < self.ring.tail:  # overwritten before it could be offered
+            self._overflow(reader, keep=self.head - self.ring.tail)
             if reader.id not in self.readers:
                 return []
         if reader.notices:
@@ -304,9 +312,12 @@ class Hub:
         return reader.cursor >= self.head and not reader.notices
 
     def set_blocked(self, reader: Reader, blocked: bool) -> None:
+        """The reader's transport is full (True) or has room again (False)."""
         reader.blocked = blocked
         if blocked:
             self._blocked.add(reader)
+            if self.head - reader.cursor > reader.capacity:
+                self._overflow(reader)
         else:
             self._blocked.discard(reader)
 
@@ -369,11 +380,16 @@ class Hub:
             st.connects += 1
         elif st.state == "up":
             st.disconnects[reason] = st.disconnects.get(reason, 0) + 1
-        was_up = st.state == "up"
         st.state, st.reason, st.since, st.changed = state, reason, time.time(), now
-        level = logging.WARNING if was_up else logging.INFO
-        if state in ("backing-off", "connecting") and not was_up:
+        if state == "up" or reason == "stopped":
+            level = logging.INFO
+            self._failures_logged.clear()
+        elif state == "connecting" or reason in self._failures_logged:
             level = logging.DEBUG  # every retry is news only when debugging
+        else:
+            # Each failure reason is news once per outage, the outage's first loudly.
+            level = logging.INFO if self._failures_logged else logging.WARNING
+            self._failures_logged.add(reason)
         log.log(level, "%s upstream %s (%s)", self.name, state, reason, extra={"MUXD_PORT": self.name})
         if state in ("up", "down"):
             self._notice(f"-- muxd: {self.name} upstream {state} ({reason}) --\r\n".encode())
@@ -396,3 +412,18 @@ class Hub:
         if port.log_capacity != self.ring.capacity:
             self.ring = self.ring.resized(port.log_capacity)
         self.queue.limit = port.write_queue
+
+    def retarget(self, reader: Reader, listener: Listener) -> None:
+        """A reloaded listener's options apply to its connected readers at once."""
+        reader.listener = listener
+        reader.capacity = listener.buffer
+        reader.drop_oldest = listener.overflow == "drop-oldest"
+        lines = listener.writable and listener.write == "lines"
+        if lines and reader.assembler is None:
+            reader.assembler = LineAssembler(self.port.max_line)
+        elif not lines and reader.assembler is not None:
+            self.queue.push(reader.assembler.flush())
+            reader.assembler = None
+            self._queued()
+        if self.head - reader.cursor > reader.capacity:
+            self._overflow(reader)

@@ -123,7 +123,8 @@ class StreamClient:
     def _set_blocked(self, blocked: bool) -> None:
         if blocked != self.reader.blocked:
             self.hub.set_blocked(self.reader, blocked)
-            self._watch()
+            if not self.closed:  # the overflow policy may have closed it
+                self._watch()
 
     def _watch(self) -> None:
         mask = 0 if self.reader.input_paused or self.finishing else IN
@@ -254,10 +255,14 @@ class StreamListener:
             conn.close()
             return
         log.debug("%s: %s connected", self.cfg.name, peer)
-        client = StreamClient(conn, peer, self.cfg, self.hub, self.reactor)
+        client = self._client(conn, peer)
         if not client.closed:
             self.clients.add(client)
             client.on_close.append(self.clients.discard)
+
+    def _client(self, conn: socket.socket, peer: str) -> StreamClient:
+        """The connection object for an accepted socket; protocol listeners override it."""
+        return StreamClient(conn, peer, self.cfg, self.hub, self.reactor)
 
     def _pause_accepting(self, exc: OSError) -> None:
         if self._paused or self._sock is None:

@@ -36,7 +36,7 @@ class FdUpstream(ABC):
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.fd: int | None = None
-        self.attempts = 0  # consecutive failures, for the backoff
+        self.attempts = 0  # failures since the device last sent a byte, for the backoff
         self.open_attempts = 0  # total, for tests and metrics
         self._retry: Timer | None = None
         self._stopped = False
@@ -63,6 +63,14 @@ class FdUpstream(ABC):
     def _on_up(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """The device is open: a hook for subclasses (e.g. to push line settings)."""
 
+    def _received(self, data: bytes) -> None:
+        """Bytes read from the fd; a hook for upstreams with a protocol on the wire."""
+        self.hub.publish(data)
+
+    def _loss_reason(self, exc: OSError | None) -> str:
+        """The state reason for a failed read or write; None means EOF."""
+        return "device closed" if exc is None else exc.strerror or str(exc)
+
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
@@ -84,7 +92,7 @@ class FdUpstream(ABC):
                 break
             if not data:
                 break
-            self.hub.publish(data)
+            self._received(data)
         self._drop_fd()
         self.hub.set_state("down", "stopped")
 
@@ -98,7 +106,6 @@ class FdUpstream(ABC):
 
     def _opened(self, fd: int) -> None:
         self.fd = fd
-        self.attempts = 0
         self.reactor.add(fd, IN | self._out_mask(), self._on_events, self._on_internal_error)
         self.hub.set_state("up", "opened")
         self._on_up()
@@ -148,12 +155,15 @@ class FdUpstream(ABC):
             except BlockingIOError:
                 return
             except OSError as exc:
-                self._lost(exc.strerror or str(exc))
+                self._lost(self._loss_reason(exc))
                 return
             if not data:
-                self._lost("device closed")
+                self._lost(self._loss_reason(None))
                 return
-            self.hub.publish(data)
+            # Success is the first byte, not the open: a peer that accepts and
+            # drops at once (a K2 kicking us for another client) must still back off.
+            self.attempts = 0
+            self._received(data)
 
     def _on_write_ready(self) -> None:
         if self.fd is not None and not (self.reactor.mask(self.fd) & OUT):
@@ -167,7 +177,7 @@ class FdUpstream(ABC):
             except BlockingIOError:
                 break
             except OSError as exc:
-                self._lost(exc.strerror or str(exc))
+                self._lost(self._loss_reason(exc))
                 return
             self.hub.consumed(n)
             if n < len(unit):
