@@ -123,20 +123,21 @@ def _raise_fd_limit() -> None:
     # fan-out daemon may need, and the hard limit is ours to take.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:  # a sandbox may forbid it; run with what we have
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
 
 
 def _serve(config: Config, level: str | None, banner: bool = False) -> int:
+    from muxd import systemd as sd
     from muxd.daemon import Daemon
 
-    logging.basicConfig(
-        level=(level or config.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    sd.setup_logging(level or config.log_level)
     _raise_fd_limit()
-    daemon = Daemon(config)
     try:
+        daemon = Daemon(config, activated=sd.listen_fds())
+        daemon.log_level_override = level
         daemon.start()
     except (OSError, MuxdError) as exc:
         log.error("cannot start: %s", exc)

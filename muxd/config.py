@@ -430,10 +430,17 @@ def _upstream(node: _Node) -> Upstream:
         host, port = m["tcp"].hostport()
         lo, hi = _backoff(m)
         d = TcpUpstream(host, port)
+        settings = _line_settings(m)
+        if "control" in m and m["control"].value() == "usr":
+            # What the vendor's 8-byte packet cannot carry (muxd.protocol.usr).
+            if settings.stopbits == 1.5:
+                raise m["stopbits"].error("control: usr cannot set 1.5 stop bits (1 or 2)")
+            if settings.baudrate >= 1 << 24:
+                raise m["baudrate"].error(f"control: usr carries baud rates below {1 << 24}")
         return TcpUpstream(
             host,
             port,
-            _line_settings(m),
+            settings,
             connect_timeout=_get(m, "connect_timeout", lambda n: n.duration(0.1, 300), d.connect_timeout)
             or d.connect_timeout,
             keepalive_idle=_get(m, "keepalive_idle", lambda n: n.duration(1, 7200), d.keepalive_idle),
@@ -460,7 +467,7 @@ def _upstream(node: _Node) -> Upstream:
     )
 
 
-def _listener(node: _Node) -> Listener:
+def _listener(node: _Node, port_name: str) -> Listener:
     if not isinstance(node.node, yaml.MappingNode):
         raise node.error(f"expected a mapping with one of: {', '.join(LISTENER_KINDS)}")
     kinds = [k.value for k, _ in node.node.value if k.value in LISTENER_KINDS]
@@ -481,7 +488,7 @@ def _listener(node: _Node) -> Listener:
     elif not m[kind].flag():
         raise m[kind].error("set websocket: true to serve /ws/<port>, or remove this listener")
     address = format_hostport(host, port) if port else path
-    name = _get(m, "name", _Node.text, f"{kind}:{address}" if address else kind)
+    name = _get(m, "name", _Node.text, f"{kind}:{address or port_name}")
     if "name" in m and not NAME_RE.match(name):
         raise m["name"].error(f"must match {NAME_RE.pattern}, got {name!r}")
     mode_key = "socket_mode" if kind == "unix" else "link_mode"
@@ -510,7 +517,7 @@ def _port(node: _Node) -> Port:
     name = m["name"].text()
     if not NAME_RE.match(name):
         raise m["name"].error(f"must match {NAME_RE.pattern}, got {name!r}")
-    listeners = tuple(_listener(n) for n in m["listeners"].sequence()) if "listeners" in m else ()
+    listeners = tuple(_listener(n, name) for n in m["listeners"].sequence()) if "listeners" in m else ()
     d = Port(name, SimUpstream())
     port = Port(
         name=name,

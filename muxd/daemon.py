@@ -1,9 +1,21 @@
-"""Wires a Config into running parts, and takes them down again.
+"""Wires a Config into running parts, changes them on reload, and takes them down.
 
 For each port: one Hub, one upstream and its listeners, all on one Reactor.
 Signals arrive through the reactor: SIGTERM/SIGINT start a graceful stop
 (stop accepting, send every reader what it is owed within a short deadline,
 then FIN), SIGHUP a reload.
+
+A reload re-reads the file and applies the difference to what is running. A
+file that fails validation changes nothing. Listeners are matched by name:
+one whose address changed is rebound (its clients are flushed and closed),
+one whose options changed (buffer, mode, overflow, write, max_clients,
+notices) is updated in place and its clients stay connected, and so do the
+clients of every listener the change does not touch. A changed upstream is
+reopened; the port's log and its readers' cursors carry on.
+
+systemd hears READY=1 once every listener is bound and every upstream tried,
+a STATUS= line kept current, WATCHDOG=1 from the loop itself (a hung loop
+stops the pings), RELOADING=1 around a reload and STOPPING=1 on the way out.
 """
 
 from __future__ import annotations
@@ -13,21 +25,27 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
-from muxd.config import Config, Listener, Port, SerialUpstream, SimUpstream
-from muxd.errors import MuxdError
+from muxd import config as configmod
+from muxd import systemd as sd
+from muxd.config import Config, Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
+from muxd.errors import ConfigError, MuxdError
 from muxd.hub import Hub
 from muxd.listeners.stream import StreamListener
 from muxd.reactor import Reactor
 from muxd.upstream.serial import SerialPort
 from muxd.upstream.sim import SimDevice
+from muxd.upstream.tcp import TcpPort
 
 log = logging.getLogger("muxd")
 
 # How long a graceful stop may spend sending readers what they are owed:
 # long enough for a LAN client's backlog, short enough for systemd's stop timeout.
 SHUTDOWN_FLUSH = 2.0
+# How often the STATUS= line is recomputed; it is sent only when it changed.
+STATUS_INTERVAL = 1.0
 
 
 class Upstream(Protocol):
@@ -68,7 +86,20 @@ def make_upstream(port: Port, hub: Hub, reactor: Reactor) -> Upstream:
         return SerialPort(cfg, hub, reactor)
     if isinstance(cfg, SimUpstream):
         return SimDevice(cfg, hub, reactor)
+    if isinstance(cfg, TcpUpstream):
+        return TcpPort(cfg, hub, reactor)
     raise NotImplementedError(f"upstream {cfg.describe()} is not supported yet")
+
+
+def _rebind_needed(old: Listener, new: Listener) -> bool:
+    return (old.kind, old.host, old.port, old.path, old.file_mode, old.group) != (
+        new.kind,
+        new.host,
+        new.port,
+        new.path,
+        new.file_mode,
+        new.group,
+    )
 
 
 @dataclass
@@ -92,6 +123,7 @@ class Daemon:
         self._activated = dict(activated or {})
         self._stopping = False
         self.exit_code = 0
+        self.log_level_override: str | None = None  # --log-level outlives reloads
 
     # -- start ---------------------------------------------------------------
 
@@ -107,6 +139,32 @@ class Daemon:
         r = self.reactor
         r.add_signal(signal.SIGTERM, lambda _s: self.shutdown())
         r.add_signal(signal.SIGINT, lambda _s: self.shutdown())
+        r.add_signal(signal.SIGHUP, lambda _s: self.reload())
+        self._status = ""
+        sd.notify("READY=1", f"STATUS={self.status_line()}")
+        self._tick_status()
+        interval = sd.watchdog_interval()
+        if interval is not None:
+            self._watchdog(interval)
+
+    def status_line(self) -> str:
+        """One line for systemctl status, e.g. `dut1 up 12 clients; dut2 connecting`."""
+        parts = []
+        for name, rt in self.ports.items():
+            n = len(rt.hub.readers)
+            parts.append(f"{name} {rt.hub.status.state} {n} client{'s' if n != 1 else ''}")
+        return "; ".join(parts)
+
+    def _tick_status(self) -> None:
+        line = self.status_line()
+        if line != self._status:
+            self._status = line
+            sd.notify(f"STATUS={line}")
+        self.reactor.call_later(STATUS_INTERVAL, self._tick_status)
+
+    def _watchdog(self, interval: float) -> None:
+        sd.notify("WATCHDOG=1")
+        self.reactor.call_later(interval, lambda: self._watchdog(interval))
 
     def _start_port(self, port: Port) -> PortRuntime:
         hub = Hub(port, self.reactor)
@@ -145,6 +203,7 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        sd.notify("STOPPING=1")
         log.info("stopping: flushing %d clients", self.client_count())
         for rt in self.ports.values():
             for listener in rt.listeners.values():
@@ -172,6 +231,78 @@ class Daemon:
                 for client in list(listener.clients):
                     client.close("shutdown")
         self.reactor.stop()
+
+    # -- reload --------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config file and apply the difference; a bad file changes nothing."""
+        if self.config.source.startswith("<"):
+            log.warning("reload ignored: %s has no file to re-read (start with -c FILE)", self.config.source)
+            return
+        sd.notify("RELOADING=1")
+        try:
+            new = configmod.load(self.config.source)
+        except ConfigError as exc:
+            log.error("reload rejected, the running config stays: %s", exc)
+        else:
+            sd.setup_logging(self.log_level_override or new.log_level)
+            self._apply(new)
+            self.config = new
+            log.info("reloaded %s", new.source)
+        sd.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _apply(self, new: Config) -> None:
+        wanted = {p.name for p in new.ports}
+        for name in [n for n in self.ports if n not in wanted]:
+            self._stop_port(self.ports.pop(name))
+        for port in new.ports:
+            rt = self.ports.get(port.name)
+            if rt is None:
+                self._guarded(f"port {port.name}", partial(self._start_port, port))
+            else:
+                self._update_port(rt, port)
+
+    def _update_port(self, rt: PortRuntime, port: Port) -> None:
+        reopen = rt.config.upstream != port.upstream
+        if reopen:
+            rt.upstream.stop()
+        wanted = {lst.name: lst for lst in port.listeners}
+        for name, listener in list(rt.listeners.items()):
+            cfg = wanted.get(name)
+            if cfg is None or _rebind_needed(listener.cfg, cfg):
+                self._stop_listener(rt, name)
+        rt.hub.resize(port)  # before retargeting: the log must hold every new backlog bound
+        for reader in list(rt.hub.readers.values()):
+            cfg = wanted.get(reader.listener.name)
+            if cfg is not None and cfg != reader.listener:
+                rt.hub.retarget(reader, cfg)
+        for cfg in port.listeners:
+            if cfg.name in rt.listeners:
+                rt.listeners[cfg.name].cfg = cfg
+            elif cfg.kind in LISTENER_FACTORIES:
+                self._guarded(f"listener {cfg.name}", partial(self._start_listener, rt, cfg))
+        rt.config = port
+        if reopen:
+            rt.upstream = make_upstream(port, rt.hub, self.reactor)
+            rt.upstream.start()
+
+    def _guarded(self, what: str, start: Callable[[], object]) -> None:
+        # A reload that adds a listener on a busy address must not take down the rest.
+        try:
+            start()
+        except (OSError, MuxdError) as exc:
+            log.error("reload: cannot start %s: %s", what, exc)
+
+    def _stop_listener(self, rt: PortRuntime, name: str) -> None:
+        listener = rt.listeners.pop(name)
+        listener.stop()
+        for client in list(listener.clients):
+            client.finish()
+
+    def _stop_port(self, rt: PortRuntime) -> None:
+        for name in list(rt.listeners):
+            self._stop_listener(rt, name)
+        rt.upstream.stop()
 
     def client_count(self) -> int:
         return sum(len(rt.hub.readers) for rt in self.ports.values())

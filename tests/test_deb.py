@@ -1,0 +1,96 @@
+"""The Debian package, built for real by packaging/build-deb.sh, and checked with
+dpkg-deb and (when installed) lintian."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import muxd
+
+REPO = Path(__file__).resolve().parent.parent
+CONTROL = REPO / "packaging" / "debian" / "control"
+DEPENDS = ("python3-serial", "python3-yaml", "python3-prometheus-client", "python3-h11", "python3-wsproto")
+
+
+def missing_build_tools() -> str | None:
+    for tool in ("dpkg-buildpackage", "dpkg-checkbuilddeps", "dpkg-deb", "pybuild"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (apt install dpkg-dev dh-python pybuild-plugin-pyproject)"
+    proc = subprocess.run(
+        ["dpkg-checkbuilddeps", str(CONTROL)], capture_output=True, text=True, timeout=60, check=False
+    )
+    if proc.returncode != 0:
+        return f"build dependencies missing: {proc.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    reason = missing_build_tools()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("deb")
+    proc = subprocess.run(
+        [str(REPO / "packaging" / "build-deb.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (path,) = out.glob("muxd_*_all.deb")
+    return path
+
+
+def dpkg_deb(*args: str) -> str:
+    return subprocess.run(["dpkg-deb", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def test_contents(deb: Path) -> None:
+    paths = {line.split()[-1].removeprefix(".") for line in dpkg_deb("-c", str(deb)).splitlines()}
+    assert "/usr/bin/muxd" in paths
+    assert "/etc/muxd/muxd.yaml" in paths
+    assert {"/usr/share/man/man8/muxd.8.gz", "/usr/share/man/man5/muxd.yaml.5.gz"} <= paths
+    for unit in ("muxd.service", "muxd@.service", "muxd.socket"):
+        assert {f"/lib/systemd/system/{unit}", f"/usr/lib/systemd/system/{unit}"} & paths, unit
+    assert "/usr/share/doc/muxd/examples/99-muxd.rules" in paths
+
+
+def test_control(deb: Path) -> None:
+    fields = dict(
+        line.split(": ", 1) for line in dpkg_deb("-f", str(deb)).splitlines() if not line.startswith(" ")
+    )
+    assert fields["Package"] == "muxd"
+    assert fields["Version"] == muxd.__version__
+    assert fields["Architecture"] == "all"
+    depends = {d.strip().split()[0] for d in fields["Depends"].split(",")}
+    assert set(DEPENDS) | {"adduser"} <= depends
+    assert fields["Recommends"] == "python3-systemd"
+    assert dpkg_deb("-I", str(deb), "conffiles").split() == ["/etc/muxd/muxd.yaml"]
+
+
+def test_shipped_config_is_the_example(deb: Path) -> None:
+    tar = subprocess.run(
+        ["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, timeout=60, check=True
+    )
+    shipped = subprocess.run(
+        ["tar", "-xO", "./etc/muxd/muxd.yaml"], input=tar.stdout, capture_output=True, timeout=60, check=True
+    )
+    assert shipped.stdout == (REPO / "config" / "muxd.example.yaml").read_bytes()
+
+
+def test_maintainer_scripts(deb: Path) -> None:
+    postinst = dpkg_deb("-I", str(deb), "postinst")
+    assert "adduser --system" in postinst and "muxd dialout" in postinst
+    assert "muxd@" not in postinst  # instances are the administrator's to start
+
+
+@pytest.mark.skipif(shutil.which("lintian") is None, reason="needs lintian")
+def test_lintian_has_no_errors(deb: Path) -> None:
+    proc = subprocess.run(["lintian", str(deb)], capture_output=True, text=True, timeout=300, check=False)
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("E:")]
+    assert not errors, proc.stdout
