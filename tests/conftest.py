@@ -8,6 +8,7 @@ deadline, with a bounded number of rounds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -139,8 +140,14 @@ class PtyDevice:
                 raise AssertionError(f"device got {len(buf)} of {n} bytes: {bytes(buf[-200:])!r}")
             ready, _, _ = select.select([self.master], [], [], left)
             if ready:
-                with contextlib.suppress(BlockingIOError):
+                try:
                     buf += os.read(self.master, n - len(buf))
+                except BlockingIOError:
+                    pass
+                except OSError as exc:  # EIO: nobody has the slave open (yet); poll again
+                    if exc.errno != errno.EIO:
+                        raise
+                    select.select([], [], [], 0.01)
         return bytes(buf)
 
     def speed(self) -> int:

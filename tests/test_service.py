@@ -1,0 +1,185 @@
+"""muxd as a systemd service: the notify protocol, socket activation and reload,
+each against the real daemon (and the real systemd-socket-activate)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, Muxd, PtyDevice, connect, free_port, recv_until, wait_for, write_config
+
+StartMuxd = Callable[..., Muxd]
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: collects the datagrams muxd sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    def poll(self) -> list[str]:
+        for _ in range(1000):
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                break
+        return self.messages
+
+    def wait(self, state: str, timeout: float = 10.0) -> str:
+        def found() -> str | None:
+            return next((m for m in self.poll() if state in m.split("\n")), None)
+
+        return str(wait_for(found, timeout, f"{state} on the notify socket"))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _config(tmp_path: Path, dev: PtyDevice, listeners: list[dict[str, Any]], name: str = "muxd.yaml") -> Path:
+    return write_config(
+        tmp_path, {"ports": [{"name": "dut", "upstream": {"serial": dev.path}, "listeners": listeners}]}, name
+    )
+
+
+def test_ready_after_bind_then_watchdog_then_stopping(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    port = free_port()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        cfg = _config(tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}"}])
+        env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"}
+        m = muxd("run", "-c", str(cfg), env=env)
+        ready = notify.wait("READY=1")
+        assert "STATUS=dut up 0 clients" in ready.split("\n")
+        connect(port).close()  # READY came after the listener was bound: this cannot be refused
+        # Pings at half of WATCHDOG_USEC, from the event loop itself.
+        wait_for(lambda: sum(x.startswith("WATCHDOG=1") for x in notify.poll()) >= 5, 3.0, "5 pings")
+        c = connect(port)
+        wait_for(
+            lambda: any("STATUS=dut up 1 client" in x for x in notify.poll()), 5.0, "STATUS with 1 client"
+        )
+        c.close()
+        m.signal(signal.SIGTERM)
+        notify.wait("STOPPING=1")
+        assert m.wait_exit() == 0
+    finally:
+        notify.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
+def test_socket_activation_serves_on_the_passed_socket(tmp_path: Path, pty_device: PtyDevice) -> None:
+    port = free_port()
+    # The config's own address is never bound: the passed socket named dut-tcp is used instead.
+    cfg = _config(
+        tmp_path, pty_device, [{"tcp": f"127.0.0.1:{free_port()}", "name": "dut-tcp", "mode": "rw"}]
+    )
+    proc = _activate(port, "dut-tcp", cfg)
+    try:
+        # systemd-socket-activate execs muxd (same PID) on the first connection.
+        c = wait_for(lambda: _try_connect(port), 10.0, "the activated socket")
+        c.sendall(b"ping\n")
+        assert pty_device.read(5, timeout=10) == b"ping\n"
+        pty_device.write(b"pong\n")
+        assert recv_until(c, b"pong\n").endswith(b"pong\n")
+        c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
+def test_socket_activation_with_an_unknown_name_is_an_error(tmp_path: Path, pty_device: PtyDevice) -> None:
+    port = free_port()
+    cfg = _config(tmp_path, pty_device, [{"tcp": f"127.0.0.1:{free_port()}", "name": "dut-tcp"}])
+    proc = _activate(port, "nobody", cfg)
+    try:
+        wait_for(lambda: _try_connect(port), 10.0, "the activation socket")
+        assert proc.wait(10) == 1
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        assert "no matching listener: nobody" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _activate(port: int, fdname: str, cfg: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "muxd", "run", "-c", str(cfg)]
+    return subprocess.Popen(
+        ["systemd-socket-activate", f"--listen=127.0.0.1:{port}", f"--fdname={fdname}", *cmd],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _try_connect(port: int) -> socket.socket | None:
+    try:
+        return connect(port, timeout=1)
+    except OSError:
+        return None
+
+
+def test_sighup_reload_keeps_untouched_clients_flowing(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    keep, gone, new = free_port(), free_port(), free_port()
+    cfg = _config(
+        tmp_path, pty_device, [{"tcp": f"127.0.0.1:{keep}", "buffer": "64KiB"}, {"tcp": f"127.0.0.1:{gone}"}]
+    )
+    m = muxd("run", "-c", str(cfg), "--log-level", "debug")
+    m.wait_log("dut upstream up")
+    m.wait_port(keep)
+    m.wait_port(gone)
+    reader = connect(keep)
+    m.wait_clients(3)  # two wait_port probes, then the reader
+    got = bytearray()
+    seq = 0
+
+    def pump(lines: int) -> None:
+        nonlocal seq
+        for _ in range(lines):
+            pty_device.write(b"%08d\n" % seq)
+            seq += 1
+        got.extend(recv_until(reader, b"%08d\n" % (seq - 1)))
+
+    pump(50)
+    # Remove a listener, add one, change the kept one's buffer: a reload.
+    _config(
+        tmp_path, pty_device, [{"tcp": f"127.0.0.1:{keep}", "buffer": "1MiB"}, {"tcp": f"127.0.0.1:{new}"}]
+    )
+    m.signal(signal.SIGHUP)
+    m.wait_log("reloaded")
+    pump(50)
+    m.wait_port(new)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", gone), timeout=2)
+    # A broken file is rejected and everything keeps running.
+    cfg.write_text(cfg.read_text().replace("buffer: 1MiB", "buffer: huge"))
+    m.signal(signal.SIGHUP)
+    m.wait_log("reload rejected")
+    assert "buffer: expected a size" in m.log()
+    pump(50)
+    numbers = [int(x) for x in bytes(got).split(b"\n") if x]
+    assert numbers == list(range(150)), "the kept client saw a gap or a repeat across reloads"
+    assert m.proc.poll() is None
+    t0 = time.monotonic()
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit() == 0 and time.monotonic() - t0 < 5
