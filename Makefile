@@ -56,5 +56,9 @@ test: system-deps $(STAMP)
 	$(MAKE) lint
 	$(BIN)/pytest -q
 
+# A .deb of the working tree (packaging/debian), into dist/.
+deb:
+	packaging/build-deb.sh dist
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
