@@ -290,13 +290,15 @@ class _Node:
             raise self.error(f"must be between {lo} and {hi} bytes, got {n}")
         return n
 
-    def duration(self, lo: float, hi: float) -> float:
+    def duration(self, lo: float, hi: float, off: bool = True) -> float:
+        """A duration in seconds; 0 means off where `off` allows it."""
         v = self.value()
         s = parse_duration(v)
         if s is None:
             raise self.error(f"expected a duration such as 500ms, 5s or 1m, got {v!r}")
-        if s != 0 and not lo <= s <= hi:
-            raise self.error(f"must be 0 (off) or between {lo} and {hi} seconds, got {s:g}")
+        if (s != 0 or not off) and not lo <= s <= hi:
+            zero = "0 (off) or " if off else ""
+            raise self.error(f"must be {zero}between {lo:g} and {hi:g} seconds, got {s:g}")
         return s
 
     def hostport(self) -> tuple[str, int]:
@@ -428,6 +430,13 @@ def _upstream(node: _Node) -> Upstream:
     if kind == "tcp":
         m = node.mapping(TCP_KEYS)
         host, port = m["tcp"].hostport()
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            # The stdlib resolver blocks: a dead DNS server would freeze every reader.
+            raise m["tcp"].error(
+                f"give a numeric IP address, not {host!r} (name lookups would block)"
+            ) from None
         lo, hi = _backoff(m)
         d = TcpUpstream(host, port)
         settings = _line_settings(m)
@@ -443,9 +452,11 @@ def _upstream(node: _Node) -> Upstream:
             settings,
             connect_timeout=_get(m, "connect_timeout", lambda n: n.duration(0.1, 300), d.connect_timeout)
             or d.connect_timeout,
-            keepalive_idle=_get(m, "keepalive_idle", lambda n: n.duration(1, 7200), d.keepalive_idle),
+            keepalive_idle=_get(
+                m, "keepalive_idle", lambda n: n.duration(1, 7200, off=False), d.keepalive_idle
+            ),
             keepalive_interval=_get(
-                m, "keepalive_interval", lambda n: n.duration(1, 600), d.keepalive_interval
+                m, "keepalive_interval", lambda n: n.duration(1, 600, off=False), d.keepalive_interval
             ),
             keepalive_count=_get(m, "keepalive_count", lambda n: n.integer(1, 100), d.keepalive_count),
             idle_timeout=_get(m, "idle_timeout", lambda n: n.duration(0.1, 86400), d.idle_timeout),

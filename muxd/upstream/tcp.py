@@ -1,0 +1,321 @@
+"""A remote serial port over TCP: the USR K2 in TCP-server mode, or any raw
+TCP serial server (ser2net, another muxd).
+
+Connecting never blocks the loop: a non-blocking connect() gives EINPROGRESS,
+the socket is watched for EPOLLOUT and SO_ERROR tells the outcome, while a
+timer enforces ``connect_timeout``. The host must be a numeric address: the
+stdlib resolver blocks, and a dead DNS server would freeze every port's
+readers for its timeout on each attempt. A K2 has a fixed IP anyway.
+
+A dead link is found three ways. TCP keepalive probes an idle connection
+(``keepalive_idle`` + ``keepalive_interval`` x ``keepalive_count``, 15 s by
+default); TCP_USER_TIMEOUT gives unacknowledged writes the same deadline, so a
+K2 that vanishes mid-write is noticed as fast as a quiet one. Both surface as
+ETIMEDOUT, "keepalive timeout". A K2 whose TCP stack answers while its serial
+side is wedged passes keepalive: the optional ``idle_timeout`` (no byte for
+that long) catches it. Each loss closes the socket before the next attempt is
+made, so the K2 never sees two of us (FdUpstream's backoff does the rest).
+
+``control`` says how line settings reach the device. ``none``: they cannot;
+the K2 keeps what its web page says. ``usr``: the vendor's 8-byte packet goes
+out first on every connection and again on each change. ``rfc2217``: the
+link speaks Telnet + RFC 2217; device bytes are decoded out of the stream,
+negotiation is answered, writes are escaped, and the line settings are sent
+once the K2 agrees to COM-PORT-OPTION. Escaping changes lengths, so writes go
+through ``_out``, a small buffer of wire bytes: a queue chunk is encoded only
+when ``_out`` is empty, and counted consumed once encoded, so a partial send
+never loses or repeats a byte.
+
+Writes wait in the hub's queue while the link is down and go out in order on
+the next one. Bytes already handed to a link that then dies may be lost with
+it, as with any TCP connection: a small SO_SNDBUF keeps that amount small
+(the rest stays queued in the hub), and when a link is dropped the bytes the
+K2 never acknowledged (TCP_INFO's bytes_acked) are logged and counted in
+``unacked_lost``, never lost silently.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+
+from muxd.config import TcpUpstream
+from muxd.errors import LocalProtocolError, RemoteProtocolError
+from muxd.hub import Hub
+from muxd.protocol import usr
+from muxd.protocol.line_settings import LineSettings
+from muxd.protocol.rfc2217 import ComPortOption, Data, Rfc2217Client
+from muxd.reactor import OUT, Reactor, Timer
+from muxd.upstream.base import READ_SIZE, FdUpstream
+
+log = logging.getLogger("muxd.upstream")
+
+# Raw queue bytes escaped per step: RFC 2217 at most doubles them, so _out holds
+# at most 8 KiB of data plus a few control messages. Small, because whatever
+# sits in _out when the link dies is lost with it.
+ENCODE_CHUNK = 4096
+# Wire bytes _out may hold: data (above) plus negotiation answers and settings
+# requests, a few dozen bytes each. Past this the peer is flooding us with
+# negotiation while not reading our answers.
+OUT_LIMIT = 64 * 1024
+# The kernel's send buffer (it doubles this): 32 KiB is about 3 s of a 115200
+# baud UART, ample to keep the K2 busy, while writes beyond it stay in the hub's
+# queue (visible, bounded, with backpressure) rather than in a kernel buffer
+# that a dead link throws away.
+SEND_BUFFER = 16 * 1024
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at byte 120 since
+# Linux 4.1. It counts the SYN too, hence the 1 taken off where it is read.
+TCP_INFO_SIZE = 128
+BYTES_ACKED = 120
+
+_CONNECT_REASONS = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "connect timeout"}
+_LOSS_REASONS = {
+    errno.ECONNRESET: "connection reset",
+    errno.EPIPE: "connection reset",
+    errno.ETIMEDOUT: "keepalive timeout",
+}
+
+
+class TcpPort(FdUpstream):
+    def __init__(self, cfg: TcpUpstream, hub: Hub, reactor: Reactor) -> None:
+        super().__init__(hub, reactor, cfg.backoff_min, cfg.backoff_max)
+        self.cfg = cfg
+        self.settings = cfg.settings
+        # config.py accepts only numeric hosts: a name lookup would block the loop.
+        ip = ipaddress.ip_address(cfg.host)
+        self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        self._sock: socket.socket | None = None
+        self._codec: Rfc2217Client | None = None
+        self._com_port = False  # the K2 agreed to COM-PORT-OPTION on this connection
+        self._sent = 0  # wire bytes handed to the kernel on this connection
+        # Wire bytes the K2 had not acknowledged when a link was dropped: writes
+        # that may never have reached its UART. Counted and logged, never silent.
+        self.unacked_lost = 0
+        self._out = bytearray()  # wire bytes not yet sent; bounded by OUT_LIMIT
+        self._connect_timer: Timer | None = None
+        self._idle_timer: Timer | None = None
+        self._last_rx = 0.0
+
+    def describe(self) -> str:
+        return self.cfg.describe()
+
+    # -- connecting -------------------------------------------------------------
+
+    def _open(self) -> None:
+        cfg = self.cfg
+        sock = socket.socket(self._family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self._sock = sock
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # typed commands go out at once
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(cfg.keepalive_idle)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(cfg.keepalive_interval)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cfg.keepalive_count)
+        dead_after = cfg.keepalive_idle + cfg.keepalive_interval * cfg.keepalive_count
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_after * 1000))
+        err = sock.connect_ex((cfg.host, cfg.port))
+        if err == 0:
+            self._connected()
+        elif err == errno.EINPROGRESS:
+            self.reactor.add(sock.fileno(), OUT, self._on_connect_event, self._on_internal_error)
+            self._connect_timer = self.reactor.call_later(cfg.connect_timeout, self._on_connect_timeout)
+        else:
+            self._failed(_CONNECT_REASONS.get(err, _strerror(err)))
+
+    def _on_connect_event(self, _mask: int) -> None:
+        assert self._sock is not None
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._failed(_CONNECT_REASONS.get(err, _strerror(err)))
+        else:
+            self.reactor.remove(self._sock.fileno())  # _opened() registers it for data
+            self._connected()
+
+    def _on_connect_timeout(self) -> None:
+        self._connect_timer = None
+        self._failed("connect timeout")
+
+    def _connected(self) -> None:
+        assert self._sock is not None
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        self._opened(self._sock.fileno())
+
+    def _on_up(self) -> None:
+        log.debug("%s: connected to %s (control: %s)", self.hub.name, self.describe(), self.cfg.control)
+        if self.cfg.control == "usr":
+            self._out += usr.encode(self.settings)
+        elif self.cfg.control == "rfc2217":
+            self._codec = Rfc2217Client()
+            self._out += self._codec.initial_negotiation()
+        if self.cfg.idle_timeout:
+            self._last_rx = self.reactor.now()
+            self._idle_timer = self.reactor.call_later(self.cfg.idle_timeout, self._check_idle)
+        self._drain()
+
+    def _check_idle(self) -> None:
+        left = self._last_rx + self.cfg.idle_timeout - self.reactor.now()
+        if left > 0:
+            self._idle_timer = self.reactor.call_later(left, self._check_idle)
+        else:
+            self._idle_timer = None
+            self._lost("idle timeout")
+
+    def _drop_fd(self) -> None:
+        for timer in (self._connect_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._connect_timer = self._idle_timer = None
+        super()._drop_fd()  # a connected socket: unregistered and closed by _close_fd()
+        if self._sock is not None:  # a connect still in progress
+            self.reactor.remove(self._sock.fileno())
+            self._close_fd()
+        self._codec = None
+        self._com_port = False
+        self._sent = 0
+        self._out.clear()
+
+    def _close_fd(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    def _lost(self, reason: str) -> None:
+        unacked = self._unacknowledged()
+        if unacked:
+            self.unacked_lost += unacked
+            log.warning(
+                "%s: %d bytes written to the K2 were not acknowledged when the link was dropped; "
+                "they may not have reached the device",
+                self.hub.name,
+                unacked,
+            )
+        super()._lost(reason)
+
+    def _unacknowledged(self) -> int:
+        if self._sock is None or self.fd is None:
+            return 0
+        info = self._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SIZE)
+        if len(info) < BYTES_ACKED + 8:  # a kernel older than 4.1: assume the worst
+            return self._sent + len(self._out)
+        acked: int = struct.unpack_from("=Q", info, BYTES_ACKED)[0]
+        return max(0, self._sent - (acked - 1)) + len(self._out)
+
+    def _loss_reason(self, exc: OSError | None) -> str:
+        if exc is None:
+            return "closed by peer"
+        return _LOSS_REASONS.get(exc.errno or 0) or _strerror(exc.errno or 0)
+
+    # -- data -------------------------------------------------------------------
+
+    def _read(self) -> bytes:
+        assert self._sock is not None
+        return self._sock.recv(READ_SIZE)
+
+    def _received(self, data: bytes) -> None:
+        self._last_rx = self.reactor.now()
+        codec = self._codec
+        if codec is None:
+            self.hub.publish(data)
+            return
+        try:
+            codec.receive_data(data)
+        except RemoteProtocolError as exc:
+            self._lost(f"protocol error: {exc}")
+            return
+        for event in codec.next_events():
+            if isinstance(event, Data):
+                self.hub.publish(event.data)
+            elif isinstance(event, ComPortOption):
+                self._com_port = event.enabled
+                if event.enabled:
+                    self._out += codec.configure(self.settings)
+                else:
+                    log.warning(
+                        "%s: the K2 refused RFC 2217 COM-PORT-OPTION; line settings stay as they are",
+                        self.hub.name,
+                    )
+            else:
+                log.debug("%s: RFC 2217: %s", self.hub.name, event)
+        self._out += codec.data_to_send()
+        if len(self._out) > OUT_LIMIT:
+            self._lost("protocol error: negotiation flood")
+        elif self._out and self.fd is not None:
+            self._drain()
+
+    def _out_mask(self) -> int:
+        return OUT if self._out or self.hub.queue.bytes else 0
+
+    def _drain(self) -> None:
+        try:
+            self._flush_out()
+        except OSError as exc:
+            self._lost(self._loss_reason(exc))
+            return
+        super()._drain()
+
+    def _flush_out(self) -> bool:
+        """Send what _out holds; True when it is empty. May raise OSError."""
+        assert self._sock is not None
+        while self._out:
+            try:
+                n = self._sock.send(self._out)
+            except BlockingIOError:
+                return False
+            del self._out[:n]
+            self._sent += n
+        return True
+
+    def _write(self, data: memoryview) -> int:
+        assert self._sock is not None
+        if self._out:
+            raise BlockingIOError  # control bytes or encoded data go first
+        if self._codec is None:
+            n = self._sock.send(data)
+            self._sent += n
+            return n
+        chunk = data[:ENCODE_CHUNK]
+        self._out += self._codec.send(Data(bytes(chunk)))
+        try:
+            self._flush_out()
+        except OSError:
+            self._out.clear()  # not consumed: the chunk goes to the next link whole
+            raise
+        return len(chunk)
+
+    # -- line settings ------------------------------------------------------------
+
+    def apply_settings(self, settings: LineSettings) -> None:
+        """New line settings (from muxd.linecontrol): passed on to the K2 when
+        ``control`` allows. Raises ValueError for settings the link cannot carry."""
+        if settings == self.settings:
+            return
+        control = self.cfg.control
+        message = b""
+        if control == "usr":
+            try:
+                message = usr.encode(settings)
+            except LocalProtocolError as exc:
+                raise ValueError(str(exc)) from None
+        elif self._codec is not None and self._com_port:
+            message = self._codec.configure(settings)
+        self.settings = settings  # also what every later connection sends
+        if control == "none":
+            log.info(
+                "%s: line settings %s recorded; with control: none the K2 cannot be told",
+                self.hub.name,
+                settings,
+            )
+        elif self.fd is not None and message:
+            self._out += message
+            self._drain()
+
+
+def _strerror(err: int) -> str:
+    return os.strerror(err).lower()
