@@ -13,6 +13,7 @@ import time
 
 from muxd.config import SimUpstream
 from muxd.hub import Hub
+from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor, Timer
 
 TICK = 0.01  # output is released every 10 ms: smooth at any baud rate, cheap at idle
@@ -40,6 +41,7 @@ class SimDevice:
         self.cfg = cfg
         self.hub = hub
         self.reactor = reactor
+        self.settings = LineSettings(baudrate=cfg.baudrate)
         self.rate = cfg.baudrate / 10.0  # bytes per second
         self._out = bytearray()
         self._line = bytearray()
@@ -54,6 +56,11 @@ class SimDevice:
 
     def describe(self) -> str:
         return self.cfg.describe()
+
+    def apply_settings(self, settings: LineSettings) -> None:
+        """A line-settings change: recorded, and the output pacing follows the baud rate."""
+        self.settings = settings
+        self.rate = settings.baudrate / 10.0
 
     def start(self) -> None:
         self._running = True
@@ -143,7 +150,7 @@ class SimDevice:
             self._say("commands: help, status, echo TEXT, uptime, reboot")
         elif cmd == "status":
             up = time.monotonic() - self._boot_time
-            self._say(f"ok counter={self.counter} uptime={up:.1f}s baud={self.cfg.baudrate}")
+            self._say(f"ok counter={self.counter} uptime={up:.1f}s baud={self.settings.baudrate}")
         elif cmd == "echo":
             self._say(arg)
         elif cmd == "uptime":
