@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import sys
@@ -54,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
     sub.add_parser("ports", help="list serial devices")
+
+    status = sub.add_parser("status", help="ports and clients of a running muxd, from its HTTP API")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", metavar="FILE", help="ask this config's first http server")
+    where.add_argument("--url", help="the HTTP server's base URL, e.g. http://127.0.0.1:8020")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
 
 
@@ -162,6 +169,19 @@ def _ports() -> int:
     return EXIT_OK
 
 
+def _status(args: argparse.Namespace) -> int:
+    from muxd import api
+
+    url = args.url or api.status_url(configmod.load(args.config))
+    try:
+        status = api.fetch_status(url)
+    except (OSError, ValueError) as exc:  # unreachable, an HTTP error, or not muxd's JSON
+        print(f"muxd: cannot get the status from {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(status, indent=2) if args.json else api.format_status(status))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -171,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "ports":
             return _ports()
+        if args.command == "status":
+            return _status(args)
         if args.command == "demo":
             return _serve(demo_config(), args.log_level, banner=True)
+        if args.config and (args.serial or args.upstream_tcp or args.sim):
+            raise ConfigError("give either -c FILE or a one-port form, not both", "", None, "<command line>")
         cfg = configmod.load(args.config) if args.config else quick_config(args)
     except ConfigError as exc:
         print(f"muxd: {exc}", file=sys.stderr)

@@ -30,10 +30,15 @@ from typing import Protocol
 
 from muxd import config as configmod
 from muxd import systemd as sd
-from muxd.config import Config, Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
+from muxd.config import Config, HttpServer, Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
 from muxd.errors import ConfigError, MuxdError
 from muxd.hub import Hub
+from muxd.linecontrol import LineControl
+from muxd.listeners.http import HttpFront
+from muxd.listeners.pty import PtyListener
+from muxd.listeners.rfc2217 import Rfc2217Listener
 from muxd.listeners.stream import StreamListener
+from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
 from muxd.upstream.serial import SerialPort
 from muxd.upstream.sim import SimDevice
@@ -52,6 +57,7 @@ class Upstream(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def describe(self) -> str: ...
+    def apply_settings(self, settings: LineSettings) -> None: ...
 
 
 class Connection(Protocol):
@@ -68,16 +74,31 @@ class ListenerRuntime(Protocol):
     def stop(self) -> None: ...
 
 
-ListenerFactory = Callable[[Listener, Hub, Reactor, "socket.socket | None"], ListenerRuntime]
+ListenerFactory = Callable[[Listener, "PortRuntime", Reactor, "socket.socket | None"], ListenerRuntime]
 
 
-def _stream(cfg: Listener, hub: Hub, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
-    return StreamListener(cfg, hub, reactor, sock)  # type: ignore[return-value]
+def _stream(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
+    return StreamListener(cfg, rt.hub, reactor, sock)  # type: ignore[return-value]
+
+
+def _rfc2217(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
+    return Rfc2217Listener(cfg, rt.hub, reactor, rt.line_control, sock)  # type: ignore[return-value]
+
+
+def _pty(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
+    if sock is not None:
+        raise MuxdError(f"socket activation passed a socket named {cfg.name!r}, a pty listener")
+    return PtyListener(cfg, rt.hub, reactor, rt.line_control)  # type: ignore[return-value]
 
 
 # Listener kinds with their own sockets. `websocket` has none: it is served by
 # the HTTP servers at /ws/<port>.
-LISTENER_FACTORIES: dict[str, ListenerFactory] = {"tcp": _stream, "unix": _stream}
+LISTENER_FACTORIES: dict[str, ListenerFactory] = {
+    "tcp": _stream,
+    "unix": _stream,
+    "rfc2217": _rfc2217,
+    "pty": _pty,
+}
 
 
 def make_upstream(port: Port, hub: Hub, reactor: Reactor) -> Upstream:
@@ -107,6 +128,7 @@ class PortRuntime:
     config: Port
     hub: Hub
     upstream: Upstream
+    line_control: LineControl  # shared by the port's rfc2217 and pty listeners
     listeners: dict[str, ListenerRuntime] = field(default_factory=dict)
 
 
@@ -120,6 +142,7 @@ class Daemon:
         self.config = config
         self.reactor = reactor or Reactor()
         self.ports: dict[str, PortRuntime] = {}
+        self.http: dict[str, HttpFront] = {}  # by the http server's name
         self._activated = dict(activated or {})
         self._stopping = False
         self.exit_code = 0
@@ -130,6 +153,8 @@ class Daemon:
     def start(self) -> None:
         for port in self.config.ports:
             self._start_port(port)
+        for srv in self.config.http:
+            self._start_http(srv)
         if self._activated:
             names = ", ".join(sorted(self._activated))
             raise MuxdError(
@@ -168,7 +193,8 @@ class Daemon:
 
     def _start_port(self, port: Port) -> PortRuntime:
         hub = Hub(port, self.reactor)
-        rt = PortRuntime(port, hub, make_upstream(port, hub, self.reactor))
+        upstream = make_upstream(port, hub, self.reactor)
+        rt = PortRuntime(port, hub, upstream, LineControl(port, upstream.apply_settings))
         self.ports[port.name] = rt
         for cfg in port.listeners:
             self._start_listener(rt, cfg)
@@ -180,9 +206,25 @@ class Daemon:
         if factory is None:
             return
         sock = self._take_activated(cfg.name)
-        listener = factory(cfg, rt.hub, self.reactor, sock)
+        listener = factory(cfg, rt, self.reactor, sock)
         listener.start()
         rt.listeners[cfg.name] = listener
+
+    def _start_http(self, srv: HttpServer) -> None:
+        front = HttpFront(srv, self.hubs, self.reactor, self._take_activated(srv.name))
+        front.start()
+        self.http[srv.name] = front
+
+    def hubs(self) -> dict[str, Hub]:
+        return {name: rt.hub for name, rt in self.ports.items()}
+
+    def _connections(self) -> list[Connection]:
+        """Every connected reader: the listeners' and the HTTP servers' WebSockets."""
+        conns: list[Connection] = [c for front in self.http.values() for c in front.clients]
+        for rt in self.ports.values():
+            for listener in rt.listeners.values():
+                conns += listener.clients
+        return conns
 
     def _take_activated(self, name: str) -> socket.socket | None:
         socks = self._activated.pop(name, None)
@@ -209,10 +251,10 @@ class Daemon:
             for listener in rt.listeners.values():
                 listener.stop()
             rt.upstream.stop()
-        for rt in self.ports.values():
-            for listener in rt.listeners.values():
-                for client in list(listener.clients):
-                    client.finish()
+        for front in self.http.values():
+            front.stop()
+        for client in self._connections():
+            client.finish()
         self.reactor.call_later(SHUTDOWN_FLUSH, self._force_stop)
         self._stop_when_flushed()
 
@@ -226,10 +268,8 @@ class Daemon:
         left = self.client_count()
         if left:
             log.warning("stopping: %d clients still owed data after %.1fs; closing", left, SHUTDOWN_FLUSH)
-        for rt in self.ports.values():
-            for listener in rt.listeners.values():
-                for client in list(listener.clients):
-                    client.close("shutdown")
+        for client in self._connections():
+            client.close("shutdown")
         self.reactor.stop()
 
     # -- reload --------------------------------------------------------------
@@ -261,6 +301,23 @@ class Daemon:
                 self._guarded(f"port {port.name}", partial(self._start_port, port))
             else:
                 self._update_port(rt, port)
+        self._apply_http(new.http)
+
+    def _apply_http(self, servers: tuple[HttpServer, ...]) -> None:
+        wanted = {srv.name: srv for srv in servers}
+        for name, front in list(self.http.items()):
+            srv = wanted.get(name)
+            if srv is None or (srv.host, srv.port) != (front.cfg.host, front.cfg.port):
+                del self.http[name]
+                front.stop()
+                for client in list(front.clients):
+                    client.finish()
+            else:
+                front.cfg = srv  # origins and token apply from the next request
+                front.finish_orphans()  # WebSockets of a port or listener now gone
+        for srv in servers:
+            if srv.name not in self.http:
+                self._guarded(f"http server {srv.name}", partial(self._start_http, srv))
 
     def _update_port(self, rt: PortRuntime, port: Port) -> None:
         reopen = rt.config.upstream != port.upstream
@@ -285,6 +342,7 @@ class Daemon:
         if reopen:
             rt.upstream = make_upstream(port, rt.hub, self.reactor)
             rt.upstream.start()
+        rt.line_control.reload(port, rt.upstream.apply_settings if reopen else None)
 
     def _guarded(self, what: str, start: Callable[[], object]) -> None:
         # A reload that adds a listener on a busy address must not take down the rest.

@@ -1,0 +1,142 @@
+"""Prometheus metrics, computed at scrape time.
+
+The hubs, listeners and reactor keep plain integer counters; this collector
+reads them when /metrics is fetched, so the data path never calls
+prometheus_client (no per-chunk lock or label lookup). Labels are only ever
+port, listener, state and reason names: all bounded by the config or by the
+code. Per-client detail (an unbounded set) lives in the JSON API instead.
+
+Byte totals per listener are those of its live readers plus what its closed
+readers had (hub.ListenerStats), so they only ever go up, as counters must.
+
+Each HTTP server has its own private CollectorRegistry, so nothing depends on
+prometheus_client's global one; process metrics come from its ProcessCollector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from muxd.hub import Hub, ListenerStats
+from muxd.reactor import Reactor
+
+# generate_latest() writes the classic text format; say so whatever the
+# library's own default content type is in this version.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+UPSTREAM_STATES = ("connecting", "up", "down", "backing-off")
+
+
+def reason_label(reason: str) -> str:
+    """A disconnect reason as a label value: without detail after a colon
+    (an exception's text), so the label set stays bounded."""
+    return reason.split(":", 1)[0]
+
+
+class MuxdCollector:
+    def __init__(self, hubs: Callable[[], Iterable[Hub]], reactor: Reactor) -> None:
+        self._hubs = hubs
+        self._reactor = reactor
+
+    def collect(self) -> Iterator[Metric]:
+        p, pl = ["port"], ["port", "listener"]
+        up = GaugeMetricFamily("muxd_upstream_up", "1 if the port's device is connected, else 0.", labels=p)
+        state = GaugeMetricFamily(
+            "muxd_upstream_state",
+            "The upstream's state: 1 for the current one, 0 for the others.",
+            labels=[*p, "state"],
+        )
+        connects = CounterMetricFamily(
+            "muxd_upstream_connects", "Times the device was opened or connected.", labels=p
+        )
+        disconnects = CounterMetricFamily(
+            "muxd_upstream_disconnects",
+            "Times a connected device was lost, by reason.",
+            labels=[*p, "reason"],
+        )
+        down = CounterMetricFamily(
+            "muxd_upstream_down_seconds", "Time the device was not connected.", labels=p
+        )
+        read = CounterMetricFamily("muxd_device_read_bytes", "Bytes read from the device.", labels=p)
+        written = CounterMetricFamily("muxd_device_written_bytes", "Bytes written to the device.", labels=p)
+        queue = GaugeMetricFamily(
+            "muxd_write_queue_bytes", "Bytes waiting in the device write queue.", labels=p
+        )
+        discarded = CounterMetricFamily(
+            "muxd_input_discarded_bytes", "Bytes sent by clients of read-only listeners, discarded.", labels=p
+        )
+        max_lag = GaugeMetricFamily(
+            "muxd_client_max_lag_bytes", "The largest backlog of any client of the port.", labels=p
+        )
+        clients = GaugeMetricFamily("muxd_clients", "Clients connected now.", labels=pl)
+        conns = CounterMetricFamily("muxd_client_connections", "Clients accepted.", labels=pl)
+        rejected = CounterMetricFamily(
+            "muxd_client_rejected", "Clients refused because max_clients was reached.", labels=pl
+        )
+        client_disc = CounterMetricFamily(
+            "muxd_client_disconnects", "Clients disconnected, by reason.", labels=[*pl, "reason"]
+        )
+        delivered = CounterMetricFamily(
+            "muxd_client_delivered_bytes", "Device bytes sent to clients.", labels=pl
+        )
+        dropped = CounterMetricFamily(
+            "muxd_client_dropped_bytes", "Device bytes clients lost to the overflow policy.", labels=pl
+        )
+        for hub in self._hubs():
+            port, st = hub.name, hub.status
+            up.add_metric([port], 1.0 if st.state == "up" else 0.0)
+            for name in UPSTREAM_STATES:
+                state.add_metric([port, name], 1.0 if st.state == name else 0.0)
+            connects.add_metric([port], st.connects)
+            for reason, n in _merged(st.disconnects).items():
+                disconnects.add_metric([port, reason], n)
+            down.add_metric([port], st.seconds_down())
+            read.add_metric([port], hub.bytes_in)
+            written.add_metric([port], hub.bytes_out)
+            queue.add_metric([port], hub.queue.bytes)
+            discarded.add_metric([port], hub.input_discarded)
+            max_lag.add_metric([port], hub.max_lag())
+            for lst in hub.port.listeners:
+                labels = [port, lst.name]
+                stats = hub.listener_stats.get(lst.name, ListenerStats())
+                live = [r for r in hub.readers.values() if r.listener.name == lst.name]
+                clients.add_metric(labels, len(live))
+                conns.add_metric(labels, stats.connections)
+                rejected.add_metric(labels, stats.rejected)
+                for reason, n in _merged(stats.disconnects).items():
+                    client_disc.add_metric([*labels, reason], n)
+                delivered.add_metric(labels, stats.closed_delivered + sum(r.delivered for r in live))
+                dropped.add_metric(labels, stats.closed_dropped + sum(r.dropped for r in live))
+        yield from (up, state, connects, disconnects, down, read, written, queue, discarded, max_lag)
+        yield from (clients, conns, rejected, client_disc, delivered, dropped)
+        yield CounterMetricFamily(
+            "muxd_event_loop_busy_seconds",
+            "Time the event loop spent handling events rather than waiting.",
+            value=self._reactor.busy_seconds,
+        )
+        yield CounterMetricFamily(
+            "muxd_internal_errors",
+            "Bugs caught by the event loop (each closed one connection).",
+            value=self._reactor.internal_errors,
+        )
+
+
+def _merged(counts: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for reason, n in counts.items():
+        label = reason_label(reason)
+        out[label] = out.get(label, 0) + n
+    return out
+
+
+def make_registry(hubs: Callable[[], Iterable[Hub]], reactor: Reactor) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MuxdCollector(hubs, reactor))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,105 @@
+"""The web console in headless Chromium (Debian's package, driven by Playwright)
+against a real muxd on a pty: live output, typed commands reaching the device,
+pause, and the clients table. A screenshot is kept in the test's tmp dir."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Muxd, PtyDevice
+from tests.test_http import start_http
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 10_000
+
+StartMuxd = Callable[..., Muxd]
+
+BOOT = (
+    b"U-Boot 2024.01 (bench board)\r\n"
+    b"DRAM:  2 GiB\r\n"
+    b"Starting kernel ...\r\n"
+    b"[    0.000000] Booting Linux on physical CPU 0x0\r\n"
+    b"[    1.204518] \x1b[32mOK\x1b[0m  Reached target Multi-User System.\r\n"
+    b"\r\ndut login: root (automatic login)\r\n# "
+)
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright not installed (the test extra: pip install -e '.[test]')"
+    )
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} not installed (Debian package chromium; `make test` installs it)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def terminal_has(page: Any, text: str) -> None:
+    page.wait_for_function("t => window.muxdConsole.text().includes(t)", arg=text, timeout=TIMEOUT_MS)
+
+
+def test_console_shows_live_output_and_sends_commands(
+    browser: Any, muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    _, addr = start_http(muxd, tmp_path, pty_device)
+    pty_device.write(BOOT)  # before the page opens: it comes back as history
+    page = browser.new_page(viewport={"width": 1200, "height": 760})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"http://{addr}/")
+    page.wait_for_selector("[data-testid=ws-status]:has-text('connected')", timeout=TIMEOUT_MS)
+    terminal_has(page, "Reached target Multi-User System.")
+    page.wait_for_selector("[data-testid=state-dut]:has-text('up')", timeout=TIMEOUT_MS)
+
+    pty_device.write(b"[   42.000001] usb 1-1: new high-speed USB device\r\n")  # live, after open
+    terminal_has(page, "usb 1-1: new high-speed USB device")
+
+    page.fill("[data-testid=send-input]", "uname -a")
+    page.press("[data-testid=send-input]", "Enter")  # CR, the console's default line ending
+    assert pty_device.read(9) == b"uname -a\r"
+    pty_device.write(b"uname -a\r\nLinux dut 6.1.0 #1 SMP armv7l GNU/Linux\r\n# ")
+    terminal_has(page, "Linux dut 6.1.0")
+
+    page.click("[data-testid=pause]")
+    pty_device.write(b"held while paused\r\n")
+    page.wait_for_selector("#pause-info:has-text('arrived')", timeout=TIMEOUT_MS)
+    assert "held while paused" not in page.evaluate("window.muxdConsole.text()")
+    page.click("[data-testid=pause]")
+    terminal_has(page, "held while paused")
+
+    page.wait_for_selector("#clients td:has-text('websocket:dut')", timeout=TIMEOUT_MS)
+    page.wait_for_selector("[data-testid=port-dut]:has-text('out 9 B')", timeout=TIMEOUT_MS)  # from the API
+    page.screenshot(path=str(tmp_path / "console.png"))
+    assert (tmp_path / "console.png").stat().st_size > 10_000
+    assert errors == []
+
+
+def test_console_hides_input_for_a_read_only_port(
+    browser: Any, muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    _, addr = start_http(muxd, tmp_path, pty_device, listeners=[{"websocket": True}])
+    page = browser.new_page()
+    page.goto(f"http://{addr}/")
+    page.wait_for_selector("[data-testid=ws-status]:has-text('connected')", timeout=TIMEOUT_MS)
+    pty_device.write(b"read-only console\r\n")
+    terminal_has(page, "read-only console")
+    page.wait_for_selector("[data-testid=state-dut]:has-text('up')", timeout=TIMEOUT_MS)
+    assert page.is_hidden("#send-form")
