@@ -56,9 +56,32 @@ test: system-deps $(STAMP)
 	$(MAKE) lint
 	$(BIN)/pytest -q
 
+# The peer comparison needs ser2net (Debian) and ser2tcp + matplotlib (PyPI).
+# They stay out of the dev venv: a venv of their own, with muxd installed
+# editable for its dependencies (the harness runs muxd from the working tree).
+BENCH_VENV ?= .venv-bench
+BENCH_OUT  ?= bench/results.jsonl
+
+bench-deps:
+	@command -v ser2net >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ser2net; \
+		else echo "ser2net missing: sudo apt-get install ser2net"; exit 1; fi; }
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q -e . ser2tcp matplotlib
+
+# About 8 minutes on 2 cores; writes docs/benchmarks.md and docs/img/*.png.
+bench: bench-deps
+	rm -f $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python -m bench.fanout --all --out $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python -m bench.report $(BENCH_OUT)
+
+# The 10-second smoke run that `make test` also runs.
+bench-smoke: $(STAMP)
+	$(BIN)/pytest -q tests/test_bench_smoke.py
+
 # A .deb of the working tree (packaging/debian), into dist/.
 deb:
 	packaging/build-deb.sh dist
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

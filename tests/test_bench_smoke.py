@@ -1,0 +1,108 @@
+"""Smoke run of the benchmark harness against muxd: the harness works end to
+end and muxd loses nothing with 10 readers at 115200 baud.
+
+The harness runs as a child process; it starts and stops muxd and its reader
+processes by PID itself. If it outlives its deadline we SIGTERM it (its
+cleanup stops its children), then SIGKILL it, by PID.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("muxd.cli") is None,
+    reason="muxd is not importable yet (muxd/cli.py missing): nothing to benchmark",
+)
+
+COMMON = (
+    "target",
+    "scenario",
+    "n",
+    "duration_s",
+    "frames_sent",
+    "frames_rx_min",
+    "frames_rx_median",
+    "lost",
+    "gaps",
+    "duplicates",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "latency_max_ms",
+    "server_cpu_s",
+    "server_rss_peak_kib",
+    "harness_cpu_s",
+    "clients_alive_end",
+)
+
+
+def run_harness(scenario: str, seconds: float, tmp_path: Path) -> dict[str, Any]:
+    out = tmp_path / f"{scenario}.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.fanout",
+        "--target",
+        "muxd",
+        "--scenario",
+        scenario,
+        "--n",
+        "10",
+        "--seconds",
+        str(seconds),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        pytest.fail(f"harness did not finish {scenario} in 60 s")
+    assert proc.returncode == 0, stderr.decode()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1
+    assert stdout.decode().strip() == lines[0]
+    record: dict[str, Any] = json.loads(lines[0])
+    assert "error" not in record, record["error"]
+    for key in COMMON:
+        assert key in record, key
+    assert (record["target"], record["scenario"], record["n"]) == ("muxd", scenario, 10)
+    assert record["server_exit"] == 0  # muxd stops cleanly on SIGTERM
+    return record
+
+
+def test_fanout_n10_loses_nothing(tmp_path: Path) -> None:
+    r = run_harness("fanout", 3.0, tmp_path)
+    assert r["clients_connected"] == r["clients_ready"] == r["clients_alive_end"] == 10
+    assert r["frames_sent"] > 400  # 180 frames/s for 3 s, less scheduling slack
+    assert r["frames_rx_min"] == r["frames_sent"]
+    assert r["lost"] == r["gaps"] == r["duplicates"] == r["garbled"] == r["not_received"] == 0
+    assert r["device_overruns"] == 0
+    assert 0 < r["latency_p50_ms"] <= r["latency_p99_ms"] <= r["latency_max_ms"]
+
+
+def test_stuck_record_is_well_formed(tmp_path: Path) -> None:
+    r = run_harness("stuck", 3.0, tmp_path)
+    assert r["clients_alive_end"] == 9
+    assert r["timeline_ms"] == 250
+    assert len(r["timeline"]) >= 12 and all(len(bucket) == 9 for bucket in r["timeline"])
+    assert len(r["longest_gap_ms"]) == 9
+    [stuck] = r["stuck"]
+    assert {"bytes_received", "frames_received", "disconnected", "how"} <= stuck.keys()
