@@ -78,6 +78,8 @@ MODEM_STATE = NotifyModemstate.CTS | NotifyModemstate.DSR | NotifyModemstate.CD
 
 
 class Rfc2217Connection(StreamClient):
+    PLAIN = False  # IAC escaping: the hub must not write ring bytes to it directly
+
     def __init__(
         self,
         sock: socket.socket,

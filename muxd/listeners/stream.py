@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import grp
 import logging
 import os
@@ -46,6 +47,10 @@ CLOSE_DRAIN = 64 * 1024
 
 
 class StreamClient:
+    # Output is the ring's bytes unchanged, so the hub may write them directly.
+    # A subclass that encodes its output (RFC 2217 escaping) must set False.
+    PLAIN = True
+
     def __init__(self, sock: socket.socket, peer: str, cfg: Listener, hub: Hub, reactor: Reactor) -> None:
         self.sock = sock
         self.fd = sock.fileno()
@@ -61,9 +66,23 @@ class StreamClient:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # The hub already batches; Nagle would only add latency to small frames.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The hub's fan-out pass calls these directly: C-level callables, no
+        # Python frame per client per chunk (see Hub._flush).
+        self.write = functools.partial(os.write, self.fd)
+        self.writev = functools.partial(os.writev, self.fd)
         self.reader: Reader = hub.attach(self, cfg, peer)
+        if self.PLAIN:
+            self.reader.transport = self
         reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
         self.on_data()  # history or already-published bytes, if any
+
+    # -- Transport (the hub's fast path) ------------------------------------
+
+    def blocked(self) -> None:
+        self._set_blocked(True)
+
+    def failed(self, exc: OSError) -> None:
+        self._gone(exc)
 
     # -- ReaderOwner ------------------------------------------------------------
 
@@ -76,14 +95,14 @@ class StreamClient:
             if not views:  # caught up, or closed by the overflow policy
                 break
             try:
-                n = self.sock.send(views[0]) if len(views) == 1 else self.sock.sendmsg(views)
+                n = self.write(views[0]) if len(views) == 1 else self.writev(views)
             except BlockingIOError:
                 n = 0
             except OSError as exc:
                 self._gone(exc)
                 return
             hub.advance(reader, n)
-            if n < sum(len(v) for v in views):
+            if n < sum(map(len, views)):
                 break
         if reader.id not in hub.readers:
             return
@@ -99,6 +118,7 @@ class StreamClient:
     def finish(self) -> None:
         """Graceful stop: stop reading, send what this reader is owed, then close."""
         self.finishing = True
+        self.reader.transport = None  # on_data() decides when it is done
         self._watch()
         self.on_data()
 
