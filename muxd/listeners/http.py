@@ -28,7 +28,6 @@ page cannot make the operator's browser act on a loopback-trusting muxd.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hmac
 import http
 import ipaddress
@@ -49,7 +48,8 @@ import h11
 from muxd import api, metrics
 from muxd.config import HttpServer, format_hostport
 from muxd.hub import Hub
-from muxd.listeners.stream import ACCEPT_BACKOFF, ACCEPT_BATCH, CLOSE_DRAIN
+from muxd.listeners.acceptor import Acceptor, bind_tcp
+from muxd.listeners.stream import CLOSE_DRAIN
 from muxd.listeners.websocket import (
     HandshakeError,
     Upgrade,
@@ -154,41 +154,25 @@ class HttpFront:
         self.registry = metrics.make_registry(lambda: hubs().values(), reactor)
         self.connections: set[HttpConnection] = set()
         self.clients: set[WebSocketClient] = set()  # WebSocket readers, for the daemon's shutdown
-        self._sock = sock
-        self._paused = False
+        self._sock = sock  # passed in by socket activation, or bound in start()
+        self._acceptor: Acceptor | None = None
 
     # -- listening -------------------------------------------------------------
 
     def start(self) -> None:
-        if self._sock is None:
-            self._sock = self._bind()
-        self._sock.setblocking(False)
-        self.reactor.add(self._sock.fileno(), IN, self._on_accept)
+        sock = self._sock or bind_tcp(self.cfg.host, self.cfg.port)
+        self._sock = None  # the acceptor owns it from here
+        self._acceptor = Acceptor(self.cfg.name, sock, self.reactor, self._on_connection)
+        self._acceptor.start()
         log.info(
             "%s: web console at http://%s/", self.cfg.name, format_hostport(self.cfg.host, self.cfg.port)
         )
 
-    def _bind(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # rebind at once on restart
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((self.cfg.host, self.cfg.port))
-            sock.listen(socket.SOMAXCONN)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
     def stop(self) -> None:
         """Stop accepting and close plain HTTP connections; WebSocket readers
         (``clients``) are left to the caller to finish."""
-        if self._sock is not None:
-            self.reactor.remove(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        if self._acceptor is not None:
+            self._acceptor.stop()
         for conn in list(self.connections):
             conn.close()
 
@@ -201,39 +185,13 @@ class HttpFront:
             if listener is None or listener.name != client.reader.listener.name:
                 client.finish()
 
-    def _on_accept(self, _mask: int) -> None:
-        assert self._sock is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, addr = self._sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting(exc)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                raise
-            if len(self.connections) >= MAX_CONNECTIONS:
-                log.warning("%s: refused %s: %d connections open", self.cfg.name, addr[0], MAX_CONNECTIONS)
-                conn.close()
-                continue
-            self.connections.add(HttpConnection(self, conn, str(addr[0]), format_hostport(addr[0], addr[1])))
-
-    def _pause_accepting(self, exc: OSError) -> None:
-        if self._paused or self._sock is None:
+    def _on_connection(self, conn: socket.socket, addr: object) -> None:
+        host, port = addr[0], addr[1]  # type: ignore[index]
+        if len(self.connections) >= MAX_CONNECTIONS:
+            log.warning("%s: refused %s: %d connections open", self.cfg.name, host, MAX_CONNECTIONS)
+            conn.close()
             return
-        self._paused = True
-        log.error("%s: cannot accept (%s); pausing for %.1fs", self.cfg.name, exc.strerror, ACCEPT_BACKOFF)
-        self.reactor.remove(self._sock.fileno())
-
-        def resume() -> None:
-            self._paused = False
-            if self._sock is not None:
-                self.reactor.add(self._sock.fileno(), IN, self._on_accept)
-
-        self.reactor.call_later(ACCEPT_BACKOFF, resume)
+        self.connections.add(HttpConnection(self, conn, str(host), format_hostport(host, port)))
 
     # -- routing ------------------------------------------------------------------
 

@@ -1,9 +1,8 @@
 """Raw byte-stream readers over TCP and Unix sockets.
 
-A StreamListener owns one listening socket. It accepts in a bounded batch per
-wake-up (a burst of a thousand connects cannot starve the device), and on
-EMFILE/ENFILE stops watching the socket for a moment instead of spinning on a
-connection it cannot take, while connected clients carry on.
+A StreamListener owns one listening socket, accepted from by an Acceptor
+(bounded batches, a pause on EMFILE), and turns each connection into a
+client, refusing those over ``max_clients``.
 
 A StreamClient is one connection. Output goes straight from the hub's ring to
 the socket: ``send`` of one memoryview, or ``sendmsg`` of two when the range
@@ -28,14 +27,11 @@ from collections.abc import Callable
 
 from muxd.config import Listener
 from muxd.hub import Hub, Reader
+from muxd.listeners.acceptor import Acceptor, bind_tcp
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, is_disconnect
 
 log = logging.getLogger("muxd.listener")
 
-# Connections taken per wake-up: bounded so a connect storm shares the loop.
-ACCEPT_BATCH = 64
-# Pause after EMFILE/ENFILE before trying to accept again.
-ACCEPT_BACKOFF = 0.5
 # The kernel's send buffer per client. Left alone, Linux autotunes it up to
 # net.ipv4.tcp_wmem's max (4 MiB): memory our accounting cannot see, backlog
 # the overflow policy cannot govern. 64 KiB (the kernel doubles it) is over
@@ -191,35 +187,16 @@ class StreamListener:
         self.reactor = reactor
         self.clients: set[StreamClient] = set()
         self._sock = sock  # passed in by socket activation, or bound in start()
+        self._acceptor: Acceptor | None = None
         self._owns_path = False
-        self._paused = False
 
     def start(self) -> None:
-        if self._sock is None:
-            self._sock = self._bind()
-        self._sock.setblocking(False)
-        self.reactor.add(self._sock.fileno(), IN, self._on_accept)
-        log.info("%s: listening on %s (%s)", self.hub.name, self.cfg.address, self.cfg.mode)
-
-    def _bind(self) -> socket.socket:
         cfg = self.cfg
-        if cfg.kind == "unix":
-            return self._bind_unix()
-        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            # A restarted daemon must bind at once, not after TIME_WAIT.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((cfg.host, cfg.port))
-            # The kernel caps this at net.core.somaxconn; a small backlog would make
-            # a burst of connects wait for SYN retries.
-            sock.listen(socket.SOMAXCONN)
-        except OSError:
-            sock.close()
-            raise
-        return sock
+        sock = self._sock or (self._bind_unix() if cfg.kind == "unix" else bind_tcp(cfg.host, cfg.port))
+        self._sock = None  # the acceptor owns it from here
+        self._acceptor = Acceptor(cfg.name, sock, self.reactor, self._on_connection)
+        self._acceptor.start()
+        log.info("%s: listening on %s (%s)", self.hub.name, cfg.address, cfg.mode)
 
     def _bind_unix(self) -> socket.socket:
         path = self.cfg.path
@@ -242,30 +219,15 @@ class StreamListener:
 
     def stop(self) -> None:
         """Stop accepting; connected clients are left to the caller."""
-        if self._sock is not None:
-            self.reactor.remove(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        if self._acceptor is not None:
+            self._acceptor.stop()
         if self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.cfg.path)
             self._owns_path = False
 
-    def _on_accept(self, _mask: int) -> None:
-        assert self._sock is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, addr = self._sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause_accepting(exc)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue  # the peer gave up while queued
-                raise
-            self._accepted(conn, _peer_name(addr, self.cfg))
+    def _on_connection(self, conn: socket.socket, addr: object) -> None:
+        self._accepted(conn, _peer_name(addr, self.cfg))
 
     def _accepted(self, conn: socket.socket, peer: str) -> None:
         stats = self.hub.stats_for(self.cfg)
@@ -283,22 +245,6 @@ class StreamListener:
     def _client(self, conn: socket.socket, peer: str) -> StreamClient:
         """The connection object for an accepted socket; protocol listeners override it."""
         return StreamClient(conn, peer, self.cfg, self.hub, self.reactor)
-
-    def _pause_accepting(self, exc: OSError) -> None:
-        if self._paused or self._sock is None:
-            return
-        self._paused = True
-        log.error(
-            "%s: cannot accept (%s); pausing accepts for %.1fs", self.cfg.name, exc.strerror, ACCEPT_BACKOFF
-        )
-        self.reactor.remove(self._sock.fileno())
-
-        def resume() -> None:
-            self._paused = False
-            if self._sock is not None:
-                self.reactor.add(self._sock.fileno(), IN, self._on_accept)
-
-        self.reactor.call_later(ACCEPT_BACKOFF, resume)
 
 
 def _peer_name(addr: object, cfg: Listener) -> str:

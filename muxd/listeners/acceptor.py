@@ -1,0 +1,103 @@
+"""A listening socket in the event loop: bind, a bounded accept loop, and a
+pause instead of a spin when the process runs out of file descriptors.
+
+Connections are taken in batches of ACCEPT_BATCH per wake-up, so a burst of a
+thousand connects shares the loop with the device and the readers. On
+EMFILE/ENFILE (or a kernel short of memory) the socket is taken out of epoll
+for ACCEPT_BACKOFF: level-triggered epoll would otherwise report the same
+pending connection forever, and connected clients carry on meanwhile. What
+to do with each connection is the owner's business (``on_connection``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable
+
+from muxd.reactor import IN, Reactor
+
+log = logging.getLogger("muxd.listener")
+
+# Connections taken per wake-up: bounded so a connect storm shares the loop.
+ACCEPT_BATCH = 64
+# Pause after EMFILE/ENFILE before trying to accept again.
+ACCEPT_BACKOFF = 0.5
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        # A restarted daemon must bind at once, not after TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        # The kernel caps this at net.core.somaxconn; a small backlog would make
+        # a burst of connects wait for SYN retries.
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Acceptor:
+    def __init__(
+        self,
+        name: str,
+        sock: socket.socket,
+        reactor: Reactor,
+        on_connection: Callable[[socket.socket, object], None],
+    ) -> None:
+        self.name = name
+        self.sock: socket.socket | None = sock
+        self.reactor = reactor
+        self.on_connection = on_connection
+        self._paused = False
+
+    def start(self) -> None:
+        assert self.sock is not None
+        self.sock.setblocking(False)
+        self.reactor.add(self.sock.fileno(), IN, self._on_accept)
+
+    def stop(self) -> None:
+        """Close the listening socket; safe to call twice."""
+        if self.sock is not None:
+            self.reactor.remove(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+
+    def _on_accept(self, _mask: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.sock is None:  # stopped by a callback
+                return
+            try:
+                conn, addr = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._pause(exc)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the peer gave up while queued
+                raise
+            self.on_connection(conn, addr)
+
+    def _pause(self, exc: OSError) -> None:
+        if self._paused or self.sock is None:
+            return
+        self._paused = True
+        log.error(
+            "%s: cannot accept (%s); pausing accepts for %.1fs", self.name, exc.strerror, ACCEPT_BACKOFF
+        )
+        self.reactor.remove(self.sock.fileno())
+        self.reactor.call_later(ACCEPT_BACKOFF, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self.sock is not None:
+            self.reactor.add(self.sock.fileno(), IN, self._on_accept)
