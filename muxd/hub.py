@@ -104,6 +104,10 @@ class ListenerStats:
         self.disconnects: dict[str, int] = {}
         self.closed_delivered = 0
         self.closed_dropped = 0
+        # Line-settings requests from this listener's clients (muxd.linecontrol).
+        self.settings_applied = 0
+        self.settings_refused = 0  # by the line_control policy
+        self.settings_failed = 0  # the device could not make the change
 
 
 class Reader:
@@ -223,6 +227,9 @@ class Hub:
         self.bytes_in = 0
         self.bytes_out = 0
         self.input_discarded = 0
+        # Bytes written to a TCP upstream that its peer never acknowledged before
+        # the link died: they may not have reached the device (muxd.upstream.tcp).
+        self.bytes_unacked_lost = 0
         self.notices_dropped = 0
 
     # -- readers -------------------------------------------------------------

@@ -25,11 +25,11 @@ Read-only requesters never change anything, under any policy: ``mode: ro``
 means a reader cannot disturb the device. Queries are answered by the caller
 from ``settings`` without coming here.
 
-Every applied change is logged with who asked and counted per listener name
-(not per peer, whose ephemeral port would make the count grow without bound);
-so are refusals. A change the upstream cannot make (pyserial rejects the
-value, the device is gone) is logged, counted in ``failed`` and leaves the
-settings in force as they were.
+Every applied change is logged with who asked and counted in its listener's
+ListenerStats (not per peer, whose ephemeral port would make the count grow
+without bound); so are refusals. A change the upstream cannot make (pyserial
+rejects the value, the device is gone) is logged, counted as failed and
+leaves the settings in force as they were.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import logging
 from collections.abc import Callable
 
 from muxd.config import Port, SimUpstream
-from muxd.hub import Reader
+from muxd.hub import ListenerStats, Reader
 from muxd.protocol.line_settings import LineSettings
 
 log = logging.getLogger("muxd.linecontrol")
@@ -61,15 +61,12 @@ class LineControl:
         self.apply = apply
         self.settings = configured_settings(port)
         self.owner: Reader | None = None
-        self.applied: dict[str, int] = {}  # listener name -> changes applied
-        self.refused: dict[str, int] = {}  # listener name -> changes refused by the policy
-        self.failed = 0  # changes the upstream could not make
 
     def request(self, who: Reader, wanted: LineSettings) -> LineSettings:
         """Apply ``wanted`` if the policy allows; return the settings in force after."""
         if not self._may_change(who):
             if wanted != self.settings:
-                self.refused[who.listener.name] = self.refused.get(who.listener.name, 0) + 1
+                _stats(who).settings_refused += 1
                 log.info(
                     "%s: line settings %s refused for %s %s (line_control: %s%s); %s stays",
                     self.port,
@@ -86,7 +83,7 @@ class LineControl:
         try:
             self.apply(wanted)
         except (OSError, ValueError) as exc:  # pyserial's SerialException is an OSError
-            self.failed += 1
+            _stats(who).settings_failed += 1
             log.warning(
                 "%s: line settings %s asked by %s %s could not be applied: %s",
                 self.port,
@@ -105,7 +102,7 @@ class LineControl:
             who.peer,
         )
         self.settings = wanted
-        self.applied[who.listener.name] = self.applied.get(who.listener.name, 0) + 1
+        _stats(who).settings_applied += 1
         return wanted
 
     def release(self, who: Reader) -> None:
@@ -133,3 +130,8 @@ class LineControl:
             self.owner = who
             log.info("%s: %s %s now owns the line settings", self.port, who.listener.name, who.peer)
         return self.owner is who
+
+
+def _stats(who: Reader) -> ListenerStats:
+    assert who.stats is not None, "a reader attached to a hub has its listener's stats"
+    return who.stats

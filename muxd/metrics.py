@@ -84,6 +84,16 @@ class MuxdCollector:
         dropped = CounterMetricFamily(
             "muxd_client_dropped_bytes", "Device bytes clients lost to the overflow policy.", labels=pl
         )
+        unacked = CounterMetricFamily(
+            "muxd_device_unacked_bytes",
+            "Bytes written to a TCP upstream that it had not acknowledged when the link died.",
+            labels=p,
+        )
+        settings = CounterMetricFamily(
+            "muxd_line_settings_requests",
+            "Line-settings changes asked by clients, by outcome (applied, refused, failed).",
+            labels=[*pl, "outcome"],
+        )
         for hub in self._hubs():
             port, st = hub.name, hub.status
             up.add_metric([port], 1.0 if st.state == "up" else 0.0)
@@ -98,6 +108,7 @@ class MuxdCollector:
             queue.add_metric([port], hub.queue.bytes)
             discarded.add_metric([port], hub.input_discarded)
             max_lag.add_metric([port], hub.max_lag())
+            unacked.add_metric([port], hub.bytes_unacked_lost)
             for lst in hub.port.listeners:
                 labels = [port, lst.name]
                 stats = hub.listener_stats.get(lst.name, ListenerStats())
@@ -109,8 +120,11 @@ class MuxdCollector:
                     client_disc.add_metric([*labels, reason], n)
                 delivered.add_metric(labels, stats.closed_delivered + sum(r.delivered for r in live))
                 dropped.add_metric(labels, stats.closed_dropped + sum(r.dropped for r in live))
+                settings.add_metric([*labels, "applied"], stats.settings_applied)
+                settings.add_metric([*labels, "refused"], stats.settings_refused)
+                settings.add_metric([*labels, "failed"], stats.settings_failed)
         yield from (up, state, connects, disconnects, down, read, written, queue, discarded, max_lag)
-        yield from (clients, conns, rejected, client_disc, delivered, dropped)
+        yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
         yield CounterMetricFamily(
             "muxd_event_loop_busy_seconds",
             "Time the event loop spent handling events rather than waiting.",

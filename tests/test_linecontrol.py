@@ -7,10 +7,12 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import generate_latest
 
 from muxd.config import Listener, Port, SerialUpstream, SimUpstream
-from muxd.hub import Hub, Reader
+from muxd.hub import Hub, ListenerStats, Reader
 from muxd.linecontrol import LineControl
+from muxd.metrics import make_registry
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
 from muxd.upstream.sim import SimDevice
@@ -53,6 +55,10 @@ def reader(hub: Hub, listener: Listener, peer: str) -> Reader:
     return hub.attach(Idle(), listener, peer)
 
 
+def stats(hub: Hub, listener: str) -> ListenerStats:
+    return hub.listener_stats.get(listener, ListenerStats())
+
+
 def owner(lc: LineControl) -> Reader | None:
     return lc.owner  # read through a call: mypy would narrow the attribute across request()
 
@@ -68,7 +74,7 @@ def test_owner_is_the_first_rw_requester_until_it_leaves(
     assert lc.request(b, SLOW) == BASE  # refused: the answer is what is in force
     assert lc.request(a, SLOW) == SLOW and sim.settings == SLOW
     assert lc.request(b, SLOWER) == SLOW
-    assert lc.applied == {"rw-listener": 1} and lc.refused == {"rw-listener": 2}
+    assert (stats(hub, "rw-listener").settings_applied, stats(hub, "rw-listener").settings_refused) == (1, 2)
     assert "line settings 115200 8N1 -> 9600 8N1, asked by rw-listener a:1" in caplog.text
     lc.release(b)  # not the owner: nothing changes
     assert owner(lc) is a
@@ -81,7 +87,7 @@ def test_ignore_never_applies(reactor: Reactor) -> None:
     hub, lc, sim = setup(reactor, "ignore")
     a = reader(hub, RW, "a:1")
     assert lc.request(a, SLOW) == BASE
-    assert sim.settings == BASE and lc.owner is None and lc.applied == {}
+    assert sim.settings == BASE and lc.owner is None and stats(hub, "rw-listener").settings_applied == 0
 
 
 def test_any_applies_every_rw_request(reactor: Reactor) -> None:
@@ -89,7 +95,7 @@ def test_any_applies_every_rw_request(reactor: Reactor) -> None:
     a, b = reader(hub, RW, "a:1"), reader(hub, RW, "b:2")
     assert lc.request(a, SLOW) == SLOW
     assert lc.request(b, SLOWER) == SLOWER and sim.settings == SLOWER
-    assert lc.applied == {"rw-listener": 2} and lc.owner is None
+    assert stats(hub, "rw-listener").settings_applied == 2 and lc.owner is None
 
 
 @pytest.mark.parametrize("policy", ["owner", "any"])
@@ -97,7 +103,7 @@ def test_read_only_readers_never_change_or_own(reactor: Reactor, policy: str) ->
     hub, lc, sim = setup(reactor, policy)
     ro = reader(hub, RO, "ro:1")
     assert lc.request(ro, SLOW) == BASE
-    assert lc.owner is None and sim.settings == BASE and lc.refused == {"ro-listener": 1}
+    assert lc.owner is None and sim.settings == BASE and stats(hub, "ro-listener").settings_refused == 1
 
 
 def test_a_change_the_upstream_rejects_leaves_the_settings_in_force(reactor: Reactor) -> None:
@@ -109,7 +115,7 @@ def test_a_change_the_upstream_rejects_leaves_the_settings_in_force(reactor: Rea
     hub = Hub(port, reactor)
     lc = LineControl(port, reject)
     assert lc.request(reader(hub, RW, "a:1"), SLOW) == BASE
-    assert lc.failed == 1 and lc.applied == {}
+    assert stats(hub, "rw-listener").settings_failed == 1 and stats(hub, "rw-listener").settings_applied == 0
 
 
 def test_starts_from_the_upstream_config() -> None:
@@ -130,3 +136,16 @@ def test_reload_keeps_changes_unless_the_upstream_was_reopened(reactor: Reactor)
     assert lc.settings == BASE
     lc.request(a, SLOWER)
     assert recorded == [SLOWER]
+
+
+def test_outcomes_are_metrics(reactor: Reactor) -> None:
+    port = Port("dut", SimUpstream(baudrate=115200), listeners=(RW,), line_control="owner")
+    hub = Hub(port, reactor)
+    lc = LineControl(port, lambda _s: None)
+    a, b = reader(hub, RW, "a:1"), reader(hub, RW, "b:2")
+    lc.request(a, SLOW)
+    lc.request(b, SLOWER)
+    text = generate_latest(make_registry(lambda: [hub], reactor)).decode()
+    for outcome, n in (("applied", 1), ("refused", 1), ("failed", 0)):
+        labels = f'listener="rw-listener",outcome="{outcome}",port="dut"'
+        assert f"muxd_line_settings_requests_total{{{labels}}} {n}.0" in text

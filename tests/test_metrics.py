@@ -18,7 +18,7 @@ from tests.test_http import request, start_http, wait_clients
 
 StartMuxd = Callable[..., Muxd]
 ROOT = Path(__file__).resolve().parent.parent
-ALLOWED_LABELS = {"port", "listener", "state", "reason"}
+ALLOWED_LABELS = {"port", "listener", "state", "reason", "outcome"}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

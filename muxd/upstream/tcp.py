@@ -31,7 +31,7 @@ the next one. Bytes already handed to a link that then dies may be lost with
 it, as with any TCP connection: a small SO_SNDBUF keeps that amount small
 (the rest stays queued in the hub), and when a link is dropped the bytes the
 K2 never acknowledged (TCP_INFO's bytes_acked) are logged and counted in
-``unacked_lost``, never lost silently.
+the hub's ``bytes_unacked_lost`` (a metric), never lost silently.
 """
 
 from __future__ import annotations
@@ -93,9 +93,6 @@ class TcpPort(FdUpstream):
         self._codec: Rfc2217Client | None = None
         self._com_port = False  # the K2 agreed to COM-PORT-OPTION on this connection
         self._sent = 0  # wire bytes handed to the kernel on this connection
-        # Wire bytes the K2 had not acknowledged when a link was dropped: writes
-        # that may never have reached its UART. Counted and logged, never silent.
-        self.unacked_lost = 0
         self._out = bytearray()  # wire bytes not yet sent; bounded by OUT_LIMIT
         self._connect_timer: Timer | None = None
         self._idle_timer: Timer | None = None
@@ -189,7 +186,7 @@ class TcpPort(FdUpstream):
     def _lost(self, reason: str) -> None:
         unacked = self._unacknowledged()
         if unacked:
-            self.unacked_lost += unacked
+            self.hub.bytes_unacked_lost += unacked
             log.warning(
                 "%s: %d bytes written to the K2 were not acknowledged when the link was dropped; "
                 "they may not have reached the device",
