@@ -74,6 +74,7 @@ bench: bench-deps
 	rm -f $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python -m bench.fanout --all --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python -m bench.report $(BENCH_OUT)
+	$(BENCH_VENV)/bin/python -m bench.memory
 
 # The 10-second smoke run that `make test` also runs.
 bench-smoke: $(STAMP)

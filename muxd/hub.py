@@ -55,6 +55,9 @@ log = logging.getLogger("muxd.hub")
 # grow, the pass uses at most about half a core, and the added latency is
 # bounded by the pass time itself.
 FLUSH_GAP = 1.0
+# ...but never more than this: a pass that looked long because the process
+# was preempted must not delay the next one by as much again.
+FLUSH_GAP_MAX = 0.010
 # A reader reads at most this much per wake-up: enough for any burst of typed
 # or scripted commands, small enough that one flooding writer cannot starve
 # the loop.
@@ -329,7 +332,7 @@ class Hub:
             if n < total:
                 transport.blocked()
         now = time.monotonic()
-        self._next_flush = now + (now - started) * FLUSH_GAP
+        self._next_flush = now + min((now - started) * FLUSH_GAP, FLUSH_GAP_MAX)
 
     def _overflow(self, reader: Reader, keep: int | None = None) -> None:
         """Apply the policy: keep at most `keep` bytes of backlog (default: its bound)."""

@@ -125,8 +125,9 @@ def test_stuck_client_does_not_delay_the_others(
     assert len(seqs) > 4000
     for got, worst in results:
         assert got == seqs == list(range(len(seqs))), "a healthy reader lost or reordered frames"
-        # A device-wide stall would show as hundreds of ms; the bench measures the p99.
-        assert worst < 0.25, f"healthy reader saw {worst * 1000:.0f} ms latency while another was stuck"
+        # A device-wide stall would last the rest of the run (seconds); a loaded
+        # machine can cost a healthy reader tens of ms. The bench measures the p99.
+        assert worst < 0.5, f"healthy reader saw {worst * 1000:.0f} ms latency while another was stuck"
     # The stuck client lost the middle of the stream, never the order.
     stuck.setblocking(False)
     held = bytearray()
@@ -299,7 +300,7 @@ def test_connect_burst_is_accepted(muxd: StartMuxd, tmp_path: Path, pty_device: 
     port = free_port()
     m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "max_clients": 2000}])
     socks = []
-    started = time.monotonic()
+    drops_before = _listen_drops()
     try:
         for _ in range(1000):
             s = socket.socket()
@@ -314,8 +315,9 @@ def test_connect_burst_is_accepted(muxd: StartMuxd, tmp_path: Path, pty_device: 
                 assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
                 pending.discard(s)
         assert not pending
-        # A SYN retry would take a full second; the whole burst takes far less.
-        assert time.monotonic() - started < 1.0
+        # A full accept queue drops SYNs, and each drop costs its client a one
+        # second retry. The kernel counts them: none may have happened.
+        assert _listen_drops() == drops_before, "the listen backlog overflowed"
         m.wait_clients(1000)
         pty_device.write(b"to all\n")
         for s in socks:
@@ -370,6 +372,14 @@ def test_fd_exhaustion_backs_off_and_keeps_serving(
     assert b"again" in wait_for(late_gets_data, timeout=5, what="a client accepted once fds are free")
     first.close()
     late.close()
+
+
+def _listen_drops() -> int:
+    """TcpExt ListenOverflows + ListenDrops: SYNs dropped at full accept queues."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    names, values = (row for row in lines if row[0] == "TcpExt:")
+    counts = dict(zip(names[1:], map(int, values[1:]), strict=True))
+    return counts["ListenOverflows"] + counts["ListenDrops"]
 
 
 def _cpu_seconds(pid: int) -> float:
