@@ -46,8 +46,13 @@ def wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
         select.select([], [], [], 0.01)
 
 
-def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def sockets(pid: int) -> int:
+    """Sockets muxd holds: its one listening socket plus one per client."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+    return count
 
 
 def connectable(port: int) -> bool:
@@ -78,12 +83,11 @@ def main() -> None:
         wait(lambda: connectable(port), 10, "muxd listening")
         for _ in range(20):
             connectable(port)
-        base_fds = fds(server.pid)
-        wait(lambda: fds(server.pid) <= base_fds, 5, "warm-up clients closed")
+        wait(lambda: sockets(server.pid) == 1, 10, "warm-up clients gone")
         before = status_kib(server.pid, "VmRSS")
         for _ in range(args.n):
             socks.append(socket.create_connection(("127.0.0.1", port)))
-        wait(lambda: fds(server.pid) >= base_fds + args.n, 30, "all clients accepted")
+        wait(lambda: sockets(server.pid) == 1 + args.n, 30, "all clients accepted")
         after = status_kib(server.pid, "VmRSS")
         # One client stops reading; another drains; the device floods.
         reader = socks[1]  # socks[0] stays connected and never reads
