@@ -142,18 +142,7 @@ class Rfc2217Connection(StreamClient):
 
     # -- in: client -> hub and line control ------------------------------------
 
-    def _on_readable(self) -> None:
-        budget = self.hub.input_budget(self.reader)
-        if budget == 0:
-            self._watch()  # the write queue is full: stop reading until it drains
-            return
-        try:
-            data = self.sock.recv(budget)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._gone(exc)
-            return
+    def _received(self, data: bytes) -> None:
         try:
             self.codec.receive_data(data)
         except RemoteProtocolError as exc:

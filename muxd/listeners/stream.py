@@ -169,6 +169,10 @@ class StreamClient:
         if not data:
             self.close("peer closed")
             return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        """Bytes from the peer; a protocol subclass decodes them first."""
         self.hub.submit(self.reader, data)
 
     def _gone(self, exc: OSError) -> None:
