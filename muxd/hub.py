@@ -417,6 +417,12 @@ class Hub:
                 self.queue.push(line)
         self._queued()
 
+    def input_ended(self, reader: Reader) -> None:
+        """The reader will send no more (it half-closed): release its held partial line."""
+        if reader.assembler is not None:
+            self.queue.push(reader.assembler.flush())
+            self._queued()
+
     def _queued(self) -> None:
         if self.queue.bytes:
             self.on_write_ready()

@@ -6,9 +6,11 @@ import os
 import random
 import resource
 import select
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -385,3 +387,42 @@ def _listen_drops() -> int:
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(
+    shutil.which("nc") is None, reason="needs nc (Debian netcat-openbsd; `make test` installs it)"
+)
+def test_a_half_closed_writer_still_gets_the_answer(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    """`printf 'status\\r' | nc -q 5 host port`: nc half-closes after its stdin
+    ends, then prints the answer. The partial line is released at EOF."""
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "mode": "rw", "write": "lines"}])
+    nc = subprocess.Popen(
+        ["nc", "-q", "5", "127.0.0.1", str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert nc.stdin is not None and nc.stdout is not None
+        m.wait_clients(1 + 1)  # the wait_port probe, then nc
+        nc.stdin.write(b"status")  # no line end: held until EOF says there is no more
+        nc.stdin.close()
+        assert pty_device.read(6) == b"status"
+        pty_device.write(b"ok 42\r\n")
+        assert nc.stdout.read(7) == b"ok 42\r\n"
+    finally:
+        nc.kill()
+        nc.wait(10)
+
+
+def test_a_probe_that_sends_nothing_is_closed_at_once(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    port = free_port()
+    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}"}])
+    probe = connect(port)
+    m.wait_clients(2)
+    probe.shutdown(socket.SHUT_WR)  # a health check: connect, nothing to say, FIN
+    probe.settimeout(5)
+    assert probe.recv(1) == b"", "muxd should close a client that ends without sending anything"
+    probe.close()

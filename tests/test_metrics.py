@@ -92,7 +92,9 @@ def test_metrics_lint_clean_and_follow_traffic(
         before, "muxd_event_loop_busy_seconds_total"
     )
 
-    wait_for(lambda: value(scrape(addr)[1], "muxd_clients", **tcp_l) == 0, 5, "the TCP client gone")
+    # It sent input, so its FIN may be a half-close: muxd keeps it for the
+    # half-close linger (5 s) unless output reveals the closed socket first.
+    wait_for(lambda: value(scrape(addr)[1], "muxd_clients", **tcp_l) == 0, 10, "the TCP client gone")
     wait_for(lambda: value(scrape(addr)[1], "muxd_clients", **ws_l) == 0, 5, "the WebSocket gone")
     text, after = scrape(addr)
     assert value(after, "muxd_client_disconnects_total", **tcp_l, reason="peer closed") == 1

@@ -142,6 +142,11 @@ class Rfc2217Connection(StreamClient):
 
     # -- in: client -> hub and line control ------------------------------------
 
+    def _end_of_input(self) -> None:
+        # Telnet clients do not half-close: EOF is the end, and an owner's
+        # claim on the line settings must be released now, not after a linger.
+        self.close("peer closed")
+
     def _received(self, data: bytes) -> None:
         try:
             self.codec.receive_data(data)

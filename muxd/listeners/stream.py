@@ -28,7 +28,7 @@ from collections.abc import Callable
 from muxd.config import Listener
 from muxd.hub import Hub, Reader
 from muxd.listeners.acceptor import Acceptor, bind_tcp
-from muxd.reactor import ERRMASK, IN, OUT, Reactor, is_disconnect
+from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer, is_disconnect
 
 log = logging.getLogger("muxd.listener")
 
@@ -37,6 +37,11 @@ log = logging.getLogger("muxd.listener")
 # the overflow policy cannot govern. 64 KiB (the kernel doubles it) is over
 # 5 s at 115200 baud and fills any LAN path at serial data rates.
 SEND_BUFFER = 64 * 1024
+# How long a client that sent input and then half-closed (`printf cmd | nc -q1`)
+# keeps receiving. A peer that closed entirely looks the same until muxd next
+# sends to it (then it resets), so this is also how long such a peer may count
+# as connected on a quiet device: enough for a console's answer, no more.
+HALF_CLOSE_LINGER = 5.0
 # Unread input discarded at close, at most: enough to avoid an RST in every
 # normal case without letting a flooding peer hold up the close.
 CLOSE_DRAIN = 64 * 1024
@@ -56,6 +61,9 @@ class StreamClient:
         self.reactor = reactor
         self.closed = False
         self.finishing = False
+        self._had_input = False
+        self._input_ended = False
+        self._linger: Timer | None = None
         self.on_close: list[Callable[[StreamClient], None]] = []
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
@@ -122,6 +130,8 @@ class StreamClient:
         if self.closed:
             return
         self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         self.hub.detach(self.reader, reason)
         self.reactor.remove(self.fd)
         for callback in self.on_close:
@@ -143,7 +153,7 @@ class StreamClient:
                 self._watch()
 
     def _watch(self) -> None:
-        mask = 0 if self.reader.input_paused or self.finishing else IN
+        mask = 0 if self.reader.input_paused or self.finishing or self._input_ended else IN
         if self.reader.blocked:
             mask |= OUT
         self.reactor.modify(self.fd, mask)
@@ -151,7 +161,11 @@ class StreamClient:
     def _on_events(self, mask: int) -> None:
         if mask & OUT:
             self.on_data()
-        if not self.closed and mask & (IN | ERRMASK):
+        if self.closed:
+            return
+        if self._input_ended and mask & ERRMASK:
+            self.close("peer closed")  # the half-closed peer is gone entirely
+        elif mask & (IN | ERRMASK):
             self._on_readable()
 
     def _on_readable(self) -> None:
@@ -167,18 +181,33 @@ class StreamClient:
             self._gone(exc)
             return
         if not data:
+            self._end_of_input()
+            return
+        self._had_input = True
+        self._received(data)
+
+    def _end_of_input(self) -> None:
+        """EOF. A client that sent nothing (a probe, a reader) is gone. One that
+        sent input may have only half-closed and still await the answer."""
+        if not self._had_input:
             self.close("peer closed")
             return
-        self._received(data)
+        self._input_ended = True
+        self.hub.input_ended(self.reader)
+        self._linger = self.reactor.call_later(HALF_CLOSE_LINGER, lambda: self.close("peer closed"))
+        self._watch()
 
     def _received(self, data: bytes) -> None:
         """Bytes from the peer; a protocol subclass decodes them first."""
         self.hub.submit(self.reader, data)
 
     def _gone(self, exc: OSError) -> None:
+        if self._input_ended:  # it had said it was done: this is how its close shows
+            self.close("peer closed")
+            return
         if not is_disconnect(exc):
             log.warning("%s: %s: %s", self.cfg.name, self.peer, exc)
-        self.close("reset" if exc.errno == errno.ECONNRESET else "error")
+        self.close("reset" if exc.errno in (errno.ECONNRESET, errno.EPIPE) else "error")
 
     def _on_internal_error(self, _exc: BaseException) -> None:
         self.close("internal error")
