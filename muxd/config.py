@@ -145,12 +145,6 @@ class Config:
     log_level: str = "info"
     source: str = field(default="<config>", compare=False)
 
-    def port(self, name: str) -> Port:
-        for port in self.ports:
-            if port.name == name:
-                return port
-        raise KeyError(name)
-
 
 def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

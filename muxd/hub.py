@@ -372,6 +372,18 @@ class Hub:
         reader.cursor += n
         reader.delivered += n
 
+    def drain(self, reader: Reader, writev: Callable[[list[memoryview]], int]) -> None:
+        """Write what the reader is owed through `writev` until it is caught up or
+        the transport takes less than offered. OSError from `writev` propagates."""
+        while views := self.pending(reader):
+            try:
+                n = writev(views)
+            except BlockingIOError:
+                n = 0
+            self.advance(reader, n)
+            if n < sum(map(len, views)):
+                return
+
     def caught_up(self, reader: Reader) -> bool:
         return reader.cursor >= self.head and not reader.notices
 

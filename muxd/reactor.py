@@ -100,9 +100,6 @@ class Reactor:
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
 
-    def __contains__(self, fd: int) -> bool:
-        return fd in self._fds
-
     # -- time --------------------------------------------------------------
 
     @staticmethod

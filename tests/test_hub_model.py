@@ -48,14 +48,7 @@ class FakeOwner:
         hub, reader = self.hub, self.reader
         if hub is None or reader is None or reader.transport is None:
             return
-        while views := hub.pending(reader):
-            try:
-                n = self.writev(views)
-            except BlockingIOError:
-                n = 0
-            hub.advance(reader, n)
-            if n < sum(map(len, views)):
-                break
+        hub.drain(reader, self.writev)
         if reader.id in hub.readers and not hub.caught_up(reader):
             hub.set_blocked(reader, True)
 

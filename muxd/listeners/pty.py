@@ -54,6 +54,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import grp
 import logging
 import os
@@ -148,22 +149,13 @@ class PtySession:
         if self.closed:
             return
         hub, reader = self.hub, self.reader
-        while True:
-            views = hub.pending(reader)
-            if not views:  # caught up, or closed by the overflow policy
-                break
-            try:
-                n = os.writev(self.fd, views)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                log.warning("%s: %s: %s", self.listener.cfg.name, self.peer, exc)
-                self.close("error")
-                return
-            hub.advance(reader, n)
-            if n < sum(len(v) for v in views):
-                break
-        if reader.id not in hub.readers:
+        try:
+            hub.drain(reader, functools.partial(os.writev, self.fd))
+        except OSError as exc:
+            log.warning("%s: %s: %s", self.listener.cfg.name, self.peer, exc)
+            self.close("error")
+            return
+        if reader.id not in hub.readers:  # closed by the overflow policy
             return
         if self.finishing and hub.caught_up(reader):
             self.close("shutdown")

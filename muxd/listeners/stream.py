@@ -94,21 +94,12 @@ class StreamClient:
         if self.closed:
             return
         hub, reader = self.hub, self.reader
-        while True:
-            views = hub.pending(reader)
-            if not views:  # caught up, or closed by the overflow policy
-                break
-            try:
-                n = self.write(views[0]) if len(views) == 1 else self.writev(views)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self._gone(exc)
-                return
-            hub.advance(reader, n)
-            if n < sum(map(len, views)):
-                break
-        if reader.id not in hub.readers:
+        try:
+            hub.drain(reader, self.writev)
+        except OSError as exc:
+            self._gone(exc)
+            return
+        if reader.id not in hub.readers:  # closed by the overflow policy
             return
         if self.finishing and hub.caught_up(reader):
             self.close("shutdown")
