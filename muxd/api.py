@@ -1,6 +1,6 @@
 """The JSON API (/api/v1), and `muxd status`, its client.
 
-The views read the hubs' plain counters when asked, like the metrics: nothing
+The views read the ports' plain counters when asked, like the metrics: nothing
 on the data path knows the API exists. Their shapes are pinned in
 docs/contracts.md; the web console and `muxd status` are their users.
 
@@ -21,6 +21,7 @@ from typing import Any
 from muxd.config import Config, Listener, format_hostport
 from muxd.errors import ConfigError
 from muxd.hub import Hub
+from muxd.port import PortRuntime
 
 # `muxd status` gives up on a daemon that does not answer within this: the
 # API is served from memory, so anything slower is a stuck daemon.
@@ -41,8 +42,8 @@ def port_dropped(hub: Hub) -> int:
     return live + sum(s.closed_dropped for s in hub.listener_stats.values())
 
 
-def port_view(hub: Hub) -> dict[str, Any]:
-    st = hub.status
+def port_view(rt: PortRuntime) -> dict[str, Any]:
+    hub, st = rt.hub, rt.upstream.status
     per_listener = Counter(r.listener.name for r in hub.readers.values())
     ws = websocket_listener(hub)
     return {
@@ -71,8 +72,8 @@ def port_view(hub: Hub) -> dict[str, Any]:
     }
 
 
-def ports_view(hubs: Iterable[Hub]) -> dict[str, Any]:
-    return {"ports": [port_view(hub) for hub in hubs]}
+def ports_view(ports: Iterable[PortRuntime]) -> dict[str, Any]:
+    return {"ports": [port_view(rt) for rt in ports]}
 
 
 def clients_view(hub: Hub) -> dict[str, Any]:

@@ -24,25 +24,18 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
 
 from muxd import config as configmod
 from muxd import systemd as sd
-from muxd.config import Config, HttpServer, Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
+from muxd.config import Config, HttpServer, Listener, Port
 from muxd.errors import ConfigError, MuxdError
-from muxd.hub import Hub
-from muxd.linecontrol import LineControl
 from muxd.listeners.http import HttpFront
 from muxd.listeners.pty import PtyListener
 from muxd.listeners.rfc2217 import Rfc2217Listener
 from muxd.listeners.stream import StreamListener
-from muxd.protocol.line_settings import LineSettings
+from muxd.port import Connection, ListenerRuntime, PortRuntime, make_upstream
 from muxd.reactor import Reactor
-from muxd.upstream.serial import SerialPort
-from muxd.upstream.sim import SimDevice
-from muxd.upstream.tcp import TcpPort
 
 log = logging.getLogger("muxd")
 
@@ -53,28 +46,7 @@ SHUTDOWN_FLUSH = 2.0
 STATUS_INTERVAL = 1.0
 
 
-class Upstream(Protocol):
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-    def describe(self) -> str: ...
-    def apply_settings(self, settings: LineSettings) -> None: ...
-
-
-class Connection(Protocol):
-    def close(self, reason: str) -> None: ...
-    def finish(self) -> None: ...
-
-
-class ListenerRuntime(Protocol):
-    cfg: Listener
-
-    @property
-    def clients(self) -> set[Connection]: ...
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-
-
-ListenerFactory = Callable[[Listener, "PortRuntime", Reactor, "socket.socket | None"], ListenerRuntime]
+ListenerFactory = Callable[[Listener, PortRuntime, Reactor, "socket.socket | None"], ListenerRuntime]
 
 
 def _stream(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
@@ -101,17 +73,6 @@ LISTENER_FACTORIES: dict[str, ListenerFactory] = {
 }
 
 
-def make_upstream(port: Port, hub: Hub, reactor: Reactor) -> Upstream:
-    cfg = port.upstream
-    if isinstance(cfg, SerialUpstream):
-        return SerialPort(cfg, hub, reactor)
-    if isinstance(cfg, SimUpstream):
-        return SimDevice(cfg, hub, reactor)
-    if isinstance(cfg, TcpUpstream):
-        return TcpPort(cfg, hub, reactor)
-    raise NotImplementedError(f"upstream {cfg.describe()} is not supported yet")
-
-
 def _rebind_needed(old: Listener, new: Listener) -> bool:
     return (old.kind, old.host, old.port, old.path, old.file_mode, old.group) != (
         new.kind,
@@ -121,15 +82,6 @@ def _rebind_needed(old: Listener, new: Listener) -> bool:
         new.file_mode,
         new.group,
     )
-
-
-@dataclass
-class PortRuntime:
-    config: Port
-    hub: Hub
-    upstream: Upstream
-    line_control: LineControl  # shared by the port's rfc2217 and pty listeners
-    listeners: dict[str, ListenerRuntime] = field(default_factory=dict)
 
 
 class Daemon:
@@ -177,7 +129,7 @@ class Daemon:
         parts = []
         for name, rt in self.ports.items():
             n = len(rt.hub.readers)
-            parts.append(f"{name} {rt.hub.status.state} {n} client{'s' if n != 1 else ''}")
+            parts.append(f"{name} {rt.upstream.status.state} {n} client{'s' if n != 1 else ''}")
         return "; ".join(parts)
 
     def _tick_status(self) -> None:
@@ -192,9 +144,7 @@ class Daemon:
         self.reactor.call_later(interval, lambda: self._watchdog(interval))
 
     def _start_port(self, port: Port) -> PortRuntime:
-        hub = Hub(port, self.reactor)
-        upstream = make_upstream(port, hub, self.reactor)
-        rt = PortRuntime(port, hub, upstream, LineControl(port, upstream.apply_settings))
+        rt = PortRuntime.build(port, self.reactor)
         self.ports[port.name] = rt
         for cfg in port.listeners:
             self._start_listener(rt, cfg)
@@ -211,12 +161,9 @@ class Daemon:
         rt.listeners[cfg.name] = listener
 
     def _start_http(self, srv: HttpServer) -> None:
-        front = HttpFront(srv, self.hubs, self.reactor, self._take_activated(srv.name))
+        front = HttpFront(srv, lambda: self.ports, self.reactor, self._take_activated(srv.name))
         front.start()
         self.http[srv.name] = front
-
-    def hubs(self) -> dict[str, Hub]:
-        return {name: rt.hub for name, rt in self.ports.items()}
 
     def _connections(self) -> list[Connection]:
         """Every connected reader: the listeners' and the HTTP servers' WebSockets."""

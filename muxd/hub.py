@@ -38,7 +38,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from muxd.config import Listener, Port
@@ -162,21 +161,6 @@ class Reader:
         self.transport: Transport | None = None
 
 
-@dataclass
-class UpstreamStatus:
-    state: str = "down"  # connecting | up | down | backing-off
-    reason: str = "not started"
-    since: float = field(default_factory=time.time)
-    changed: float = field(default_factory=time.monotonic)
-    connects: int = 0
-    disconnects: dict[str, int] = field(default_factory=dict)
-    down_seconds: float = 0.0  # completed periods not up
-
-    def seconds_down(self) -> float:
-        current = time.monotonic() - self.changed if self.state != "up" else 0.0
-        return self.down_seconds + current
-
-
 class WriteQueue:
     """Bounded FIFO of write units on their way to the device."""
 
@@ -220,19 +204,12 @@ class Hub:
         self._flush_pending = False
         self._next_flush = 0.0  # monotonic time before which no fan-out pass starts
         self.queue = WriteQueue(port.write_queue)
-        self.status = UpstreamStatus()
-        # Failure reasons logged since the upstream was last up: a handful of
-        # distinct strings per outage, cleared when it comes back.
-        self._failures_logged: set[str] = set()
         self.listener_stats: dict[str, ListenerStats] = {}
         # Set by the upstream: called when the write queue goes from empty to non-empty.
         self.on_write_ready: Callable[[], None] = lambda: None
         self.bytes_in = 0
         self.bytes_out = 0
         self.input_discarded = 0
-        # Bytes written to a TCP upstream that its peer never acknowledged before
-        # the link died: they may not have reached the device (muxd.upstream.tcp).
-        self.bytes_unacked_lost = 0
         self.notices_dropped = 0
 
     # -- readers -------------------------------------------------------------
@@ -449,34 +426,10 @@ class Hub:
                 reader.input_paused = False
                 reader.owner.on_write_room()
 
-    # -- upstream state ---------------------------------------------------------
+    # -- notices ----------------------------------------------------------------
 
-    def set_state(self, state: str, reason: str) -> None:
-        st = self.status
-        if st.state == state and st.reason == reason:
-            return
-        now = time.monotonic()
-        if st.state != "up":
-            st.down_seconds += now - st.changed
-        if state == "up":
-            st.connects += 1
-        elif st.state == "up":
-            st.disconnects[reason] = st.disconnects.get(reason, 0) + 1
-        st.state, st.reason, st.since, st.changed = state, reason, time.time(), now
-        if state == "up" or reason == "stopped":
-            level = logging.INFO
-            self._failures_logged.clear()
-        elif state == "connecting" or reason in self._failures_logged:
-            level = logging.DEBUG  # every retry is news only when debugging
-        else:
-            # Each failure reason is news once per outage, the outage's first loudly.
-            level = logging.INFO if self._failures_logged else logging.WARNING
-            self._failures_logged.add(reason)
-        log.log(level, "%s upstream %s (%s)", self.name, state, reason, extra={"MUXD_PORT": self.name})
-        if state in ("up", "down"):
-            self._notice(f"-- muxd: {self.name} upstream {state} ({reason}) --\r\n".encode())
-
-    def _notice(self, text: bytes) -> None:
+    def notice(self, text: bytes) -> None:
+        """An in-band line for every reader with notices on, at the current offset."""
         for reader in self.readers.values():
             if reader.listener.notices:
                 if len(reader.notices) >= MAX_NOTICES:

@@ -1,6 +1,6 @@
 """Prometheus metrics, computed at scrape time.
 
-The hubs, listeners and reactor keep plain integer counters; this collector
+The hubs, upstreams, listeners and reactor keep plain integer counters; this collector
 reads them when /metrics is fetched, so the data path never calls
 prometheus_client (no per-chunk lock or label lookup). Labels are only ever
 port, listener, state and reason names: all bounded by the config or by the
@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from muxd.hub import Hub, ListenerStats
+from muxd.hub import ListenerStats
+from muxd.port import PortRuntime
 from muxd.reactor import Reactor
+from muxd.upstream.state import STATES
 
 # generate_latest() writes the classic text format; say so whatever the
 # library's own default content type is in this version.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-UPSTREAM_STATES = ("connecting", "up", "down", "backing-off")
 
 
 def reason_label(reason: str) -> str:
@@ -36,8 +37,8 @@ def reason_label(reason: str) -> str:
 
 
 class MuxdCollector:
-    def __init__(self, hubs: Callable[[], Iterable[Hub]], reactor: Reactor) -> None:
-        self._hubs = hubs
+    def __init__(self, ports: Callable[[], Iterable[PortRuntime]], reactor: Reactor) -> None:
+        self._ports = ports
         self._reactor = reactor
 
     def collect(self) -> Iterator[Metric]:
@@ -94,10 +95,10 @@ class MuxdCollector:
             "Line-settings changes asked by clients, by outcome (applied, refused, failed).",
             labels=[*pl, "outcome"],
         )
-        for hub in self._hubs():
-            port, st = hub.name, hub.status
+        for rt in self._ports():
+            hub, port, st = rt.hub, rt.name, rt.upstream.status
             up.add_metric([port], 1.0 if st.state == "up" else 0.0)
-            for name in UPSTREAM_STATES:
+            for name in STATES:
                 state.add_metric([port, name], 1.0 if st.state == name else 0.0)
             connects.add_metric([port], st.connects)
             for reason, n in _merged(st.disconnects).items():
@@ -108,7 +109,7 @@ class MuxdCollector:
             queue.add_metric([port], hub.queue.bytes)
             discarded.add_metric([port], hub.input_discarded)
             max_lag.add_metric([port], hub.max_lag())
-            unacked.add_metric([port], hub.bytes_unacked_lost)
+            unacked.add_metric([port], rt.upstream.bytes_unacked_lost)
             for lst in hub.port.listeners:
                 labels = [port, lst.name]
                 stats = hub.listener_stats.get(lst.name, ListenerStats())
@@ -145,9 +146,9 @@ def _merged(counts: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def make_registry(hubs: Callable[[], Iterable[Hub]], reactor: Reactor) -> CollectorRegistry:
+def make_registry(ports: Callable[[], Iterable[PortRuntime]], reactor: Reactor) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MuxdCollector(hubs, reactor))
+    registry.register(MuxdCollector(ports, reactor))
     ProcessCollector(registry=registry)
     return registry
 

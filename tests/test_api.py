@@ -16,8 +16,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from muxd import config as configmod
-from muxd.hub import Hub
 from muxd.listeners.http import HttpFront, is_loopback
+from muxd.port import PortRuntime
 from muxd.reactor import Reactor
 from tests.conftest import ROOT, Muxd, PtyDevice, connect, free_port, recv_exactly, wait_for, write_config
 from tests.test_http import get_json, port_info, request, start_http, wait_clients
@@ -174,7 +174,7 @@ def test_admin_off_loopback_needs_the_token() -> None:
         }
     )
     reactor = Reactor()
-    front = HttpFront(cfg.http[0], lambda: {"p": Hub(cfg.ports[0], reactor)}, reactor)
+    front = HttpFront(cfg.http[0], lambda: {"p": PortRuntime.build(cfg.ports[0], reactor)}, reactor)
 
     def refusal(peer: str, headers: list[tuple[str, str]]) -> str | None:
         req = h11.Request(method="POST", target="/", headers=[("host", "127.0.0.1:1"), *headers])

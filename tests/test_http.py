@@ -24,9 +24,9 @@ import h11
 import pytest
 
 from muxd import config as configmod
-from muxd.hub import Hub
 from muxd.listeners import http as httpmod
 from muxd.listeners.http import HttpFront
+from muxd.port import PortRuntime
 from muxd.reactor import Reactor
 from tests.conftest import Muxd, PtyDevice, connect, free_port, wait_for, write_config
 
@@ -277,8 +277,8 @@ def front(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Reactor, HttpFront]
         {"ports": [{"name": "p", "upstream": {"sim": True}}], "http": {"listen": f"127.0.0.1:{free_port()}"}}
     )
     reactor = Reactor()
-    hubs = {p.name: Hub(p, reactor) for p in cfg.ports}
-    srv = HttpFront(cfg.http[0], lambda: hubs, reactor)
+    ports = {p.name: PortRuntime.build(p, reactor) for p in cfg.ports}
+    srv = HttpFront(cfg.http[0], lambda: ports, reactor)
     srv.start()
     yield reactor, srv
     srv.stop()

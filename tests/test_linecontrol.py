@@ -13,6 +13,7 @@ from muxd.config import Listener, Port, SerialUpstream, SimUpstream
 from muxd.hub import Hub, ListenerStats, Reader
 from muxd.linecontrol import LineControl
 from muxd.metrics import make_registry
+from muxd.port import PortRuntime
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
 from muxd.upstream.sim import SimDevice
@@ -140,12 +141,12 @@ def test_reload_keeps_changes_unless_the_upstream_was_reopened(reactor: Reactor)
 
 def test_outcomes_are_metrics(reactor: Reactor) -> None:
     port = Port("dut", SimUpstream(baudrate=115200), listeners=(RW,), line_control="owner")
-    hub = Hub(port, reactor)
-    lc = LineControl(port, lambda _s: None)
+    rt = PortRuntime.build(port, reactor)
+    hub, lc = rt.hub, rt.line_control
     a, b = reader(hub, RW, "a:1"), reader(hub, RW, "b:2")
     lc.request(a, SLOW)
     lc.request(b, SLOWER)
-    text = generate_latest(make_registry(lambda: [hub], reactor)).decode()
+    text = generate_latest(make_registry(lambda: [rt], reactor)).decode()
     for outcome, n in (("applied", 1), ("refused", 1), ("failed", 0)):
         labels = f'listener="rw-listener",outcome="{outcome}",port="dut"'
         assert f"muxd_line_settings_requests_total{{{labels}}} {n}.0" in text

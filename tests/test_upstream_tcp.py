@@ -605,14 +605,14 @@ def in_process(k2: FakeK2, **upstream: Any) -> tuple[Reactor, Hub, TcpPort]:
 def test_state_counters_across_a_reset(k2: FakeK2) -> None:
     reactor, hub, up = in_process(k2)
     try:
-        run_until(reactor, lambda: hub.status.state == "up")
+        run_until(reactor, lambda: up.status.state == "up")
         k2.feed(b"12345")
         run_until(reactor, lambda: hub.bytes_in == 5)
         k2.reset_all()
-        run_until(reactor, lambda: hub.status.state != "up")
-        assert hub.status.reason == "connection reset"
-        run_until(reactor, lambda: hub.status.state == "up")
-        st = hub.status
+        run_until(reactor, lambda: up.status.state != "up")
+        assert up.status.reason == "connection reset"
+        run_until(reactor, lambda: up.status.state == "up")
+        st = up.status
         assert st.connects == 2
         assert st.disconnects == {"connection reset": 1}
         assert st.seconds_down() > 0
@@ -620,7 +620,7 @@ def test_state_counters_across_a_reset(k2: FakeK2) -> None:
     finally:
         up.stop()
         reactor.close()
-    assert hub.status.state == "down" and hub.status.reason == "stopped"
+    assert up.status.state == "down" and up.status.reason == "stopped"
 
 
 def test_apply_settings_sends_a_usr_packet(k2: FakeK2) -> None:

@@ -26,6 +26,7 @@ from muxd import config as configmod
 from muxd.hub import Hub
 from muxd.listeners import websocket as wsmod
 from muxd.listeners.http import HttpFront
+from muxd.port import PortRuntime
 from muxd.reactor import Reactor
 from tests.conftest import Muxd, PtyDevice, free_port, wait_for, write_config
 from tests.test_http import get_json, port_info, read_to_eof, request, start_http, wait_clients
@@ -377,8 +378,9 @@ def loop(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Reactor, HttpFront, 
         }
     )
     reactor = Reactor()
-    hub = Hub(cfg.ports[0], reactor)
-    front = HttpFront(cfg.http[0], lambda: {"dut": hub}, reactor)
+    rt = PortRuntime.build(cfg.ports[0], reactor)
+    hub = rt.hub
+    front = HttpFront(cfg.http[0], lambda: {"dut": rt}, reactor)
     front.start()
     yield reactor, front, hub
     for client in list(front.clients):

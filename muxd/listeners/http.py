@@ -47,7 +47,6 @@ import h11
 
 from muxd import api, metrics
 from muxd.config import HttpServer, format_hostport
-from muxd.hub import Hub
 from muxd.listeners.acceptor import Acceptor, bind_tcp
 from muxd.listeners.stream import CLOSE_DRAIN
 from muxd.listeners.websocket import (
@@ -58,6 +57,7 @@ from muxd.listeners.websocket import (
     origin_allowed,
     upgrade,
 )
+from muxd.port import PortRuntime
 from muxd.reactor import ERRMASK, IN, OUT, Reactor
 
 log = logging.getLogger("muxd.http")
@@ -144,14 +144,14 @@ class HttpFront:
     def __init__(
         self,
         cfg: HttpServer,
-        hubs: Callable[[], Mapping[str, Hub]],
+        ports: Callable[[], Mapping[str, PortRuntime]],
         reactor: Reactor,
         sock: socket.socket | None = None,
     ) -> None:
         self.cfg = cfg
-        self.hubs = hubs
+        self.ports = ports
         self.reactor = reactor
-        self.registry = metrics.make_registry(lambda: hubs().values(), reactor)
+        self.registry = metrics.make_registry(lambda: ports().values(), reactor)
         self.connections: set[HttpConnection] = set()
         self.clients: set[WebSocketClient] = set()  # WebSocket readers, for the daemon's shutdown
         self._sock = sock  # passed in by socket activation, or bound in start()
@@ -178,10 +178,10 @@ class HttpFront:
 
     def finish_orphans(self) -> None:
         """After a reload: finish WebSockets whose port or websocket listener is gone."""
-        hubs = self.hubs()
+        ports = self.ports()
         for client in list(self.clients):
-            hub = hubs.get(client.hub.name)
-            listener = api.websocket_listener(hub) if hub is client.hub else None
+            rt = ports.get(client.hub.name)
+            listener = api.websocket_listener(rt.hub) if rt is not None and rt.hub is client.hub else None
             if listener is None or listener.name != client.reader.listener.name:
                 client.finish()
 
@@ -217,17 +217,18 @@ class HttpFront:
             return reply
 
     def _websocket(self, request: h11.Request, name: str) -> Reply | Upgrade:
-        hub = self.hubs().get(name)
-        listener = api.websocket_listener(hub) if hub is not None else None
-        if hub is None or listener is None:
+        rt = self.ports().get(name)
+        listener = api.websocket_listener(rt.hub) if rt is not None else None
+        if rt is None or listener is None:
             return error_reply(404, f"no port {name!r} with a websocket listener", False)
-        return upgrade(request, hub, listener, self.cfg.origins)
+        return upgrade(request, rt.hub, listener, self.cfg.origins)
 
     def _api(self, method: str, parts: list[str], request: h11.Request, peer_host: str) -> Reply:
-        hubs = self.hubs()
+        ports = self.ports()
         if not parts or parts[0] != "ports":
             return error_reply(404, "no such resource", True)
-        hub = hubs.get(parts[1]) if len(parts) > 1 else None
+        rt = ports.get(parts[1]) if len(parts) > 1 else None
+        hub = rt.hub if rt is not None else None
         if len(parts) > 1 and hub is None:
             return error_reply(404, f"no port {parts[1]!r}", True)
         if len(parts) == 5 and parts[2] == "clients" and parts[4] == "disconnect":
@@ -244,7 +245,7 @@ class HttpFront:
         if method not in ("GET", "HEAD"):
             return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "GET, HEAD")])
         if len(parts) == 1:
-            reply = json_reply(200, api.ports_view(hubs.values()))
+            reply = json_reply(200, api.ports_view(ports.values()))
         elif len(parts) == 3 and parts[2] == "clients":
             assert hub is not None
             reply = json_reply(200, api.clients_view(hub))

@@ -15,9 +15,12 @@ import contextlib
 import logging
 import random
 from abc import ABC, abstractmethod
+from typing import Protocol
 
 from muxd.hub import Hub
+from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
+from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, UP, UpstreamStatus
 
 log = logging.getLogger("muxd.upstream")
 
@@ -27,6 +30,19 @@ READ_SIZE = 64 * 1024
 # Reads taken from the device at stop: 16 x 64 KiB covers any tty or socket
 # buffer, and bounds the stop against a device that never pauses.
 FINAL_READS = 16
+
+
+class Upstream(Protocol):
+    """What the daemon, the line control, the API and the metrics see of a device."""
+
+    status: UpstreamStatus
+    settings: LineSettings  # the line settings in force
+    bytes_unacked_lost: int
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def describe(self) -> str: ...
+    def apply_settings(self, settings: LineSettings) -> None: ...
 
 
 class FdUpstream(ABC):
@@ -40,6 +56,10 @@ class FdUpstream(ABC):
         self.open_attempts = 0  # total, for tests and metrics
         self._retry: Timer | None = None
         self._stopped = False
+        self.status = UpstreamStatus(hub.name, hub.notice)
+        # Bytes handed to the device that it may never have got (a TCP link that
+        # died with them unacknowledged: muxd.upstream.tcp); counted, never silent.
+        self.bytes_unacked_lost = 0
         hub.on_write_ready = self._on_write_ready
 
     # -- subclass hooks -------------------------------------------------------
@@ -94,20 +114,20 @@ class FdUpstream(ABC):
                 break
             self._received(data)
         self._drop_fd()
-        self.hub.set_state("down", "stopped")
+        self.status.set(DOWN, "stopped")
 
     def _connect(self) -> None:
         self._retry = None
         if self._stopped:
             return
         self.open_attempts += 1
-        self.hub.set_state("connecting", "opening")
+        self.status.set(CONNECTING, "opening")
         self._open()
 
     def _opened(self, fd: int) -> None:
         self.fd = fd
         self.reactor.add(fd, IN | self._out_mask(), self._on_events, self._on_internal_error)
-        self.hub.set_state("up", "opened")
+        self.status.set(UP, "opened")
         self._on_up()
 
     def _failed(self, reason: str, delay: float | None = None) -> None:
@@ -118,11 +138,11 @@ class FdUpstream(ABC):
         if delay is None:
             delay = self.backoff_delay()
             self.attempts += 1
-        self.hub.set_state("backing-off", reason)
+        self.status.set(BACKING_OFF, reason)
         self._retry = self.reactor.call_later(delay, self._connect)
 
     def _lost(self, reason: str) -> None:
-        self.hub.set_state("down", reason)
+        self.status.set(DOWN, reason)
         self._failed(reason)
 
     def backoff_delay(self) -> float:

@@ -15,6 +15,7 @@ from muxd.config import SimUpstream
 from muxd.hub import Hub
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor, Timer
+from muxd.upstream.state import DOWN, UP, UpstreamStatus
 
 TICK = 0.01  # output is released every 10 ms: smooth at any baud rate, cheap at idle
 # Pending output bound: a UART FIFO that overflows loses bytes, and so does this
@@ -52,6 +53,8 @@ class SimDevice:
         self._last_was_cr = False
         self._timers: list[Timer] = []
         self._running = False
+        self.status = UpstreamStatus(hub.name, hub.notice)
+        self.bytes_unacked_lost = 0  # a simulated UART takes every byte
         hub.on_write_ready = self._on_input
 
     def describe(self) -> str:
@@ -64,7 +67,7 @@ class SimDevice:
 
     def start(self) -> None:
         self._running = True
-        self.hub.set_state("up", "simulated device")
+        self.status.set(UP, "simulated device")
         self._boot()
         self._timers = [
             self.reactor.call_later(TICK, self._tick),
@@ -75,7 +78,7 @@ class SimDevice:
         self._running = False
         for t in self._timers:
             t.cancel()
-        self.hub.set_state("down", "stopped")
+        self.status.set(DOWN, "stopped")
 
     def _boot(self) -> None:
         self._boot_time = time.monotonic()

@@ -31,7 +31,7 @@ the next one. Bytes already handed to a link that then dies may be lost with
 it, as with any TCP connection: a small SO_SNDBUF keeps that amount small
 (the rest stays queued in the hub), and when a link is dropped the bytes the
 K2 never acknowledged (TCP_INFO's bytes_acked) are logged and counted in
-the hub's ``bytes_unacked_lost`` (a metric), never lost silently.
+``bytes_unacked_lost`` (a metric), never lost silently.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class TcpPort(FdUpstream):
     def _lost(self, reason: str) -> None:
         unacked = self._unacknowledged()
         if unacked:
-            self.hub.bytes_unacked_lost += unacked
+            self.bytes_unacked_lost += unacked
             log.warning(
                 "%s: %d bytes written to the K2 were not acknowledged when the link was dropped; "
                 "they may not have reached the device",

@@ -1,0 +1,65 @@
+"""One port at run time: its hub, its upstream, its line control and its listeners.
+
+The daemon builds one PortRuntime per configured port; the HTTP front, the
+API and the metrics read them (the hub's fan-out counters, the upstream's
+state, the line control's settings) without owning any of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from muxd.config import Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
+from muxd.hub import Hub
+from muxd.linecontrol import LineControl
+from muxd.reactor import Reactor
+from muxd.upstream.base import Upstream
+from muxd.upstream.serial import SerialPort
+from muxd.upstream.sim import SimDevice
+from muxd.upstream.tcp import TcpPort
+
+
+class Connection(Protocol):
+    def close(self, reason: str) -> None: ...
+    def finish(self) -> None: ...
+
+
+class ListenerRuntime(Protocol):
+    cfg: Listener
+
+    @property
+    def clients(self) -> set[Connection]: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def make_upstream(port: Port, hub: Hub, reactor: Reactor) -> Upstream:
+    cfg = port.upstream
+    if isinstance(cfg, SerialUpstream):
+        return SerialPort(cfg, hub, reactor)
+    if isinstance(cfg, SimUpstream):
+        return SimDevice(cfg, hub, reactor)
+    if isinstance(cfg, TcpUpstream):
+        return TcpPort(cfg, hub, reactor)
+    raise NotImplementedError(f"upstream {cfg.describe()} is not supported yet")
+
+
+@dataclass
+class PortRuntime:
+    config: Port
+    hub: Hub
+    upstream: Upstream
+    line_control: LineControl  # shared by the port's rfc2217 and pty listeners
+    listeners: dict[str, ListenerRuntime] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @classmethod
+    def build(cls, port: Port, reactor: Reactor) -> PortRuntime:
+        """The hub, upstream and line control of a port; nothing started yet."""
+        hub = Hub(port, reactor)
+        upstream = make_upstream(port, hub, reactor)
+        return cls(port, hub, upstream, LineControl(port, upstream.apply_settings))
