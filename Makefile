@@ -1,11 +1,17 @@
 # Two commands set everything up on a fresh Debian/Ubuntu machine:
-#   make run    virtualenv + muxd, then the built-in demo (a simulated device)
-#   make test   system packages the tests use (apt-get, when root), lint, the suite
+#   make run    virtualenv + muxd and its runtime dependencies, then the built-in
+#               demo (a simulated device); DEMO_ARGS="--tcp 7100 --http 8120" moves it
+#   make test   system packages the tests use (apt-get, when root), the [test]
+#               extra into the same venv, lint, the suite
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
+# One venv, two stamps: `make run` installs the runtime only (RUN_STAMP); `make
+# test` adds the test toolchain on top (STAMP) without reinstalling the rest.
+RUN_STAMP := $(VENV)/.run-stamp
+STAMP     := $(VENV)/.installed-stamp
+DEMO_ARGS ?=
 
 # Debian packages the test suite drives as real peers: chromium (web console),
 # promtool (metrics lint), systemd tools (socket activation, unit checks), the
@@ -18,18 +24,26 @@ SYSTEM_COMMANDS := chromium promtool systemd-socket-activate systemd-analyze \
 
 .PHONY: run demo test lint system-deps venv bench bench-deps bench-smoke deb clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+$(RUN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# Editable installs of a pyproject-only package need pip >= 21.3; upgrade only an older one.
+	$(BIN)/python -c 'import pip, sys; sys.exit(tuple(map(int, pip.__version__.split(".")[:2])) < (21, 3))' \
+		|| $(BIN)/pip install -q --upgrade pip
+	@# Runtime dependencies only. systemd-python needs libsystemd-dev (and a compiler) to
+	@# build; muxd works without it, so a failed build falls back to the plain install.
+	if pkg-config --exists libsystemd 2>/dev/null; then \
+		$(BIN)/pip install -q -e '.[systemd]' || $(BIN)/pip install -q -e .; \
+	else $(BIN)/pip install -q -e .; fi
+	touch $@
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install -q -e '.[test]'
-	@# systemd-python needs libsystemd-dev to build; muxd works without it.
-	-pkg-config --exists libsystemd 2>/dev/null && $(BIN)/pip install -q -e '.[systemd]'
 	touch $@
 
 venv: $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/muxd demo
+run: $(RUN_STAMP)
+	$(BIN)/muxd demo $(DEMO_ARGS)
 
 demo: run
 

@@ -1,14 +1,27 @@
-"""The `muxd` command line: argument parsing only; the work is elsewhere."""
+"""The `muxd` command line: argument parsing only; the work is elsewhere.
+
+Exit statuses (docs/man/muxd.8): 0 success; 1 a runtime failure, or for
+`status` a port that is not up; 2 a bad command line or configuration
+(including a demo port already in use: the fix is an option); 3 for `status`,
+a daemon that cannot be reached; 130 interrupted (Ctrl-C); 141 standard output
+closed early (`muxd status | head -1`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
+import os
 import resource
 import sys
+from collections.abc import Mapping
 from importlib import resources
 from typing import Any
+
+import yaml
 
 from muxd import __version__
 from muxd import config as configmod
@@ -18,6 +31,24 @@ from muxd.errors import ConfigError, MuxdError
 log = logging.getLogger("muxd")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+EXIT_PORT_DOWN = 1  # `status`: some port's device is not connected
+EXIT_UNREACHABLE = 3  # `status`: no muxd API answered
+# What a shell reports for a command killed by SIGINT and by SIGPIPE (128 + the
+# signal): scripts and `set -o pipefail` read these as for any other tool.
+EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141
+# How far `muxd demo`'s hint moves a busy port: clear of the usual neighbours.
+DEMO_PORT_HINT_STEP = 100
+
+
+def _port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {port}")
+    return port
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run in the foreground")
     run.add_argument("-c", "--config", metavar="FILE", help="configuration file (YAML)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="override log_level")
+    run.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help='once every listener is bound, write {"pid": N, "listeners": {name: address}} here',
+    )
     quick = run.add_argument_group("one-port form (instead of -c)")
     src = quick.add_mutually_exclusive_group()
     src.add_argument("--serial", metavar="PATH", help="serial device path")
@@ -53,13 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="serve the built-in demo (a simulated device)")
     demo.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    demo.add_argument(
+        "--tcp",
+        type=_port_number,
+        metavar="PORT",
+        help="first TCP port (rw); the ro one is PORT+1 (default 7000)",
+    )
+    demo.add_argument("--http", type=_port_number, metavar="PORT", help="web console port (default 8020)")
+    demo.add_argument("--ready-file", metavar="PATH", help="as for run")
 
     sub.add_parser("ports", help="list serial devices")
 
     status = sub.add_parser("status", help="ports and clients of a running muxd, from its HTTP API")
     where = status.add_mutually_exclusive_group(required=True)
     where.add_argument("-c", "--config", metavar="FILE", help="ask this config's first http server")
-    where.add_argument("--url", help="the HTTP server's base URL, e.g. http://127.0.0.1:8020")
+    where.add_argument("--url", help="the HTTP server: a URL such as http://127.0.0.1:8020, or HOST:PORT")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
 
@@ -97,32 +141,88 @@ def quick_config(args: argparse.Namespace) -> Config:
     return configmod.from_data(data)
 
 
-def demo_config() -> Config:
+def demo_config(tcp: int | None = None, http: int | None = None) -> Config:
+    """The built-in demo, its TCP listeners at tcp and tcp+1 and its web
+    console at http when given (to move them off ports already in use)."""
     text = resources.files("muxd").joinpath("demo.yaml").read_text(encoding="utf-8")
-    return configmod.loads(text, "<built-in demo>")
+    if tcp is None and http is None:
+        return configmod.loads(text, "<built-in demo>")
+    data = yaml.safe_load(text)
+    if tcp is not None:
+        stream = [lst for lst in data["ports"][0]["listeners"] if "tcp" in lst]
+        for i, (lst, mode) in enumerate(zip(stream, ("rw", "ro"), strict=False)):
+            # Port 0 asks the kernel for each; the banner shows what it chose.
+            lst["tcp"] = f"127.0.0.1:{tcp + i if tcp else 0}"
+            if not tcp:  # two listeners on "port 0" need names of their own
+                lst["name"] = f"demo-{mode}"
+    if http is not None:
+        data["http"]["listen"] = f"127.0.0.1:{http}"
+    return configmod.from_data(data, "<built-in demo>")
 
 
-def describe(config: Config) -> str:
-    """How to connect, for humans."""
+def _split_hostport(address: str) -> tuple[str, str]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), port
+
+
+def describe(config: Config, bound: Mapping[str, str] | None = None) -> str:
+    """How to connect, for humans: at the bound addresses when known (a
+    config's port 0 becomes a real port only once bound)."""
+    bound = bound or {}
+    web = [bound.get(srv.name, configmod.format_hostport(srv.host, srv.port)) for srv in config.http]
     lines = []
     for port in config.ports:
         lines.append(f"port {port.name}: {port.upstream.describe()}")
         for lst in port.listeners:
-            if lst.kind in ("tcp", "rfc2217"):
-                how = f"nc {lst.host} {lst.port}" if lst.kind == "tcp" else f"rfc2217://{lst.address}"
+            address = bound.get(lst.name, lst.address)
+            if lst.kind == "tcp":
+                how = "nc {} {}".format(*_split_hostport(address))
+            elif lst.kind == "rfc2217":
+                how = f"rfc2217://{address}"
             elif lst.kind == "unix":
-                how = f"nc -U {lst.path}"
+                how = f"nc -U {address}"
             elif lst.kind == "pty":
-                how = f"picocom {lst.path}"
+                how = f"picocom {address}"
             else:
-                how = (
-                    "; ".join(f"ws://{srv.host}:{srv.port}/ws/{port.name}" for srv in config.http)
-                    or "(no http)"
-                )
+                how = "; ".join(f"ws://{a}/ws/{port.name}" for a in web) or "(no http)"
             lines.append(f"  {lst.kind:9} {lst.mode}  {how}")
-    for srv in config.http:
-        lines.append(f"web console: http://{configmod.format_hostport(srv.host, srv.port)}/")
+    lines += [f"web console: http://{a}/" for a in web]
     return "\n".join(lines)
+
+
+def write_ready_file(path: str, listeners: Mapping[str, str]) -> None:
+    """{"pid": N, "listeners": {name: address}}, atomically: whoever polls
+    for the file sees it whole or not at all, never half written."""
+    pid = os.getpid()
+    tmp = f"{path}.{pid}.tmp"  # same directory, so the rename cannot cross filesystems
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"pid": pid, "listeners": dict(listeners)}, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _demo_bind_error(config: Config, exc: OSError) -> str | None:
+    """For a demo port in use: one line naming the listener, and the option
+    that moves it. None for any other failure."""
+    if exc.errno != errno.EADDRINUSE:
+        return None
+    address = exc.filename  # set by the bind (listeners.acceptor.bind_tcp)
+    tcp = [lst for port in config.ports for lst in port.listeners if lst.kind == "tcp"]
+    for lst in tcp:
+        if lst.address == address:
+            first = tcp[0].port
+            option = f"--tcp {first + DEMO_PORT_HINT_STEP if first + 1 + DEMO_PORT_HINT_STEP <= 65535 else 0}"
+            return f"muxd: demo listener {lst.name}: address already in use; try {option}"
+    for srv in config.http:
+        if configmod.format_hostport(srv.host, srv.port) == address:
+            port = srv.port + DEMO_PORT_HINT_STEP if srv.port + DEMO_PORT_HINT_STEP <= 65535 else 0
+            return f"muxd: demo listener {srv.name}: address already in use; try --http {port}"
+    return None
 
 
 def _raise_fd_limit() -> None:
@@ -136,7 +236,7 @@ def _raise_fd_limit() -> None:
             log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
 
 
-def _serve(config: Config, level: str | None, banner: bool = False) -> int:
+def _serve(config: Config, level: str | None, ready_file: str | None = None, demo: bool = False) -> int:
     from muxd import systemd as sd
     from muxd.daemon import Daemon
 
@@ -147,14 +247,29 @@ def _serve(config: Config, level: str | None, banner: bool = False) -> int:
         daemon.log_level_override = level
         daemon.start()
     except (OSError, MuxdError) as exc:
+        hint = _demo_bind_error(config, exc) if demo and isinstance(exc, OSError) else None
+        if hint is not None:
+            print(hint, file=sys.stderr)
+            return EXIT_CONFIG
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
-    if banner:
-        print(describe(config), flush=True)
     try:
+        # start() has bound every listener and sent READY=1: the same moment.
+        if ready_file is not None:
+            try:
+                write_ready_file(ready_file, daemon.bound_addresses())
+            except OSError as exc:
+                log.error("cannot write the ready file: %s", exc)
+                return EXIT_FAILURE
+        if demo:
+            print(describe(config, daemon.bound_addresses()), flush=True)
         return daemon.run()
     finally:
         daemon.close()
+        if ready_file is not None:
+            # A ready file outliving its process would say "ready" for a dead PID.
+            with contextlib.suppress(OSError):
+                os.unlink(ready_file)
 
 
 def _ports() -> int:
@@ -170,19 +285,59 @@ def _ports() -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from muxd import api
+    from muxd import client
 
-    url = args.url or api.status_url(configmod.load(args.config))
+    if args.url:
+        try:
+            url = client.normalize_url(args.url)
+        except ValueError as exc:
+            print(f"muxd: --url: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        url = client.status_url(configmod.load(args.config))
     try:
-        status = api.fetch_status(url)
+        status = client.fetch_status(url)
     except (OSError, ValueError) as exc:  # unreachable, an HTTP error, or not muxd's JSON
         print(f"muxd: cannot get the status from {url}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    print(json.dumps(status, indent=2) if args.json else api.format_status(status))
-    return EXIT_OK
+        return EXIT_UNREACHABLE
+    print(json.dumps(status, indent=2) if args.json else client.format_status(status))
+    # A health check or cron job reads the answer from the status alone.
+    return EXIT_PORT_DOWN if client.ports_not_up(status) else EXIT_OK
+
+
+def _discard_stdout() -> None:
+    # Python flushes stdout again at exit; pointing the fd at /dev/null keeps
+    # that flush from printing "Exception ignored ... BrokenPipeError".
+    # (The recipe of the signal module's docs, "Note on SIGPIPE".)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every subcommand: quiet on a closed pipe and on Ctrl-C, with the shell's
+    statuses for them (141, 130) rather than a traceback."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit as exc:  # argparse's --help, --version and usage errors
+            if exc.code is not None and not isinstance(exc.code, int):
+                raise
+            code = exc.code or EXIT_OK
+        # Output still buffered must meet a closed pipe here, where it is
+        # caught, and not in the interpreter's last flush.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_PIPE
+    except KeyboardInterrupt:
+        # Once the daemon runs, SIGINT is its graceful stop (status 0); this
+        # is Ctrl-C anywhere else, such as a `status` waiting on a slow daemon.
+        return EXIT_INTERRUPTED
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check":
@@ -194,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _status(args)
         if args.command == "demo":
-            return _serve(demo_config(), args.log_level, banner=True)
+            return _serve(demo_config(args.tcp, args.http), args.log_level, args.ready_file, demo=True)
         if args.config and (args.serial or args.upstream_tcp or args.sim):
             raise ConfigError("give either -c FILE or a one-port form, not both", "", None, "<command line>")
         cfg = configmod.load(args.config) if args.config else quick_config(args)
     except ConfigError as exc:
         print(f"muxd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return _serve(cfg, args.log_level)
+    return _serve(cfg, args.log_level, args.ready_file)

@@ -8,20 +8,30 @@ misspelt ``overflow`` that falls back to a default is worse than no config.
 
 The one-port command-line form builds the same structure as Python data and is
 validated by the same code (its errors carry no line number).
+
+The composer is the safe loader's, narrowed to the plain data a muxd config
+needs: explicit tags (``!vault``, ``!!int``), anchors and aliases, and merge keys
+(``<<``) are refused with their line, and nesting is bounded. Scalars are built
+here, not by PyYAML's constructors, so no text can make them raise: only null,
+booleans, bounded integers and floats, and strings come out (a timestamp-like
+value such as ``2024-01-01`` stays a string). Whatever the text, ``loads``
+returns a Config or raises ConfigError, and the CLI turns that into exit code 2.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
 from muxd.errors import ConfigError
 from muxd.protocol.line_settings import BYTESIZES, FLOWS, STOPBITS, LineSettings
+from muxd.records import Format
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -30,8 +40,35 @@ GiB = 1024 * MiB
 DEFAULT_HOST = "127.0.0.1"  # safe by default: nothing is exposed beyond this machine unless asked
 
 PARITY_NAMES = {"none": "N", "even": "E", "odd": "O", "mark": "M", "space": "S"}
-LISTENER_KINDS = ("tcp", "unix", "pty", "rfc2217", "websocket")
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # used with fullmatch: "$" alone lets a final newline in
+
+# The closed vocabularies of the file, as Literal types so mypy checks every use;
+# the tuples derived from them are what the loader accepts, so the two cannot drift.
+ListenerKind = Literal["tcp", "unix", "pty", "rfc2217", "websocket"]
+Mode = Literal["ro", "rw"]
+Overflow = Literal["drop-oldest", "disconnect"]
+WriteMode = Literal["chunks", "lines"]
+LineControlPolicy = Literal["ignore", "owner", "any"]
+UpstreamControl = Literal["none", "rfc2217", "usr"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+LISTENER_KINDS: tuple[ListenerKind, ...] = get_args(ListenerKind)
+MODES: tuple[Mode, ...] = get_args(Mode)
+OVERFLOWS: tuple[Overflow, ...] = get_args(Overflow)
+WRITE_MODES: tuple[WriteMode, ...] = get_args(WriteMode)
+LINE_CONTROL_POLICIES: tuple[LineControlPolicy, ...] = get_args(LineControlPolicy)
+UPSTREAM_CONTROLS: tuple[UpstreamControl, ...] = get_args(UpstreamControl)
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+
+# The deepest real config nests five collections: the file, ports, a port, listeners, a listener.
+# 20 leaves room for that and stops a hostile file long before the recursive
+# composer (about three frames per level) nears Python's recursion limit.
+MAX_DEPTH = 20
+# Every number muxd accepts fits in 11 digits; 64 characters allows underscores and
+# floats in exponent form, and stays far below Python's 4,300-digit int() limit.
+MAX_NUMBER_CHARS = 64
+# What an error message quotes of a value: enough to recognise it, one line.
+SHOW_CHARS = 60
 
 
 # --------------------------------------------------------------------------
@@ -60,7 +97,7 @@ class TcpUpstream:
     keepalive_interval: float = 2.0
     keepalive_count: int = 5
     idle_timeout: float = 0.0  # 0 = off: a quiet device is normal
-    control: str = "none"  # none | rfc2217 | usr
+    control: UpstreamControl = "none"
     backoff_min: float = 0.2
     backoff_max: float = 10.0
 
@@ -83,21 +120,27 @@ Upstream = SerialUpstream | TcpUpstream | SimUpstream
 
 @dataclass(frozen=True)
 class Listener:
-    kind: str  # one of LISTENER_KINDS
+    kind: ListenerKind
     name: str
     host: str = ""  # tcp, rfc2217
-    port: int = 0  # tcp, rfc2217
+    port: int = 0  # tcp, rfc2217; 0 lets the kernel pick a free port
     path: str = ""  # unix socket path, pty symlink path
-    mode: str = "ro"
+    mode: Mode = "ro"
     max_clients: int = 256
     # 256 KiB is 22 s of a 115200-baud stream: enough to ride out a reader's GC
     # pause or a slow network without loss, small enough for thousands of readers.
     buffer: int = 256 * KiB
-    overflow: str = "drop-oldest"
-    write: str = "chunks"
+    overflow: Overflow = "drop-oldest"
+    write: WriteMode = "chunks"
     notices: bool = False
     file_mode: int = 0o660  # unix socket / pty device permissions
     group: str | int | None = None
+    # What a new reader gets first: this many bytes, or lines, of the past
+    # (the more of the two), within the port's history.
+    history: int = 0
+    history_lines: int = 0
+    # raw bytes, or text/jsonl records (tcp, unix, websocket: muxd.records).
+    format: Format = "raw"
 
     @property
     def writable(self) -> bool:
@@ -121,7 +164,7 @@ class Port:
     # 4 KiB holds any command line a console accepts; longer "lines" are data.
     max_line: int = 4 * KiB
     history: int = 64 * KiB
-    line_control: str = "owner"
+    line_control: LineControlPolicy = "owner"
 
     @property
     def log_capacity(self) -> int:
@@ -132,17 +175,20 @@ class Port:
 @dataclass(frozen=True)
 class HttpServer:
     host: str
-    port: int
+    port: int  # 0 lets the kernel pick a free port
     name: str
     origins: tuple[str, ...] = ()
     token: str | None = None
+    # Extra names (lower case) that Host headers may carry besides the listen
+    # address and localhost: the DNS-rebinding check refuses any other.
+    server_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Config:
     ports: tuple[Port, ...]
     http: tuple[HttpServer, ...] = ()
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     source: str = field(default="<config>", compare=False)
 
 
@@ -173,7 +219,8 @@ LISTENER_EXTRA = {
     "unix": {"socket_mode", "group"},
     "pty": {"link_mode", "group"},
 }
-HTTP_KEYS = {"listen", "name", "origins", "token"}
+HTTP_KEYS = {"listen", "name", "origins", "token", "server_names"}
+UPSTREAM_KINDS = ("serial", "tcp", "sim")
 
 
 def schema_keys() -> set[str]:
@@ -186,10 +233,151 @@ def schema_keys() -> set[str]:
 
 
 # --------------------------------------------------------------------------
-# Node access with locations
+# Loading: the safe loader, narrowed to plain data
 
 T = TypeVar("T")
+S = TypeVar("S", bound=str)
 _constructor = yaml.constructor.SafeConstructor()
+_TAG = "tag:yaml.org,2002:"
+
+
+def _show(value: object) -> str:
+    """A value for an error message: its repr, cut short, always one line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        # repr() of an int past 4,300 digits raises; no message needs the digits anyway.
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= SHOW_CHARS else text[: SHOW_CHARS - 3] + "..."
+
+
+def _join(path: str, suffix: str) -> str:
+    if not suffix.startswith("[") and not re.fullmatch(r"[A-Za-z0-9_<>-]{1,64}", suffix):
+        # A key as written may be long, or hold dots or newlines: quote it, cut short,
+        # so the path stays readable and the message one line.
+        suffix = _show(suffix)
+    sep = "" if suffix.startswith("[") or not path else "."
+    return f"{path}{sep}{suffix}"
+
+
+class _Refused(Exception):
+    """YAML that is valid but not plain data, found while composing."""
+
+    def __init__(self, message: str, path: str, mark: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = path
+        self.line = mark.line + 1 if isinstance(mark, yaml.Mark) else None
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """The safe loader's composer, refusing what a muxd config never needs.
+
+    Tags, anchors and aliases are refused here because a node tree no longer says
+    whether its tag was written or implied, and an alias can make one small file
+    expand into billions of nodes ("billion laughs"). The key path is tracked so
+    the refusal reads like every other error.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._paths = [""]
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # index is the key node for a mapping's value, the position in a list, or
+        # None for a mapping's key (which is reported at its mapping's path).
+        path = self._paths[-1]
+        if isinstance(index, yaml.ScalarNode):
+            path = _join(path, str(index.value))
+        elif isinstance(index, yaml.Node):
+            path = _join(path, "<key>")
+        elif isinstance(index, int):
+            path = _join(path, f"[{index}]")
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(
+                f"aliases (*{event.anchor}) are not supported: write the value out", path, event.start_mark
+            )
+        if getattr(event, "anchor", None) is not None:
+            raise _Refused(
+                f"anchors (&{getattr(event, 'anchor', '')}) are not supported: write each value out",
+                path,
+                event.start_mark,
+            )
+        tag = getattr(event, "tag", None)
+        if tag is not None:
+            shown = "!!" + tag[len(_TAG) :] if tag.startswith(_TAG) else tag
+            raise _Refused(
+                f"YAML tags such as {_show(shown)} are not supported: write a plain value",
+                path,
+                event.start_mark,
+            )
+        if isinstance(event, yaml.CollectionStartEvent) and len(self._paths) > MAX_DEPTH:
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", path, event.start_mark)
+        self._paths.append(path)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._paths.pop()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _compose(text: str, file: str) -> yaml.Node | None:
+    """The document's node tree, or a ConfigError located as well as YAML allows."""
+    try:
+        loader = _PlainLoader(text)
+        try:
+            return loader.get_single_node()
+        finally:
+            loader.dispose()
+    except _Refused as exc:
+        raise ConfigError(exc.message, exc.path, exc.line, file) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = _one_line(exc.problem or exc.context or "malformed")
+        if exc.context and problem.startswith("but "):
+            # "but found another document" reads only after its context.
+            problem = f"{_one_line(exc.context)}, {problem}"
+        raise ConfigError(f"YAML syntax error: {problem}", "", line, file) from None
+    except yaml.reader.ReaderError as exc:
+        # Not a MarkedYAMLError: it knows the offset only, and its str() is two lines.
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+        raise ConfigError(f"unacceptable character #x{char:04x}", "", line, file) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML error: {_one_line(str(exc))}", "", None, file) from None
+
+
+def _scalar(node: yaml.ScalarNode) -> object:
+    """The plain value of a scalar whose tag the resolver implied from its text.
+
+    Raises ValueError (with a message for the operator) for numbers that are too
+    long, or that the YAML 1.1 patterns accept but Python cannot read ("0x_").
+    """
+    tag, text = node.tag, node.value
+    if tag == _TAG + "null":
+        return None
+    if tag == _TAG + "bool":
+        return _constructor.bool_values[text.lower()]
+    if tag in (_TAG + "int", _TAG + "float"):
+        if len(text) > MAX_NUMBER_CHARS:
+            raise ValueError(f"number too long ({len(text)} characters)")
+        try:
+            if tag == _TAG + "int":
+                return _constructor.construct_yaml_int(node)
+            return _constructor.construct_yaml_float(node)
+        except ValueError:
+            raise ValueError(f"not a valid number: {_show(text)}") from None
+    # str, and the implied timestamp, merge ("<<") and value ("=") tags, which a
+    # muxd config gives no meaning: their text, as written.
+    return text
+
+
+# --------------------------------------------------------------------------
+# Node access with locations
 
 
 class _Node:
@@ -205,15 +393,20 @@ class _Node:
         return ConfigError(message, self.path, self.line, self.file)
 
     def child(self, node: yaml.Node, suffix: str) -> _Node:
-        sep = "" if suffix.startswith("[") or not self.path else "."
-        return _Node(node, f"{self.path}{sep}{suffix}", self.file, None)
+        return _Node(node, _join(self.path, suffix), self.file, None)
 
     def mapping(self, allowed: set[str], required: tuple[str, ...] = ()) -> dict[str, _Node]:
         if not isinstance(self.node, yaml.MappingNode):
             raise self.error(f"expected a mapping, got {self.describe()}")
         out: dict[str, _Node] = {}
         for key_node, value_node in self.node.value:
-            key = _constructor.construct_object(key_node)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.child(key_node, "<key>").error("keys must be strings")
+            if key_node.tag == _TAG + "merge":
+                raise self.child(key_node, "<<").error(
+                    "merge keys (<<) are not supported: write the keys out"
+                )
+            key = self.child(key_node, "<key>").value()
             if not isinstance(key, str):
                 raise self.child(key_node, str(key)).error("keys must be strings")
             child = self.child(value_node, key)
@@ -238,27 +431,39 @@ class _Node:
     def value(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.error(f"expected a single value, got {self.describe()}")
-        return _constructor.construct_object(self.node)
+        try:
+            return _scalar(self.node)
+        except ValueError as exc:
+            raise self.error(str(exc)) from None
 
     def describe(self) -> str:
         if isinstance(self.node, yaml.MappingNode):
             return "a mapping"
         if isinstance(self.node, yaml.SequenceNode):
             return "a list"
-        return repr(self.value())
+        return _show(self.value())
 
     # typed accessors
 
     def text(self) -> str:
         v = self.value()
         if not isinstance(v, str) or not v:
-            raise self.error(f"expected a non-empty string, got {v!r}")
+            raise self.error(f"expected a non-empty string, got {_show(v)}")
+        return v
+
+    def file_path(self, absolute: bool) -> str:
+        v = self.text()
+        if "\x00" in v:
+            # os.open() and bind() raise ValueError on it: refuse it here, not at start.
+            raise self.error(f"a path cannot hold a NUL character, got {_show(v)}")
+        if absolute and not v.startswith("/"):
+            raise self.error(f"must be an absolute path, got {_show(v)}")
         return v
 
     def integer(self, lo: int, hi: int) -> int:
         v = self.value()
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self.error(f"expected an integer, got {v!r}")
+            raise self.error(f"expected an integer, got {_show(v)}")
         if not lo <= v <= hi:
             raise self.error(f"must be {lo}..{hi}, got {v}")
         return v
@@ -266,22 +471,24 @@ class _Node:
     def flag(self) -> bool:
         v = self.value()
         if not isinstance(v, bool):
-            raise self.error(f"expected true or false, got {v!r}")
+            raise self.error(f"expected true or false, got {_show(v)}")
         return v
 
-    def choice(self, options: tuple[str, ...] | list[str]) -> str:
+    def choice(self, options: tuple[S, ...]) -> S:
+        """One of `options`, typed as their (Literal) type."""
         v = self.value()
-        if v not in options:
-            raise self.error(f"must be one of {', '.join(map(str, options))}; got {v!r}")
-        return str(v)
+        for option in options:
+            if isinstance(v, str) and v == option:
+                return option
+        raise self.error(f"must be one of {', '.join(options)}; got {_show(v)}")
 
     def size(self, lo: int, hi: int) -> int:
         v = self.value()
         n = parse_size(v)
         if n is None:
-            raise self.error(f"expected a size such as 4096, 64KiB or 1MiB, got {v!r}")
+            raise self.error(f"expected a size such as 4096, 64KiB or 1MiB, got {_show(v)}")
         if not lo <= n <= hi:
-            raise self.error(f"must be between {lo} and {hi} bytes, got {n}")
+            raise self.error(f"must be between {lo} and {hi} bytes, got {_show(n)}")
         return n
 
     def duration(self, lo: float, hi: float, off: bool = True) -> float:
@@ -289,33 +496,38 @@ class _Node:
         v = self.value()
         s = parse_duration(v)
         if s is None:
-            raise self.error(f"expected a duration such as 500ms, 5s or 1m, got {v!r}")
+            raise self.error(f"expected a duration such as 500ms, 5s or 1m, got {_show(v)}")
         if (s != 0 or not off) and not lo <= s <= hi:
             zero = "0 (off) or " if off else ""
             raise self.error(f"must be {zero}between {lo:g} and {hi:g} seconds, got {s:g}")
         return s
 
-    def hostport(self) -> tuple[str, int]:
+    def hostport(self, allow_any_port: bool = True) -> tuple[str, int]:
         v = self.value()
         try:
-            return parse_hostport(v)
+            return parse_hostport(v, allow_any_port=allow_any_port)
         except ValueError as exc:
             raise self.error(str(exc)) from None
 
     def file_mode(self) -> int:
         v = self.value()
+        shown = _show(v)
         if isinstance(v, str):
             try:
-                v = int(v, 8)
+                # Bounded: a mode has at most 4 digits, and int() of a long text is slow.
+                v = int(v, 8) if len(v) <= 16 else None
             except ValueError:
-                raise self.error(f"expected an octal mode such as 0660, got {v!r}") from None
+                v = None
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
-            raise self.error(f"expected an octal mode such as 0660, got {v!r}")
+            raise self.error(f"expected an octal mode such as 0660, got {shown}")
         return v
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+# ASCII digits only: \d would take other scripts' digits, and a bounded count keeps
+# int() below its 4,300-digit limit (anything longer is out of range anyway).
+_SIZE_RE = re.compile(r"\s*([0-9]{1,30})\s*([KMG]i?B?|B)?\s*", re.IGNORECASE)
+_DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?\s*")
+_HOSTNAME_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 
 
 def parse_size(v: object) -> int | None:
@@ -325,7 +537,7 @@ def parse_size(v: object) -> int | None:
         return v
     if not isinstance(v, str):
         return None
-    m = _SIZE_RE.match(v)
+    m = _SIZE_RE.fullmatch(v)
     if not m:
         return None
     unit = (m.group(2) or "B").upper()[0]
@@ -333,49 +545,80 @@ def parse_size(v: object) -> int | None:
 
 
 def parse_duration(v: object) -> float | None:
+    """Seconds, or None when `v` is not a duration (negative, NaN, or no number).
+
+    A value too large for a float becomes inf, which every range check refuses.
+    """
     if isinstance(v, bool):
         return None
-    if isinstance(v, int | float):
-        return float(v) if v >= 0 else None
+    if isinstance(v, int):
+        return float(v) if v >= 0 and v.bit_length() <= 1023 else (math.inf if v >= 0 else None)
+    if isinstance(v, float):
+        return v if v >= 0 else None  # NaN fails the comparison too
     if not isinstance(v, str):
         return None
-    m = _DURATION_RE.match(v)
+    m = _DURATION_RE.fullmatch(v)
     if not m:
         return None
     return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
 
 
-def parse_hostport(v: object, default_host: str = DEFAULT_HOST) -> tuple[str, int]:
-    """'HOST:PORT', '[V6]:PORT', ':PORT' or 'PORT' (which binds the safe default host)."""
+def parse_hostport(
+    v: object, default_host: str = DEFAULT_HOST, allow_any_port: bool = True
+) -> tuple[str, int]:
+    """'HOST:PORT', '[V6]:PORT', ':PORT' or 'PORT' (which binds the safe default host).
+
+    Port 0 is accepted unless `allow_any_port` is False: on an address muxd
+    listens on, it lets the kernel pick a free port. A port to connect to (the
+    tcp upstream) must be 1..65535, so that caller says False.
+    """
     if isinstance(v, int) and not isinstance(v, bool):
+        if v.bit_length() > 64:
+            raise ValueError(f"port must be 1..65535, got {_show(v)}")
         host, port_s = default_host, str(v)
     elif isinstance(v, str):
         text = v.strip()
         if text.startswith("["):
             host, sep, rest = text[1:].partition("]")
             if not sep or not rest.startswith(":"):
-                raise ValueError(f"expected [IPV6]:PORT, got {v!r}")
+                raise ValueError(f"expected [IPV6]:PORT, got {_show(v)}")
             port_s = rest[1:]
         elif ":" in text:
             host, _, port_s = text.rpartition(":")
             if ":" in host:
-                raise ValueError(f"IPv6 addresses need brackets: [{host}]:{port_s}")
+                raise ValueError(f"IPv6 addresses need brackets: {_show(f'[{host}]:{port_s}')}")
         else:
             host, port_s = "", text
         host = host or default_host
     else:
-        raise ValueError(f"expected HOST:PORT, got {v!r}")
-    if not port_s.isdigit():
-        raise ValueError(f"expected HOST:PORT with a numeric port, got {v!r}")
+        raise ValueError(f"expected HOST:PORT, got {_show(v)}")
+    if not re.fullmatch(r"[0-9]{1,11}", port_s):
+        raise ValueError(f"expected HOST:PORT with a numeric port, got {_show(v)}")
     port = int(port_s)
-    if not 1 <= port <= 65535:
+    if not (0 if allow_any_port else 1) <= port <= 65535:
+        # 0 stays out of the message: it is a wildcard, not a port number.
         raise ValueError(f"port must be 1..65535, got {port}")
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if not re.match(r"^[A-Za-z0-9.-]+$", host):
-            raise ValueError(f"not a valid host: {host!r}") from None
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+            raise ValueError(f"not a valid host: {_show(host)}") from None
     return host, port
+
+
+def parse_server_name(v: object) -> str:
+    """A name for Host headers: a DNS host name or an IP address (IPv6 without
+    brackets), no port. Returned in lower case, as Host is compared without case."""
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected a host name or IP address, got {_show(v)}")
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        pass
+    name = v.lower()
+    if len(name) > 253 or not _HOSTNAME_RE.fullmatch(name):
+        raise ValueError(f"not a valid host name (no port, no brackets, no wildcards): {_show(v)}")
+    return name
 
 
 # --------------------------------------------------------------------------
@@ -388,7 +631,7 @@ def _line_settings(m: dict[str, _Node]) -> LineSettings:
     if "stopbits" in m:
         stopbits = m["stopbits"].value()
         if isinstance(stopbits, bool) or stopbits not in STOPBITS:
-            raise m["stopbits"].error(f"must be 1, 1.5 or 2; got {stopbits!r}")
+            raise m["stopbits"].error(f"must be 1, 1.5 or 2; got {_show(stopbits)}")
     return LineSettings(
         baudrate=_get(m, "baudrate", lambda n: n.integer(50, 20_000_000), d.baudrate),
         bytesize=_get(m, "bytesize", lambda n: n.integer(min(BYTESIZES), max(BYTESIZES)), d.bytesize),
@@ -403,38 +646,48 @@ def _get(m: dict[str, _Node], key: str, read: Callable[[_Node], T], default: T) 
 
 
 def _backoff(m: dict[str, _Node]) -> tuple[float, float]:
-    lo = _get(m, "backoff_min", lambda n: n.duration(0.01, 60), 0.2) or 0.2
-    hi = _get(m, "backoff_max", lambda n: n.duration(0.01, 3600), 10.0) or 10.0
+    # A 0 backoff is an error, not "off": it would reconnect in a tight loop against
+    # a device that is away (the reconnect storm), and doubling 0 never grows.
+    d = SerialUpstream("")
+    lo = _get(m, "backoff_min", lambda n: n.duration(0.01, 60, off=False), d.backoff_min)
+    hi = _get(m, "backoff_max", lambda n: n.duration(0.01, 3600, off=False), d.backoff_max)
     if hi < lo:
-        raise m["backoff_max"].error(f"must not be below backoff_min ({lo:g}s)")
+        if "backoff_max" in m:
+            raise m["backoff_max"].error(f"must not be below backoff_min ({lo:g}s)")
+        # Raising the default maximum instead would be a silent guess; say it.
+        raise m["backoff_min"].error(f"must not exceed backoff_max (default {hi:g}s): set backoff_max too")
     return lo, hi
 
 
 def _upstream(node: _Node) -> Upstream:
     if not isinstance(node.node, yaml.MappingNode):
         raise node.error("expected a mapping with one of: serial, tcp, sim")
-    kinds = [k.value for k, _ in node.node.value if k.value in ("serial", "tcp", "sim")]
+    kinds = [
+        k.value for k, _ in node.node.value if isinstance(k, yaml.ScalarNode) and k.value in UPSTREAM_KINDS
+    ]
     if len(kinds) != 1:
         raise node.error(f"needs exactly one of serial, tcp, sim (got {', '.join(kinds) or 'none'})")
     kind = kinds[0]
     if kind == "serial":
         m = node.mapping(SERIAL_KEYS)
         lo, hi = _backoff(m)
-        return SerialUpstream(m["serial"].text(), _line_settings(m), lo, hi)
+        return SerialUpstream(m["serial"].file_path(absolute=False), _line_settings(m), lo, hi)
     if kind == "tcp":
         m = node.mapping(TCP_KEYS)
-        host, port = m["tcp"].hostport()
+        # A port to connect to: 0 is no wildcard here, so 1..65535.
+        host, port = m["tcp"].hostport(allow_any_port=False)
         try:
             ipaddress.ip_address(host)
         except ValueError:
             # The stdlib resolver blocks: a dead DNS server would freeze every reader.
             raise m["tcp"].error(
-                f"give a numeric IP address, not {host!r} (name lookups would block)"
+                f"give a numeric IP address, not {_show(host)} (name lookups would block)"
             ) from None
         lo, hi = _backoff(m)
         d = TcpUpstream(host, port)
         settings = _line_settings(m)
-        if "control" in m and m["control"].value() == "usr":
+        control = _get(m, "control", lambda n: n.choice(UPSTREAM_CONTROLS), d.control)
+        if control == "usr":
             # What the vendor's 8-byte packet cannot carry (muxd.protocol.usr).
             if settings.stopbits == 1.5:
                 raise m["stopbits"].error("control: usr cannot set 1.5 stop bits (1 or 2)")
@@ -444,8 +697,11 @@ def _upstream(node: _Node) -> Upstream:
             host,
             port,
             settings,
-            connect_timeout=_get(m, "connect_timeout", lambda n: n.duration(0.1, 300), d.connect_timeout)
-            or d.connect_timeout,
+            # 0 is an error: no connect completes in 0 s, and "no timeout" would
+            # leave a black-holed SYN to the kernel's retries (about two minutes).
+            connect_timeout=_get(
+                m, "connect_timeout", lambda n: n.duration(0.1, 300, off=False), d.connect_timeout
+            ),
             keepalive_idle=_get(
                 m, "keepalive_idle", lambda n: n.duration(1, 7200, off=False), d.keepalive_idle
             ),
@@ -453,29 +709,32 @@ def _upstream(node: _Node) -> Upstream:
                 m, "keepalive_interval", lambda n: n.duration(1, 600, off=False), d.keepalive_interval
             ),
             keepalive_count=_get(m, "keepalive_count", lambda n: n.integer(1, 100), d.keepalive_count),
+            # 0 is valid as written and means off: a device may stay silent for hours.
             idle_timeout=_get(m, "idle_timeout", lambda n: n.duration(0.1, 86400), d.idle_timeout),
-            control=_get(m, "control", lambda n: n.choice(("none", "rfc2217", "usr")), d.control),
+            control=control,
             backoff_min=lo,
             backoff_max=hi,
         )
     m = node.mapping({"sim"})
     sim = m["sim"]
-    if sim.node is not None and isinstance(sim.node, yaml.ScalarNode) and sim.value() in (None, True):
+    if isinstance(sim.node, yaml.ScalarNode) and (sim.value() is None or sim.value() is True):
         return SimUpstream()
     s = sim.mapping(SIM_KEYS)
     d2 = SimUpstream()
     return SimUpstream(
         baudrate=_get(s, "baudrate", lambda n: n.integer(300, 20_000_000), d2.baudrate),
-        status_interval=_get(s, "status_interval", lambda n: n.duration(0.01, 3600), d2.status_interval)
-        or d2.status_interval,
+        # 0 is an error: the simulator has no "off", and a 0 s period would spin the loop.
+        status_interval=_get(
+            s, "status_interval", lambda n: n.duration(0.01, 3600, off=False), d2.status_interval
+        ),
         boot=_get(s, "boot", _Node.flag, d2.boot),
     )
 
 
-def _listener(node: _Node, port_name: str) -> Listener:
+def _listener(node: _Node, port_name: str, index: int) -> Listener:
     if not isinstance(node.node, yaml.MappingNode):
         raise node.error(f"expected a mapping with one of: {', '.join(LISTENER_KINDS)}")
-    kinds = [k.value for k, _ in node.node.value if k.value in LISTENER_KINDS]
+    kinds = [k for k in LISTENER_KINDS for key, _ in node.node.value if key.value == k]
     if len(kinds) != 1:
         raise node.error(
             f"needs exactly one of {', '.join(LISTENER_KINDS)} (got {', '.join(kinds) or 'none'})"
@@ -487,30 +746,43 @@ def _listener(node: _Node, port_name: str) -> Listener:
     if kind in ("tcp", "rfc2217"):
         host, port = m[kind].hostport()
     elif kind in ("unix", "pty"):
-        path = m[kind].text()
-        if not path.startswith("/"):
-            raise m[kind].error(f"must be an absolute path, got {path!r}")
+        path = m[kind].file_path(absolute=True)
     elif not m[kind].flag():
         raise m[kind].error("set websocket: true to serve /ws/<port>, or remove this listener")
-    address = format_hostport(host, port) if port else path
-    name = _get(m, "name", _Node.text, f"{kind}:{address or port_name}")
-    if "name" in m and not NAME_RE.match(name):
-        raise m["name"].error(f"must match {NAME_RE.pattern}, got {name!r}")
+    if kind in ("tcp", "rfc2217") and port == 0:
+        # Several listeners may share HOST:0, so the address names none of them:
+        # the port name and the listener's place in its list do.
+        default_name = f"{kind}:{port_name}/{index}"
+    elif kind in ("tcp", "rfc2217"):
+        default_name = f"{kind}:{format_hostport(host, port)}"
+    else:
+        default_name = f"{kind}:{path or port_name}"
+    name = _get(m, "name", _Node.text, default_name)
+    if "name" in m and not NAME_RE.fullmatch(name):
+        raise m["name"].error(f"must match {NAME_RE.pattern}, got {_show(name)}")
     mode_key = "socket_mode" if kind == "unix" else "link_mode"
-    group = m["group"].value() if "group" in m else None
-    if group is not None and (isinstance(group, bool) or not isinstance(group, str | int)):
-        raise m["group"].error(f"expected a group name or gid, got {group!r}")
+    group: str | int | None = None
+    if "group" in m:
+        # An empty or null group is an error rather than "the default group": a
+        # template that expanded to nothing should not quietly open the socket wider.
+        value = m["group"].value()
+        if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+            raise m["group"].error(f"expected a group name or gid, got {_show(value)}")
+        if isinstance(value, int) and not 0 <= value < 2**32 - 1:
+            # -1 would tell chown() to leave the group unchanged: another silent default.
+            raise m["group"].error(f"a gid must be 0..{2**32 - 2}, got {_show(value)}")
+        group = value
     return Listener(
         kind=kind,
         name=name,
         host=host,
         port=port,
         path=path,
-        mode=_get(m, "mode", lambda n: n.choice(("ro", "rw")), d.mode),
+        mode=_get(m, "mode", lambda n: n.choice(MODES), d.mode),
         max_clients=_get(m, "max_clients", lambda n: n.integer(1, 100_000), d.max_clients),
         buffer=_get(m, "buffer", lambda n: n.size(4 * KiB, 1 * GiB), d.buffer),
-        overflow=_get(m, "overflow", lambda n: n.choice(("drop-oldest", "disconnect")), d.overflow),
-        write=_get(m, "write", lambda n: n.choice(("chunks", "lines")), d.write),
+        overflow=_get(m, "overflow", lambda n: n.choice(OVERFLOWS), d.overflow),
+        write=_get(m, "write", lambda n: n.choice(WRITE_MODES), d.write),
         notices=_get(m, "notices", _Node.flag, d.notices),
         file_mode=_get(m, mode_key, _Node.file_mode, d.file_mode),
         group=group,
@@ -520,9 +792,13 @@ def _listener(node: _Node, port_name: str) -> Listener:
 def _port(node: _Node) -> Port:
     m = node.mapping(PORT_KEYS, required=("name", "upstream"))
     name = m["name"].text()
-    if not NAME_RE.match(name):
-        raise m["name"].error(f"must match {NAME_RE.pattern}, got {name!r}")
-    listeners = tuple(_listener(n, name) for n in m["listeners"].sequence()) if "listeners" in m else ()
+    if not NAME_RE.fullmatch(name):
+        raise m["name"].error(f"must match {NAME_RE.pattern}, got {_show(name)}")
+    listeners = (
+        tuple(_listener(n, name, i) for i, n in enumerate(m["listeners"].sequence()))
+        if "listeners" in m
+        else ()
+    )
     d = Port(name, SimUpstream())
     port = Port(
         name=name,
@@ -530,8 +806,9 @@ def _port(node: _Node) -> Port:
         listeners=listeners,
         write_queue=_get(m, "write_queue", lambda n: n.size(1 * KiB, 64 * MiB), d.write_queue),
         max_line=_get(m, "max_line", lambda n: n.size(16, 1 * MiB), d.max_line),
+        # 0 is valid as written: no history replayed to new readers.
         history=_get(m, "history", lambda n: n.size(0, 64 * MiB), d.history),
-        line_control=_get(m, "line_control", lambda n: n.choice(("ignore", "owner", "any")), d.line_control),
+        line_control=_get(m, "line_control", lambda n: n.choice(LINE_CONTROL_POLICIES), d.line_control),
     )
     if port.max_line > port.write_queue:
         raise m.get("max_line", node).error(
@@ -540,24 +817,40 @@ def _port(node: _Node) -> Port:
     return port
 
 
-def _http(node: _Node) -> HttpServer:
+def _http(node: _Node, index: int) -> HttpServer:
     m = node.mapping(HTTP_KEYS, required=("listen",))
     host, port = m["listen"].hostport()
-    name = _get(m, "name", _Node.text, f"http:{format_hostport(host, port)}")
+    # As for listeners, HOST:0 may be shared, so a port-0 server is named by its place.
+    default_name = f"http:{format_hostport(host, port)}" if port else f"http:{index}"
+    name = _get(m, "name", _Node.text, default_name)
     origins: tuple[str, ...] = ()
     if "origins" in m:
         origins = tuple(n.text() for n in m["origins"].sequence())
-    token = m["token"].value() if "token" in m else None
-    if token is not None and (not isinstance(token, str) or len(token) < 16):
-        raise m["token"].error("must be a string of at least 16 characters")
-    return HttpServer(host, port, name, origins, token)
+    token = None
+    if "token" in m:
+        # A null or short token is an error, never "no token": an unexpanded
+        # template must not silently open the admin actions.
+        token = m["token"].value()
+        if not isinstance(token, str) or len(token) < 16:
+            raise m["token"].error("must be a string of at least 16 characters")
+    server_names: list[str] = []
+    if "server_names" in m:
+        for n in m["server_names"].sequence():
+            try:
+                server_name = parse_server_name(n.value())
+            except ValueError as exc:
+                raise n.error(str(exc)) from None
+            if server_name in server_names:
+                raise n.error(f"duplicate server name {server_name!r}")
+            server_names.append(server_name)
+    return HttpServer(host, port, name, origins, token, tuple(server_names))
 
 
 def _check_unique(items: list[tuple[str, _Node]], what: str) -> None:
     seen: dict[str, _Node] = {}
     for key, node in items:
         if key in seen:
-            raise node.error(f"duplicate {what} {key!r} (first at line {seen[key].line})")
+            raise node.error(f"duplicate {what} {_show(key)} (first at line {seen[key].line})")
         seen[key] = node
 
 
@@ -571,7 +864,7 @@ def build(root: _Node) -> Config:
     if "http" in m:
         h = m["http"]
         http_nodes = list(h.sequence()) if isinstance(h.node, yaml.SequenceNode) else [h]
-    http = tuple(_http(n) for n in http_nodes)
+    http = tuple(_http(n, i) for i, n in enumerate(http_nodes))
     _check_unique(
         [(p.name, n.mapping(PORT_KEYS)["name"]) for p, n in zip(ports, port_nodes, strict=True)], "port name"
     )
@@ -581,26 +874,22 @@ def build(root: _Node) -> Config:
         lnodes = list(pnode.mapping(PORT_KEYS)["listeners"].sequence()) if port.listeners else []
         for lst, lnode in zip(port.listeners, lnodes, strict=True):
             names.append((lst.name, lnode))
-            if lst.kind != "websocket":
+            # Port 0 binds a different free port each time: never a clash.
+            if lst.kind != "websocket" and not (lst.kind in ("tcp", "rfc2217") and lst.port == 0):
                 binds.append((lst.address, lnode))
     for srv, hnode in zip(http, http_nodes, strict=True):
         names.append((srv.name, hnode))
-        binds.append((format_hostport(srv.host, srv.port), hnode))
+        if srv.port:
+            binds.append((format_hostport(srv.host, srv.port), hnode))
     _check_unique(binds, "listening address")
     _check_unique(names, "listener name")
-    level = _get(m, "log_level", lambda n: n.choice(("debug", "info", "warning", "error")), "info")
+    default_level: LogLevel = "info"
+    level = _get(m, "log_level", lambda n: n.choice(LOG_LEVELS), default_level)
     return Config(ports=ports, http=http, log_level=level, source=root.file)
 
 
 def loads(text: str, file: str = "<config>") -> Config:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError(f"YAML syntax error: {exc.problem}", "", line, file) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML error: {exc}", "", None, file) from None
+    node = _compose(text, file)
     if node is None:
         raise ConfigError("the file is empty", "", None, file)
     return build(_Node(node, "", file, None))
@@ -617,12 +906,21 @@ def load(path: str) -> Config:
     return loads(text, path)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a repeated list or dict out again: the loader refuses aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def from_data(data: dict[str, Any], source: str = "<command line>") -> Config:
     """Validate a config given as Python data (the one-port command-line form)."""
-    node = yaml.compose(yaml.safe_dump(data), Loader=yaml.SafeLoader)
-    root = _Node(node, "", source, None)
+    text = yaml.dump(data, Dumper=_NoAliasDumper)
     try:
-        return build(root)
+        node = _compose(text, source)
+        if node is None:
+            raise ConfigError("the file is empty", "", None, source)
+        return build(_Node(node, "", source, None))
     except ConfigError as exc:
-        exc.line = None  # lines of a generated document would only confuse
+        # Lines of a generated document would only confuse.
         raise ConfigError(exc.message, exc.path, None, source) from None

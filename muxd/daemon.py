@@ -34,7 +34,8 @@ from muxd.listeners.http import HttpFront
 from muxd.listeners.pty import PtyListener
 from muxd.listeners.rfc2217 import Rfc2217Listener
 from muxd.listeners.stream import StreamListener
-from muxd.port import Connection, ListenerRuntime, PortRuntime, make_upstream
+from muxd.connection import policy_for
+from muxd.port import Connection, ListenerRuntime, PortRuntime, bounds_for, make_upstream
 from muxd.reactor import Reactor
 
 log = logging.getLogger("muxd")
@@ -275,11 +276,11 @@ class Daemon:
             cfg = wanted.get(name)
             if cfg is None or _rebind_needed(listener.cfg, cfg):
                 self._stop_listener(rt, name)
-        rt.hub.resize(port)  # before retargeting: the log must hold every new backlog bound
+        rt.hub.resize(bounds_for(port))  # before retargeting: the log must hold every new backlog bound
         for reader in list(rt.hub.readers.values()):
-            cfg = wanted.get(reader.listener.name)
-            if cfg is not None and cfg != reader.listener:
-                rt.hub.retarget(reader, cfg)
+            cfg = wanted.get(reader.policy.listener)
+            if cfg is not None and policy_for(cfg) != reader.policy:
+                rt.hub.retarget(reader, policy_for(cfg))
         for cfg in port.listeners:
             if cfg.name in rt.listeners:
                 rt.listeners[cfg.name].cfg = cfg
@@ -289,7 +290,7 @@ class Daemon:
         if reopen:
             rt.upstream = make_upstream(port, rt.hub, self.reactor)
             rt.upstream.start()
-        rt.line_control.reload(port, rt.upstream.apply_settings if reopen else None)
+        rt.line_control.reload(port, rt.upstream if reopen else None)
 
     def _guarded(self, what: str, start: Callable[[], object]) -> None:
         # A reload that adds a listener on a busy address must not take down the rest.
@@ -314,3 +315,20 @@ class Daemon:
 
     def close(self) -> None:
         self.reactor.close()
+
+    def bound_addresses(self) -> dict[str, str]:
+        """Where each listener and HTTP server listens, by name ("127.0.0.1:41234",
+        "[::1]:5000", a Unix socket's or pty link's path).
+
+        A config may give port 0, so the bound address, not the configured one,
+        is what a client needs; the ready file and the API report it.
+        """
+        out: dict[str, str] = {}
+        for rt in self.ports.values():
+            for name, listener in rt.listeners.items():
+                # A pty has no socket: its link path is where programs open it.
+                bound = getattr(listener, "bound_address", None)
+                out[name] = bound if isinstance(bound, str) else listener.cfg.address
+        for name, front in self.http.items():
+            out[name] = front.bound_address or configmod.format_hostport(front.cfg.host, front.cfg.port)
+        return out

@@ -3,7 +3,9 @@
 A RemoteProtocolError is the peer's fault: garbage on the wire. It closes that
 peer only. A LocalProtocolError is ours: we were asked to do something the
 protocol forbids. A ConfigError is the operator's: it names the file, the line
-and the key path so the fix is obvious.
+and the key path so the fix is obvious. A SettingsRefused is the device's (or
+the link's): the line settings asked for cannot be put in force, and nothing
+changed.
 """
 
 from __future__ import annotations
@@ -37,3 +39,14 @@ class ConfigError(MuxdError):
             where = f"{where}:{self.line}"
         key = f" {self.path}:" if self.path else ""
         return f"{where}:{key} {self.message}"
+
+
+class SettingsRefused(MuxdError, ValueError):
+    """An upstream cannot put these line settings in force; nothing was changed.
+
+    The message says why (the device rejected a value, the link cannot carry
+    it, the upstream has no way to change settings). The requester is answered
+    with the settings still in force. It is also a ValueError because that is
+    what a value the device cannot take has always been, for callers that
+    catch the broader class.
+    """

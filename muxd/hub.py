@@ -9,7 +9,7 @@ Out (device -> readers)
     reader is blocked (its socket buffer is full) and its lag exceeds its
     listener's ``buffer``, the listener's policy applies: ``drop-oldest`` skips
     its cursor forward to the oldest byte it may still have and counts the
-    skipped bytes; ``disconnect`` closes it. A reader that is keeping up is
+    skipped bytes; ``disconnect`` closes it (deferred: see below). A reader that is keeping up is
     never judged on a burst it has not yet been offered; it only loses bytes
     the ring itself has overwritten, which are counted the same way. Nothing a
     slow reader does can slow the device or another reader: the ring never
@@ -27,32 +27,33 @@ In (writers -> device)
     device has drained it below half: backpressure, never a silent drop.
     Input from ro readers is read and discarded, and counted.
 
-The hub owns no fd. Readers are driven through the small ``ReaderOwner``
-interface that each connection type implements.
+The hub owns no fd and knows no config file: it takes each listener's
+ReaderPolicy and the port's PortBounds. Readers are driven through the small
+``ReaderOwner`` interface (muxd.connection implements it). The hub never
+closes a reader from inside its own call chain: it marks the reader doomed,
+stops serving it, and the close runs on the next turn of the loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
-from muxd.config import Listener, Port
 from muxd.protocol.framing import LineAssembler
 from muxd.reactor import Reactor
+from muxd.records import FramedLog, Format, raw_event
 from muxd.ring import Ring
-
-log = logging.getLogger("muxd.hub")
 
 # After a fan-out pass that took T seconds, the next one starts no sooner than
 # T * FLUSH_GAP later. With 100 readers a pass takes under a millisecond and
 # nothing is ever delayed; with thousands it takes milliseconds, device reads
 # pile up meanwhile and go out together: syscalls per byte fall as readers
-# grow, the pass uses at most about half a core, and the added latency is
-# bounded by the pass time itself.
+# grow, and the added latency is bounded by the pass time itself.
 FLUSH_GAP = 1.0
 # ...but never more than this: a pass that looked long because the process
 # was preempted must not delay the next one by as much again.
@@ -68,6 +69,31 @@ MAX_NOTICES = 16
 _reader_ids = itertools.count(1)
 
 
+@dataclass(frozen=True)
+class ReaderPolicy:
+    """How the hub treats one listener's readers: the hub's own vocabulary,
+    built by the listener layer from its config."""
+
+    listener: str  # the listener's name: per-listener totals are kept under it
+    capacity: int  # the most backlog a blocked reader may have, in bytes
+    drop_oldest: bool  # on overflow: skip forward and count (True) or disconnect
+    writable: bool  # input goes to the device (rw) or is discarded and counted (ro)
+    lines: bool  # input is released to the device in whole lines
+    notices: bool  # in-band notices (upstream up/down, gaps) go into a raw reader's stream
+    format: Format = "raw"  # raw bytes, or text/jsonl records shared through a FramedLog
+
+
+@dataclass(frozen=True)
+class PortBounds:
+    """The port's memory bounds, each explained where the config defines it."""
+
+    log_capacity: int  # the shared ring: the largest backlog any reader may have
+    write_queue: int  # bytes on their way to the device
+    max_line: int  # a held partial line, at most
+    history: int  # replayed to a new reader, at most
+    formats: tuple[Format, ...] = ()  # record formats kept from the start, for their history
+
+
 class ReaderOwner(Protocol):
     """What a connection offers the hub."""
 
@@ -78,7 +104,8 @@ class ReaderOwner(Protocol):
         """The write queue has room again: resume reading input."""
 
     def close(self, reason: str) -> None:
-        """Disconnect this reader (overflow policy, admin action, shutdown)."""
+        """Disconnect this reader. The hub only ever calls it from a fresh turn
+        of the loop (call_soon), never from inside one of its own methods."""
 
 
 class Transport(Protocol):
@@ -106,71 +133,94 @@ class ListenerStats:
         self.disconnects: dict[str, int] = {}
         self.closed_delivered = 0
         self.closed_dropped = 0
-        # Line-settings requests from this listener's clients (muxd.linecontrol).
-        self.settings_applied = 0
-        self.settings_refused = 0  # by the line_control policy
-        self.settings_failed = 0  # the device could not make the change
+        self.closed_purged = 0
 
 
 class Reader:
-    """One reader's state in the hub: its cursor, its bound and its counters."""
+    """One reader's state in the hub: its cursor, its bound and its counters.
+
+    Invariant: ``delivered + dropped + purged == cursor - start``.
+    """
 
     __slots__ = (
         "assembler",
         "blocked",
-        "capacity",
         "cursor",
         "delivered",
-        "drop_oldest",
+        "doomed",
         "dropped",
         "id",
         "input_paused",
-        "listener",
+        "log",
         "notice_pos",
         "notices",
         "owner",
         "peer",
+        "pending_end",
+        "policy",
+        "purged",
         "since",
+        "start",
         "stats",
         "transport",
+        "unannounced",
     )
 
-    def __init__(self, owner: ReaderOwner, listener: Listener, peer: str, max_line: int) -> None:
+    def __init__(self, owner: ReaderOwner, policy: ReaderPolicy, peer: str, max_line: int) -> None:
         self.id = next(_reader_ids)
         self.owner = owner
-        self.listener = listener
+        self.policy = policy
         self.peer = peer
         self.since = time.time()
-        self.cursor = 0
-        self.capacity = listener.buffer
-        self.drop_oldest = listener.overflow == "drop-oldest"
+        self.cursor = self.start = 0
         self.delivered = 0
-        self.dropped = 0
+        self.dropped = 0  # lost to the overflow policy or to the ring
+        self.purged = 0  # skipped at the reader's own request (RFC 2217 PURGE-DATA)
+        self.unannounced = 0  # dropped bytes not yet marked in its stream
         self.blocked = False  # waiting for EPOLLOUT; the hub will not wake it
         self.input_paused = False
-        self.assembler = LineAssembler(max_line) if listener.writable and listener.write == "lines" else None
-        # In-band notices: (ring offset they belong at, text). Only for listeners
+        self.doomed: str | None = None  # the hub decided to close it, for this reason
+        # A record reader's shared log; its cursor stays in raw device offsets,
+        # at chunk boundaries, and pending() says where the records it gave end.
+        self.log: FramedLog | None = None
+        self.pending_end = 0
+        self.assembler = LineAssembler(max_line) if policy.writable and policy.lines else None
+        # In-band notices: (ring offset they belong at, text). Only for readers
         # with notices on, so raw streams stay byte-exact.
         self.notices: deque[tuple[int, bytes]] = deque()
         self.notice_pos = 0  # bytes of notices[0] already sent
-        self.stats: ListenerStats | None = None
+        self.stats = ListenerStats()  # replaced by the listener's shared one on attach
         # Set by connections whose output is the ring's bytes unchanged (TCP and
         # Unix streams): the fan-out pass then writes to them itself, sharing one
         # set of views among all readers at the same offset. Encoding readers
         # (WebSocket, RFC 2217) leave it None and are woken through on_data().
         self.transport: Transport | None = None
 
+    @property
+    def held(self) -> int:
+        """Input bytes accepted but not yet queued (a partial line)."""
+        return self.assembler.held if self.assembler is not None else 0
+
 
 class WriteQueue:
-    """Bounded FIFO of write units on their way to the device."""
+    """Bounded FIFO of write units on their way to the device.
+
+    The bound counts what writers have sent and muxd has accepted: the queued
+    units and the partial lines readers hold (``held``), which join the queue
+    when their line ends or their writer leaves. A writer is read only while
+    there is room for everything it may send in one read, so the queue never
+    holds more than ``limit`` bytes, even when many writers leave at once and
+    their partial lines are released together.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.units: deque[memoryview] = deque()
         self.bytes = 0
+        self.held = 0  # partial lines held by readers' assemblers
 
     def room(self) -> int:
-        return max(0, self.limit - self.bytes)
+        return max(0, self.limit - self.bytes - self.held)
 
     def push(self, unit: bytes) -> None:
         if unit:
@@ -193,18 +243,24 @@ class WriteQueue:
 
 
 class Hub:
-    def __init__(self, port: Port, reactor: Reactor) -> None:
-        self.port = port
-        self.name = port.name
+    def __init__(self, name: str, bounds: PortBounds, reactor: Reactor) -> None:
+        self.name = name
+        self.bounds = bounds
         self.reactor = reactor
-        self.ring = Ring(port.log_capacity)
+        self.ring = Ring(bounds.log_capacity)
         self.readers: dict[int, Reader] = {}
         self._blocked: set[Reader] = set()
         self._paused: set[Reader] = set()
         self._flush_pending = False
         self._next_flush = 0.0  # monotonic time before which no fan-out pass starts
-        self.queue = WriteQueue(port.write_queue)
+        self.queue = WriteQueue(bounds.write_queue)
+        self.framed: dict[Format, FramedLog] = {}
+        for fmt in bounds.formats:
+            self._framed(fmt)
         self.listener_stats: dict[str, ListenerStats] = {}
+        # Called with what a writer's input put on the way to the device (traces
+        # with ``input: true`` record it).
+        self.input_observers: list[Callable[[Reader, bytes], None]] = []
         # Set by the upstream: called when the write queue goes from empty to non-empty.
         self.on_write_ready: Callable[[], None] = lambda: None
         self.bytes_in = 0
@@ -218,45 +274,93 @@ class Hub:
     def head(self) -> int:
         return self.ring.head
 
-    def stats_for(self, listener: Listener) -> ListenerStats:
-        return self.listener_stats.setdefault(listener.name, ListenerStats())
+    def stats_for(self, listener: str) -> ListenerStats:
+        return self.listener_stats.setdefault(listener, ListenerStats())
 
-    def attach(self, owner: ReaderOwner, listener: Listener, peer: str, history: int = 0) -> Reader:
-        reader = Reader(owner, listener, peer, self.port.max_line)
-        history = min(history, self.port.history, self.head - self.ring.tail)
-        reader.cursor = self.head - max(0, history)
-        reader.stats = self.stats_for(listener)
+    def _framed(self, fmt: Format) -> FramedLog:
+        log = self.framed.get(fmt)
+        if log is None:
+            log = self.framed[fmt] = FramedLog(fmt, self.name, self.bounds.log_capacity)
+            log.raw_head = self.head
+        return log
+
+    def attach(
+        self, owner: ReaderOwner, policy: ReaderPolicy, peer: str, history: int = 0, history_lines: int = 0
+    ) -> Reader:
+        """A new reader, starting `history` bytes or `history_lines` lines back
+        (whichever reaches further, within the port's history bound), then live."""
+        reader = Reader(owner, policy, peer, self.bounds.max_line)
+        tail = max(self.ring.tail, self.head - self.bounds.history)
+        start = max(tail, self.head - max(0, history))
+        if history_lines > 0:
+            start = min(start, self._lines_back(history_lines, tail))
+        if policy.format != "raw":
+            reader.log = self._framed(policy.format)
+            # Records of whole chunks: the one that holds `start` replays from its beginning.
+            start = max(reader.log.raw_tail, reader.log.boundary_before(start))
+        reader.cursor = reader.start = start
+        reader.stats = self.stats_for(policy.listener)
         reader.stats.connections += 1
         self.readers[reader.id] = reader
         return reader
 
     def detach(self, reader: Reader, reason: str) -> None:
+        """The reader is gone; a close the hub decided keeps the hub's reason."""
         if self.readers.pop(reader.id, None) is None:
             return
         self._blocked.discard(reader)
         self._paused.discard(reader)
-        if reader.assembler is not None:
-            self.queue.push(reader.assembler.flush())  # a partial last line still goes out
-            self._queued()
+        self._release_held(reader)  # a partial last line still goes out
         stats = reader.stats
-        if stats is not None:
-            stats.disconnects[reason] = stats.disconnects.get(reason, 0) + 1
-            stats.closed_delivered += reader.delivered
-            stats.closed_dropped += reader.dropped
+        reason = reader.doomed or reason
+        stats.disconnects[reason] = stats.disconnects.get(reason, 0) + 1
+        stats.closed_delivered += reader.delivered
+        stats.closed_dropped += reader.dropped
+        stats.closed_purged += reader.purged
 
-    def clients_of(self, listener: Listener) -> int:
-        return sum(1 for r in self.readers.values() if r.listener.name == listener.name)
+    def _lines_back(self, n: int, tail: int) -> int:
+        """The offset where the last n lines begin (a partial last line counts),
+        no further back than tail."""
+        data = self.ring.read(tail)
+        end = len(data) - 1 if data.endswith(b"\n") else len(data)
+        for _ in range(n):
+            end = data.rfind(b"\n", 0, end)
+            if end < 0:
+                return tail
+        return tail + end + 1
+
+    def clients_of(self, listener: str) -> int:
+        return sum(1 for r in self.readers.values() if r.policy.listener == listener)
+
+    def _doom(self, reader: Reader, reason: str) -> None:
+        """Close the reader, but not from inside this call chain (asyncio's
+        _force_close does the same with call_soon): the hub stops serving it
+        now (nothing pending, never woken), its owner closes on the next turn
+        and nobody has to re-check whether it is still attached."""
+        if reader.doomed is not None:
+            return
+        reader.doomed = reason
+        reader.blocked = True  # the fan-out pass skips it
+        self._blocked.discard(reader)
+        reader.notices.clear()
+        owner = reader.owner
+        self.reactor.call_soon(lambda: owner.close(reason))
 
     # -- out: device -> readers --------------------------------------------
 
     def publish(self, data: bytes | memoryview) -> None:
         """Bytes the device produced. Never blocks, whatever the readers do."""
+        start = self.ring.head
         self.ring.write(data)
         self.bytes_in += len(data)
+        if self.framed:
+            chunk, now = bytes(data), time.time()
+            for log in self.framed.values():
+                log.append(start, chunk, now)
         if self._blocked:
             head = self.head
             for reader in list(self._blocked):
-                if head - reader.cursor > reader.capacity:
+                if head - reader.cursor > reader.policy.capacity:
                     self._overflow(reader)
         self._schedule_flush()
 
@@ -289,8 +393,8 @@ class Hub:
                 continue
             cursor = reader.cursor
             transport = reader.transport
-            if transport is None or reader.notices or cursor < tail:
-                if cursor != head or reader.notices:
+            if transport is None or reader.notices or cursor < tail or reader.unannounced:
+                if cursor != head or reader.notices or reader.unannounced:
                     reader.owner.on_data()
                 continue
             if cursor == head:
@@ -314,38 +418,65 @@ class Hub:
     def _overflow(self, reader: Reader, keep: int | None = None) -> None:
         """Apply the policy: keep at most `keep` bytes of backlog (default: its bound)."""
         lag = self.head - reader.cursor
-        if reader.drop_oldest:
-            skip = lag - (reader.capacity if keep is None else keep)
-            reader.cursor += skip
+        if reader.policy.drop_oldest:
+            target = self.head - (reader.policy.capacity if keep is None else keep)
+            if reader.log is not None:  # records are skipped whole
+                target = reader.log.boundary_after(target)
+            skip = target - reader.cursor
+            reader.cursor = target
             reader.dropped += skip
+            self._gap(reader, skip)
         else:
             reader.dropped += lag
             reader.cursor = self.head
-            reader.owner.close("overflow")
+            self._doom(reader, "overflow")
+
+    def _gap(self, reader: Reader, lost: int) -> None:
+        """Bytes a reader lost: marked in its stream (a record reader always, a
+        raw one with notices on) when it is next served, so that the losses of
+        many publishes while it was stuck make one marker."""
+        if lost > 0 and (reader.log is not None or reader.policy.notices):
+            reader.unannounced += lost
+
+    def _announce_gap(self, reader: Reader) -> None:
+        lost, reader.unannounced = reader.unannounced, 0
+        text = f"{lost} bytes lost"
+        if reader.log is not None:
+            marker = reader.log.encoder.event(time.time(), text, event="gap", bytes=lost)
+        else:
+            marker = raw_event(text)
+        reader.notices.appendleft((reader.cursor, marker))
 
     def pending(self, reader: Reader, limit: int = 1 << 30) -> list[memoryview]:
         """Views of what the reader is owed next (notices first where due)."""
-        if reader.cursor < self.ring.tail:  # overwritten before it could be offered
-            self._overflow(reader, keep=self.head - self.ring.tail)
-            if reader.id not in self.readers:
-                return []
+        log = reader.log
+        tail = self.ring.tail if log is None else log.raw_tail
+        if reader.cursor < tail:  # overwritten before it could be offered
+            self._overflow(reader, keep=self.head - tail)
+        if reader.unannounced and not reader.notice_pos:
+            self._announce_gap(reader)
+        stop = self.head
         if reader.notices:
             offset, text = reader.notices[0]
             if offset <= reader.cursor:
                 return [memoryview(text)[reader.notice_pos :]]
-            end = min(self.head, offset, reader.cursor + limit)
-        else:
-            end = min(self.head, reader.cursor + limit)
-        return self.ring.views(reader.cursor, end)
+            stop = min(stop, offset)
+        if log is not None:
+            views, reader.pending_end = log.views(reader.cursor, stop, limit)
+            return views
+        return self.ring.views(reader.cursor, min(stop, reader.cursor + limit))
 
     def advance(self, reader: Reader, n: int) -> None:
-        """The reader has sent n bytes of what pending() gave it."""
+        """The reader has sent n bytes of what pending() gave it (a record
+        reader: all of it, since it takes records whole)."""
         if reader.notices and reader.notices[0][0] <= reader.cursor:
             reader.notice_pos += n
             if reader.notice_pos >= len(reader.notices[0][1]):
                 reader.notices.popleft()
                 reader.notice_pos = 0
             return
+        if reader.log is not None:
+            n = reader.pending_end - reader.cursor  # device bytes those records carry
         reader.cursor += n
         reader.delivered += n
 
@@ -362,17 +493,25 @@ class Hub:
                 return
 
     def caught_up(self, reader: Reader) -> bool:
-        return reader.cursor >= self.head and not reader.notices
+        return reader.cursor >= self.head and not reader.notices and not reader.unannounced
 
     def set_blocked(self, reader: Reader, blocked: bool) -> None:
         """The reader's transport is full (True) or has room again (False)."""
+        if reader.doomed is not None or blocked == reader.blocked:
+            return
         reader.blocked = blocked
         if blocked:
             self._blocked.add(reader)
-            if self.head - reader.cursor > reader.capacity:
+            if self.head - reader.cursor > reader.policy.capacity:
                 self._overflow(reader)
         else:
             self._blocked.discard(reader)
+
+    def purge(self, reader: Reader) -> None:
+        """The reader asked to skip its backlog (RFC 2217 PURGE-DATA): counted."""
+        skipped = self.head - reader.cursor
+        reader.cursor = self.head
+        reader.purged += skipped
 
     def lag(self, reader: Reader) -> int:
         return self.head - reader.cursor
@@ -385,7 +524,7 @@ class Hub:
 
     def input_budget(self, reader: Reader) -> int:
         """How many bytes this reader may read now; 0 means pause its input."""
-        if not reader.listener.writable:
+        if not reader.policy.writable:
             return READ_CHUNK  # read to notice EOF, discard
         room = self.queue.room()
         if room == 0:
@@ -396,19 +535,28 @@ class Hub:
 
     def submit(self, reader: Reader, data: bytes) -> None:
         """Bytes a reader sent, already limited by input_budget()."""
-        if not reader.listener.writable:
+        if not reader.policy.writable:
             self.input_discarded += len(data)
             return
-        if reader.assembler is None:
+        for observe in self.input_observers:
+            observe(reader, data)
+        assembler = reader.assembler
+        if assembler is None:
             self.queue.push(data)
         else:
-            for line in reader.assembler.feed(data):
+            self.queue.held -= assembler.held
+            for line in assembler.feed(data):
                 self.queue.push(line)
+            self.queue.held += assembler.held
         self._queued()
 
     def input_ended(self, reader: Reader) -> None:
         """The reader will send no more (it half-closed): release its held partial line."""
+        self._release_held(reader)
+
+    def _release_held(self, reader: Reader) -> None:
         if reader.assembler is not None:
+            self.queue.held -= reader.assembler.held
             self.queue.push(reader.assembler.flush())
             self._queued()
 
@@ -428,37 +576,44 @@ class Hub:
 
     # -- notices ----------------------------------------------------------------
 
-    def notice(self, text: bytes) -> None:
-        """An in-band line for every reader with notices on, at the current offset."""
+    def notice(self, text: str, **fields: object) -> None:
+        """An event (an upstream state change), in-band at the current offset:
+        a record for every record reader, a line for raw readers with notices on."""
+        now = time.time()
         for reader in self.readers.values():
-            if reader.listener.notices:
-                if len(reader.notices) >= MAX_NOTICES:
-                    reader.notices.popleft()
-                    reader.notice_pos = 0
-                    self.notices_dropped += 1
-                reader.notices.append((self.head, text))
+            if reader.doomed is not None:
+                continue
+            if reader.log is not None:
+                marker = reader.log.encoder.event(now, text, **fields)
+            elif reader.policy.notices:
+                marker = raw_event(text)
+            else:
+                continue
+            if len(reader.notices) >= MAX_NOTICES:
+                reader.notices.popleft()
+                reader.notice_pos = 0
+                self.notices_dropped += 1
+            reader.notices.append((self.head, marker))
         self._schedule_flush()
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def resize(self, port: Port) -> None:
-        """Apply a reloaded port config to the log and queue bounds."""
-        self.port = port
-        if port.log_capacity != self.ring.capacity:
-            self.ring = self.ring.resized(port.log_capacity)
-        self.queue.limit = port.write_queue
+    def resize(self, bounds: PortBounds) -> None:
+        """Apply a reloaded port's bounds to the log and queue."""
+        self.bounds = bounds
+        if bounds.log_capacity != self.ring.capacity:
+            self.ring = self.ring.resized(bounds.log_capacity)
+        self.queue.limit = bounds.write_queue
 
-    def retarget(self, reader: Reader, listener: Listener) -> None:
-        """A reloaded listener's options apply to its connected readers at once."""
-        reader.listener = listener
-        reader.capacity = listener.buffer
-        reader.drop_oldest = listener.overflow == "drop-oldest"
-        lines = listener.writable and listener.write == "lines"
-        if lines and reader.assembler is None:
-            reader.assembler = LineAssembler(self.port.max_line)
-        elif not lines and reader.assembler is not None:
-            self.queue.push(reader.assembler.flush())
+    def retarget(self, reader: Reader, policy: ReaderPolicy) -> None:
+        """A reloaded listener's options apply to its connected readers at once,
+        but for the format, which the connection was made for: new readers get it."""
+        policy = dataclasses.replace(policy, format=reader.policy.format)
+        reader.policy = policy
+        if policy.writable and policy.lines and reader.assembler is None:
+            reader.assembler = LineAssembler(self.bounds.max_line)
+        elif not (policy.writable and policy.lines) and reader.assembler is not None:
+            self._release_held(reader)
             reader.assembler = None
-            self._queued()
-        if self.head - reader.cursor > reader.capacity:
+        if self.head - reader.cursor > policy.capacity:
             self._overflow(reader)

@@ -15,12 +15,15 @@ prometheus_client's global one; process metrics come from its ProcessCollector.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from muxd import __version__
 from muxd.hub import ListenerStats
+from muxd.linecontrol import SettingsCounts
 from muxd.port import PortRuntime
 from muxd.reactor import Reactor
 from muxd.upstream.state import STATES
@@ -28,6 +31,11 @@ from muxd.upstream.state import STATES
 # generate_latest() writes the classic text format; say so whatever the
 # library's own default content type is in this version.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Listener kinds whose clients can ask for line settings (RFC 2217 commands, a
+# pty's termios): only they get muxd_line_settings_requests_total series, the
+# others would export zeros that can never move.
+ASKING_KINDS = frozenset({"rfc2217", "pty"})
 
 
 def reason_label(reason: str) -> str:
@@ -59,6 +67,11 @@ class MuxdCollector:
         )
         down = CounterMetricFamily(
             "muxd_upstream_down_seconds", "Time the device was not connected.", labels=p
+        )
+        last_change = GaugeMetricFamily(
+            "muxd_upstream_last_change_timestamp_seconds",
+            "Unix time the device last went up or down (retries within an outage do not move it).",
+            labels=p,
         )
         read = CounterMetricFamily("muxd_device_read_bytes", "Bytes read from the device.", labels=p)
         written = CounterMetricFamily("muxd_device_written_bytes", "Bytes written to the device.", labels=p)
@@ -104,16 +117,17 @@ class MuxdCollector:
             for reason, n in _merged(st.disconnects).items():
                 disconnects.add_metric([port, reason], n)
             down.add_metric([port], st.seconds_down())
+            last_change.add_metric([port], st.since)
             read.add_metric([port], hub.bytes_in)
             written.add_metric([port], hub.bytes_out)
             queue.add_metric([port], hub.queue.bytes)
             discarded.add_metric([port], hub.input_discarded)
             max_lag.add_metric([port], hub.max_lag())
             unacked.add_metric([port], rt.upstream.bytes_unacked_lost)
-            for lst in hub.port.listeners:
+            for lst in rt.config.listeners:
                 labels = [port, lst.name]
                 stats = hub.listener_stats.get(lst.name, ListenerStats())
-                live = [r for r in hub.readers.values() if r.listener.name == lst.name]
+                live = [r for r in hub.readers.values() if r.policy.listener == lst.name]
                 clients.add_metric(labels, len(live))
                 conns.add_metric(labels, stats.connections)
                 rejected.add_metric(labels, stats.rejected)
@@ -121,10 +135,13 @@ class MuxdCollector:
                     client_disc.add_metric([*labels, reason], n)
                 delivered.add_metric(labels, stats.closed_delivered + sum(r.delivered for r in live))
                 dropped.add_metric(labels, stats.closed_dropped + sum(r.dropped for r in live))
-                settings.add_metric([*labels, "applied"], stats.settings_applied)
-                settings.add_metric([*labels, "refused"], stats.settings_refused)
-                settings.add_metric([*labels, "failed"], stats.settings_failed)
-        yield from (up, state, connects, disconnects, down, read, written, queue, discarded, max_lag)
+                if lst.kind in ASKING_KINDS:
+                    asked = rt.line_control.counts.get(lst.name, SettingsCounts())
+                    settings.add_metric([*labels, "applied"], asked.applied)
+                    settings.add_metric([*labels, "refused"], asked.refused)
+                    settings.add_metric([*labels, "failed"], asked.failed)
+        yield from (up, state, connects, disconnects, down, last_change)
+        yield from (read, written, queue, discarded, max_lag)
         yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
         yield CounterMetricFamily(
             "muxd_event_loop_busy_seconds",
@@ -136,6 +153,17 @@ class MuxdCollector:
             "Bugs caught by the event loop (each closed one connection).",
             value=self._reactor.internal_errors,
         )
+        yield build_info()
+
+
+def build_info() -> GaugeMetricFamily:
+    """The `_info` idiom: label-only facts as a gauge of 1, so a query can join
+    them onto any series (`* on(instance) group_left(version) muxd_build_info`)."""
+    info = GaugeMetricFamily(
+        "muxd_build_info", "muxd's version and the Python running it; always 1.", labels=["version", "python"]
+    )
+    info.add_metric([__version__, platform.python_version()], 1.0)
+    return info
 
 
 def _merged(counts: dict[str, int]) -> dict[str, int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from muxd.config import Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
-from muxd.hub import Hub
+from muxd.hub import Hub, PortBounds
 from muxd.linecontrol import LineControl
 from muxd.reactor import Reactor
 from muxd.upstream.base import Upstream
@@ -32,6 +32,15 @@ class ListenerRuntime(Protocol):
     def clients(self) -> set[Connection]: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
+
+
+def bounds_for(port: Port) -> PortBounds:
+    return PortBounds(
+        log_capacity=port.log_capacity,
+        write_queue=port.write_queue,
+        max_line=port.max_line,
+        history=port.history,
+    )
 
 
 def make_upstream(port: Port, hub: Hub, reactor: Reactor) -> Upstream:
@@ -60,6 +69,6 @@ class PortRuntime:
     @classmethod
     def build(cls, port: Port, reactor: Reactor) -> PortRuntime:
         """The hub, upstream and line control of a port; nothing started yet."""
-        hub = Hub(port, reactor)
+        hub = Hub(port.name, bounds_for(port), reactor)
         upstream = make_upstream(port, hub, reactor)
-        return cls(port, hub, upstream, LineControl(port, upstream.apply_settings))
+        return cls(port, hub, upstream, LineControl(port, upstream))

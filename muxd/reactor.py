@@ -11,6 +11,14 @@ Timers are a heap of deadlines on the monotonic clock. ``call_soon`` callbacks
 run after the current batch of fd events, which is how the hub coalesces the
 fan-out of several device reads into one pass over the clients.
 
+A cancelled timer stays in the heap until its deadline pops it (removing it
+from the middle of a heap costs O(n)), but it lets go of its callback at once,
+so a closed connection is not kept alive by an idle timer due in 30 s. And, as
+asyncio does, once cancelled timers are more than half of a heap of any size
+the heap is rebuilt without them: a connection storm that arms and cancels a
+timer per connection leaves a heap the size of the live timers, not of the
+storm. The rebuild is O(n) after n/2 cancellations, so O(1) amortised.
+
 Signals arrive through ``signal.set_wakeup_fd`` on a non-blocking pipe: the C
 handler writes the signal number, the loop reads it and dispatches, so no
 Python code runs in signal context.
@@ -45,15 +53,35 @@ OUT = select.EPOLLOUT
 ERRMASK = select.EPOLLHUP | select.EPOLLERR
 
 
+# A heap is swept of cancelled timers when they are more than this fraction of
+# it: asyncio's _MIN_CANCELLED_TIMER_HANDLES_FRACTION. Half keeps the heap at
+# most twice its live size while each sweep is paid for by n/2 cancellations.
+CANCELLED_FRACTION = 0.5
+# ...and only past this many timers: a few cancelled ones are cheaper to pop as
+# their deadlines come than to sweep (asyncio's _MIN_SCHEDULED_TIMER_HANDLES).
+MIN_SWEEP = 100
+
+
 @dataclass(order=True)
 class Timer:
     when: float
     seq: int
-    callback: Callable[[], None] = field(compare=False)
+    # None once cancelled: the callback (a bound method, so its whole connection)
+    # is released now, not when the deadline pops the timer.
+    callback: Callable[[], None] | None = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
+    # The reactor whose heap holds this timer; None once popped (fired or swept).
+    _reactor: Reactor | None = field(default=None, compare=False, repr=False)
 
     def cancel(self) -> None:
+        """Safe to call twice, and on a timer that already fired."""
+        if self.cancelled:
+            return
         self.cancelled = True
+        self.callback = None
+        reactor, self._reactor = self._reactor, None
+        if reactor is not None:
+            reactor._timer_cancelled()
 
 
 @dataclass
@@ -71,6 +99,7 @@ class Reactor:
         self._epoll = select.epoll()
         self._fds: dict[int, _Registration] = {}
         self._timers: list[Timer] = []
+        self._cancelled = 0  # cancelled timers still in _timers
         self._seq = itertools.count()
         self._soon: list[Callable[[], None]] = []
         self._signal_handlers: dict[int, Callable[[int], None]] = {}
@@ -107,8 +136,34 @@ class Reactor:
         return time.monotonic()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(self.now() + max(0.0, delay), next(self._seq), callback)
+        timer = Timer(self.now() + max(0.0, delay), next(self._seq), callback, _reactor=self)
         heapq.heappush(self._timers, timer)
+        return timer
+
+    @property
+    def timer_count(self) -> int:
+        """Timers in the heap, cancelled ones included (for tests and diagnostics)."""
+        return len(self._timers)
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled += 1
+        n = len(self._timers)
+        if n > MIN_SWEEP and self._cancelled > n * CANCELLED_FRACTION:
+            live = []
+            for timer in self._timers:
+                if timer.cancelled:
+                    timer._reactor = None
+                else:
+                    live.append(timer)
+            heapq.heapify(live)
+            self._timers = live
+            self._cancelled = 0
+
+    def _pop_timer(self) -> Timer:
+        timer = heapq.heappop(self._timers)
+        if timer.cancelled:
+            self._cancelled -= 1
+        timer._reactor = None  # out of the heap: a cancel() from now on counts nothing
         return timer
 
     def call_soon(self, callback: Callable[[], None]) -> None:
@@ -171,7 +226,7 @@ class Reactor:
         if self._soon:
             return 0.0
         while self._timers and self._timers[0].cancelled:
-            heapq.heappop(self._timers)
+            self._pop_timer()
         if not self._timers:
             return -1.0
         return max(0.0, self._timers[0].when - self.now())
@@ -179,9 +234,10 @@ class Reactor:
     def _run_timers(self) -> None:
         now = self.now()
         while self._timers and self._timers[0].when <= now:
-            timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
-                self._dispatch(None, timer.callback)
+            timer = self._pop_timer()
+            callback = timer.callback
+            if callback is not None:
+                self._dispatch(None, callback)
 
     def _run_soon(self) -> None:
         # Callbacks queued while running go to the next turn, so a callback that

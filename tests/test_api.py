@@ -6,7 +6,6 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,24 @@ from muxd import config as configmod
 from muxd.listeners.http import HttpFront, is_loopback
 from muxd.port import PortRuntime
 from muxd.reactor import Reactor
-from tests.conftest import ROOT, Muxd, PtyDevice, connect, free_port, recv_exactly, wait_for, write_config
-from tests.test_http import get_json, port_info, request, start_http, wait_clients
+from tests.helpers import (
+    AUTO,
+    ROOT,
+    PtyDevice,
+    StartMuxd,
+    connect,
+    free_port,
+    get_json,
+    port_info,
+    recv_exactly,
+    request,
+    start_http,
+    stuck_reader,
+    wait_clients,
+    wait_for,
+    write_config,
+)
 
-StartMuxd = Callable[..., Muxd]
 TOKEN = "a-long-enough-token-0123"
 
 
@@ -77,22 +90,16 @@ def test_ports_and_clients_views(muxd: StartMuxd, tmp_path: Path, pty_device: Pt
 def test_writable_needs_an_rw_websocket_listener(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    _, addr = start_http(
-        muxd, tmp_path, pty_device, listeners=[{"tcp": f"127.0.0.1:{free_port()}", "mode": "rw"}]
-    )
+    _, addr = start_http(muxd, tmp_path, pty_device, listeners=[{"tcp": AUTO, "mode": "rw"}])
     assert port_info(addr)["writable"] is False  # rw over TCP is not writable from a browser
 
 
 def test_stuck_client_shows_growing_lag_then_drops(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    tcp = free_port()
-    _, addr = start_http(
-        muxd, tmp_path, pty_device, listeners=[{"tcp": f"127.0.0.1:{tcp}", "buffer": "64KiB"}]
-    )
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", tcp))
+    m, addr = start_http(muxd, tmp_path, pty_device, listeners=[{"tcp": AUTO, "buffer": "64KiB"}])
+    tcp = m.port()
+    stuck = stuck_reader(tcp)
     healthy = connect(tcp)
     wait_clients(addr, 2)
     chunk = b"y" * 8192
@@ -130,19 +137,15 @@ def disconnect(addr: str, client_id: int, headers: dict[str, str] | None = None)
 
 
 def test_admin_disconnect(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
-    tcp = free_port()
-    _, addr = start_http(
-        muxd,
-        tmp_path,
-        pty_device,
-        listeners=[{"tcp": f"127.0.0.1:{tcp}"}, {"websocket": True}],
-        http={"token": TOKEN},
+    m, addr = start_http(
+        muxd, tmp_path, pty_device, listeners=[{"tcp": AUTO}, {"websocket": True}], http={"token": TOKEN}
     )
+    tcp, tcp_name = m.port(), m.names[0]
     victim = connect(tcp)
     with ws_connect(f"ws://{addr}/ws/dut", open_timeout=5) as browser:
         wait_clients(addr, 2)
         ids = {c["listener"]: c["id"] for c in clients(addr).values()}
-        tcp_id, ws_id = ids[f"tcp:127.0.0.1:{tcp}"], ids["websocket:dut"]
+        tcp_id, ws_id = ids[tcp_name], ids["websocket:dut"]
 
         assert disconnect(addr, tcp_id, {"Authorization": "Bearer wrong-token-0123456789"})[0] == 403
         assert disconnect(addr, tcp_id, {"Authorization": f"Basic {TOKEN}"})[0] == 403
@@ -160,10 +163,7 @@ def test_admin_disconnect(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
     wait_clients(addr, 0)
     metrics = request(addr, "GET", "/metrics")[2].decode()
-    assert (
-        f'muxd_client_disconnects_total{{listener="tcp:127.0.0.1:{tcp}",port="dut",reason="admin"}} 1.0'
-        in metrics
-    )
+    assert f'muxd_client_disconnects_total{{listener="{tcp_name}",port="dut",reason="admin"}} 1.0' in metrics
 
 
 def test_admin_off_loopback_needs_the_token() -> None:
@@ -205,11 +205,8 @@ def run_status(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_status_table_and_json(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
-    tcp = free_port()
-    _, addr = start_http(
-        muxd, tmp_path, pty_device, listeners=[{"tcp": f"127.0.0.1:{tcp}"}, {"websocket": True}]
-    )
-    c = connect(tcp)
+    m, addr = start_http(muxd, tmp_path, pty_device, listeners=[{"tcp": AUTO}, {"websocket": True}])
+    c = connect(m.port())
     wait_clients(addr, 1)
     pty_device.write(b"z" * 3000)
     recv_exactly(c, 3000)

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 
-from muxd.config import KiB, MiB, SerialUpstream, loads, parse_hostport
+from muxd.config import (
+    LISTENER_KINDS,
+    Config,
+    KiB,
+    LineControlPolicy,
+    Listener,
+    ListenerKind,
+    LogLevel,
+    MiB,
+    Mode,
+    Overflow,
+    Port,
+    SerialUpstream,
+    TcpUpstream,
+    UpstreamControl,
+    WriteMode,
+    from_data,
+    loads,
+    parse_hostport,
+)
 from muxd.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -134,6 +155,17 @@ def test_hostport_forms() -> None:
         parse_hostport("::1:7000")
 
 
+def test_hostport_port_zero() -> None:
+    # Listening addresses may say 0 (tests/helpers.py probes exactly this call);
+    # an address to connect to may not.
+    assert parse_hostport("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_hostport(0) == ("127.0.0.1", 0)
+    with pytest.raises(ValueError, match=r"port must be 1\.\.65535, got 0"):
+        parse_hostport("127.0.0.1:0", allow_any_port=False)
+    with pytest.raises(ValueError, match="numeric port"):
+        parse_hostport("127.0.0.1:-1")
+
+
 def test_check_command_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
@@ -169,3 +201,389 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
 def test_demo_config_is_valid() -> None:
     cfg = loads((ROOT / "muxd" / "demo.yaml").read_text(), "demo.yaml")
     assert cfg.ports[0].name == "demo"
+
+
+# --------------------------------------------------------------------------
+# Issue 15 item 7: configs that crashed the loader are ConfigErrors with a line
+
+SIM = """\
+ports:
+  - name: dut1
+    upstream:
+{upstream}
+    listeners:
+      - tcp: 7000
+"""
+
+
+def sim_with(upstream: str) -> str:
+    return SIM.format(upstream="\n".join("      " + line for line in upstream.splitlines()))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # The realistic one: a slow backoff_min with the default backoff_max (KeyError before).
+        (
+            sim_with("serial: /dev/ttyUSB0\nbackoff_min: 30s"),
+            "muxd.yaml:5: ports[0].upstream.backoff_min: must not exceed backoff_max (default 10s)",
+        ),
+        (
+            "ports:\n  - <<: {name: dut1}\n    upstream: {sim: true}\n",
+            "muxd.yaml:2: ports[0].<<: merge keys (<<) are not supported",
+        ),
+        (
+            sim_with("serial: !vault |\n  ciphertext"),
+            "muxd.yaml:4: ports[0].upstream.serial: YAML tags such as '!vault' are not supported",
+        ),
+        (
+            sim_with("serial: /dev/ttyUSB0\nbaudrate: !!int fast"),
+            "muxd.yaml:5: ports[0].upstream.baudrate: YAML tags such as '!!int' are not supported",
+        ),
+        (
+            sim_with("serial: /dev/ttyUSB0\nbackoff_min: !!float soon"),
+            "muxd.yaml:5: ports[0].upstream.backoff_min: YAML tags such as '!!float' are not supported",
+        ),
+        (
+            sim_with("sim: !!bool maybe"),
+            "muxd.yaml:4: ports[0].upstream.sim: YAML tags such as '!!bool' are not supported",
+        ),
+        (
+            sim_with("serial: !!timestamp never"),
+            "muxd.yaml:4: ports[0].upstream.serial: YAML tags such as '!!timestamp' are not supported",
+        ),
+        (
+            sim_with("serial: !!binary '#'"),
+            "muxd.yaml:4: ports[0].upstream.serial: YAML tags such as '!!binary' are not supported",
+        ),
+        (
+            sim_with("serial: /dev/ttyUSB0\nbackoff_max: 1" + "0" * 400),
+            "muxd.yaml:5: ports[0].upstream.backoff_max: number too long (401 characters)",
+        ),
+        (
+            sim_with("serial: /dev/ttyUSB0\nbackoff_max: 1" + "0" * 400 + "s"),
+            "muxd.yaml:5: ports[0].upstream.backoff_max: must be between 0.01 and 3600 seconds, got inf",
+        ),
+        (
+            sim_with("serial: /dev/ttyUSB0\nbaudrate: 1" + "0" * 4300),
+            "muxd.yaml:5: ports[0].upstream.baudrate: number too long (4301 characters)",
+        ),
+        (
+            "ports: " + "[" * 5000 + "]" * 5000 + "\n",
+            "muxd.yaml:1: ports" + "[0]" * 19 + ": nested more than 20 levels deep",
+        ),
+    ],
+    ids=[
+        "backoff_min-alone",
+        "merge-key",
+        "vault-tag",
+        "int-tag",
+        "float-tag",
+        "bool-tag",
+        "timestamp-tag",
+        "binary-tag",
+        "1e400-duration",
+        "1e400-duration-string",
+        "4301-digits",
+        "5000-brackets",
+    ],
+)
+def test_loader_crashes_are_config_errors(text: str, expected: str) -> None:
+    assert error_of(text).startswith(expected)
+
+
+def test_anchors_and_aliases_are_refused() -> None:
+    # Billion laughs: nine levels of ten aliases each would build 10^9 nodes.
+    lol = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lol.append(f"{cur}: &{cur} [{', '.join(['*' + prev] * 10)}]")
+    assert error_of("\n".join(lol) + "\n").startswith("muxd.yaml:1: a: anchors (&a) are not supported")
+    assert error_of("ports: *nothing\n").startswith(
+        "muxd.yaml:1: ports: aliases (*nothing) are not supported"
+    )
+    text = GOOD.replace("        mode: rw", "        mode: &m rw").replace("overflow: disconnect", "mode: *m")
+    assert error_of(text).startswith("muxd.yaml:10: ports[0].listeners[0].mode: anchors (&m)")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        # Number texts that YAML 1.1's patterns accept and Python's int()/float() do not.
+        (("baudrate: 9600", "baudrate: 0x_"), "muxd.yaml:5: ports[0].upstream.baudrate: not a valid number"),
+        (("baudrate: 9600", "baudrate: 0b_"), "muxd.yaml:5: ports[0].upstream.baudrate: not a valid number"),
+        # An octal mode past 4,300 digits: its repr() in the message used to raise.
+        (
+            ('socket_mode: "0600"', 'socket_mode: "' + "7" * 5000 + '"'),
+            "muxd.yaml:16: ports[0].listeners[2].socket_mode: expected an octal mode",
+        ),
+        (
+            ("unix: /run/muxd/dut1.sock", "unix: /run/muxd/dut1.sock\x00"),
+            "muxd.yaml:15: unacceptable character",
+        ),
+        (("- name: dut1", '- name: "dut1\\n"'), "muxd.yaml:2: ports[0].name: must match"),
+        (
+            ("unix: /run/muxd/dut1.sock", 'unix: "/run/muxd/dut1.sock\\0"'),
+            "muxd.yaml:15: ports[0].listeners[2].unix: a path cannot hold a NUL character",
+        ),
+        (
+            ("serial: /dev/ttyUSB0", 'serial: "/dev/ttyUSB0\\0"'),
+            "muxd.yaml:4: ports[0].upstream.serial: a path cannot hold a NUL character",
+        ),
+        (("stopbits: 2", "stopbits: .nan"), "muxd.yaml:7: ports[0].upstream.stopbits: must be 1, 1.5 or 2"),
+        (("tcp: 7000", 'tcp: "127.0.0.1:²"'), "muxd.yaml:9: ports[0].listeners[0].tcp: expected HOST:PORT"),
+        (("tcp: 7000", 'tcp: "1' + "0" * 5000 + '"'), "muxd.yaml:9: ports[0].listeners[0].tcp: expected"),
+        (("buffer: 1MiB", "buffer: " + "9" * 5000 + "KiB"), "muxd.yaml:11: ports[0].listeners[0].buffer:"),
+    ],
+    ids=[
+        "0x_",
+        "0b_",
+        "long-octal",
+        "nul",
+        "name-newline",
+        "nul-unix",
+        "nul-serial",
+        "nan-stopbits",
+        "unicode-port",
+        "long-port",
+        "long-size",
+    ],
+)
+def test_odd_scalars_are_config_errors(change: tuple[str, str], expected: str) -> None:
+    old, new = change
+    assert old in GOOD
+    message = error_of(GOOD.replace(old, new, 1))
+    assert message.startswith(expected)
+    assert "\n" not in message and len(message) < 300
+
+
+def test_plain_values_that_look_like_other_types_stay_strings() -> None:
+    # The resolver's date, merge and value patterns give no special meaning here.
+    more = "  - name: dut2\n    upstream: {serial: <<}\n  - name: dut3\n    upstream: {serial: =}\n"
+    cfg = loads(sim_with("serial: 2024-01-01") + more, "muxd.yaml")
+    paths = [p.upstream.path for p in cfg.ports if isinstance(p.upstream, SerialUpstream)]
+    assert paths == ["2024-01-01", "<<", "="]
+
+
+def test_check_exits_2_with_one_line_on_a_former_crash(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(sim_with("serial: /dev/ttyUSB0\nbackoff_min: 30s"))
+    res = subprocess.run(
+        [sys.executable, "-m", "muxd", "check", "-c", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert res.stdout == ""
+    assert res.stderr.splitlines() == [
+        f"muxd: {bad}:5: ports[0].upstream.backoff_min: "
+        "must not exceed backoff_max (default 10s): set backoff_max too"
+    ]
+
+
+# --------------------------------------------------------------------------
+# Issue 10 part 3: no silent fallback; each value is valid as written or an error
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        (
+            "serial: /dev/ttyUSB0\nbackoff_min: 0",
+            "muxd.yaml:5: ports[0].upstream.backoff_min: must be between 0.01 and 60 seconds, got 0",
+        ),
+        (
+            "serial: /dev/ttyUSB0\nbackoff_max: 0s",
+            "muxd.yaml:5: ports[0].upstream.backoff_max: must be between 0.01 and 3600 seconds, got 0",
+        ),
+        (
+            "tcp: 192.168.1.50:8899\nconnect_timeout: 0",
+            "muxd.yaml:5: ports[0].upstream.connect_timeout: must be between 0.1 and 300 seconds, got 0",
+        ),
+        (
+            "sim:\n  status_interval: 0",
+            "muxd.yaml:5: ports[0].upstream.sim.status_interval: "
+            "must be between 0.01 and 3600 seconds, got 0",
+        ),
+        (
+            "tcp: 192.168.1.50:0",
+            "muxd.yaml:4: ports[0].upstream.tcp: port must be 1..65535, got 0",
+        ),
+    ],
+)
+def test_zero_is_an_error_where_it_means_nothing(upstream: str, expected: str) -> None:
+    assert error_of(sim_with(upstream)) == expected
+
+
+def test_zero_is_valid_where_it_means_off() -> None:
+    text = sim_with("tcp: 192.168.1.50:8899\nidle_timeout: 0").replace(
+        "    listeners:", "    history: 0\n    listeners:"
+    )
+    port = loads(text, "muxd.yaml").ports[0]
+    assert port.history == 0
+    assert port.upstream == TcpUpstream("192.168.1.50", 8899, idle_timeout=0.0)
+
+
+def test_backoff_values_are_kept_as_written() -> None:
+    port = loads(sim_with("serial: /dev/ttyUSB0\nbackoff_min: 30s\nbackoff_max: 1m"), "muxd.yaml").ports[0]
+    assert isinstance(port.upstream, SerialUpstream)
+    assert (port.upstream.backoff_min, port.upstream.backoff_max) == (30.0, 60.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (('socket_mode: "0600"', "group:"), "muxd.yaml:16: ports[0].listeners[2].group: expected a group"),
+        (('socket_mode: "0600"', "group: ''"), "muxd.yaml:16: ports[0].listeners[2].group: expected a group"),
+        (('socket_mode: "0600"', "group: -1"), "muxd.yaml:16: ports[0].listeners[2].group: a gid must be"),
+    ],
+)
+def test_empty_group_is_an_error(change: tuple[str, str], expected: str) -> None:
+    old, new = change
+    assert error_of(GOOD.replace(old, new, 1)).startswith(expected)
+
+
+def test_empty_token_is_an_error() -> None:
+    for token in ("token:", "token: ''", "token: short"):
+        text = GOOD + f"http:\n  listen: 8020\n  {token}\n"
+        assert error_of(text) == "muxd.yaml:19: http.token: must be a string of at least 16 characters"
+
+
+# --------------------------------------------------------------------------
+# Issue 10 part 3: Literal types that mypy checks
+
+
+def test_vocabularies_are_literal_types() -> None:
+    hints = {
+        (Listener, "kind"): ListenerKind,
+        (Listener, "mode"): Mode,
+        (Listener, "overflow"): Overflow,
+        (Listener, "write"): WriteMode,
+        (Port, "line_control"): LineControlPolicy,
+        (TcpUpstream, "control"): UpstreamControl,
+        (Config, "log_level"): LogLevel,
+    }
+    for (cls, name), alias in hints.items():
+        assert get_type_hints(cls)[name] == alias, (cls, name)
+        assert get_origin(alias) is Literal
+    assert get_args(Mode) == ("ro", "rw")
+    assert LISTENER_KINDS == ("tcp", "unix", "pty", "rfc2217", "websocket")
+    # Loaded values are the literals themselves.
+    listener = loads(GOOD, "muxd.yaml").ports[0].listeners[0]
+    assert (listener.kind, listener.mode, listener.write) == ("tcp", "rw", "lines")
+
+
+@pytest.mark.skipif(shutil.which("mypy", path=str(Path(sys.executable).parent)) is None, reason="needs mypy")
+def test_mypy_checks_the_literals(tmp_path: Path) -> None:
+    snippet = tmp_path / "uses_config.py"
+    snippet.write_text(
+        "from muxd.config import Listener, Mode, loads\n"
+        "ok: Mode = loads('').ports[0].listeners[0].mode\n"
+        "bad = Listener('tcp', 'x', mode='rx')\n"
+        "worse = Listener('tpc', 'x')\n"
+    )
+    res = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mypy"),
+            "--follow-imports=silent",
+            "--no-incremental",
+            "--strict",
+            str(snippet),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    errors = [line for line in res.stdout.splitlines() if ": error:" in line]
+    assert [line.split(":")[1] for line in errors] == ["3", "4"], res.stdout
+    assert all("Literal[" in line for line in errors), res.stdout
+
+
+# --------------------------------------------------------------------------
+# Issue 10 part 6: port 0 on addresses muxd listens on
+
+
+def test_port_zero_on_listeners_and_http() -> None:
+    text = (
+        sim_with("sim: true").replace("      - tcp: 7000\n", "")
+        + "      - tcp: 0\n"
+        + "      - tcp: 127.0.0.1:0\n"
+        + "      - rfc2217: '[::1]:0'\n"
+        + "      - rfc2217: 0\n"
+        + "        name: vcom\n"
+        + "http:\n  - listen: 0\n  - listen: 127.0.0.1:0\n  - listen: 8020\n"
+    )
+    cfg = loads(text, "muxd.yaml")
+    listeners = cfg.ports[0].listeners
+    assert [(lst.kind, lst.host, lst.port) for lst in listeners] == [
+        ("tcp", "127.0.0.1", 0),
+        ("tcp", "127.0.0.1", 0),
+        ("rfc2217", "::1", 0),
+        ("rfc2217", "127.0.0.1", 0),
+    ]
+    assert [lst.name for lst in listeners] == ["tcp:dut1/0", "tcp:dut1/1", "rfc2217:dut1/2", "vcom"]
+    assert [(s.host, s.port, s.name) for s in cfg.http] == [
+        ("127.0.0.1", 0, "http:0"),
+        ("127.0.0.1", 0, "http:1"),
+        ("127.0.0.1", 8020, "http:127.0.0.1:8020"),
+    ]
+
+
+def test_port_zero_defaults_stay_unique_across_ports() -> None:
+    two = sim_with("sim: true").replace("tcp: 7000", "tcp: 0") + "  - name: dut2\n    upstream: {sim: true}\n"
+    two += "    listeners: [{tcp: 0}]\n"
+    assert [p.listeners[0].name for p in loads(two, "muxd.yaml").ports] == ["tcp:dut1/0", "tcp:dut2/0"]
+
+
+def test_port_zero_is_not_for_upstreams_and_names_still_clash() -> None:
+    assert error_of(sim_with("tcp: 127.0.0.1:0")).endswith("port must be 1..65535, got 0")
+    text = sim_with("sim: true").replace(
+        "tcp: 7000", "tcp: 0\n        name: x\n      - tcp: 0\n        name: x"
+    )
+    assert "duplicate listener name 'x'" in error_of(text)
+
+
+def test_port_zero_through_from_data() -> None:
+    # The command-line form goes through a dump and the same loader: a listener
+    # mapping used twice must not come back as an alias, which the loader refuses.
+    listener = {"tcp": 0, "mode": "rw"}
+    cfg = from_data({"ports": [{"name": "a", "upstream": {"sim": True}, "listeners": [listener, listener]}]})
+    assert [(lst.port, lst.name) for lst in cfg.ports[0].listeners] == [(0, "tcp:a/0"), (0, "tcp:a/1")]
+
+
+# --------------------------------------------------------------------------
+# server_names on http servers (issue 15 item 8's DNS-rebinding check reads them)
+
+
+def test_server_names() -> None:
+    names = "[Bench1.LAB, 192.168.1.10, 'fe80::1', localhost]"
+    text = GOOD + f"http:\n  - listen: 0.0.0.0:8020\n    server_names: {names}\n"
+    cfg = loads(text, "muxd.yaml")
+    assert cfg.http[0].server_names == ("bench1.lab", "192.168.1.10", "fe80::1", "localhost")
+    assert loads(GOOD + "http: {listen: 8020}\n", "muxd.yaml").http[0].server_names == ()
+    assert loads(GOOD + "http: {listen: 8020, server_names: []}\n", "muxd.yaml").http[0].server_names == ()
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        ("[ok.lab, 'bench:8020']", "muxd.yaml:19: http.server_names[1]: not a valid host name"),
+        ("['*.lab']", "muxd.yaml:19: http.server_names[0]: not a valid host name"),
+        ("['[::1]']", "muxd.yaml:19: http.server_names[0]: not a valid host name"),
+        ("[-bench]", "muxd.yaml:19: http.server_names[0]: not a valid host name"),
+        ("['a b']", "muxd.yaml:19: http.server_names[0]: not a valid host name"),
+        ("['" + "a" * 64 + "']", "muxd.yaml:19: http.server_names[0]: not a valid host name"),
+        ("[80]", "muxd.yaml:19: http.server_names[0]: expected a host name or IP address, got 80"),
+        ("['']", "muxd.yaml:19: http.server_names[0]: expected a host name or IP address"),
+        ("[a.lab, A.lab]", "muxd.yaml:19: http.server_names[1]: duplicate server name 'a.lab'"),
+        ("bench.lab", "muxd.yaml:19: http.server_names: expected a list"),
+    ],
+)
+def test_bad_server_names(names: str, expected: str) -> None:
+    text = GOOD + f"http:\n  listen: 8020\n  server_names: {names}\n"
+    assert error_of(text).startswith(expected)

@@ -10,17 +10,11 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.fakes.k2 import CLIENT_BUFFER, FakeK2
+from tests.helpers import recv_exactly  # its deadline is DEADLINE, 5 s
 
 DEADLINE = 5.0
 
 Connect = Callable[[], socket.socket]
-
-
-@pytest.fixture
-def k2() -> Iterator[FakeK2]:
-    fake = FakeK2()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture
@@ -44,22 +38,6 @@ def connect_accepted(k2: FakeK2, connect: Connect) -> socket.socket:
     sock = connect()
     assert k2.wait_for(lambda: k2.connections_seen == seen + 1)
     return sock
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    """Read exactly n bytes before a deadline; each pass gets at least one byte or raises."""
-    deadline = time.monotonic() + DEADLINE
-    buf = bytearray()
-    while len(buf) < n:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"got {len(buf)} of {n} bytes")
-        sock.settimeout(remaining)
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
 
 
 def test_broadcast_to_three_clients(k2: FakeK2, connect: Connect) -> None:

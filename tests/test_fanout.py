@@ -13,52 +13,31 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import serial
 
-from tests.conftest import (
-    Muxd,
+from tests.helpers import (
+    AUTO,
     PtyDevice,
+    StartMuxd,
     connect,
-    free_port,
     recv_exactly,
     recv_until,
+    start_on_pty,
+    stuck_reader,
     wait_for,
-    write_config,
 )
-
-StartMuxd = Callable[..., Muxd]
-
-
-def start_port(
-    muxd: StartMuxd,
-    tmp_path: Path,
-    dev: PtyDevice,
-    listeners: list[dict[str, object]],
-    **port_opts: object,
-) -> Muxd:
-    cfg = write_config(
-        tmp_path,
-        {"ports": [{"name": "dut", "upstream": {"serial": dev.path}, "listeners": listeners, **port_opts}]},
-    )
-    m = muxd("run", "-c", str(cfg), "--log-level", "debug")
-    m.wait_log("dut upstream up")
-    for lst in listeners:
-        if "tcp" in lst:
-            m.wait_port(int(str(lst["tcp"]).rsplit(":", 1)[1]))
-    return m
 
 
 def test_every_client_gets_identical_bytes_in_order(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}"}])
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO}])
+    port = m.port()
     clients = [connect(port) for _ in range(8)]
-    m.wait_clients(8)
+    m.wait_connected(8)
     payload = random.Random(1).randbytes(300_000)
     for i in range(0, len(payload), 4096):
         pty_device.write(payload[i : i + 4096])
@@ -107,13 +86,11 @@ def _read_frames(socks: list[socket.socket], deadline: float) -> list[tuple[list
 def test_stuck_client_does_not_delay_the_others(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "buffer": "16KiB"}])
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", port))
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "buffer": "16KiB"}])
+    port = m.port()
+    stuck = stuck_reader(port)
     readers = [connect(port) for _ in range(3)]
-    m.wait_clients(4)
+    m.wait_connected(4)
     stop = threading.Event()
     # 115,200 B/s for 3 s: about 20 times what the stuck client's buffers can hold.
     producer = threading.Thread(target=_timestamped_frames, args=(pty_device, 3.0, 1800.0, stop))
@@ -143,15 +120,11 @@ def test_stuck_client_does_not_delay_the_others(
 
 
 def test_overflow_disconnect_policy(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
-    port = free_port()
-    m = start_port(
-        muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "buffer": "8KiB", "overflow": "disconnect"}]
-    )
-    stuck = socket.socket()
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(("127.0.0.1", port))
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "buffer": "8KiB", "overflow": "disconnect"}])
+    port = m.port()
+    stuck = stuck_reader(port)
     healthy = connect(port)
-    m.wait_clients(2)
+    m.wait_connected(2)
     payload = os.urandom(2_000_000)
     for i in range(0, len(payload), 8192):
         pty_device.write(payload[i : i + 8192])
@@ -172,13 +145,11 @@ def test_overflow_disconnect_policy(muxd: StartMuxd, tmp_path: Path, pty_device:
 def test_drop_oldest_keeps_order_and_the_newest_bytes(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "buffer": "8KiB"}])
-    slow = socket.socket()
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.connect(("127.0.0.1", port))
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "buffer": "8KiB"}])
+    port = m.port()
+    slow = stuck_reader(port)
     healthy = connect(port)
-    m.wait_clients(2)
+    m.wait_connected(2)
     lines = b"".join(b"%08d\n" % i for i in range(100_000))  # 900 KB of numbered lines
     for i in range(0, len(lines), 9000):
         pty_device.write(lines[i : i + 9000])
@@ -190,12 +161,10 @@ def test_drop_oldest_keeps_order_and_the_newest_bytes(
 
 
 def test_ro_discards_and_rw_writes(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
-    ro, rw = free_port(), free_port()
-    m = start_port(
-        muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{ro}"}, {"tcp": f"127.0.0.1:{rw}", "mode": "rw"}]
-    )
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO}, {"tcp": AUTO, "mode": "rw"}])
+    ro, rw = m.port(0), m.port(1)
     a, b = connect(ro), connect(rw)
-    m.wait_clients(2)
+    m.wait_connected(2)
     a.sendall(b"ignored\n")
     b.sendall(b"to the device\n")
     assert pty_device.read(14) == b"to the device\n"
@@ -206,10 +175,10 @@ def test_ro_discards_and_rw_writes(muxd: StartMuxd, tmp_path: Path, pty_device: 
 def test_two_writers_with_lines_never_interleave(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "mode": "rw", "write": "lines"}])
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "mode": "rw", "write": "lines"}])
+    port = m.port()
     writers = [connect(port) for _ in range(3)]
-    m.wait_clients(3)
+    m.wait_connected(3)
     sent: dict[int, list[bytes]] = {}
     rng = random.Random(7)
 
@@ -237,11 +206,11 @@ def test_two_writers_with_lines_never_interleave(
 
 
 def test_pyserial_socket_url_reads_and_writes(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "mode": "rw"}])
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "mode": "rw"}])
+    port = m.port()
     ser = serial.serial_for_url(f"socket://127.0.0.1:{port}", timeout=5)
     try:
-        m.wait_clients(1)
+        m.wait_connected(1)
         ser.write(b"AT\r\n")
         assert pty_device.read(4) == b"AT\r\n"
         pty_device.write(b"OK\r\n")
@@ -252,12 +221,12 @@ def test_pyserial_socket_url_reads_and_writes(muxd: StartMuxd, tmp_path: Path, p
 
 def test_unix_socket_client(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
     path = tmp_path / "dut.sock"
-    m = start_port(muxd, tmp_path, pty_device, [{"unix": str(path), "mode": "rw", "socket_mode": "0600"}])
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"unix": str(path), "mode": "rw", "socket_mode": "0600"}])
     wait_for(path.exists, what="unix socket")
     assert (path.stat().st_mode & 0o777) == 0o600
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(path))
-    m.wait_clients(1)
+    m.wait_connected(1)
     s.sendall(b"hello\n")
     assert pty_device.read(6) == b"hello\n"
     pty_device.write(b"world\n")
@@ -267,12 +236,10 @@ def test_unix_socket_client(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevi
 def test_sigterm_delivers_the_tail_and_ends_with_fin(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "buffer": "1MiB"}])
-    c = socket.socket()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    c.connect(("127.0.0.1", port))
-    m.wait_clients(1)
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "buffer": "1MiB"}])
+    port = m.port()
+    c = stuck_reader(port, rcvbuf=8192)
+    m.wait_connected(1)
     payload = os.urandom(400_000)
     pty_device.write(payload)
     # Let muxd take it all from the pty before the signal (it is owed to the client).
@@ -299,8 +266,8 @@ def test_connect_burst_is_accepted(muxd: StartMuxd, tmp_path: Path, pty_device: 
     if hard < 2300:
         pytest.skip(f"needs 2300 fds, hard limit is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2300), hard))
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "max_clients": 2000}])
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "max_clients": 2000}])
+    port = m.port()
     socks = []
     drops_before = _listen_drops()
     try:
@@ -320,7 +287,7 @@ def test_connect_burst_is_accepted(muxd: StartMuxd, tmp_path: Path, pty_device: 
         # A full accept queue drops SYNs, and each drop costs its client a one
         # second retry. The kernel counts them: none may have happened.
         assert _listen_drops() == drops_before, "the listen backlog overflowed"
-        m.wait_clients(1000)
+        m.wait_connected(1000)
         pty_device.write(b"to all\n")
         for s in socks:
             s.setblocking(True)
@@ -333,26 +300,12 @@ def test_connect_burst_is_accepted(muxd: StartMuxd, tmp_path: Path, pty_device: 
 def test_fd_exhaustion_backs_off_and_keeps_serving(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    port = free_port()
-    cfg = write_config(
-        tmp_path,
-        {
-            "ports": [
-                {
-                    "name": "dut",
-                    "upstream": {"serial": pty_device.path},
-                    "listeners": [{"tcp": f"127.0.0.1:{port}"}],
-                }
-            ]
-        },
-    )
-    m = muxd("run", "-c", str(cfg), "--log-level", "debug", nofile=48)
-    m.wait_log("dut upstream up")
-    m.wait_port(port)
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO}], nofile=48)
+    port = m.port()
     first = connect(port)
-    m.wait_clients(1)
+    m.wait_connected(1)
     extra = [connect(port) for _ in range(60)]  # more than muxd has fds for
-    m.wait_log("pausing accepts")
+    m.wait_log("pausing accepts")  # the backoff has no counter: its log line is the signal
     cpu_before = _cpu_seconds(m.pid)
     t0 = time.monotonic()
     pty_device.write(b"served\n")
@@ -397,14 +350,14 @@ def test_a_half_closed_writer_still_gets_the_answer(
 ) -> None:
     """`printf 'status\\r' | nc -q 5 host port`: nc half-closes after its stdin
     ends, then prints the answer. The partial line is released at EOF."""
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}", "mode": "rw", "write": "lines"}])
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "mode": "rw", "write": "lines"}])
+    port = m.port()
     nc = subprocess.Popen(
         ["nc", "-q", "5", "127.0.0.1", str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     try:
         assert nc.stdin is not None and nc.stdout is not None
-        m.wait_clients(1 + 1)  # the wait_port probe, then nc
+        m.wait_connected(1)
         nc.stdin.write(b"status")  # no line end: held until EOF says there is no more
         nc.stdin.close()
         assert pty_device.read(6) == b"status"
@@ -418,10 +371,10 @@ def test_a_half_closed_writer_still_gets_the_answer(
 def test_a_probe_that_sends_nothing_is_closed_at_once(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    port = free_port()
-    m = start_port(muxd, tmp_path, pty_device, [{"tcp": f"127.0.0.1:{port}"}])
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO}])
+    port = m.port()
     probe = connect(port)
-    m.wait_clients(2)
+    m.wait_connected(1)
     probe.shutdown(socket.SHUT_WR)  # a health check: connect, nothing to say, FIN
     probe.settimeout(5)
     assert probe.recv(1) == b"", "muxd should close a client that ends without sending anything"

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from muxd.protocol.framing import LineAssembler
+from tests.helpers import cut
 
 
 def feed_all(chunks: list[bytes], max_line: int = 4096) -> tuple[list[bytes], bytes, int]:
@@ -39,9 +40,7 @@ def test_overlong_line_is_released_not_dropped() -> None:
 
 @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=10), st.integers(1, 64))
 def test_any_split_preserves_every_byte_in_order(data: bytes, cuts: list[int], max_line: int) -> None:
-    points = sorted({min(c, len(data)) for c in cuts})
-    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
-    lines, rest, _ = feed_all(chunks, max_line)
+    lines, rest, _ = feed_all(cut(data, cuts), max_line)
     assert b"".join(lines) + rest == data
     for line in lines:  # a unit is a whole line, or a bounded piece of an overlong one
         assert line.endswith((b"\n", b"\r")) or len(line) == max_line

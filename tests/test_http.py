@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
+import re
 import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -270,19 +273,38 @@ def test_limits_and_garbage_close_only_that_peer(
 # -- idle time, in-process with a short timeout ------------------------------------------
 
 
-@pytest.fixture
-def front(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Reactor, HttpFront]]:
-    monkeypatch.setattr(httpmod, "IDLE_TIMEOUT", 0.3)
+def make_front(**http: Any) -> tuple[Reactor, HttpFront]:
+    """An HttpFront on its own reactor, on 127.0.0.1, serving port "p" (a
+    simulated device, with an rw websocket listener); started."""
     cfg = configmod.from_data(
-        {"ports": [{"name": "p", "upstream": {"sim": True}}], "http": {"listen": f"127.0.0.1:{free_port()}"}}
+        {
+            "ports": [
+                {"name": "p", "upstream": {"sim": True}, "listeners": [{"websocket": True, "mode": "rw"}]}
+            ],
+            "http": {"listen": f"127.0.0.1:{free_port()}", **http},
+        }
     )
     reactor = Reactor()
     ports = {p.name: PortRuntime.build(p, reactor) for p in cfg.ports}
     srv = HttpFront(cfg.http[0], lambda: ports, reactor)
     srv.start()
-    yield reactor, srv
+    return reactor, srv
+
+
+def stop_front(reactor: Reactor, srv: HttpFront) -> None:
+    for client in list(srv.clients):
+        client.close("shutdown")
     srv.stop()
     reactor.close()
+
+
+@pytest.fixture
+def front(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Reactor, HttpFront]]:
+    monkeypatch.setattr(httpmod, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(httpmod, "HEADER_TIMEOUT", 0.3)
+    reactor, srv = make_front()
+    yield reactor, srv
+    stop_front(reactor, srv)
 
 
 def pump_until_eof(reactor: Reactor, sock: socket.socket, timeout: float = 5.0) -> bytes:
@@ -318,7 +340,7 @@ def test_slow_request_gets_408(front: tuple[Reactor, HttpFront]) -> None:
 def test_keep_alive_times_out_after_a_response(front: tuple[Reactor, HttpFront]) -> None:
     reactor, srv = front
     with socket.create_connection((srv.cfg.host, srv.cfg.port)) as s:
-        s.sendall(b"GET /api/v1/ports HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(f"GET /api/v1/ports HTTP/1.1\r\nHost: {srv.bound_address}\r\n\r\n".encode())
         got = pump_until_eof(reactor, s)
     assert got.startswith(b"HTTP/1.1 200 ") and b'"name": "p"' in got and b" 408 " not in got
 
@@ -355,3 +377,248 @@ def _try_get_ports(addr: str) -> list[dict[str, Any]] | None:
     except OSError:
         return None
     return ports
+
+
+# -- hostile input, in-process ----------------------------------------------------------------
+
+
+def exchange(reactor: Reactor, srv: HttpFront, raw: bytes, source: str | None = None) -> bytes:
+    """Send raw bytes and end our side (SHUT_WR), run the loop until the server
+    closes; return all it answered."""
+    with socket.socket() as s:
+        if source is not None:
+            s.bind((source, 0))
+        s.connect((srv.cfg.host, srv.cfg.port))
+        s.sendall(raw)
+        s.shutdown(socket.SHUT_WR)
+        return pump_until_eof(reactor, s)
+
+
+def statuses(answer: bytes) -> list[int]:
+    return [int(m) for m in re.findall(rb"(?:^|\r\n)HTTP/1\.1 (\d{3}) ", answer)]
+
+
+def get(target: str, host: str | None, *extra: str, method: str = "GET") -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", *([f"Host: {host}"] if host is not None else []), *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+UPGRADE = ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+           "Sec-WebSocket-Version: 13")  # fmt: skip
+
+
+def test_host_must_name_the_server(front: tuple[Reactor, HttpFront]) -> None:
+    """DNS rebinding: a page on evil.example, rebound to 127.0.0.1, sends its own
+    name in Host (and a matching Origin). Every route refuses it."""
+    reactor, srv = front
+    port = srv.cfg.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LocalHost.:{port}"):
+        assert statuses(exchange(reactor, srv, get("/metrics", host))) == [200], host
+    evil = f"evil.example:{port}"
+    origin = f"Origin: http://{evil}"
+    for raw in (
+        get("/", evil),
+        get("/metrics", evil),
+        get("/api/v1/ports", evil),
+        get("/ws/p", evil, origin, *UPGRADE),  # same-origin by its own Host: the rebinding case
+        get("/api/v1/ports/p/clients/1/disconnect", evil, origin, "Content-Length: 0", method="POST"),
+        get("/api/v1/ports/p/clients/1/disconnect", evil, "Content-Length: 0", method="POST"),
+        get("/metrics", f"127.0.0.1:{port + 1}"),  # another port is another server
+        get("/metrics", "localhost"),  # no port: 80
+        get("/metrics", f"127.0.0.2:{port}"),  # a loopback address, but not one it was told
+        get(f"http://evil.example:{port}/metrics", f"127.0.0.1:{port}"),  # absolute-form wins over Host
+    ):
+        answer = exchange(reactor, srv, raw)
+        assert statuses(answer) == [421], (raw, answer[:300])
+        assert b"101 Switching" not in answer
+    for raw in (
+        get("/metrics", "\xff"),
+        get("/metrics", "[::1"),
+        get("/metrics", f"127.0.0.1:{port}x"),
+        get("/metrics", f"127.0.0.1:{port}", f"Host: 127.0.0.1:{port}"),  # two Host headers
+        b"GET /metrics HTTP/1.0\r\n\r\n",  # HTTP/1.0 without Host
+    ):
+        assert statuses(exchange(reactor, srv, raw)) == [400], raw
+    # An absolute-form target names the server itself: its authority is what counts.
+    assert statuses(exchange(reactor, srv, get(f"http://127.0.0.1:{port}/metrics", evil))) == [200]
+    assert reactor.internal_errors == 0
+
+
+def test_server_names_are_accepted_on_any_port() -> None:
+    reactor, srv = make_front(server_names=["console.lab", "10.1.2.3"])
+    try:
+        for host in ("console.lab", "CONSOLE.LAB:8443", "console.lab.", "10.1.2.3:80"):
+            assert statuses(exchange(reactor, srv, get("/metrics", host))) == [200], host
+        assert statuses(exchange(reactor, srv, get("/metrics", "sub.console.lab"))) == [421]
+    finally:
+        stop_front(reactor, srv)
+
+
+def test_console_pages_refuse_framing(front: tuple[Reactor, HttpFront]) -> None:
+    reactor, srv = front
+    for path in ("/", "/console.js"):
+        answer = exchange(reactor, srv, get(path, srv.bound_address))
+        head = answer.partition(b"\r\n\r\n")[0].lower()
+        assert statuses(answer) == [200]
+        assert b"\r\nx-frame-options: deny" in head
+        assert b"\r\ncontent-security-policy: frame-ancestors 'none'" in head
+
+
+def test_crafted_paths_get_a_4xx(front: tuple[Reactor, HttpFront]) -> None:
+    reactor, srv = front
+    host = srv.bound_address
+    assert host is not None
+    crafted = [
+        get("//[", host),
+        get("//[/x?y", host),
+        get("/ws/p?history=%C2%B2", host, *UPGRADE),
+        get("/ws/p?history=" + "9" * 5000, host, *UPGRADE),
+        get("/ws/p?format=" + "x" * 3000, host, *UPGRADE),
+        get("/ws/p?" + "a=1&" * 200, host, *UPGRADE),
+        get("/ws/p", host, "Origin: http://[", *UPGRADE),
+        get("/ws/" + "p" * 5000, host, *UPGRADE),
+        get(
+            "/api/v1/ports/p/clients/" + "7" * 5000 + "/disconnect", host, "Content-Length: 0", method="POST"
+        ),
+        get("/api/v1/ports/p/clients/%C2%B2/disconnect", host, "Content-Length: 0", method="POST"),
+        get("/api/v1/ports/" + "q" * 300 + "/clients", host),
+        get("/" + "a" * 256, host),
+        get("/vendor/" + "b" * 300 + ".js", host),
+        get("/" + "/".join(["c" * 255] * 40), host),
+        get("/%ff%fe%00", host),
+        get("/index.html%00.js", host),
+        get("/vendor%2fxterm%2fxterm.js", host),  # not an alias of /vendor/xterm/xterm.js
+        get("*", host, method="OPTIONS"),
+        get("example.com:443", host, method="CONNECT"),
+    ]
+    for raw in crafted:
+        answer = exchange(reactor, srv, raw)
+        got = statuses(answer)
+        assert len(got) == 1 and 400 <= got[0] < 500, (raw[:120], answer[:300])
+    assert statuses(exchange(reactor, srv, get("/?" + "%" * 3000, host))) == [200]  # a query "/" ignores
+    assert reactor.internal_errors == 0
+
+
+def test_content_length_and_transfer_encoding_is_answered_then_closed(
+    front: tuple[Reactor, HttpFront],
+) -> None:
+    """RFC 9112 section 6.1: a request with both may be smuggling a second one."""
+    reactor, srv = front
+    host = srv.bound_address
+    smuggled = (
+        f"POST /api/v1/ports HTTP/1.1\r\nHost: {host}\r\nContent-Length: 6\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ).encode() + get("/metrics", host)
+    with socket.create_connection((srv.cfg.host, srv.cfg.port)) as s:
+        s.sendall(smuggled)  # our side stays open: the server must be the one to close
+        answer = pump_until_eof(reactor, s)
+    assert statuses(answer) == [400] and b"connection: close" in answer.lower()
+    assert reactor.internal_errors == 0
+
+
+def test_header_timeout_is_shorter_than_keep_alive_idle(
+    front: tuple[Reactor, HttpFront], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reactor, srv = front
+    monkeypatch.setattr(httpmod, "HEADER_TIMEOUT", 0.2)
+    monkeypatch.setattr(httpmod, "IDLE_TIMEOUT", 3.0)
+    with socket.create_connection((srv.cfg.host, srv.cfg.port)) as silent:
+        started = time.monotonic()
+        assert pump_until_eof(reactor, silent) == b""  # never sent a byte: closed quietly
+        assert time.monotonic() - started < 2.0  # by the header timeout, not the idle one
+    with socket.create_connection((srv.cfg.host, srv.cfg.port)) as kept:
+        kept.sendall(get("/api/v1/ports", srv.bound_address))
+        kept.setblocking(False)
+        answer = b""
+        deadline = time.monotonic() + 5
+        while b'"name": "p"' not in answer:
+            assert time.monotonic() < deadline, answer
+            reactor.run_once(0.01)
+            if select.select([kept], [], [], 0)[0]:
+                chunk = kept.recv(65536)
+                assert chunk, "closed after one response"
+                answer += chunk
+        # Kept alive past several header timeouts (a bounded check for absence).
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            reactor.run_once(0.01)
+            assert not select.select([kept], [], [], 0)[0], "closed while idle between requests"
+        started = time.monotonic()
+        kept.sendall(b"GET /metrics HTTP/1.1\r\n")  # the next request begins and stalls
+        answer = pump_until_eof(reactor, kept)
+        assert answer.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 2.0
+    assert reactor.internal_errors == 0
+
+
+def test_one_peer_cannot_lock_out_others(
+    front: tuple[Reactor, HttpFront], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More idle connections from 127.0.0.1 than the whole server holds; a peer
+    at 127.0.0.2 still gets /metrics, and the refusals log one line."""
+    reactor, srv = front
+    monkeypatch.setattr(httpmod, "HEADER_TIMEOUT", 30.0)  # the idle ones stay for the whole test
+    caplog.set_level(logging.WARNING, logger="muxd.http")
+    hog: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 20
+        for _ in range(httpmod.MAX_CONNECTIONS + 8):
+            assert time.monotonic() < deadline
+            s = socket.socket()
+            s.setblocking(False)
+            hog.append(s)
+            s.connect_ex((srv.cfg.host, srv.cfg.port))
+            reactor.run_once(0)
+        for _ in range(1000):  # until every queued connect has been accepted or refused
+            if len(srv.connections) == httpmod.MAX_PER_PEER and sum(_closed(s) for s in hog) == len(
+                hog
+            ) - len(srv.connections):
+                break
+            assert time.monotonic() < deadline, len(srv.connections)
+            reactor.run_once(0.01)
+        assert len(srv.connections) == httpmod.MAX_PER_PEER
+
+        result: list[Any] = []
+
+        def fetch() -> None:
+            conn = http.client.HTTPConnection(
+                srv.cfg.host, srv.cfg.port, timeout=10, source_address=("127.0.0.2", 0)
+            )
+            try:
+                conn.request("GET", "/metrics")
+                resp = conn.getresponse()
+                result.append((resp.status, resp.read()))
+            except OSError as exc:
+                result.append(exc)
+            finally:
+                conn.close()
+
+        other = threading.Thread(target=fetch)
+        other.start()
+        for _ in range(2000):
+            if not other.is_alive():
+                break
+            assert time.monotonic() < deadline
+            reactor.run_once(0.01)
+        other.join(5)
+        assert not other.is_alive()
+        [(status, body)] = result
+        assert status == 200 and b"muxd_internal_errors_total 0.0" in body
+    finally:
+        for s in hog:
+            s.close()
+    refusals = [r for r in caplog.records if "refused 127.0.0.1" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
+    assert srv.refusals.suppressed_total == len(hog) - httpmod.MAX_PER_PEER - 1
+    assert reactor.internal_errors == 0
+
+
+def _closed(sock: socket.socket) -> bool:
+    """True once the server has closed this (refused) connection."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True
+    except BlockingIOError:
+        return False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,11 +12,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
 from muxd.metrics import reason_label
-from tests.conftest import Muxd, PtyDevice, connect, free_port, recv_exactly, wait_for
-from tests.test_http import request, start_http, wait_clients
+from tests.helpers import (
+    AUTO,
+    ROOT,
+    PtyDevice,
+    StartMuxd,
+    connect,
+    recv_exactly,
+    request,
+    start_http,
+    wait_clients,
+    wait_for,
+)
 
-StartMuxd = Callable[..., Muxd]
-ROOT = Path(__file__).resolve().parent.parent
 ALLOWED_LABELS = {"port", "listener", "state", "reason", "outcome"}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -51,13 +58,13 @@ def promtool_check(text: str) -> None:
 def test_metrics_lint_clean_and_follow_traffic(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    tcp = free_port()
-    _, addr = start_http(
-        muxd, tmp_path, pty_device, listeners=[{"tcp": f"127.0.0.1:{tcp}", "mode": "rw"}, {"websocket": True}]
+    m, addr = start_http(
+        muxd, tmp_path, pty_device, listeners=[{"tcp": AUTO, "mode": "rw"}, {"websocket": True}]
     )
+    tcp = m.port()
     text, before = scrape(addr)
     promtool_check(text)
-    tcp_l = {"port": "dut", "listener": f"tcp:127.0.0.1:{tcp}"}
+    tcp_l = {"port": "dut", "listener": m.names[0]}
     ws_l = {"port": "dut", "listener": "websocket:dut"}
     assert value(before, "muxd_upstream_up", port="dut") == 1
     assert value(before, "muxd_upstream_state", port="dut", state="up") == 1

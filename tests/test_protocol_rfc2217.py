@@ -11,6 +11,7 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Sequence
+from typing import TypeVar
 
 import pytest
 import serial
@@ -42,7 +43,7 @@ from muxd.protocol.rfc2217 import (
     SetStopSize,
     Signature,
 )
-from tests.test_protocol_telnet import cut, splits
+from tests.test_protocol_telnet import TRAILING, cut, feeds, splits
 
 IAC_SB_COM = b"\xff\xfa\x2c"
 IAC_SE = b"\xff\xf0"
@@ -56,6 +57,31 @@ def merge_data(events: Sequence[Event]) -> list[Event]:
         else:
             merged.append(event)
     return merged
+
+
+Codec = TypeVar("Codec", bound=Rfc2217Server | Rfc2217Client)
+
+
+def settled(codec: Codec) -> Codec:
+    """The codec with its initial negotiation collected: its outbox is empty."""
+    codec.data_to_send()
+    return codec
+
+
+def sent(codec: Rfc2217Server | Rfc2217Client, event: Data | ComPortCommand) -> bytes:
+    """What send() queues for one event, collected at once."""
+    codec.send(event)
+    return codec.data_to_send()
+
+
+def replied(server: Rfc2217Server, request: ComPortCommand, settings: LineSettings) -> bytes:
+    server.reply(request, settings)
+    return server.data_to_send()
+
+
+def configured(client: Rfc2217Client, settings: LineSettings) -> bytes:
+    client.configure(settings)
+    return client.data_to_send()
 
 
 def receive(connection: Rfc2217Server | Rfc2217Client, chunks: Sequence[bytes]) -> list[Event]:
@@ -86,15 +112,14 @@ PYSERIAL_REQUESTS: list[tuple[bytes, ComPortCommand]] = [
 
 def test_initial_negotiation_bytes() -> None:
     # WILL BINARY, DO BINARY, WILL SGA, WILL ECHO, DO COM-PORT-OPTION
-    assert Rfc2217Server().initial_negotiation() == bytes.fromhex("fffb00 fffd00 fffb03 fffb01 fffd2c")
+    assert Rfc2217Server().data_to_send() == bytes.fromhex("fffb00 fffd00 fffb03 fffb01 fffd2c")
     # WILL BINARY, DO BINARY, WILL SGA, DO SGA, WILL COM-PORT-OPTION
-    assert Rfc2217Client().initial_negotiation() == bytes.fromhex("fffb00 fffd00 fffb03 fffd03 fffb2c")
+    assert Rfc2217Client().data_to_send() == bytes.fromhex("fffb00 fffd00 fffb03 fffd03 fffb2c")
 
 
 def test_pyserial_open_negotiation_settles_without_loops() -> None:
     for chunks in splits(PYSERIAL_OPEN_OPTIONS):
-        server = Rfc2217Server()
-        server.initial_negotiation()
+        server = settled(Rfc2217Server())
         assert receive(server, chunks) == [ComPortOption(True)]
         # DO ECHO, DO SGA and WILL COM-PORT answer our own requests: no reply. WILL SGA
         # and DO COM-PORT are new: one acceptance each.
@@ -113,33 +138,34 @@ def test_pyserial_requests_parse_at_every_split(wire: bytes, expected: ComPortCo
 @pytest.mark.parametrize(("wire", "asked"), PYSERIAL_REQUESTS[:-1])
 def test_replies_are_what_pyserial_checks_for(wire: bytes, asked: ComPortCommand) -> None:
     # pyserial's client accepts an answer when its payload starts with the value it sent.
-    reply = Rfc2217Server().reply(asked, LineSettings(baudrate=9600))
+    reply = replied(settled(Rfc2217Server()), asked, LineSettings(baudrate=9600))
     code, value = wire[3], wire[4:-2]
     assert reply == IAC_SB_COM + bytes((code + 100,)) + value + IAC_SE
 
 
 def test_reply_carries_the_setting_in_force_not_the_request() -> None:
-    server = Rfc2217Server()
+    server = settled(Rfc2217Server())
     in_force = LineSettings(baudrate=115200, bytesize=7, parity="E", stopbits=2, flow="rtscts")
-    assert server.reply(SetBaudrate(9600), in_force) == IAC_SB_COM + b"\x65\x00\x01\xc2\x00" + IAC_SE
-    assert server.reply(SetBaudrate(None), in_force) == IAC_SB_COM + b"\x65\x00\x01\xc2\x00" + IAC_SE
-    assert server.reply(SetDataSize(8), in_force) == IAC_SB_COM + b"\x66\x07" + IAC_SE
-    assert server.reply(SetParity(None), in_force) == IAC_SB_COM + b"\x67\x03" + IAC_SE
-    assert server.reply(SetStopSize(1.5), in_force) == IAC_SB_COM + b"\x68\x02" + IAC_SE
-    assert server.reply(SetControl(SetControl.FLOW_XONXOFF), in_force) == IAC_SB_COM + b"\x69\x03" + IAC_SE
-    assert server.reply(SetControl(SetControl.FLOW_QUERY), in_force) == IAC_SB_COM + b"\x69\x03" + IAC_SE
+    assert replied(server, SetBaudrate(9600), in_force) == IAC_SB_COM + b"\x65\x00\x01\xc2\x00" + IAC_SE
+    assert replied(server, SetBaudrate(None), in_force) == IAC_SB_COM + b"\x65\x00\x01\xc2\x00" + IAC_SE
+    assert replied(server, SetDataSize(8), in_force) == IAC_SB_COM + b"\x66\x07" + IAC_SE
+    assert replied(server, SetParity(None), in_force) == IAC_SB_COM + b"\x67\x03" + IAC_SE
+    assert replied(server, SetStopSize(1.5), in_force) == IAC_SB_COM + b"\x68\x02" + IAC_SE
+    assert replied(server, SetControl(SetControl.FLOW_XONXOFF), in_force) == IAC_SB_COM + b"\x69\x03" + IAC_SE
+    assert replied(server, SetControl(SetControl.FLOW_QUERY), in_force) == IAC_SB_COM + b"\x69\x03" + IAC_SE
     assert (
-        server.reply(SetControl(SetControl.INBOUND_FLOW_QUERY), in_force) == IAC_SB_COM + b"\x69\x10" + IAC_SE
+        replied(server, SetControl(SetControl.INBOUND_FLOW_QUERY), in_force)
+        == IAC_SB_COM + b"\x69\x10" + IAC_SE
     )
-    assert server.reply(SetControl(SetControl.BREAK_ON), in_force) == IAC_SB_COM + b"\x69\x05" + IAC_SE
-    assert server.reply(SetModemstateMask(0), in_force) == IAC_SB_COM + b"\x6f\x00" + IAC_SE
+    assert replied(server, SetControl(SetControl.BREAK_ON), in_force) == IAC_SB_COM + b"\x69\x05" + IAC_SE
+    assert replied(server, SetModemstateMask(0), in_force) == IAC_SB_COM + b"\x6f\x00" + IAC_SE
     for no_answer in (
         SetControl(SetControl.DTR_QUERY),
         NotifyModemstate(None),
         Signature(None),
         FlowControlSuspend(),
     ):
-        assert server.reply(no_answer, in_force) == b""
+        assert replied(server, no_answer, in_force) == b""
 
 
 def test_setcontrol_meanings() -> None:
@@ -151,9 +177,9 @@ def test_setcontrol_meanings() -> None:
 
 def test_signature_request_and_answer() -> None:
     # sredird and ser2net: "To get the signature [COM_PORT_OPTION 0] has to be sent."
-    server = Rfc2217Server()
+    server = settled(Rfc2217Server())
     assert receive(server, [IAC_SB_COM + b"\x00" + IAC_SE]) == [Signature(None)]
-    assert server.send(Signature(b"muxd")) == IAC_SB_COM + b"\x64muxd" + IAC_SE
+    assert sent(server, Signature(b"muxd")) == IAC_SB_COM + b"\x64muxd" + IAC_SE
     assert receive(Rfc2217Client(), [IAC_SB_COM + b"\x64ser2net 4.3" + IAC_SE]) == [Signature(b"ser2net 4.3")]
 
 
@@ -169,7 +195,7 @@ def test_tolerated_unknowns_are_dropped() -> None:
         ]
     )
     for chunks in splits(wire):
-        server = Rfc2217Server()
+        server = settled(Rfc2217Server())
         assert receive(server, chunks) == [Data(b"data")]
         assert server.data_to_send() == b""
 
@@ -220,16 +246,15 @@ def test_negotiation_flood_is_fatal() -> None:
 
 def test_com_port_option_follows_either_direction() -> None:
     # PortManager: "be happy if client answers one or the other positively".
-    server = Rfc2217Server()
-    server.initial_negotiation()
+    server = settled(Rfc2217Server())
     assert receive(server, [b"\xff\xfc\x2c"]) == [ComPortOption(False)]  # WONT: our DO refused
     assert receive(server, [b"\xff\xfd\x2c"]) == [ComPortOption(True)]  # but DO: we WILL
     assert server.data_to_send() == b"\xff\xfb\x2c"
 
 
 def test_send_data_is_escaped() -> None:
-    assert Rfc2217Server().send(Data(b"a\xffb")) == b"a\xff\xffb"
-    assert Rfc2217Client().send(Data(b"\xff")) == b"\xff\xff"
+    assert sent(settled(Rfc2217Server()), Data(b"a\xffb")) == b"a\xff\xffb"
+    assert sent(settled(Rfc2217Client()), Data(b"\xff")) == b"\xff\xff"
 
 
 def test_send_refuses_what_the_role_cannot_say() -> None:
@@ -248,15 +273,14 @@ def test_send_refuses_what_the_role_cannot_say() -> None:
 
 def test_client_configure_bytes() -> None:
     settings = LineSettings(baudrate=9600, bytesize=7, parity="E", stopbits=1.5, flow="xonxoff")
-    assert Rfc2217Client().configure(settings) == b"".join(
+    assert configured(settled(Rfc2217Client()), settings) == b"".join(
         IAC_SB_COM + body + IAC_SE
         for body in (b"\x01\x00\x00\x25\x80", b"\x02\x07", b"\x03\x03", b"\x04\x03", b"\x05\x02")
     )
 
 
 def test_client_reads_quirky_server_answers() -> None:
-    client = Rfc2217Client()
-    client.initial_negotiation()
+    client = settled(Rfc2217Client())
     wire = b"".join(
         [
             b"ser2net port 2000\r\n",  # ser2net may print a banner before anything else
@@ -269,8 +293,7 @@ def test_client_reads_quirky_server_answers() -> None:
         ]
     )
     for chunks in splits(wire):
-        client = Rfc2217Client()
-        client.initial_negotiation()
+        client = settled(Rfc2217Client())
         assert receive(client, chunks) == [
             Data(b"ser2net port 2000\r\n"),
             ComPortOption(True),
@@ -302,8 +325,8 @@ traffic = st.lists(st.one_of(commands_strategy, st.builds(Data, st.binary(min_si
 
 @given(traffic, st.lists(st.integers(0, 10_000), max_size=10))
 def test_server_to_client_round_trips_split_anywhere(events: list[Event], points: list[int]) -> None:
-    server, client = Rfc2217Server(), Rfc2217Client()
-    wire = b"".join(server.send(e) for e in events if not isinstance(e, (ComPortOption, ConnectionClosed)))
+    server, client = settled(Rfc2217Server()), settled(Rfc2217Client())
+    wire = b"".join(sent(server, e) for e in events if not isinstance(e, (ComPortOption, ConnectionClosed)))
     points = [p % (len(wire) + 1) for p in points]
     assert receive(client, cut(wire, points)) == merge_data(events)
 
@@ -315,15 +338,15 @@ def test_client_to_server_round_trips_split_anywhere(events: list[Event], points
         dataclasses.replace(e, value=None) if isinstance(e, NotifyModemstate | NotifyLinestate) else e
         for e in events
     ]
-    server, client = Rfc2217Server(), Rfc2217Client()
-    wire = b"".join(client.send(e) for e in events if not isinstance(e, (ComPortOption, ConnectionClosed)))
+    server, client = settled(Rfc2217Server()), settled(Rfc2217Client())
+    wire = b"".join(sent(client, e) for e in events if not isinstance(e, (ComPortOption, ConnectionClosed)))
     points = [p % (len(wire) + 1) for p in points]
     assert receive(server, cut(wire, points)) == merge_data(events)
 
 
 def test_our_client_and_server_settle_and_configure() -> None:
     server, client = Rfc2217Server(), Rfc2217Client()
-    to_server, to_client = client.initial_negotiation(), server.initial_negotiation()
+    to_server, to_client = client.data_to_send(), server.data_to_send()
     server_events: list[Event] = []
     client_events: list[Event] = []
     for _ in range(4):
@@ -337,10 +360,10 @@ def test_our_client_and_server_settle_and_configure() -> None:
     assert not to_server and not to_client, "negotiation loop"
     assert server_events == [ComPortOption(True)] and client_events == [ComPortOption(True)]
     wanted = LineSettings(baudrate=57600, parity="O", flow="rtscts")
-    server.receive_data(client.configure(wanted))
+    server.receive_data(configured(client, wanted))
     requests = server.next_events()
     answers = b"".join(
-        server.reply(request, wanted)
+        replied(server, request, wanted)
         for request in requests
         if not isinstance(request, Data | ComPortOption | ConnectionClosed)
     )
@@ -369,7 +392,7 @@ def test_our_client_against_pyserials_port_manager() -> None:
         wire = PortManagerWire()
         manager = serial.rfc2217.PortManager(device, wire)
         client = Rfc2217Client()
-        to_manager = client.initial_negotiation()
+        to_manager = client.data_to_send()
         events: list[Event] = []
         for _ in range(4):
             for_device = b"".join(manager.filter(to_manager))
@@ -386,7 +409,7 @@ def test_our_client_against_pyserials_port_manager() -> None:
         assert events == [ComPortOption(True), NotifyModemstate(0xB0 | 0x0B), NotifyModemstate(0xB0)]
 
         wanted = LineSettings(baudrate=9600, bytesize=7, parity="E", stopbits=2, flow="rtscts")
-        assert b"".join(manager.filter(client.configure(wanted))) == b""
+        assert b"".join(manager.filter(configured(client, wanted))) == b""
         assert (device.baudrate, device.bytesize, device.parity, device.stopbits, device.rtscts) == (
             9600,
             7,
@@ -403,7 +426,7 @@ def test_our_client_against_pyserials_port_manager() -> None:
             SetControl(SetControl.FLOW_RTSCTS),
         ]
 
-        assert b"".join(manager.filter(client.send(Data(b"\xffAT\r")))) == b"\xffAT\r"
+        assert b"".join(manager.filter(sent(client, Data(b"\xffAT\r")))) == b"\xffAT\r"
         client.receive_data(b"".join(manager.escape(b"\xffOK\r\n")))
         assert client.next_events() == [Data(b"\xffOK\r\n")]
     finally:
@@ -425,7 +448,7 @@ class PyserialWire:
         self.from_client = bytearray()
         self.lock = threading.Lock()
         self.answers: queue.Queue[bytes] = queue.Queue(maxsize=1000)
-        self.answers.put(self.server.initial_negotiation())
+        self.answers.put(self.server.data_to_send())
 
     def setsockopt(self, *args: object) -> None:
         pass
@@ -433,21 +456,23 @@ class PyserialWire:
     def sendall(self, data: bytes) -> None:
         with self.lock:
             self.server.receive_data(data)
-            out = self.server.data_to_send()
             for event in self.server.next_events():
-                out += self.handle(event)
+                self.handle(event)
+            out = self.server.data_to_send()  # negotiation answers first, then handle()'s
             if out:
                 self.answers.put(out)
 
-    def handle(self, event: Event) -> bytes:
+    def handle(self, event: Event) -> None:
         if isinstance(event, Data):
             self.from_client += event.data
-            return b""
+            return
         if isinstance(event, ComPortOption):
             cts_dsr_cd = NotifyModemstate.CTS | NotifyModemstate.DSR | NotifyModemstate.CD
-            return self.server.send(NotifyModemstate(cts_dsr_cd)) if event.enabled else b""
+            if event.enabled:
+                self.server.send(NotifyModemstate(cts_dsr_cd))
+            return
         if isinstance(event, ConnectionClosed):
-            return b""
+            return
         if self.accept:
             changes = {
                 SetBaudrate: "baudrate",
@@ -459,7 +484,7 @@ class PyserialWire:
             value = getattr(event, "value", None)
             if field is not None and value is not None:
                 self.settings = dataclasses.replace(self.settings, **{field: value})
-        return self.server.reply(event, self.settings)
+        self.server.reply(event, self.settings)
 
     def recv(self, size: int) -> bytes:
         try:
@@ -471,7 +496,7 @@ class PyserialWire:
 
     def device_sends(self, data: bytes) -> None:
         with self.lock:
-            self.answers.put(self.server.send(Data(data)))
+            self.answers.put(sent(self.server, Data(data)))
 
     def shutdown(self, how: int) -> None:
         pass
@@ -502,3 +527,131 @@ def test_pyserials_client_against_our_server(monkeypatch: pytest.MonkeyPatch) ->
         assert wire.settings.baudrate == 115200
     finally:
         port.close()
+
+
+# -- one outbox, broken after a peer error, option 255 (issues 10 and 15) ---------------
+
+
+def test_outbox_is_one_channel_in_order() -> None:
+    server = Rfc2217Server()
+    initial = bytes.fromhex("fffb00 fffd00 fffb03 fffb01 fffd2c")
+    server.receive_data(b"\xff\xfb\x63")  # WILL 99: refused, DONT 99 queued after the initial negotiation
+    server.send(Data(b"a\xff"))
+    server.reply(SetBaudrate(9600), LineSettings(baudrate=57600))
+    server.receive_data(b"\xff\xfd\x63")  # DO 99: WONT 99, after what we queued
+    assert server.data_to_send() == b"".join(
+        [
+            initial,
+            b"\xff\xfe\x63",
+            b"a\xff\xff",
+            IAC_SB_COM + b"\x65\x00\x00\xe1\x00" + IAC_SE,
+            b"\xff\xfc\x63",
+        ]
+    )
+    assert server.data_to_send() == b""
+    client = Rfc2217Client()
+    client.configure(LineSettings(baudrate=9600))
+    out = client.data_to_send()
+    assert out.startswith(
+        bytes.fromhex("fffb00 fffd00 fffb03 fffd03 fffb2c") + IAC_SB_COM + b"\x01\x00\x00\x25\x80"
+    )
+    assert client.data_to_send() == b""
+
+
+def test_what_raises_queues_nothing() -> None:
+    server, client = settled(Rfc2217Server()), settled(Rfc2217Client())
+    with pytest.raises(LocalProtocolError):
+        server.send(SetBaudrate(None))
+    with pytest.raises(LocalProtocolError):
+        server.reply(SetBaudrate(9600), LineSettings(baudrate=2**32))
+    with pytest.raises(LocalProtocolError):  # all or nothing: the baud rate goes first and fits
+        client.configure(LineSettings(baudrate=9600, parity="X"))
+    assert server.data_to_send() == b"" and client.data_to_send() == b""
+
+
+def test_flood_bound_counts_answers_since_the_last_collection() -> None:
+    server = settled(Rfc2217Server())
+    for _ in range(3):  # 900 bytes of answers each time: under the bound once collected
+        server.receive_data(b"\xff\xfb\x63" * 300)
+        assert server.data_to_send() == b"\xff\xfe\x63" * 300
+    server.receive_data(b"\xff\xfb\x63" * 300)
+    with pytest.raises(RemoteProtocolError, match="flood"):
+        server.receive_data(b"\xff\xfb\x63" * 300)
+
+
+CODEC_MALFORMED = [
+    b"\xff\xf0",  # IAC SE outside a subnegotiation
+    b"\xff\xfa\xff",  # IAC SB IAC: EXOPL never agreed
+    IAC_SB_COM + b"\x01\xff\xf1" + IAC_SE,  # a command inside a subnegotiation
+    IAC_SB_COM + b"\x02\x09" + IAC_SE,  # data size 9
+    IAC_SB_COM + b"\x0c\x00" + IAC_SE,  # PURGE-DATA 0
+    IAC_SB_COM + b"x" * 300 + IAC_SE,  # longer than MAX_SUBNEGOTIATION
+]
+# Valid bytes that, fed with the error in one call, would give events and an answer.
+BEFORE = b"data\xff\xfb\x63"
+
+
+@pytest.mark.parametrize("bad", CODEC_MALFORMED)
+@pytest.mark.parametrize("role", [Rfc2217Server, Rfc2217Client])
+def test_codec_stays_broken_after_a_peer_error(role: type[Rfc2217Server | Rfc2217Client], bad: bytes) -> None:
+    if role is Rfc2217Client and bad[3:4] in (b"\x02", b"\x0c"):
+        bad = bad[:3] + bytes((bad[3] + 100,)) + bad[4:]  # the answer codes a client decodes
+    for chunks in feeds(BEFORE + bad):
+        codec = settled(role())
+        with pytest.raises(RemoteProtocolError) as first:
+            for chunk in chunks:
+                codec.receive_data(chunk)
+                codec.next_events()  # collected after each call, as a caller does
+                codec.data_to_send()
+        assert "earlier error" not in str(first.value)
+        # Nothing of the failed call comes out: no events, no answers.
+        assert codec.next_events() == [], chunks
+        assert codec.data_to_send() == b"", chunks
+        for later in (b"x", b"\xff\xfb\x00", b""):
+            with pytest.raises(RemoteProtocolError, match="after an earlier error"):
+                codec.receive_data(later)
+        assert codec.next_events() == [] and codec.data_to_send() == b""
+        codec.send(Data(b"\xff"))  # our side still works, for a last flush
+        assert codec.data_to_send() == b"\xff\xff"
+
+
+def test_pending_events_are_discarded_by_an_error() -> None:
+    server = settled(Rfc2217Server())
+    server.receive_data(b"uncollected")
+    with pytest.raises(RemoteProtocolError):
+        server.receive_data(b"\xff\xf0")
+    assert server.next_events() == []
+
+
+@pytest.mark.parametrize(
+    ("wire", "answer"),
+    [
+        (b"\xff\xfb\xff", b"\xff\xfe\xff"),  # WILL EXOPL: DONT EXOPL
+        (b"\xff\xfd\xff", b"\xff\xfc\xff"),  # DO EXOPL: WONT EXOPL
+        (b"\xff\xfc\xff", b""),
+        (b"\xff\xfe\xff", b""),
+        (b"\xff\xfb\xff\xff\xfd\xff", b"\xff\xfe\xff\xff\xfc\xff"),
+    ],
+)
+@pytest.mark.parametrize("role", [Rfc2217Server, Rfc2217Client])
+def test_option_255_is_refused_not_raised(
+    role: type[Rfc2217Server | Rfc2217Client], wire: bytes, answer: bytes
+) -> None:
+    for chunks in feeds(wire):
+        codec = settled(role())
+        events = receive(codec, chunks)
+        out = codec.data_to_send()
+        if b"".join(chunks).endswith(TRAILING):
+            # TRAILING: data, WILL BINARY (we asked for it: no answer), an escaped 0xFF.
+            assert events == [Data(b"more\xff")], chunks
+        else:
+            assert events == [], chunks
+        assert out == answer, chunks
+
+
+def test_option_255_ends_no_conversation() -> None:
+    # The K2 storm of issue 15 item 5: WILL 255 then real traffic, in one segment.
+    client = settled(Rfc2217Client())
+    client.receive_data(b"\xff\xfb\xff\xff\xfd\x2c" + IAC_SB_COM + b"\x65\x00\x00\x25\x80" + IAC_SE + b"ok")
+    assert client.next_events() == [ComPortOption(True), SetBaudrate(9600), Data(b"ok")]
+    assert client.data_to_send() == b"\xff\xfe\xff"

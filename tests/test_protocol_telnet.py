@@ -16,6 +16,7 @@ from muxd.protocol.telnet import (
     BRK,
     DO,
     DONT,
+    EXOPL,
     IAC,
     MAX_SUBNEGOTIATION,
     NOP,
@@ -75,6 +76,8 @@ VECTORS: list[tuple[bytes, list[TelnetEvent]]] = [
     (b"a\xff\xffb", [Data(b"a\xffb")]),
     (b"\xff\xff\xff\xff", [Data(b"\xff\xff")]),
     (b"\xff\xfb\x00", [Negotiation(WILL, BINARY)]),
+    (b"\xff\xfb\xff", [Negotiation(WILL, EXOPL)]),  # option 255 is not doubled
+    (b"\xff\xfd\xffa\xff\xff", [Negotiation(DO, EXOPL), Data(b"a\xff")]),
     (b"x\xff\xfe\x03y", [Data(b"x"), Negotiation(DONT, SGA), Data(b"y")]),
     (b"\xff\xfa\x2c\x01\x00\x01\xc2\x00\xff\xf0", [Subnegotiation(44, b"\x01\x00\x01\xc2\x00")]),
     (b"\xff\xfa\x2c\x01\xff\xff\x00\xff\xf0", [Subnegotiation(44, b"\x01\xff\x00")]),
@@ -148,13 +151,19 @@ def test_encoders() -> None:
     assert encode_subnegotiation(44, b"\x01\xff") == b"\xff\xfa\x2c\x01\xff\xff\xff\xf0"
     with pytest.raises(LocalProtocolError):
         encode_negotiation(SB, 1)
+    # Option 255 (EXOPL) is a plain byte in a negotiation (RFC 854/855/861): it
+    # encodes, so refusing it is possible. This assertion used to pin the bug of
+    # issue 15 item 6 (encode_negotiation(DO, IAC) raised); a non-byte still raises.
+    assert encode_negotiation(DONT, IAC) == b"\xff\xfe\xff"
     with pytest.raises(LocalProtocolError):
-        encode_negotiation(DO, IAC)
+        encode_negotiation(DO, IAC + 1)
+    with pytest.raises(LocalProtocolError):
+        encode_negotiation(DO, -1)
     with pytest.raises(LocalProtocolError):
         encode_subnegotiation(IAC, b"")
 
 
-negotiations = st.builds(Negotiation, st.sampled_from([WILL, WONT, DO, DONT]), st.integers(0, 254))
+negotiations = st.builds(Negotiation, st.sampled_from([WILL, WONT, DO, DONT]), st.integers(0, 255))
 subnegotiations = st.builds(Subnegotiation, st.integers(0, 254), st.binary(max_size=MAX_SUBNEGOTIATION))
 commands = st.builds(Command, st.integers(0, 249).filter(lambda c: c not in (SE, SB)))
 datas = st.builds(Data, st.binary(min_size=1).map(lambda b: b + b"\xff"))
@@ -250,3 +259,97 @@ def test_two_negotiators_settle_and_agree(
     for option in range(6):
         assert a.enabled(option, local=True) == b.enabled(option, local=False)
         assert a.enabled(option, local=False) == b.enabled(option, local=True)
+
+
+# -- broken after a peer error, and option 255 (issues 10 and 15) ---------------------
+
+TRAILING = b"more\xff\xfb\x00\xff\xff"  # valid bytes after the input: data, a negotiation, an escaped 0xFF
+
+
+def feeds(wire: bytes) -> Iterator[list[bytes]]:
+    """``wire`` whole, byte by byte, cut anywhere, and each of those with trailing bytes."""
+    yield from splits(wire)
+    yield [wire + TRAILING]
+    yield [bytes((b,)) for b in wire + TRAILING]
+    yield [wire, TRAILING]
+
+
+MALFORMED = [
+    b"\xff\xf0",
+    b"ok\xff\xf0",
+    b"\xff\xfa\xff",
+    b"\xff\xfb\x2c\xff\xfa\x2c\x01\xff\xf1\xff\xf0",
+    b"\xff\xfa\x2c" + b"x" * (MAX_SUBNEGOTIATION + 1) + b"\xff\xf0",
+]
+
+
+@pytest.mark.parametrize("wire", MALFORMED)
+def test_parser_stays_broken_after_a_peer_error(wire: bytes) -> None:
+    for chunks in feeds(wire):
+        parser = TelnetParser()
+        with pytest.raises(RemoteProtocolError) as first:
+            for chunk in chunks:
+                parser.feed(chunk)
+        assert "earlier error" not in str(first.value)
+        for later in (b"x", b"\xff\xfb\x00", b""):
+            with pytest.raises(RemoteProtocolError, match="after an earlier error"):
+                parser.feed(later)
+
+
+def test_parser_broken_by_eof_inside_a_command_refuses_more() -> None:
+    parser = TelnetParser()
+    parser.feed(b"\xff\xfa\x2c")
+    with pytest.raises(RemoteProtocolError, match="closed inside"):
+        parser.feed(b"")
+    with pytest.raises(RemoteProtocolError, match="after an earlier error"):
+        parser.feed(b"x")
+
+
+def test_parser_discards_the_failed_calls_events() -> None:
+    # Before the error the same bytes gave events; once broken, nothing of them leaks.
+    parser = TelnetParser()
+    assert parser.feed(b"a") == [Data(b"a")]
+    with pytest.raises(RemoteProtocolError):
+        parser.feed(b"b\xff\xfb\x00\xff\xf0")
+    assert parser._events == [] and not parser._data and not parser._payload
+
+
+@pytest.mark.parametrize(
+    ("wire", "answer"),
+    [
+        (b"\xff\xfb\xff", b"\xff\xfe\xff"),  # WILL EXOPL: DONT
+        (b"\xff\xfd\xff", b"\xff\xfc\xff"),  # DO EXOPL: WONT
+        (b"\xff\xfc\xff", b""),  # WONT EXOPL: already off
+        (b"\xff\xfe\xff", b""),  # DONT EXOPL: already off
+    ],
+)
+def test_option_255_is_refused_not_raised(wire: bytes, answer: bytes) -> None:
+    for chunks in feeds(wire):
+        parser, options = TelnetParser(), OptionNegotiator(local=[BINARY], remote=[BINARY])
+        out = b""
+        events: list[TelnetEvent] = []
+        for chunk in chunks:
+            events += parser.feed(chunk)
+        for event in events:
+            if isinstance(event, Negotiation):
+                out += options.receive(event)
+        assert Negotiation(wire[1], EXOPL) in events
+        assert not options.enabled(EXOPL, local=True) and not options.enabled(EXOPL, local=False)
+        # The trailing bytes carry a WILL BINARY, accepted after the refusal.
+        trailing = b"".join(chunks).endswith(TRAILING)
+        assert out == answer + (b"\xff\xfd\x00" if trailing else b""), chunks
+
+
+@given(st.binary(max_size=64), st.lists(st.integers(0, 10_000), max_size=8))
+def test_any_input_gives_events_or_a_remote_error(wire: bytes, points: list[int]) -> None:
+    points = [p % (len(wire) + 1) for p in points]
+    parser = TelnetParser()
+    options = OptionNegotiator(local=[BINARY, SGA], remote=[BINARY])
+    try:
+        for chunk in [*cut(wire, points), b""]:
+            for event in parser.feed(chunk):
+                if isinstance(event, Negotiation):
+                    options.receive(event)
+    except RemoteProtocolError:
+        with pytest.raises(RemoteProtocolError, match="after an earlier error"):
+            parser.feed(b"x")

@@ -26,45 +26,18 @@ from muxd.config import Listener, Port, SimUpstream
 from muxd.hub import Hub
 from muxd.linecontrol import LineControl
 from muxd.listeners.pty import PtyListener, PtySession, read_line_settings, write_line_settings
+from muxd.port import bounds_for
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
-from tests.conftest import Muxd, PtyDevice, wait_for, write_config
-
-StartMuxd = Callable[..., Muxd]
+from tests.helpers import Muxd, PtyDevice, StartMuxd, start_on_pty, wait_for, write_config
 
 
 def start(
     muxd: StartMuxd, tmp_path: Path, dev: PtyDevice, listener: dict[str, object], **port: object
 ) -> tuple[Muxd, Path]:
     link = tmp_path / "ttyDUT0"
-    cfg = write_config(
-        tmp_path,
-        {
-            "ports": [
-                {
-                    "name": "dut",
-                    "upstream": {"serial": dev.path},
-                    "listeners": [{"pty": str(link), **listener}],
-                    **port,
-                }
-            ]
-        },
-    )
-    m = muxd("run", "-c", str(cfg), "--log-level", "debug")
-    m.wait_log("dut upstream up")
-    m.wait_log(f"pty {link} -> /dev/pts/")
+    m = start_on_pty(muxd, tmp_path, dev, [{"pty": str(link), **listener}], **port)
     return m, link
-
-
-def wait_sessions(m: Muxd, started: int, ended: int) -> None:
-    """Wait until muxd has logged this many pty session starts and ends."""
-    wait_for(
-        lambda: (
-            m.log().count(" connected\n") >= started and m.log().count("disconnected (peer closed)") >= ended
-        ),
-        10,
-        f"{started} pty sessions started and {ended} ended",
-    )
 
 
 def test_a_plain_tty_open_reads_writes_and_reopens(
@@ -75,14 +48,14 @@ def test_a_plain_tty_open_reads_writes_and_reopens(
     for i in range(5):
         port = serial.Serial(str(link), 115200, timeout=5)
         try:
-            wait_sessions(m, started=i + 1, ended=i)
+            m.wait_connected(1)  # session i+1 open
             pty_device.write(b"round %d\n" % i)
             assert port.read(8) == b"round %d\n" % i
             port.write(b"back %d\n" % i)
             assert pty_device.read(7) == b"back %d\n" % i
         finally:
             port.close()
-        wait_sessions(m, started=i + 1, ended=i + 1)
+        m.wait_connected(0)  # and ended
 
 
 def test_slave_mode_and_group_and_the_link_is_removed_on_stop(
@@ -121,16 +94,16 @@ def test_the_next_program_never_gets_the_last_ones_unread_bytes(
     m, link = start(muxd, tmp_path, pty_device, {})
     first = serial.Serial(str(link), 115200, timeout=5)
     try:
-        wait_sessions(m, started=1, ended=0)
+        m.wait_connected(1)
         pty_device.write(b"old\n")
         wait_for(lambda: first.in_waiting >= 4, what="bytes waiting in the tty")
     finally:
         first.close()
-    wait_sessions(m, started=1, ended=1)
+    m.wait_connected(0)
     # A plain open: pyserial's open would flush the input itself.
     second = os.open(link, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
     try:
-        wait_sessions(m, started=2, ended=1)
+        m.wait_connected(1)
         pty_device.write(b"new\n")
         got = bytearray()
 
@@ -180,6 +153,7 @@ def test_a_refused_baud_rate_is_set_back_on_the_tty(
     m, link = start(muxd, tmp_path, pty_device, listener, line_control=policy)
     port = serial.Serial(str(link), 9600, timeout=5)
     try:
+        m.wait_metric("muxd_line_settings_requests_total", 1, outcome="refused")
         m.wait_log("line settings 9600 8N1 refused")
         wait_for(lambda: termios.tcgetattr(port.fd)[4] == termios.B115200, what="the tty back at 115200")
         assert pty_device.speed() == termios.B115200
@@ -197,7 +171,8 @@ def test_no_busy_loop_while_no_program_has_the_tty_open(
 ) -> None:
     m, link = start(muxd, tmp_path, pty_device, {"mode": "rw"})
     serial.Serial(str(link), 115200).close()
-    wait_sessions(m, started=1, ended=1)
+    m.wait_metric("muxd_client_connections_total", 1)
+    m.wait_connected(0)
     before = cpu_seconds(m.pid)
     select.select([], [], [], 1.0)  # a measuring window, not a synchronisation
     assert cpu_seconds(m.pid) - before < 0.2
@@ -222,11 +197,20 @@ def pump(reactor: Reactor, cond: Callable[[], object], what: str) -> None:
     wait_for(step, 5, what)
 
 
+class FixedSettings:
+    """A device whose line settings never change (these tests are about the loop)."""
+
+    settings = LineSettings()
+
+    def apply_settings(self, wanted: LineSettings) -> LineSettings:
+        return self.settings
+
+
 def make_listener(tmp_path: Path, reactor: Reactor, write_queue: int = 64 * 1024) -> tuple[Hub, PtyListener]:
     cfg = Listener("pty", "p", path=str(tmp_path / "ttyDUT0"), mode="rw")
     port = Port("dut", SimUpstream(), (cfg,), write_queue=write_queue, max_line=16)
-    hub = Hub(port, reactor)
-    listener = PtyListener(cfg, hub, reactor, LineControl(port, lambda _s: None))
+    hub = Hub(port.name, bounds_for(port), reactor)  # no upstream: the write queue never drains
+    listener = PtyListener(cfg, hub, reactor, LineControl(port, FixedSettings()))
     listener.start()
     return hub, listener
 

@@ -10,38 +10,36 @@ from __future__ import annotations
 import signal
 import socket
 import termios
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import serial
 
 from muxd.config import Listener, Port, SimUpstream
-from muxd.hub import Hub
-from muxd.linecontrol import LineControl
-from muxd.listeners.rfc2217 import OUT_CHUNK, OUT_HIGH, OUT_LOW, Rfc2217Connection, Rfc2217Listener
+from muxd.connection import HIGH_WATER, LOW_WATER
+from muxd.listeners.rfc2217 import Rfc2217Connection, Rfc2217Listener
+from muxd.port import PortRuntime
 from muxd.protocol.rfc2217 import Rfc2217Client, SetBaudrate, Signature
 from muxd.reactor import Reactor
-from tests.conftest import Muxd, PtyDevice, connect, free_port, recv_until, wait_for, write_config
-
-StartMuxd = Callable[..., Muxd]
+from tests.helpers import (
+    AUTO,
+    Muxd,
+    PtyDevice,
+    StartMuxd,
+    connect,
+    free_port,
+    recv_until,
+    start_on_pty,
+    wait_for,
+)
 
 
 def start(
     muxd: StartMuxd, tmp_path: Path, dev: PtyDevice, listeners: list[dict[str, object]], **port: object
 ) -> tuple[Muxd, list[int]]:
-    ports = [free_port() for _ in listeners]
-    for lst, p in zip(listeners, ports, strict=True):
-        lst["rfc2217"] = f"127.0.0.1:{p}"
-    cfg = write_config(
-        tmp_path,
-        {"ports": [{"name": "dut", "upstream": {"serial": dev.path}, "listeners": listeners, **port}]},
-    )
-    m = muxd("run", "-c", str(cfg), "--log-level", "debug")
-    m.wait_log("dut upstream up")
-    for p in ports:
-        m.wait_port(p)
-    return m, ports
+    m = start_on_pty(muxd, tmp_path, dev, [{"rfc2217": AUTO, **lst} for lst in listeners], **port)
+    return m, [m.port(i) for i in range(len(listeners))]
 
 
 def open_rfc2217(port: int, baudrate: int = 115200) -> serial.Serial:
@@ -95,7 +93,7 @@ def test_a_second_client_is_refused_under_owner_until_the_owner_leaves(
     pty_device.write(b"both\n")
     assert owner.read(5) == other.read(5) == b"both\n"
     owner.close()
-    m.wait_log("no longer owns the line settings")
+    m.wait_connected(1)  # the owner is gone: the other client may ask
     other.baudrate = 57600
     assert pty_device.speed() == termios.B57600
 
@@ -115,13 +113,14 @@ def test_any_applies_every_rw_clients_request(
 def raw_client(port: int) -> tuple[socket.socket, Rfc2217Client]:
     sock = connect(port)
     codec = Rfc2217Client()
-    sock.sendall(codec.initial_negotiation())
+    sock.sendall(codec.data_to_send())
     return sock, codec
 
 
 def ask(sock: socket.socket, codec: Rfc2217Client, request: SetBaudrate | Signature) -> object:
     """Send one request; return the first answer of its kind, answering negotiation meanwhile."""
-    sock.sendall(codec.send(request))
+    codec.send(request)
+    sock.sendall(codec.data_to_send())
     for _ in range(100):
         data = sock.recv(4096)
         codec.receive_data(data)
@@ -187,7 +186,7 @@ def test_plain_telnet_peer_gets_escaped_data_and_nothing_else(
     m, (port,) = start(muxd, tmp_path, pty_device, [{}])
     sock = connect(port)
     with sock:
-        m.wait_clients(2)  # wait_port's probe was the first
+        m.wait_connected(1)
         pty_device.write(b"a\xffb\n")
         got = recv_until(sock, b"b\n")
         assert got.endswith(b"a\xff\xffb\n")
@@ -200,8 +199,9 @@ def test_a_stalled_client_keeps_its_lag_in_the_hub() -> None:
     reactor = Reactor()
     lst = Listener("rfc2217", "r", host="127.0.0.1", port=free_port(), buffer=64 * 1024)
     port = Port("dut", SimUpstream(), (lst,))
-    hub = Hub(port, reactor)
-    listener = Rfc2217Listener(lst, hub, reactor, LineControl(port, lambda _s: None))
+    rt = PortRuntime.build(port, reactor)
+    hub = rt.hub
+    listener = Rfc2217Listener(lst, hub, reactor, rt.line_control)
     listener.start()
     peer = socket.socket()
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -222,7 +222,7 @@ def test_a_stalled_client_keeps_its_lag_in_the_hub() -> None:
             for _ in range(3):
                 reactor.run_once(0)
             largest = max(largest, len(conn._out))
-        assert largest <= OUT_LOW + 2 * OUT_CHUNK < OUT_HIGH
+        assert largest <= LOW_WATER + 2 * Rfc2217Connection.encoder_chunk < HIGH_WATER
         assert conn.reader.dropped > 0  # drop-oldest applied in the hub
         assert hub.lag(conn.reader) <= lst.buffer
     finally:
@@ -241,11 +241,10 @@ def test_a_reload_that_reopens_the_upstream_brings_back_the_configured_settings(
     clients.append(owner)
     owner.baudrate = 9600
     assert pty_device.speed() == termios.B9600
-    listener = {"rfc2217": f"127.0.0.1:{port}", "mode": "rw"}
+    listener = m.listener(0)  # the same listener, as first written
     upstream = {"serial": pty_device.path, "baudrate": 57600}
-    write_config(tmp_path, {"ports": [{"name": "dut", "upstream": upstream, "listeners": [listener]}]})
+    m.rewrite([{"name": "dut", "upstream": upstream, "listeners": [listener]}])
     m.signal(signal.SIGHUP)
-    m.wait_log("reloaded")
     wait_for(lambda: pty_device.speed() == termios.B57600, what="the device reopened at 57600")
     # The settings in force are the configured ones again: opening with them works.
     clients.append(open_rfc2217(port, baudrate=57600))

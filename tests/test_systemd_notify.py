@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import muxd.systemd as sd
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_SYSTEMD_PYTHON = sd._sd_daemon is not None
@@ -176,13 +177,6 @@ ACTIVATED_CHILD = textwrap.dedent(
     conn.close()
     """
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def read_all(conn: socket.socket, deadline: float) -> bytes:

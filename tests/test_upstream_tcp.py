@@ -30,6 +30,7 @@ import pytest
 from muxd import config as configmod
 from muxd.errors import ConfigError
 from muxd.hub import Hub
+from muxd.port import PortRuntime
 from muxd.protocol import usr
 from muxd.protocol.line_settings import LineSettings
 from muxd.protocol.rfc2217 import (
@@ -515,7 +516,7 @@ class Rfc2217Peer:
         self.conn = conn
         codec = Rfc2217Server()
         with self._lock:
-            conn.sendall(codec.initial_negotiation())
+            conn.sendall(codec.data_to_send())  # the negotiation its constructor queued
         conn.settimeout(0.1)
         deadline = time.monotonic() + 30
         while not self._stop.is_set() and time.monotonic() < deadline:
@@ -534,15 +535,18 @@ class Rfc2217Peer:
                     self.requests.append(event)
                     if isinstance(event, SetBaudrate) and event.value:
                         self.settings = LineSettings(event.value)
-                    out += codec.reply(event, self.settings)
+                    codec.reply(event, self.settings)  # collected by data_to_send() below
             out += codec.data_to_send()
             with self._lock:
                 conn.sendall(out)
 
     def send_device_data(self, data: bytes) -> None:
         assert self.conn is not None
+        encoder = Rfc2217Server()
+        encoder.data_to_send()  # not its negotiation: only the escaped data
+        encoder.send(Data(data))
         with self._lock:
-            self.conn.sendall(Rfc2217Server().send(Data(data)))
+            self.conn.sendall(encoder.data_to_send())
 
     def close(self) -> None:
         self._stop.set()
@@ -594,12 +598,10 @@ def in_process(k2: FakeK2, **upstream: Any) -> tuple[Reactor, Hub, TcpPort]:
         {"ports": [{"name": "dut1", "upstream": {"tcp": f"127.0.0.1:{k2.port}", **upstream}}]}
     )
     reactor = Reactor()
-    hub = Hub(cfg.ports[0], reactor)
-    port = cfg.ports[0].upstream
-    assert isinstance(port, configmod.TcpUpstream)
-    upstream_ = TcpPort(port, hub, reactor)
-    upstream_.start()
-    return reactor, hub, upstream_
+    rt = PortRuntime.build(cfg.ports[0], reactor)  # the hub and upstream, as the daemon makes them
+    assert isinstance(rt.upstream, TcpPort)
+    rt.upstream.start()
+    return reactor, rt.hub, rt.upstream
 
 
 def test_state_counters_across_a_reset(k2: FakeK2) -> None:

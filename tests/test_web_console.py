@@ -5,14 +5,13 @@ pause, and the clients table. A screenshot is kept in the test's tmp dir."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Muxd, PtyDevice
-from tests.test_http import start_http
+from tests.helpers import PtyDevice, StartMuxd, start_http
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -24,8 +23,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 TIMEOUT_MS = 10_000
-
-StartMuxd = Callable[..., Muxd]
 
 BOOT = (
     b"U-Boot 2024.01 (bench board)\r\n"

@@ -232,8 +232,12 @@ def test_malformed_handshakes_are_refused(muxd: StartMuxd, tmp_path: Path, pty_d
             b"GET /ws/dut HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\x00\x01garbage\r\n\r\n": b"400",
         }
         for raw, status in cases.items():
+            # Each names the server in Host (else it would be a 421 for that first).
+            named = raw.replace(b"Host: h\r\n", f"Host: {addr}\r\n".encode())
             with socket.create_connection((host, int(port)), timeout=5) as s:
-                s.sendall(raw + b"GET /ws/dut HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+                s.sendall(
+                    named + f"GET /ws/dut HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode()
+                )
                 got = read_to_eof(s)
             assert got.startswith(b"HTTP/1.1 " + status + b" "), (raw, got[:200])
             assert b"101 Switching" not in got
@@ -415,3 +419,39 @@ def test_a_peer_that_pongs_stays(loop: tuple[Reactor, HttpFront, Hub]) -> None:
     got = raw.events(lambda evs: any(getattr(e, "data", b"") == b"still open\n" for e in evs))
     assert got
     raw.close()
+
+
+# -- DNS rebinding ---------------------------------------------------------------------------
+
+
+def _handshake(reactor: Reactor, front: HttpFront, host: str, origin: str | None) -> Event:
+    """wsproto as an independent client: the answer to one upgrade request."""
+    client = WSConnection(ConnectionType.CLIENT)
+    extra = [("origin", origin)] if origin is not None else []
+    with socket.create_connection((front.cfg.host, front.cfg.port)) as s:
+        s.sendall(client.send(Request(host=host, target="/ws/dut", extra_headers=extra)))
+        s.setblocking(False)
+        deadline = time.monotonic() + 5
+        for _ in range(2000):
+            assert time.monotonic() < deadline, "no answer to the handshake"
+            reactor.run_once(0.005)
+            if select.select([s], [], [], 0)[0]:
+                client.receive_data(s.recv(65536) or None)
+                for event in client.events():
+                    return event
+    raise AssertionError("no answer to the handshake")
+
+
+def test_a_rebound_name_cannot_open_a_websocket(loop: tuple[Reactor, HttpFront, Hub]) -> None:
+    """evil.example rebound to 127.0.0.1: its page's Origin matches its own Host,
+    so the Origin check alone let it in. Host must name this server."""
+    reactor, front, hub = loop
+    port = front.cfg.port
+    refused = _handshake(reactor, front, f"evil.example:{port}", f"http://evil.example:{port}")
+    assert isinstance(refused, RejectConnection) and refused.status_code == 421
+    assert not hub.readers
+    foreign = _handshake(reactor, front, f"127.0.0.1:{port}", f"http://evil.example:{port}")
+    assert isinstance(foreign, RejectConnection) and foreign.status_code == 403  # the Origin check stays
+    accepted = _handshake(reactor, front, f"localhost:{port}", f"http://localhost:{port}")
+    assert isinstance(accepted, AcceptConnection)
+    assert reactor.internal_errors == 0

@@ -16,6 +16,7 @@ import logging
 import socket
 from collections.abc import Callable
 
+from muxd.config import format_hostport
 from muxd.reactor import IN, Reactor
 
 log = logging.getLogger("muxd.listener")
@@ -34,7 +35,13 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            # "Address already in use" alone does not say which of several
+            # listeners failed: name the address the way the config writes it.
+            exc.filename = format_hostport(host, port)
+            raise
         # The kernel caps this at net.core.somaxconn; a small backlog would make
         # a burst of connects wait for SYN retries.
         sock.listen(socket.SOMAXCONN)
@@ -42,6 +49,16 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def sock_address(sock: socket.socket) -> str:
+    """A bound socket's address as muxd writes addresses: "127.0.0.1:41234",
+    "[::1]:5000", or a Unix socket's path."""
+    addr = sock.getsockname()
+    if isinstance(addr, tuple):
+        return format_hostport(str(addr[0]), int(addr[1]))
+    # Unix: a str path; an abstract socket's name comes back as bytes.
+    return addr if isinstance(addr, str) else addr.decode("utf-8", "backslashreplace")
 
 
 class Acceptor:
@@ -57,6 +74,9 @@ class Acceptor:
         self.reactor = reactor
         self.on_connection = on_connection
         self._paused = False
+        # Read now, while the socket is open: with port 0 in the config only
+        # the kernel knows the port, and readers need it after a stop too.
+        self.bound_address = sock_address(sock)
 
     def start(self) -> None:
         assert self.sock is not None

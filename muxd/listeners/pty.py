@@ -54,7 +54,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import functools
 import grp
 import logging
 import os
@@ -66,10 +65,12 @@ import tty
 from typing import Any
 
 from muxd.config import Listener
-from muxd.hub import Hub, Reader
+from muxd.connection import Connection, State
+from muxd.hub import Hub
 from muxd.linecontrol import LineControl
 from muxd.protocol.line_settings import LineSettings
-from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
+from muxd.reactor import IN, Reactor, Timer
+from muxd.transport import PtyTransport
 
 log = logging.getLogger("muxd.listener")
 
@@ -120,106 +121,52 @@ def write_line_settings(attrs: list[Any], settings: LineSettings) -> None:
         attrs[_ISPEED] = attrs[_OSPEED] = speed
 
 
-class PtySession:
-    """One program's use of the slave, from its open to its last close: one hub reader."""
+class PtySession(Connection):
+    """One program's use of the slave, from its open to its last close: the
+    connection core over the master, one hub reader."""
+
+    HALF_CLOSE = False
 
     def __init__(self, listener: PtyListener) -> None:
         self.listener = listener
-        self.hub = listener.hub
-        self.reactor = listener.reactor
-        self.fd = listener.master
-        self.peer = f"pty:{listener.slave_name}"
-        self.closed = False
-        self.finishing = False
         # Out of the reactor while the program has closed the slave and input is
         # paused: HUP would otherwise wake the loop without end.
         self._parked = False
-        self.reader: Reader = self.hub.attach(self, listener.cfg, self.peer)
         # The line settings the program asked for last; a tcsetattr that leaves
-        # them alone (VMIN, echo, ...) is no request. It starts from what the
-        # termios said before the program opened: it may have set them already.
-        self._seen = listener.idle_settings
-        self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
-        log.debug("%s: %s connected", listener.cfg.name, self.peer)
-        self.on_data()
-
-    # -- ReaderOwner ------------------------------------------------------------
-
-    def on_data(self) -> None:
-        if self.closed:
-            return
-        hub, reader = self.hub, self.reader
-        try:
-            hub.drain(reader, functools.partial(os.writev, self.fd))
-        except OSError as exc:
-            log.warning("%s: %s: %s", self.listener.cfg.name, self.peer, exc)
-            self.close("error")
-            return
-        if reader.id not in hub.readers:  # closed by the overflow policy
-            return
-        if self.finishing and hub.caught_up(reader):
-            self.close("shutdown")
-            return
-        blocked = not hub.caught_up(reader)
-        if blocked != reader.blocked:
-            hub.set_blocked(reader, blocked)
-            self._watch()
+        # them alone (VMIN, echo, ...) is no request. It starts from what muxd
+        # showed on the slave before the program opened it (the settings in
+        # force, as far as a pty holds them): a program that set its baud rate
+        # before this session began has a request pending, judged against that.
+        settings = listener.line_control.settings
+        shown = termios.tcgetattr(listener.master)
+        write_line_settings(shown, settings)
+        self._seen = read_line_settings(shown, settings)
+        master = PtyTransport(listener.master)
+        super().__init__(master, listener.hub, listener.cfg, f"pty:{listener.slave_name}", listener.reactor)
 
     def on_write_room(self) -> None:
-        if self.closed:
-            return
-        if self._parked:
+        if self._parked and not self.closed:
             self._parked = False
             self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
-        self._watch()
-
-    def finish(self) -> None:
-        """Graceful stop: send what this reader is owed, then hang up."""
-        self.finishing = True
-        self._watch()
-        self.on_data()
-
-    def close(self, reason: str) -> None:
-        """Muxd ends the session: the program is hung up (see the module doc)."""
-        self._end(reason, hangup=True)
-
-    # -- events -------------------------------------------------------------
+        super().on_write_room()
 
     def _watch(self) -> None:
-        if self._parked:
-            return
-        mask = 0 if self.reader.input_paused or self.finishing else IN
-        if self.reader.blocked:
-            mask |= OUT
-        self.reactor.modify(self.fd, mask)
+        if not self._parked:
+            super()._watch()
 
-    def _on_events(self, mask: int) -> None:
-        if mask & OUT:
-            self.on_data()
-        if not self.closed and mask & (IN | ERRMASK):
-            self._on_readable(mask)
+    def _hung_up(self) -> None:
+        if self.state is State.OPEN and self.reader.input_paused:
+            # The program closed the slave while its input waits for room in
+            # the write queue: what it wrote is still unread in the master, so
+            # the session stays, out of epoll, until the queue drains.
+            self._parked = True
+            self.reactor.remove(self.fd)
+        else:
+            super()._hung_up()
 
-    def _on_readable(self, mask: int) -> None:
-        budget = self.hub.input_budget(self.reader)
-        if budget == 0:
-            if mask & ERRMASK:
-                self._parked = True
-                self.reactor.remove(self.fd)
-            else:
-                self._watch()  # the write queue is full: stop reading until it drains
-            return
-        try:
-            packet = os.read(self.fd, budget + 1)  # packet mode: a status byte first
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EIO:
-                log.warning("%s: %s: %s", self.listener.cfg.name, self.peer, exc)
-            self._end("peer closed" if exc.errno == errno.EIO else "error", hangup=False)
-            return
-        if not packet:
-            self._end("peer closed", hangup=False)
-        elif packet[0] == termios.TIOCPKT_DATA:
+    def _received(self, packet: bytes) -> None:
+        # Packet mode: a status byte first (muxd.transport.PtyTransport).
+        if packet[0] == termios.TIOCPKT_DATA:
             self.hub.submit(self.reader, packet[1:])
         elif packet[0] & TIOCPKT_IOCTL:
             self._termios_changed()
@@ -237,18 +184,12 @@ class PtySession:
             attrs = termios.tcgetattr(self.fd)
         self._seen = read_line_settings(attrs, granted)
 
-    def _end(self, reason: str, hangup: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.hub.detach(self.reader, reason)
+    def _closed(self, reason: str) -> None:
+        """The session ends. A close muxd decided (overflow, admin, shutdown)
+        hangs the program up (see the module doc); the program's own close
+        does not."""
         self.listener.line_control.release(self.reader)
-        self.reactor.remove(self.fd)
-        log.debug("%s: %s disconnected (%s)", self.listener.cfg.name, self.peer, reason)
-        self.listener.session_ended(self, hangup)
-
-    def _on_internal_error(self, _exc: BaseException) -> None:
-        self.close("internal error")
+        self.listener.session_ended(self, hangup=reason != "peer closed")
 
 
 class PtyListener:
@@ -257,11 +198,9 @@ class PtyListener:
         self.hub = hub
         self.reactor = reactor
         self.line_control = line_control
-        self.clients: set[PtySession] = set()  # the session, while a program has the slave open
+        self.clients: set[Connection] = set()  # the session, while a program has the slave open
         self.master = -1
         self.slave_name = ""
-        # What the slave's termios say while no program has it open.
-        self.idle_settings = line_control.settings
         self._poller = select.poll()
         self._timer: Timer | None = None
         self._stopped = False
@@ -373,15 +312,14 @@ class PtyListener:
             self._timer = self.reactor.call_later(OPEN_POLL, self._check_open)
             return
         session = PtySession(self)
-        if not session.closed:
-            self.clients.add(session)
+        self.clients.add(session)
+        session.start()
 
     def _show_settings(self, fd: int, attrs: list[Any]) -> None:
         """Set the slave's termios to the settings in force, as far as they go."""
         settings = self.line_control.settings
         write_line_settings(attrs, settings)
         termios.tcsetattr(fd, termios.TCSANOW, attrs)
-        self.idle_settings = read_line_settings(termios.tcgetattr(fd), settings)
 
     def _reset_slave(self) -> None:
         """Discard what the last program left unread, and show the settings in force."""

@@ -11,13 +11,12 @@ Handshake
     WebSocket that is opened only to be closed.
 
 Output
-    A WebSocketClient is a hub Reader like a TCP client, plus one small
-    buffer of encoded frames. It takes bytes from the hub, one frame of at
-    most FRAME_PAYLOAD at a time, only while that buffer holds less than
-    LOW_WATER. Any backlog beyond that stays in the hub as the reader's lag,
-    where the listener's ``buffer`` and ``overflow`` policy govern it exactly
-    as for a TCP client. EPOLLOUT is watched only while the buffer cannot be
-    flushed.
+    A WebSocketClient is the connection core (muxd.connection) with wsproto
+    as its encoder: one frame of at most FRAME_PAYLOAD device bytes at a
+    time, taken from the hub only while the core's small output buffer is
+    below its low-water mark. Any backlog beyond that stays in the hub as the
+    reader's lag, where the listener's ``buffer`` and ``overflow`` policy
+    govern it exactly as for a TCP client.
 
     Frames are binary, of raw device bytes, by default. With ``?format=json``
     they are text frames ``{"t": <unix time>, "dir": "rx", "data": <text>}``,
@@ -46,18 +45,16 @@ Keepalive and close
 from __future__ import annotations
 
 import codecs
-import contextlib
-import errno
 import json
 import logging
 import socket
 import time
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import h11
-from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -73,23 +70,20 @@ from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from muxd.config import Listener
+from muxd.connection import Connection
 from muxd.errors import RemoteProtocolError
-from muxd.hub import Hub, Reader
-from muxd.listeners.stream import CLOSE_DRAIN, SEND_BUFFER
-from muxd.reactor import ERRMASK, IN, OUT, Reactor, is_disconnect
+from muxd.hub import Hub
+from muxd.reactor import Reactor
+from muxd.transport import SocketTransport
 
 log = logging.getLogger("muxd.listener")
 
 # Device bytes per frame: 8 KiB is most of a second at 115200 baud, so frames
 # stay few, and small enough that one frame never delays a ping for long.
 FRAME_PAYLOAD = 8 * 1024
-# Frames are taken from the hub only below this many encoded bytes. The buffer
-# so holds at most LOW_WATER + one frame (x6 in JSON, where a stray byte is the
-# 6-character escape \udcNN) + the pongs of one read: under 100 KiB, small
-# next to the hub backlog it keeps bounded.
-LOW_WATER = 16 * 1024
-# Above this, input (whose pings want pongs) is not read until the peer reads.
-OUT_LIMIT = 64 * 1024
+# (The output buffer's marks are the core's: muxd.connection.LOW_WATER; with a
+# frame of JSON, where a stray byte is the 6-character escape \udcNN, it holds
+# under 100 KiB, small next to the hub backlog it keeps bounded.)
 # The largest message a client may send: far more than any typed or pasted
 # command; more is not a console's traffic and would only fill the write queue.
 MAX_MESSAGE = 64 * 1024
@@ -98,6 +92,14 @@ MAX_MESSAGE = 64 * 1024
 PING_INTERVAL = 20.0
 # Time to flush our close frame to a peer that has stopped reading.
 CLOSE_TIMEOUT = 5.0
+
+# ?history=N: any N past the port's history is capped to it, so 18 digits (an
+# int64's worth, far beyond any ring) lose nothing, and int() never sees the
+# thousands of digits it refuses.
+MAX_HISTORY_DIGITS = 18
+# Query fields parsed: the handshake reads two; a query of thousands of
+# "&a=&a=" is refused instead of parsed into a dict of lists.
+MAX_QUERY_FIELDS = 16
 
 # Close codes for closes the hub or the daemon asks for.
 CLOSE_CODES = {
@@ -123,7 +125,7 @@ class Upgrade:
     """An accepted handshake: what the HTTP connection hands to a WebSocketClient."""
 
     response: bytes  # the 101 Switching Protocols, to send first
-    connection: Connection
+    connection: WsConnection
     hub: Hub
     listener: Listener
     json_format: bool
@@ -137,25 +139,44 @@ def header(request: h11.Request, name: bytes) -> str | None:
     return None
 
 
+def ascii_int(text: str, max_digits: int) -> int | None:
+    """A non-negative decimal of at most max_digits ASCII digits, or None.
+
+    str.isdigit() alone is not a parse check: it is true for "\u00b2" (which
+    int() refuses) and for 5,000 digits (which int() refuses past 4,300)."""
+    if not (0 < len(text) <= max_digits and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
     if origin is None or "*" in allowed:
         return True
     origin = origin.lower().rstrip("/")
     if origin in (a.lower().rstrip("/") for a in allowed):
         return True
-    return host is not None and urllib.parse.urlsplit(origin).netloc == host.lower()
+    # A serialised origin is scheme "://" host [":" port] (RFC 6454), nothing
+    # more; split by hand, as urlsplit raises on a stray "[" in the host.
+    scheme, sep, netloc = origin.partition("://")
+    return host is not None and bool(sep and scheme) and netloc == host.lower()
 
 
 def parse_options(target: bytes) -> tuple[bool, int]:
     """(json format?, history bytes asked for) from the query string."""
-    query = urllib.parse.parse_qs(urllib.parse.urlsplit(target.decode("ascii", "replace")).query)
+    # The query is what follows the first "?" (RFC 3986 section 3.4), in any
+    # target form; urlsplit is not used because it raises on "//[" paths.
+    query_text = target.decode("ascii", "replace").partition("?")[2].partition("#")[0]
+    try:
+        query = urllib.parse.parse_qs(query_text, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:  # parse_qs's only complaint: more than max_num_fields
+        raise HandshakeError(f"a query of more than {MAX_QUERY_FIELDS} fields", 400) from None
     fmt = query.get("format", ["binary"])[-1]
     if fmt not in ("binary", "json"):
-        raise HandshakeError(f"format must be binary or json, got {fmt!r}", 400)
-    history = query.get("history", ["0"])[-1]
-    if not history.isdigit():
-        raise HandshakeError(f"history must be a number of bytes, got {history!r}", 400)
-    return fmt == "json", int(history)
+        raise HandshakeError(f"format must be binary or json, got {fmt[:64]!r}", 400)
+    history = ascii_int(query.get("history", ["0"])[-1], MAX_HISTORY_DIGITS)
+    if history is None:
+        raise HandshakeError(f"history must be a number of bytes, at most {MAX_HISTORY_DIGITS} digits", 400)
+    return fmt == "json", history
 
 
 def upgrade(request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, ...]) -> Upgrade:
@@ -165,8 +186,8 @@ def upgrade(request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, .
     if not origin_allowed(header(request, b"origin"), header(request, b"host"), origins):
         raise HandshakeError(f"origin {header(request, b'origin')!r} is not allowed", 403)
     json_format, history = parse_options(request.target)
-    if hub.clients_of(cfg) >= cfg.max_clients:
-        hub.stats_for(cfg).rejected += 1
+    if hub.clients_of(cfg.name) >= cfg.max_clients:
+        hub.stats_for(cfg.name).rejected += 1
         raise HandshakeError(f"{cfg.name}: max_clients ({cfg.max_clients}) reached", 503)
     handshake = H11Handshake(ConnectionType.SERVER)
     try:
@@ -183,124 +204,67 @@ def upgrade(request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, .
     return Upgrade(response, handshake.connection, hub, cfg, json_format, history)
 
 
-class WebSocketClient:
+class WebSocketClient(Connection):
+    """A hub reader over a WebSocket: the connection core with wsproto as its encoder."""
+
+    HALF_CLOSE = False
+    encoder_chunk = FRAME_PAYLOAD
+
     def __init__(
         self, sock: socket.socket, peer: str, accepted: Upgrade, reactor: Reactor, trailing: bytes = b""
     ) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
-        self.cfg = cfg = accepted.listener
-        self.hub = hub = accepted.hub
-        self.reactor = reactor
         self.ws = accepted.connection
-        self.closed = False
-        self.finishing = False
-        self.on_close: list[Callable[[WebSocketClient], None]] = []
-        self._closing: str | None = None  # our close frame is queued: close(reason) once flushed
-        self._out = bytearray(accepted.response)
         self._decoder = (
             codecs.getincrementaldecoder("utf-8")("surrogateescape") if accepted.json_format else None
         )
         self._message_size = 0
         self._awaiting_pong = False
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader: Reader = hub.attach(self, cfg, peer, history=accepted.history)
-        self._timer = reactor.call_later(PING_INTERVAL, self._ping)
-        reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
-        log.debug("%s: %s connected", cfg.name, peer)
-        if trailing:
+        self._trailing = trailing
+        super().__init__(
+            SocketTransport(sock),
+            accepted.hub,
+            accepted.listener,
+            peer,
+            reactor,
+            encoding=True,
+            history=accepted.history or None,  # none asked: the listener's own
+            initial=accepted.response,
+        )
+
+    def start(self) -> None:
+        self._set_timer("ping", PING_INTERVAL, self._ping)
+        super().start()
+        if self._trailing:  # bytes the peer sent right after its upgrade request
+            trailing, self._trailing = self._trailing, b""
             self._received(trailing)
-        self.on_data()
-
-    # -- ReaderOwner ------------------------------------------------------------
-
-    def on_data(self) -> None:
-        if self.closed:
-            return
-        hub, reader = self.hub, self.reader
-        while True:
-            while self._closing is None and len(self._out) < LOW_WATER:
-                views = hub.pending(reader, FRAME_PAYLOAD)
-                if not views:  # caught up, or closed by the overflow policy
-                    break
-                chunk = b"".join(views)
-                hub.advance(reader, len(chunk))
-                self._out += self._frame(chunk)
-            if reader.id not in hub.readers or not self._out:
-                break
-            try:
-                n = self.sock.send(self._out)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self._gone(exc)
-                return
-            del self._out[:n]
-            if self._out:
-                break  # the kernel's buffer is full
-        if reader.id not in hub.readers:  # closed by the overflow policy
-            return
-        if self._closing is not None and not self._out:
-            self.close(self._closing)
-        elif self.finishing and self._closing is None and not self._out and hub.caught_up(reader):
-            self._start_close(CloseReason.GOING_AWAY, "shutdown")
-        else:
-            self._set_blocked(bool(self._out))
-
-    def on_write_room(self) -> None:
-        if not self.closed:
-            self._watch()
-
-    def finish(self) -> None:
-        """Graceful stop: send what this reader is owed, then close with 1001."""
-        self.finishing = True
-        self._watch()
-        self.on_data()
-
-    def close(self, reason: str) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._timer.cancel()
-        self.hub.detach(self.reader, reason)
-        self.reactor.remove(self.fd)
-        for callback in self.on_close:
-            callback(self)
-        log.debug("%s: %s disconnected (%s)", self.cfg.name, self.peer, reason)
-        with contextlib.suppress(OSError):
-            if self.ws.state is ConnectionState.OPEN:  # not a close we queued: say why, if it fits
-                self._out += self.ws.send(
-                    CloseConnection(CLOSE_CODES.get(reason, CloseReason.NORMAL_CLOSURE))
-                )
-            self.sock.send(self._out)
-            self.sock.shutdown(socket.SHUT_WR)
-            for _ in range(CLOSE_DRAIN // 4096):
-                if not self.sock.recv(4096):
-                    break
-        self.sock.close()
 
     # -- output -------------------------------------------------------------
 
-    def _frame(self, chunk: bytes) -> bytes:
-        if self._decoder is None:
-            return self.ws.send(BytesMessage(chunk))
-        text = self._decoder.decode(chunk)
+    def encode(self, data: bytes) -> bytes:
+        fmt = self.reader.policy.format
+        if fmt == "jsonl":  # records from the shared log: valid UTF-8 by construction
+            return self.ws.send(TextMessage(data.decode()))
+        if self._decoder is None:  # raw bytes, or stamped text (which may not be UTF-8)
+            return self.ws.send(BytesMessage(data))
+        text = self._decoder.decode(data)
         if not text:  # only the start of a multi-byte character so far
             return b""
         record = {"t": round(time.time(), 6), "dir": "rx", "data": text}
         return self.ws.send(TextMessage(json.dumps(record)))
 
+    def _finished(self) -> None:
+        self._start_close(CloseReason.GOING_AWAY, "shutdown")
+
+    def _last_words(self, reason: str) -> bytes:
+        if self.ws.state is not ConnectionState.OPEN:  # a close we queued is in _out already
+            return b""
+        return self.ws.send(CloseConnection(CLOSE_CODES.get(reason, CloseReason.NORMAL_CLOSURE)))
+
     def _start_close(self, code: int, reason: str) -> None:
+        """Queue our close frame after what is buffered; close once it is sent."""
         if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             self._out += self.ws.send(CloseConnection(code))
-        self._closing = reason
-        self._timer.cancel()
-        self._timer = self.reactor.call_later(CLOSE_TIMEOUT, lambda: self.close(reason))
-        self._watch()
-        self.on_data()
+        self._close_after_flush(reason, CLOSE_TIMEOUT)
 
     def _ping(self) -> None:
         if self._awaiting_pong:
@@ -308,47 +272,10 @@ class WebSocketClient:
             return
         self._awaiting_pong = True
         self._out += self.ws.send(Ping(b"muxd"))
-        self._timer = self.reactor.call_later(PING_INTERVAL, self._ping)
+        self._set_timer("ping", PING_INTERVAL, self._ping)
         self.on_data()
 
-    # -- events -------------------------------------------------------------
-
-    def _set_blocked(self, blocked: bool) -> None:
-        if blocked != self.reader.blocked:
-            self.hub.set_blocked(self.reader, blocked)
-        self._watch()
-
-    def _watch(self) -> None:
-        if self.closed:
-            return
-        reading = not (self.reader.input_paused or self.finishing or self._closing)
-        mask = IN if reading and len(self._out) < OUT_LIMIT else 0
-        if self.reader.blocked or self._out:
-            mask |= OUT
-        self.reactor.modify(self.fd, mask)
-
-    def _on_events(self, mask: int) -> None:
-        if mask & OUT:
-            self.on_data()
-        if not self.closed and mask & (IN | ERRMASK):
-            self._on_readable()
-
-    def _on_readable(self) -> None:
-        budget = self.hub.input_budget(self.reader)
-        if budget == 0:
-            self._watch()  # the write queue is full: stop reading until it drains
-            return
-        try:
-            data = self.sock.recv(budget)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._gone(exc)
-            return
-        if not data:
-            self.close("peer closed")
-            return
-        self._received(data)
+    # -- input --------------------------------------------------------------
 
     def _received(self, data: bytes) -> None:
         self.ws.receive_data(data)
@@ -373,11 +300,3 @@ class WebSocketClient:
                 self._start_close(event.code, "protocol error" if broken else "peer closed")
                 return
         self.on_data()
-
-    def _gone(self, exc: OSError) -> None:
-        if not is_disconnect(exc):
-            log.warning("%s: %s: %s", self.cfg.name, self.peer, exc)
-        self.close("reset" if exc.errno == errno.ECONNRESET else "error")
-
-    def _on_internal_error(self, _exc: BaseException) -> None:
-        self.close("internal error")

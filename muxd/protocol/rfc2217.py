@@ -12,9 +12,28 @@ client sends the request and receives the answer. A value of None is the
 RFC's 0, "tell me the current value".
 
 The h11-style contract: ``receive_data(bytes)`` (b"" = EOF), then
-``next_events()``; telnet negotiation is answered by the codec itself and
-those answers wait in ``data_to_send()``; ``send(event)`` gives the bytes for
-an event of ours, data escaped.
+``next_events()``. Output has one channel, an outbox of wire bytes: the
+constructor queues the initial negotiation, ``receive_data()`` queues the
+codec's own answers to the peer's negotiation, and ``send(event)``,
+``Rfc2217Server.reply()`` and ``Rfc2217Client.configure()`` queue the bytes of
+events of ours (data escaped). ``data_to_send()`` returns everything queued,
+in the order it was queued, and empties the outbox. None of these calls does
+I/O.
+
+Bounds of the outbox. What the peer makes us say is bounded here: the
+negotiation answers queued since the last ``data_to_send()`` may not pass
+MAX_PENDING_ANSWERS. What we say is bounded by the caller: each call queues
+at most twice its payload (escaping) plus a few framing bytes, and the caller
+collects the outbox after each call, or each received chunk, and holds it
+under its own bound (``upstream/tcp.py``'s OUT_LIMIT, the listener's
+OUT_HIGH).
+
+Broken after a peer error, as h11: once ``receive_data()`` has raised
+RemoteProtocolError the codec takes no more input. Pending events are
+discarded (``next_events()`` returns []), so are the answers queued by the
+failed call, and every later ``receive_data()`` raises RemoteProtocolError at
+once. The caller closes that peer; ``send()`` still works, for what it may
+want to flush first.
 
 What is fatal and what is tolerated. Fatal (RemoteProtocolError): a known
 command whose payload has the wrong length or a value outside the RFC's range
@@ -78,9 +97,9 @@ __all__ = [
 COM_PORT_OPTION = 44
 SERVER_OFFSET = 100
 
-# Answers to negotiations that wait for data_to_send(). A whole negotiation is a
-# dozen 3-byte answers; a peer whose requests pile up past 1 KiB in one
-# receive_data() is flooding us, not negotiating.
+# Negotiation answers queued since the last data_to_send(). A whole negotiation
+# is a dozen 3-byte answers; a peer whose requests pile up past 1 KiB between two
+# collections is flooding us, not negotiating.
 MAX_PENDING_ANSWERS = 1024
 
 _T = TypeVar("_T")
@@ -462,15 +481,30 @@ class _Connection:
         # Events of the input since the last next_events(): bounded by the size
         # of that input, which the caller bounds by its recv() size.
         self._events: list[Event] = []
-        self._answers = bytearray()  # bounded by MAX_PENDING_ANSWERS
+        # Wire bytes for the peer, in order. What the peer causes is bounded by
+        # MAX_PENDING_ANSWERS, what we send by the caller (module doc).
+        self._outbox = bytearray()
+        self._answered = 0  # negotiation answers queued since the last data_to_send()
         self._com_port: bool | None = None
-
-    def initial_negotiation(self) -> bytes:
-        """What to send as soon as the connection is up."""
-        return b"".join(self._options.request(option, local=local) for option, local in self._REQUEST)
+        self._broken = False  # receive_data() raised RemoteProtocolError: no more input
+        for option, local in self._REQUEST:
+            self._outbox += self._options.request(option, local=local)
 
     def receive_data(self, data: bytes) -> None:
-        """Bytes from the peer; b"" when it closed."""
+        """Bytes from the peer; b"" when it closed. Events wait for next_events()."""
+        if self._broken:
+            raise RemoteProtocolError("RFC 2217: data received after an earlier error")
+        queued = len(self._outbox)
+        try:
+            self._receive(data)
+        except RemoteProtocolError:
+            # Broken for good (module doc): none of this input's effects remain.
+            self._broken = True
+            self._events.clear()
+            del self._outbox[queued:]
+            raise
+
+    def _receive(self, data: bytes) -> None:
         for event in self._parser.feed(data):
             if isinstance(event, Data):
                 self._events.append(event)
@@ -487,21 +521,28 @@ class _Connection:
         return events
 
     def data_to_send(self) -> bytes:
-        """Answers to the peer's negotiation; collect them after every receive_data()."""
-        answers = bytes(self._answers)
-        self._answers.clear()
-        return answers
+        """Everything queued for the peer, in order; the outbox is emptied."""
+        out = bytes(self._outbox)
+        self._outbox.clear()
+        self._answered = 0
+        return out
 
-    def send(self, event: Data | ComPortCommand) -> bytes:
+    def send(self, event: Data | ComPortCommand) -> None:
+        """Queue an event of ours for the peer: data escaped, a command framed."""
+        self._outbox += self._encode(event)
+
+    def _encode(self, event: Data | ComPortCommand) -> bytes:
         if isinstance(event, Data):
             return escape(event.data)
         code = bytes((event.code + self._SEND_OFFSET,))
         return encode_subnegotiation(COM_PORT_OPTION, code + event._encode())
 
     def _negotiate(self, event: Negotiation) -> None:
-        self._answers += self._options.receive(event)
-        if len(self._answers) > MAX_PENDING_ANSWERS:
+        answer = self._options.receive(event)
+        self._answered += len(answer)
+        if self._answered > MAX_PENDING_ANSWERS:
             raise RemoteProtocolError("telnet: negotiation flood")
+        self._outbox += answer
         if event.option == COM_PORT_OPTION:
             enabled = any(self._options.enabled(COM_PORT_OPTION, local=side) for side in (True, False))
             if enabled != self._com_port:
@@ -531,14 +572,14 @@ class Rfc2217Server(_Connection):
     _ACCEPT_REMOTE = (BINARY, SGA, COM_PORT_OPTION)
     _REQUEST = ((BINARY, True), (BINARY, False), (SGA, True), (ECHO, True), (COM_PORT_OPTION, False))
 
-    def send(self, event: Data | ComPortCommand) -> bytes:
+    def _encode(self, event: Data | ComPortCommand) -> bytes:
         value_required = (SetBaudrate, SetDataSize, SetParity, SetStopSize, NotifyLinestate, NotifyModemstate)
         if isinstance(event, value_required) and event.value is None:
             raise LocalProtocolError(f"a server's {type(event).__name__} carries a value, not None")
-        return super().send(event)
+        return super()._encode(event)
 
-    def reply(self, request: ComPortCommand, settings: LineSettings) -> bytes:
-        """The answer RFC 2217 wants for a client's request; b"" when none is due.
+    def reply(self, request: ComPortCommand, settings: LineSettings) -> None:
+        """Queue the answer RFC 2217 wants for a client's request; nothing when none is due.
 
         Line settings and flow control are answered with the value in
         ``settings``, the one in force, whatever was asked: that is how the
@@ -564,14 +605,14 @@ class Rfc2217Server(_Connection):
             elif request.value in _INBOUND_FLOW_REQUESTS:
                 answer = SetControl(_INBOUND_FLOW[settings.flow])
             elif request.is_query:
-                return b""
+                return
             else:
                 answer = request
         elif isinstance(request, (SetLinestateMask, SetModemstateMask, Purge)):
             answer = request
         else:
-            return b""
-        return self.send(answer)
+            return
+        self.send(answer)
 
 
 class Rfc2217Client(_Connection):
@@ -588,15 +629,19 @@ class Rfc2217Client(_Connection):
     _ACCEPT_REMOTE = (BINARY, SGA, COM_PORT_OPTION)
     _REQUEST = ((BINARY, True), (BINARY, False), (SGA, True), (SGA, False), (COM_PORT_OPTION, True))
 
-    def send(self, event: Data | ComPortCommand) -> bytes:
+    def _encode(self, event: Data | ComPortCommand) -> bytes:
         if isinstance(event, (NotifyLinestate, NotifyModemstate)) and event.value is not None:
             raise LocalProtocolError(f"a client's {type(event).__name__} is a poll: its value is None")
-        return super().send(event)
+        return super()._encode(event)
 
-    def configure(self, settings: LineSettings) -> bytes:
-        """Requests for every line setting and the flow control, as pyserial sends on open."""
-        return b"".join(
-            self.send(request)
+    def configure(self, settings: LineSettings) -> None:
+        """Queue requests for every line setting and the flow control, as pyserial sends on open.
+
+        All or nothing: settings RFC 2217 cannot express raise LocalProtocolError
+        before anything is queued.
+        """
+        self._outbox += b"".join(
+            self._encode(request)
             for request in (
                 SetBaudrate(settings.baudrate),
                 SetDataSize(settings.bytesize),

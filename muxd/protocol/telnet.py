@@ -10,6 +10,17 @@ way ``Data`` is cut into pieces may differ. ``feed(b"")`` means the peer
 closed. The state machine is the table ``_TABLE``: for each state, what a byte
 does and which state follows; runs of plain bytes take a fast path.
 
+Errors, as in h11: a peer's garbage raises RemoteProtocolError and breaks the
+parser for good. The events of the failed call are discarded, and every later
+``feed()`` raises RemoteProtocolError at once: a stream that lost its framing
+cannot be trusted to find it again, so the caller closes that peer.
+
+Option 255. In a negotiation the option code is one plain byte, never doubled
+(RFC 854/855), so ``IAC WILL 255`` is EXOPL (RFC 861), a legal request that is
+refused like any unknown option (``IAC DONT 255``). After ``IAC SB`` the byte
+255 would open an EXOPL subnegotiation, which RFC 861 allows only once both
+sides agreed to EXOPL; we never do, so there it is the peer's error.
+
 ``OptionNegotiator`` answers WILL/WONT/DO/DONT by RFC 1143's "Q method", which
 can never loop: it only answers a request that changes an option's state, and
 it never asks to turn an option off. An option it does not accept is refused
@@ -52,6 +63,8 @@ IAC = 255
 BINARY = 0
 ECHO = 1
 SGA = 3
+# Not spoken, but legal on the wire: RFC 861's extended options list, refused.
+EXOPL = 255
 
 # Longest subnegotiation payload held. The longest message muxd understands is
 # an RFC 2217 SIGNATURE, a short product string ("ser2net 4.3"); everything else
@@ -91,7 +104,9 @@ def escape(data: bytes) -> bytes:
 
 
 def encode_negotiation(command: int, option: int) -> bytes:
-    if command not in (WILL, WONT, DO, DONT) or not 0 <= option < IAC:
+    # The option is a plain byte: 255 (EXOPL) goes out as it is, not doubled
+    # (RFC 854's "IAC WILL <option code>"), so every byte value is an option.
+    if command not in (WILL, WONT, DO, DONT) or not 0 <= option <= 255:
         raise LocalProtocolError(f"not a telnet negotiation: {command} {option}")
     return bytes((IAC, command, option))
 
@@ -171,7 +186,8 @@ _TABLE: dict[_State, dict[int, tuple[_Action, _State]]] = {
     },
     _S.NEGOTIATE: {_ANY: (_negotiate, _S.DATA)},
     _S.SB_OPTION: {
-        IAC: (partial(_reject, "IAC where a subnegotiation option belongs"), _S.DATA),
+        # 255 here would be EXOPL's subnegotiation, legal only once agreed: never (module doc).
+        IAC: (partial(_reject, "IAC where a subnegotiation option belongs (EXOPL was not agreed)"), _S.DATA),
         _ANY: (_sb_begin, _S.SB_DATA),
     },
     _S.SB_DATA: {IAC: (_skip, _S.SB_IAC), _ANY: (_sb_data, _S.SB_DATA)},
@@ -196,10 +212,25 @@ class TelnetParser:
         self._data = bytearray()
         self._events: list[TelnetEvent] = []
         self._closed = False
+        self._broken = False  # a RemoteProtocolError was raised: refuse all input
 
     def feed(self, data: bytes) -> list[TelnetEvent]:
+        """Events of ``data``; raises RemoteProtocolError on garbage, and after it."""
+        if self._broken:
+            raise RemoteProtocolError("telnet: data received after an earlier error")
         if self._closed:
             raise LocalProtocolError("telnet: data fed after EOF")
+        try:
+            return self._feed(data)
+        except RemoteProtocolError:
+            # Broken for good (module doc): nothing of this call comes out.
+            self._broken = True
+            self._events.clear()
+            self._data.clear()
+            self._payload.clear()
+            raise
+
+    def _feed(self, data: bytes) -> list[TelnetEvent]:
         if not data:
             self._closed = True
             if self._state is not _State.DATA:

@@ -2,8 +2,21 @@
 hub's write queue, and reopens with capped, jittered exponential backoff.
 
 The state machine is small: ``connecting`` -> ``up`` -> (loss) ``down`` ->
-``backing-off`` -> ``connecting``. There is never more than one fd: a new one
-is opened only after the old one is closed, so a K2 never sees two of us.
+``backing-off`` -> ``connecting`` (the table is muxd.upstream.state's). There
+is never more than one fd: a new one is opened only after the old one is
+closed, so a K2 never sees two of us.
+
+Every attempt ends in a scheduled next attempt, whatever it raised. An
+attempt that raises (EMFILE from socket(), anything from pyserial's open(),
+a bug inside a retry timer) is logged once per outage (with its traceback
+only if it is not an OSError, i.e. not the environment), counted in
+``status.attempt_errors``, and followed by a retry with backoff like any other
+failure. Nothing leaves a port in ``connecting``: the retry is scheduled before
+the state is reported, so even a bug in the reporting cannot stop it.
+
+The backoff grows with each failure and resets only once a link has stayed up
+for ``STABLE_UP``: a peer that accepts, sends a banner (or one byte) and
+closes is retried with growing waits, not hundreds of times a minute.
 
 Writes queued while the device is down stay queued in the hub (bounded, with
 backpressure on the writers) and go out in order once it is back up.
@@ -15,6 +28,7 @@ import contextlib
 import logging
 import random
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Protocol
 
 from muxd.hub import Hub
@@ -30,19 +44,34 @@ READ_SIZE = 64 * 1024
 # Reads taken from the device at stop: 16 x 64 KiB covers any tty or socket
 # buffer, and bounds the stop against a device that never pauses.
 FINAL_READS = 16
+# A link must stay up this long before the backoff starts again from
+# backoff_min. Long enough that a peer which accepts, greets and closes (a
+# K2 kicking us for another client, a server that sends a banner and hangs up)
+# counts as a failure and is retried with growing waits; short enough that a
+# device that was healthy for ten seconds and then drops is retried at once.
+STABLE_UP = 10.0
 
 
 class Upstream(Protocol):
     """What the daemon, the line control, the API and the metrics see of a device."""
 
     status: UpstreamStatus
-    settings: LineSettings  # the line settings in force
+    # The line settings in force: the one copy muxd keeps (muxd.linecontrol and
+    # the listeners read it here). Only apply_settings() and the device's own
+    # answers change it.
+    settings: LineSettings
     bytes_unacked_lost: int
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def describe(self) -> str: ...
-    def apply_settings(self, settings: LineSettings) -> None: ...
+    def apply_settings(self, wanted: LineSettings) -> LineSettings:
+        """Put ``wanted`` in force; return the settings really granted.
+
+        Raises muxd.errors.SettingsRefused, saying why, when the device or the
+        link cannot take them; ``settings`` is then unchanged.
+        """
+        ...
 
 
 class FdUpstream(ABC):
@@ -52,9 +81,11 @@ class FdUpstream(ABC):
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.fd: int | None = None
-        self.attempts = 0  # failures since the device last sent a byte, for the backoff
+        # Failures since a link last stayed up for STABLE_UP: the backoff's exponent.
+        self.failures = 0
         self.open_attempts = 0  # total, for tests and metrics
         self._retry: Timer | None = None
+        self._stable: Timer | None = None  # fires when the current link has lasted STABLE_UP
         self._stopped = False
         self.status = UpstreamStatus(hub.name, hub.notice)
         # Bytes handed to the device that it may never have got (a TCP link that
@@ -122,36 +153,85 @@ class FdUpstream(ABC):
             return
         self.open_attempts += 1
         self.status.set(CONNECTING, "opening")
-        self._open()
+        try:
+            self._open()
+        except Exception as exc:  # noqa: BLE001 - any failure must end in a retry, see _attempt_raised
+            self._attempt_raised(exc)
+
+    def _attempt_raised(self, exc: Exception) -> None:
+        """An attempt (or a timer of one) raised: say so once per outage, count it, retry."""
+        self.status.attempt_errors += 1
+        if isinstance(exc, OSError):  # the environment (EMFILE, ENOMEM): the reason says it all
+            reason = (exc.strerror or str(exc)).lower()
+        else:
+            # Not the environment: a library's or our own bug. Its traceback is worth
+            # one entry per outage, and it counts with the errors the reactor catches.
+            reason = f"{type(exc).__name__}: {exc}"
+            self.reactor.internal_errors += 1
+            if self.status.first_in_outage(f"traceback {reason}"):
+                log.error("%s: connection attempt raised; retrying with backoff", self.hub.name, exc_info=exc)
+        self._lost(reason)
+
+    def _guarded(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """fn for a timer of the connect cycle: whatever it raises ends in a retry."""
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - a retry timer must never die silently
+                self._attempt_raised(exc)
+
+        return run
 
     def _opened(self, fd: int) -> None:
         self.fd = fd
         self.reactor.add(fd, IN | self._out_mask(), self._on_events, self._on_internal_error)
+        self._stable = self.reactor.call_later(STABLE_UP, self._on_stable)
         self.status.set(UP, "opened")
         self._on_up()
 
+    def _on_stable(self) -> None:
+        self._stable = None
+        self.failures = 0
+
     def _failed(self, reason: str, delay: float | None = None) -> None:
         """Opening failed (or the device was lost): close and schedule a retry."""
-        self._drop_fd()
-        if self._stopped:
-            return
-        if delay is None:
-            delay = self.backoff_delay()
-            self.attempts += 1
-        self.status.set(BACKING_OFF, reason)
-        self._retry = self.reactor.call_later(delay, self._connect)
+        try:
+            self._drop_fd()
+        finally:
+            # Scheduled first, reported second: a retry must follow whatever happens.
+            if not self._stopped:
+                if delay is None:
+                    delay = self._loss_delay()
+                if delay is None:
+                    delay = self.backoff_delay()
+                    self.failures += 1
+                if self._retry is not None:  # never two attempts in flight
+                    self._retry.cancel()
+                self._retry = self.reactor.call_later(delay, self._guarded(self._connect))
+        if not self._stopped:
+            self.status.set(BACKING_OFF, reason, retry_in=delay)
+
+    def _loss_delay(self) -> float | None:
+        """A fixed wait before the next attempt instead of the backoff (None: back off)."""
+        return None
 
     def _lost(self, reason: str) -> None:
-        self.status.set(DOWN, reason)
+        """The link is gone (or the attempt, if it never came up): close and retry."""
+        if self.status.state == UP:  # only an up link can go down; an attempt just fails
+            self.status.set(DOWN, reason)
         self._failed(reason)
 
     def backoff_delay(self) -> float:
         """Exponential from backoff_min, capped at backoff_max, with "equal jitter"
         so that a lab full of muxd instances does not reconnect in lockstep."""
-        ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(self.attempts, 30))
+        ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(self.failures, 30))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     def _drop_fd(self) -> None:
+        if self._stable is not None:
+            self._stable.cancel()
+            self._stable = None
         if self.fd is not None:
             self.reactor.remove(self.fd)
             self.fd = None
@@ -159,6 +239,8 @@ class FdUpstream(ABC):
                 self._close_fd()
 
     def _on_internal_error(self, exc: BaseException) -> None:
+        # The reactor has logged and counted it; what is left is to end this
+        # attempt or link cleanly, and to try again.
         self._lost(f"internal error: {exc!r}")
 
     # -- data -------------------------------------------------------------------
@@ -180,9 +262,8 @@ class FdUpstream(ABC):
             if not data:
                 self._lost(self._loss_reason(None))
                 return
-            # Success is the first byte, not the open: a peer that accepts and
-            # drops at once (a K2 kicking us for another client) must still back off.
-            self.attempts = 0
+            # No success yet: the backoff resets only once the link has lasted
+            # STABLE_UP (_on_stable), so a peer that greets and hangs up backs off.
             self._received(data)
 
     def _on_write_ready(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from muxd.config import SimUpstream
+from muxd.errors import SettingsRefused
 from muxd.hub import Hub
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor, Timer
@@ -60,10 +61,14 @@ class SimDevice:
     def describe(self) -> str:
         return self.cfg.describe()
 
-    def apply_settings(self, settings: LineSettings) -> None:
-        """A line-settings change: recorded, and the output pacing follows the baud rate."""
-        self.settings = settings
-        self.rate = settings.baudrate / 10.0
+    def apply_settings(self, wanted: LineSettings) -> LineSettings:
+        """A line-settings change: put in force, and the output pacing follows the
+        baud rate. A simulated UART takes any framing, but not a speed of 0."""
+        if wanted.baudrate <= 0:
+            raise SettingsRefused(f"baud rate {wanted.baudrate} is not a speed")
+        self.settings = wanted
+        self.rate = wanted.baudrate / 10.0
+        return wanted
 
     def start(self) -> None:
         self._running = True

@@ -17,11 +17,13 @@ that long) catches it. Each loss closes the socket before the next attempt is
 made, so the K2 never sees two of us (FdUpstream's backoff does the rest).
 
 ``control`` says how line settings reach the device. ``none``: they cannot;
-the K2 keeps what its web page says. ``usr``: the vendor's 8-byte packet goes
-out first on every connection and again on each change. ``rfc2217``: the
-link speaks Telnet + RFC 2217; device bytes are decoded out of the stream,
-negotiation is answered, writes are escaped, and the line settings are sent
-once the K2 agrees to COM-PORT-OPTION. Escaping changes lengths, so writes go
+the K2 keeps what its web page says, and a change is refused. ``usr``: the
+vendor's 8-byte packet goes out first on every connection and again on each
+change (it has no answer). ``rfc2217``: the link speaks Telnet + RFC 2217;
+device bytes are decoded out of the stream, negotiation is answered, writes
+are escaped, and the line settings are sent once the K2 agrees to
+COM-PORT-OPTION; the K2's answers carry the values it has in force, and
+``settings`` follows them. Escaping changes lengths, so writes go
 through ``_out``, a small buffer of wire bytes: a queue chunk is encoded only
 when ``_out`` is empty, and counted consumed once encoded, so a partial send
 never loses or repeats a byte.
@@ -36,6 +38,7 @@ K2 never acknowledged (TCP_INFO's bytes_acked) are logged and counted in
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -44,11 +47,20 @@ import socket
 import struct
 
 from muxd.config import TcpUpstream
-from muxd.errors import LocalProtocolError, RemoteProtocolError
+from muxd.errors import LocalProtocolError, RemoteProtocolError, SettingsRefused
 from muxd.hub import Hub
 from muxd.protocol import usr
 from muxd.protocol.line_settings import LineSettings
-from muxd.protocol.rfc2217 import ComPortOption, Data, Rfc2217Client
+from muxd.protocol.rfc2217 import (
+    ComPortOption,
+    Data,
+    Rfc2217Client,
+    SetBaudrate,
+    SetControl,
+    SetDataSize,
+    SetParity,
+    SetStopSize,
+)
 from muxd.reactor import OUT, Reactor, Timer
 from muxd.upstream.base import READ_SIZE, FdUpstream
 
@@ -120,7 +132,9 @@ class TcpPort(FdUpstream):
             self._connected()
         elif err == errno.EINPROGRESS:
             self.reactor.add(sock.fileno(), OUT, self._on_connect_event, self._on_internal_error)
-            self._connect_timer = self.reactor.call_later(cfg.connect_timeout, self._on_connect_timeout)
+            self._connect_timer = self.reactor.call_later(
+                cfg.connect_timeout, self._guarded(self._on_connect_timeout)
+            )
         else:
             self._failed(_CONNECT_REASONS.get(err, _strerror(err)))
 
@@ -150,16 +164,16 @@ class TcpPort(FdUpstream):
             self._out += usr.encode(self.settings)
         elif self.cfg.control == "rfc2217":
             self._codec = Rfc2217Client()
-            self._out += self._codec.initial_negotiation()
+            self._out += self._codec.data_to_send()  # the negotiation its constructor queued
         if self.cfg.idle_timeout:
             self._last_rx = self.reactor.now()
-            self._idle_timer = self.reactor.call_later(self.cfg.idle_timeout, self._check_idle)
+            self._idle_timer = self.reactor.call_later(self.cfg.idle_timeout, self._guarded(self._check_idle))
         self._drain()
 
     def _check_idle(self) -> None:
         left = self._last_rx + self.cfg.idle_timeout - self.reactor.now()
         if left > 0:
-            self._idle_timer = self.reactor.call_later(left, self._check_idle)
+            self._idle_timer = self.reactor.call_later(left, self._guarded(self._check_idle))
         else:
             self._idle_timer = None
             self._lost("idle timeout")
@@ -232,12 +246,14 @@ class TcpPort(FdUpstream):
             elif isinstance(event, ComPortOption):
                 self._com_port = event.enabled
                 if event.enabled:
-                    self._out += codec.configure(self.settings)
+                    codec.configure(self.settings)  # collected with the answers below
                 else:
                     log.warning(
                         "%s: the K2 refused RFC 2217 COM-PORT-OPTION; line settings stay as they are",
                         self.hub.name,
                     )
+            elif isinstance(event, (SetBaudrate, SetDataSize, SetParity, SetStopSize, SetControl)):
+                self._reconcile(event)
             else:
                 log.debug("%s: RFC 2217: %s", self.hub.name, event)
         self._out += codec.data_to_send()
@@ -278,7 +294,8 @@ class TcpPort(FdUpstream):
             self._sent += n
             return n
         chunk = data[:ENCODE_CHUNK]
-        self._out += self._codec.send(Data(bytes(chunk)))
+        self._codec.send(Data(bytes(chunk)))
+        self._out += self._codec.data_to_send()
         try:
             self._flush_out()
         except OSError:
@@ -288,30 +305,70 @@ class TcpPort(FdUpstream):
 
     # -- line settings ------------------------------------------------------------
 
-    def apply_settings(self, settings: LineSettings) -> None:
-        """New line settings (from muxd.linecontrol): passed on to the K2 when
-        ``control`` allows. Raises ValueError for settings the link cannot carry."""
-        if settings == self.settings:
-            return
+    def apply_settings(self, wanted: LineSettings) -> LineSettings:
+        """New line settings (from muxd.linecontrol), passed on to the K2 as
+        ``control`` allows; ``settings`` is also what every later connection sends.
+
+        Returns ``wanted``: the vendor packet has no answer, and an RFC 2217
+        answer arrives later (``_reconcile`` then corrects ``settings``). Raises
+        SettingsRefused, changing nothing, when the K2 cannot be told
+        (``control: none``) or the packet cannot carry the value.
+        """
+        if wanted == self.settings:
+            return wanted
         control = self.cfg.control
-        message = b""
-        if control == "usr":
-            try:
-                message = usr.encode(settings)
-            except LocalProtocolError as exc:
-                raise ValueError(str(exc)) from None
-        elif self._codec is not None and self._com_port:
-            message = self._codec.configure(settings)
-        self.settings = settings  # also what every later connection sends
         if control == "none":
-            log.info(
-                "%s: line settings %s recorded; with control: none the K2 cannot be told",
-                self.hub.name,
-                settings,
-            )
-        elif self.fd is not None and message:
+            raise SettingsRefused("with control: none the K2 keeps the line settings set on its web page")
+        message = b""
+        try:
+            if control == "usr":
+                message = usr.encode(wanted)
+            else:
+                # A throwaway codec first: a value refused half-way through the
+                # live codec's configure() would leave part of it queued.
+                Rfc2217Client().configure(wanted)
+        except LocalProtocolError as exc:
+            raise SettingsRefused(f"the K2 cannot be sent {wanted}: {exc}") from exc
+        if control == "rfc2217" and self._codec is not None and self._com_port:
+            self._codec.configure(wanted)
+            message = self._codec.data_to_send()
+        # else (rfc2217): sent once the next link agrees to COM-PORT-OPTION (_received)
+        self.settings = wanted
+        if self.fd is not None and message:
             self._out += message
             self._drain()
+        return wanted
+
+    def _reconcile(self, answer: SetBaudrate | SetDataSize | SetParity | SetStopSize | SetControl) -> None:
+        """An RFC 2217 answer to one of our requests: it carries the value the K2
+        has in force, which becomes ours. A K2 that cannot take a baud rate
+        answers with the one it kept; that is what readers are told from now on.
+
+        Requests are answered in order, so when several changes are in flight
+        ``settings`` may briefly hold an earlier answer; the last answer wins.
+        """
+        asked = self.settings
+        if isinstance(answer, SetBaudrate) and answer.value is not None:
+            granted = dataclasses.replace(asked, baudrate=answer.value)
+        elif isinstance(answer, SetDataSize) and answer.value is not None:
+            granted = dataclasses.replace(asked, bytesize=answer.value)
+        elif isinstance(answer, SetParity) and answer.value is not None:
+            granted = dataclasses.replace(asked, parity=answer.value)
+        elif isinstance(answer, SetStopSize) and answer.value is not None:
+            granted = dataclasses.replace(asked, stopbits=answer.value)
+        elif isinstance(answer, SetControl) and answer.flow is not None:
+            granted = dataclasses.replace(asked, flow=answer.flow)
+        else:  # no value (a query's form), or BREAK/DTR/RTS: not a line setting
+            log.debug("%s: RFC 2217: %s", self.hub.name, answer)
+            return
+        if granted != asked:
+            log.info(
+                "%s: the K2 has line settings %s in force where %s was asked",
+                self.hub.name,
+                granted,
+                asked,
+            )
+            self.settings = granted
 
 
 def _strerror(err: int) -> str:

@@ -409,7 +409,17 @@
       var row = portRow(p.name);
       row.state.textContent = p.state;
       row.state.className = 'state state-' + p.state;
-      row.detail.textContent = (p.reason || '') + ' · since ' + fmtAge(p.since);
+      // `since` is when the port last went up or down: retries inside an outage
+      // do not move it, so "since 3m" answers "how long has the board been gone?".
+      // The current attempt shows separately.
+      var attempt = '';
+      if (p.state !== 'up' && p.attempts) {
+        attempt = ' · attempt ' + p.attempts;
+        if (typeof p.next_attempt_in === 'number') {
+          attempt += ', next in ' + p.next_attempt_in.toFixed(1) + 's';
+        }
+      }
+      row.detail.textContent = (p.reason || '') + ' · since ' + fmtAge(p.since) + attempt;
       row.detail.title = fmtTime(p.since);
       row.stats.textContent = '';
       row.stats.appendChild(document.createTextNode(

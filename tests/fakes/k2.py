@@ -19,7 +19,10 @@ and ``wait_uart`` wait on it, so tests never sleep.
 
 Faults, each switched at runtime: ``reset_all()`` (RST every client),
 ``black_hole()`` (a hung device: see there), ``refuse()`` (no listener, so
-connects are refused; the same port comes back) and ``accept_delay()``.
+connects are refused; the same port comes back), ``accept_delay()``,
+``on_connect()`` (what each new connection gets: served, a banner and a close,
+one byte and a close, or an RST) and ``trickle()`` (at most one byte per client
+per interval: a K2 whose UART side crawls).
 
 Nothing is lost silently. ``lost`` counts fed bytes that reached no client (none
 connected, or black hole); ``dropped`` counts bytes queued for a client that
@@ -68,6 +71,15 @@ COMMAND_TIMEOUT = 5.0
 
 DEFAULT_WAIT = 5.0
 
+# What on_connect() does with each new connection.
+SERVE = "serve"  # a K2: keep it and feed it
+BANNER_AND_CLOSE = "banner-and-close"  # send BANNER, then FIN
+ONE_BYTE_AND_CLOSE = "one-byte-and-close"  # send one byte, then FIN
+RST = "rst"  # accept, then reset at once
+CONNECT_MODES = (SERVE, BANNER_AND_CLOSE, ONE_BYTE_AND_CLOSE, RST)
+# A greeting as some serial servers send one; short, so one send() always takes it whole.
+BANNER = b"USR-K2 ready\r\n"
+
 # SO_LINGER on with a zero timeout: close() sends RST and discards unsent data.
 _LINGER_RST = struct.pack("ii", 1, 0)
 
@@ -109,6 +121,9 @@ class FakeK2:
         self._commands: deque[_Command] = deque()
         self._black_hole = False
         self._accept_delay = 0.0
+        self._connect_mode = SERVE
+        self._trickle: float | None = None  # seconds per byte per client; None: off
+        self._trickle_at: float | None = None  # when the next trickled bytes go
         # When set, a connection waits in the backlog and the listener is not watched.
         self._accept_at: float | None = None
         self._uart = bytearray()
@@ -222,6 +237,25 @@ class FakeK2:
             raise ValueError(f"accept delay must be >= 0, not {seconds}")
         self._submit(partial(self._set_accept_delay, seconds))
 
+    def on_connect(self, mode: str) -> None:
+        """What each connection accepted from now on gets (see CONNECT_MODES).
+
+        Connections already open are untouched. The closing modes still count in
+        ``connections_seen``: that is how a test measures a client's reconnect rate.
+        """
+        if mode not in CONNECT_MODES:
+            raise ValueError(f"connect mode must be one of {CONNECT_MODES}, not {mode!r}")
+        self._submit(partial(self._set_connect_mode, mode))
+
+    def trickle(self, interval: float | None) -> None:
+        """Send each client at most one byte per ``interval`` seconds (None: as fast as it reads).
+
+        Fed bytes queue per client as usual (bounded by CLIENT_BUFFER) and drip out.
+        """
+        if interval is not None and interval <= 0:
+            raise ValueError(f"trickle interval must be > 0, not {interval}")
+        self._submit(partial(self._set_trickle, interval))
+
     def wait_for(self, predicate: Callable[[], object], timeout: float = DEFAULT_WAIT) -> bool:
         """Wait until ``predicate()`` is true, re-checked on every state change; False on timeout."""
         with self._cond:
@@ -289,7 +323,8 @@ class FakeK2:
     def _run(self) -> None:
         try:
             while True:
-                timeout = None if self._accept_at is None else max(0.0, self._accept_at - time.monotonic())
+                deadlines = [t for t in (self._accept_at, self._trickle_at) if t is not None]
+                timeout = None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
                 events = self._sel.select(timeout)
                 with self._cond:
                     if self._stopping:
@@ -298,6 +333,8 @@ class FakeK2:
                         key.data(mask)
                     if self._accept_at is not None and time.monotonic() >= self._accept_at:
                         self._accept_delayed()
+                    if self._trickle_at is not None and time.monotonic() >= self._trickle_at:
+                        self._drip()
                     self._run_commands()
                     self._cond.notify_all()
         except BaseException as exc:
@@ -359,7 +396,15 @@ class FakeK2:
         self._clients.append(client)
         self._connections_seen += 1
         self._max_active_seen = max(self._max_active_seen, len(self._clients))
-        self._sync_events(client)
+        if self._connect_mode == RST:
+            self._close(client, rst=True)
+        elif self._connect_mode in (BANNER_AND_CLOSE, ONE_BYTE_AND_CLOSE):
+            greeting = BANNER if self._connect_mode == BANNER_AND_CLOSE else BANNER[:1]
+            with contextlib.suppress(OSError):  # a peer already gone just misses it
+                sock.send(greeting)
+            self._close(client)
+        else:
+            self._sync_events(client)
 
     def _on_client(self, client: _Client, mask: int) -> None:
         if client not in self._clients:
@@ -386,7 +431,7 @@ class FakeK2:
             self._uart_dropped += excess
 
     def _flush(self, client: _Client) -> None:
-        if client.out and not self._black_hole:
+        if client.out and not self._black_hole and self._trickle is None:
             try:
                 sent = client.sock.send(client.out)
             except BlockingIOError:
@@ -400,7 +445,8 @@ class FakeK2:
     def _sync_events(self, client: _Client) -> None:
         want = 0
         if not self._black_hole:
-            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.out else 0)
+            writable = client.out and self._trickle is None  # trickled bytes go from _drip()
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if writable else 0)
         if want == client.events:
             return
         if client.events == 0:
@@ -438,6 +484,33 @@ class FakeK2:
         self._black_hole = on
         for client in list(self._clients):
             self._flush(client)
+
+    def _set_connect_mode(self, mode: str) -> None:
+        self._connect_mode = mode
+
+    def _set_trickle(self, interval: float | None) -> None:
+        self._trickle = interval
+        self._trickle_at = None if interval is None else time.monotonic() + interval
+        for client in list(self._clients):
+            self._flush(client)
+
+    def _drip(self) -> None:
+        """One byte to each client with output waiting (trickle mode)."""
+        assert self._trickle is not None
+        self._trickle_at = time.monotonic() + self._trickle
+        if self._black_hole:
+            return
+        for client in list(self._clients):
+            if not client.out:
+                continue
+            try:
+                sent = client.sock.send(client.out[:1])
+            except BlockingIOError:
+                continue
+            except ConnectionError:
+                self._close(client)
+                continue
+            del client.out[:sent]
 
     def _set_accept_delay(self, seconds: float) -> None:
         self._accept_delay = seconds

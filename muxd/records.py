@@ -1,0 +1,223 @@
+"""Stamped records: the ``text`` and ``jsonl`` formats, encoded once per device chunk.
+
+A reader (a TCP, Unix or WebSocket client, a trace file) may ask for the
+device's bytes as records instead of raw:
+
+``text``
+    Each line gets an ISO 8601 UTC prefix with milliseconds, the arrival time
+    at muxd of the line's first byte: ``2026-12-01T17:10:00.123Z boot ok``.
+    A line ends at LF; a lone CR (a progress bar) does not start a new line.
+
+``jsonl``
+    One JSON object per line: ``{"t": 1764609000.123, "port": "dut",
+    "dir": "rx", "data": "boot ok\\n"}``. ``t`` is Unix seconds, the arrival
+    time of the record's first byte. A device chunk that ends inside a line
+    gives a record for that part at once (a prompt must not wait for a
+    newline), and the line continues in the next record, which carries no
+    newline of its own until the line ends: joining the ``data`` fields
+    gives back the stream. Bytes that are not UTF-8 are decoded with Python's
+    ``surrogateescape`` (PEP 383): byte 0xNN becomes the escape ``\\udcNN``,
+    and ``data.encode("utf-8", "surrogateescape")`` gives back the exact
+    bytes. A multi-byte character split between two chunks is held (at most
+    3 bytes) until complete.
+
+    Events are records too: ``{"t": ..., "port": ..., "event": "gap",
+    "bytes": N}`` where a reader lost N device bytes, and ``{"event":
+    "upstream", "state": "down", "reason": "..."}`` on a state change.
+
+In text, events are lines of their own: ``<stamp> -- muxd: 1687553 bytes
+lost --``. ``text`` readers, ``jsonl`` readers and raw readers with
+``notices: true`` all see them where they happened in their stream.
+
+Sharing. The hub keeps one FramedLog per format in use: each device chunk is
+encoded once, appended to that format's bounded ring, and every reader of the
+format sends the same bytes (muxd.hub). The encoders here are sans-I/O: bytes
+and a time in, bytes out; they hold only the state of the line in progress.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+import time
+from collections import deque
+from typing import Literal
+
+from muxd.ring import Ring
+
+Format = Literal["raw", "text", "jsonl"]
+FORMATS: tuple[Format, ...] = ("raw", "text", "jsonl")
+
+# A framed log holds this many times the raw ring's bytes: a jsonl record
+# costs about 60 bytes besides its data, so lines of 10 bytes and up fit; a
+# device that sends single bytes one chunk at a time can outrun it, and then
+# its readers see a counted gap rather than memory without bound.
+FRAMED_EXPANSION = 8
+# Chunk boundaries kept per framed log, at most: far more than the chunks a
+# ring of any configured size holds at serial rates (a 256 KiB ring of
+# 64-byte chunks is 4096); older ones go with the bytes they index.
+MAX_INDEX = 64 * 1024
+
+
+def stamp(t: float) -> str:
+    """ISO 8601 UTC with milliseconds: 2026-12-01T17:10:00.123Z."""
+    whole = int(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((t - whole) * 1000):03d}Z"
+
+
+class Encoder:
+    """Device chunks in, records out, for one format and one port."""
+
+    def __init__(self, port: str) -> None:
+        self.port = port
+
+    def data(self, chunk: bytes, t: float) -> bytes:
+        raise NotImplementedError
+
+    def event(self, t: float, text: str, **fields: object) -> bytes:
+        """An event record: ``text`` is the human line, ``fields`` the JSON."""
+        raise NotImplementedError
+
+
+class TextEncoder(Encoder):
+    def __init__(self, port: str) -> None:
+        super().__init__(port)
+        self.at_line_start = True
+
+    def data(self, chunk: bytes, t: float) -> bytes:
+        prefix = (stamp(t) + " ").encode()
+        out = bytearray()
+        start, n = 0, len(chunk)
+        while start < n:
+            if self.at_line_start:
+                out += prefix
+                self.at_line_start = False
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                out += chunk[start:]
+                break
+            out += chunk[start : nl + 1]
+            self.at_line_start = True
+            start = nl + 1
+        return bytes(out)
+
+    def event(self, t: float, text: str, **fields: object) -> bytes:
+        # On a line of its own; a line in progress is not resumed with a stamp.
+        lead = b"" if self.at_line_start else b"\n"
+        return lead + f"{stamp(t)} -- muxd: {text} --\n".encode()
+
+
+class JsonlEncoder(Encoder):
+    def __init__(self, port: str) -> None:
+        super().__init__(port)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+
+    def data(self, chunk: bytes, t: float) -> bytes:
+        text = self._decoder.decode(chunk)
+        t = round(t, 6)
+        out = []
+        for line in _lines(text):
+            record = {"t": t, "port": self.port, "dir": "rx", "data": line}
+            out.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        if not out:
+            return b""
+        # Text stays readable UTF-8; only the escaped stray bytes become \udcNN.
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", "\n".join(out) + "\n").encode()
+
+    def event(self, t: float, text: str, **fields: object) -> bytes:
+        record = {"t": round(t, 6), "port": self.port, **fields}
+        return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _lines(text: str) -> list[str]:
+    """Split after each LF only (a CR, a form feed... stays inside its line)."""
+    parts = text.split("\n")
+    lines = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
+def make_encoder(fmt: Format, port: str) -> Encoder:
+    return TextEncoder(port) if fmt == "text" else JsonlEncoder(port)
+
+
+def raw_event(text: str) -> bytes:
+    """The in-band notice a raw reader with ``notices: true`` gets."""
+    return f"-- muxd: {text} --\r\n".encode()
+
+
+class FramedLog:
+    """One format's shared encoding of the device stream: a bounded ring of
+    records, and where each device chunk's records start.
+
+    Readers of the format keep their cursor in raw device offsets, always at a
+    chunk boundary, so backlog, overflow and loss are judged and counted in
+    device bytes exactly as for raw readers; they send the records of whole
+    chunks, so a record is never cut by a skip.
+    """
+
+    def __init__(self, fmt: Format, port: str, raw_capacity: int) -> None:
+        self.format = fmt
+        self.encoder = make_encoder(fmt, port)
+        self.ring = Ring(raw_capacity * FRAMED_EXPANSION)
+        # (raw offset, framed offset) at the start of each chunk still held.
+        self.index: deque[tuple[int, int]] = deque()
+        self.raw_head = 0
+
+    def append(self, raw_start: int, chunk: bytes, t: float) -> None:
+        self.index.append((raw_start, self.ring.head))
+        self.ring.write(self.encoder.data(chunk, t))
+        self.raw_head = raw_start + len(chunk)
+        tail = self.ring.tail
+        while self.index and (self.index[0][1] < tail or len(self.index) > MAX_INDEX):
+            self.index.popleft()
+
+    def _find(self, raw: int) -> int:
+        """The index position of the first chunk starting at or after raw."""
+        index = self.index
+        lo, hi = 0, len(index)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if index[mid][0] < raw:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    @property
+    def raw_tail(self) -> int:
+        """The oldest raw offset whose records are still held."""
+        return self.index[0][0] if self.index else self.raw_head
+
+    def boundary_after(self, raw: int) -> int:
+        """The first chunk boundary still held at or after a raw offset."""
+        i = self._find(raw)
+        return self.index[i][0] if i < len(self.index) else self.raw_head
+
+    def boundary_before(self, raw: int) -> int:
+        """The last chunk boundary still held at or before a raw offset."""
+        i = self._find(raw)
+        if i < len(self.index) and self.index[i][0] == raw:
+            return raw
+        return self.index[i - 1][0] if i > 0 else self.raw_tail
+
+    def views(self, raw_from: int, raw_stop: int, limit: int) -> tuple[list[memoryview], int]:
+        """Records of whole chunks from the boundary raw_from up to raw_stop: at
+        most about ``limit`` framed bytes (at least one chunk), and the raw
+        offset they end at."""
+        index = self.index
+        lo = self._find(raw_from)
+        if lo == len(index) or index[lo][0] != raw_from or raw_from >= raw_stop:
+            return [], raw_from
+        start = index[lo][1]
+        end_raw, end = self.raw_head, self.ring.head
+        for j in range(lo + 1, len(index)):
+            if index[j][1] - start >= limit or index[j][0] >= raw_stop:
+                end_raw, end = index[j]
+                break
+        return self.ring.views(start, end), end_raw

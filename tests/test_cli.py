@@ -1,0 +1,477 @@
+"""The operator's command line: `muxd status` in pipes and scripts (exit codes,
+--url forms, closed pipes, Ctrl-C), `muxd demo` on busy ports, `--ready-file`
+with the kernel's choice of port, `muxd_build_info`, and what `make run` installs.
+
+Every muxd here is a real subprocess, stopped by its PID; every wait polls a
+condition until a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from muxd import config as configmod
+from muxd import metrics
+from muxd.cli import demo_config
+from muxd.client import format_status, normalize_url
+from muxd.errors import ConfigError
+from muxd.reactor import Reactor
+from tests.conftest import ROOT, Muxd, connect, free_port, wait_for, write_config
+
+StartMuxd = Callable[..., Muxd]
+
+HEADER = ["PORT", "STATE", "FOR", "UPSTREAM", "IN", "OUT", "CLIENTS", "MAX", "LAG", "DROPPED", "WQUEUE"]
+
+# A `muxd` command is Python starting up and one HTTP round trip on loopback.
+COMMAND_TIMEOUT = 30
+
+
+def muxd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "muxd", *args]
+
+
+def run_muxd(*args: str) -> subprocess.CompletedProcess[str]:
+    # subprocess.run kills the child by its PID if it overruns the timeout.
+    return subprocess.run(
+        muxd_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+    )
+
+
+def no_traceback(stderr: str) -> None:
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def sim_port(name: str = "sim") -> dict[str, Any]:
+    return {"name": name, "upstream": {"sim": {"status_interval": "1s"}}, "listeners": []}
+
+
+def start_with_http(muxd: StartMuxd, tmp_path: Path, ports: list[dict[str, Any]]) -> tuple[Muxd, str]:
+    """muxd with these ports and an http server; waits for its API, gives (muxd, "host:port")."""
+    addr = f"127.0.0.1:{free_port()}"
+    path = write_config(tmp_path, {"ports": ports, "http": {"listen": addr}})
+    m = muxd("run", "-c", str(path))
+
+    def answers() -> bool:
+        if m.proc.poll() is not None:
+            raise AssertionError(f"muxd exited with {m.proc.returncode}:\n{m.log()}")
+        try:
+            socket.create_connection(("127.0.0.1", int(addr.rsplit(":", 1)[1])), timeout=0.2).close()
+        except OSError:
+            return False
+        return True
+
+    wait_for(answers, 10, f"muxd's http server on {addr}")
+    return m, addr
+
+
+def api_ports(addr: str) -> list[dict[str, Any]]:
+    done = run_muxd("status", "--url", addr, "--json")
+    assert done.returncode in (0, 1), done.stderr
+    ports: list[dict[str, Any]] = json.loads(done.stdout)["ports"]
+    return ports
+
+
+@pytest.fixture
+def sim_muxd(muxd: StartMuxd, tmp_path: Path) -> tuple[Muxd, str]:
+    m, addr = start_with_http(muxd, tmp_path, [sim_port()])
+    wait_for(lambda: api_ports(addr)[0]["state"] == "up", 10, "the simulated port up")
+    return m, addr
+
+
+# -- muxd status: pipes and Ctrl-C --------------------------------------------------------------
+
+
+def test_status_into_head_prints_the_header_without_a_traceback(sim_muxd: tuple[Muxd, str]) -> None:
+    _, addr = sim_muxd
+    # A real shell pipe, as an operator types it; bash reports muxd's own status.
+    script = f'{" ".join(muxd_cmd())} status --url {addr} | head -1; echo "muxd=${{PIPESTATUS[0]}}" >&2'
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+    )
+    assert done.stdout.split() == HEADER
+    no_traceback(done.stderr)
+    # 0 when head had not yet gone when muxd wrote, 141 when it had: both quiet.
+    assert re.search(r"muxd=(0|141)$", done.stderr.strip()), done.stderr
+
+
+def test_status_into_a_closed_pipe_exits_141_quietly(sim_muxd: tuple[Muxd, str]) -> None:
+    _, addr = sim_muxd
+    # The reader is gone before muxd writes: deterministic, unlike a race with head.
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run(
+            muxd_cmd("status", "--url", addr),
+            cwd=ROOT,
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    finally:
+        os.close(w)
+    no_traceback(proc.stderr)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_ctrl_c_while_waiting_for_a_daemon_exits_130_quietly() -> None:
+    # A "daemon" that accepts the connection and never answers.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        proc = subprocess.Popen(
+            muxd_cmd("status", "--url", f"127.0.0.1:{port}"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            server.settimeout(COMMAND_TIMEOUT)
+            conn, _ = server.accept()  # muxd status is now waiting for its answer
+            with conn:
+                os.kill(proc.pid, signal.SIGINT)
+                out, err = proc.communicate(timeout=COMMAND_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(COMMAND_TIMEOUT)
+    no_traceback(err)
+    assert (proc.returncode, out) == (130, "")
+
+
+# -- muxd status: exit codes and --url -----------------------------------------------------------
+
+
+def test_status_exits_0_when_every_port_is_up(sim_muxd: tuple[Muxd, str]) -> None:
+    _, addr = sim_muxd
+    done = run_muxd("status", "--url", addr)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1].split()[:2] == ["sim", "up"]
+    assert run_muxd("status", "--url", addr, "--json").returncode == 0
+
+
+def test_status_exits_1_with_a_port_down_and_shows_the_outage(muxd: StartMuxd, tmp_path: Path) -> None:
+    absent = {"name": "gone", "upstream": {"serial": str(tmp_path / "no-such-tty")}, "listeners": []}
+    _, addr = start_with_http(muxd, tmp_path, [sim_port(), absent])
+    wait_for(lambda: api_ports(addr)[0]["state"] == "up", 10, "the simulated port up")
+    done = run_muxd("status", "--url", addr)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    row = next(line for line in done.stdout.splitlines() if line.startswith("gone "))
+    view = next(p for p in api_ports(addr) if p["name"] == "gone")
+    assert view["state"] != "up"
+    assert f"{view['state']} ({view['reason']})" in row
+    if "attempts" in view:  # the retry detail, where the API has it
+        assert (" attempt" in row and "next in " in row) or view["state"] != "backing-off", row
+    assert run_muxd("status", "--url", addr, "--json").returncode == 1
+
+
+def test_status_url_forms(sim_muxd: tuple[Muxd, str]) -> None:
+    _, addr = sim_muxd
+    for url in (addr, f"http://{addr}", f"http://{addr}/"):
+        done = run_muxd("status", "--url", url)
+        assert done.returncode == 0, (url, done.stderr)
+        assert done.stdout.startswith("PORT ")
+
+
+def test_status_usage_and_unreachable_codes() -> None:
+    done = run_muxd("status", "--url", "localhost")
+    assert done.returncode == 2 and "HOST:PORT" in done.stderr
+    done = run_muxd("status", "--url", "ftp://127.0.0.1:21")
+    assert done.returncode == 2
+    done = run_muxd("status", "--url", f"127.0.0.1:{free_port()}")
+    assert done.returncode == 3 and "cannot get the status" in done.stderr
+    no_traceback(done.stderr)
+
+
+def test_normalize_url() -> None:
+    assert normalize_url("127.0.0.1:8020") == "http://127.0.0.1:8020"
+    assert normalize_url("[::1]:8020") == "http://[::1]:8020"
+    assert normalize_url("8020") == "http://127.0.0.1:8020"
+    assert normalize_url("http://10.0.0.5:8020") == "http://10.0.0.5:8020"
+    assert normalize_url("https://muxd.lab") == "https://muxd.lab"
+    for bad in ("localhost", "127.0.0.1:http", "ftp://x:1", "", "http://:8020"):
+        with pytest.raises(ValueError):
+            normalize_url(bad)
+
+
+def test_format_status_outage_view() -> None:
+    port = {
+        "name": "dut1",
+        "state": "backing-off",
+        "reason": "device absent",
+        "since": 1000.0,
+        "attempts": 17,
+        "next_attempt_in": 1.62,
+        "upstream": "serial:/dev/ttyUSB0",
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "clients": 0,
+        "max_lag": 0,
+        "dropped": 0,
+        "write_queue_bytes": 0,
+    }
+    text = format_status({"ports": [port], "clients": {}}, now=1000.0 + 125)
+    row = text.splitlines()[1]
+    assert "backing-off (device absent), 17 attempts, next in 1.6s" in row
+    assert " 2m05s " in row  # FOR: since the port went down, not since the last retry
+    # A daemon whose view has no retry detail: state and reason only.
+    del port["attempts"], port["next_attempt_in"]
+    assert "backing-off (device absent)  " in format_status({"ports": [port], "clients": {}}, now=1000.0)
+
+
+# -- muxd demo on busy ports ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port some other program listens on."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        yield int(s.getsockname()[1])
+
+
+def two_free_ports() -> int:
+    """P such that P and P+1 are free now (the demo's two TCP listeners)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def demo_listener_names(tcp: int, http: int) -> list[str]:
+    """The demo's TCP listeners' names, then its http server's: as its config names them."""
+    cfg = demo_config(tcp, http)
+    return [lst.name for lst in cfg.ports[0].listeners if lst.kind == "tcp"] + [cfg.http[0].name]
+
+
+def test_demo_busy_tcp_port_gives_one_line_and_a_hint(busy_port: int) -> None:
+    http = free_port()
+    done = run_muxd("demo", "--tcp", str(busy_port), "--http", str(http))
+    no_traceback(done.stderr)
+    assert done.returncode == 2
+    name = demo_listener_names(busy_port, http)[0]
+    assert done.stderr.strip().splitlines() == [
+        f"muxd: demo listener {name}: address already in use; try --tcp {busy_port + 100}"
+    ]
+
+
+def test_demo_busy_http_port_names_the_http_listener(busy_port: int) -> None:
+    tcp = two_free_ports()
+    done = run_muxd("demo", "--tcp", str(tcp), "--http", str(busy_port))
+    no_traceback(done.stderr)
+    assert done.returncode == 2
+    # Log lines of the listeners bound before it may come first; the error is the last line, alone.
+    name = demo_listener_names(tcp, busy_port)[-1]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"muxd: demo listener {name}: address already in use; try --http {busy_port + 100}"
+    )
+    assert done.stderr.count("already in use") == 1
+
+
+def test_demo_moves_its_listeners(muxd: StartMuxd, tmp_path: Path) -> None:
+    tcp, http = two_free_ports(), free_port()
+    ready = tmp_path / "ready.json"
+    m = muxd("demo", "--tcp", str(tcp), "--http", str(http), "--ready-file", str(ready))
+    data = wait_ready(m, ready)
+    assert sorted(data["listeners"].values()) == sorted(
+        [f"127.0.0.1:{tcp}", f"127.0.0.1:{tcp + 1}", f"127.0.0.1:{http}"]
+    )
+    connect(tcp).close()
+    assert run_muxd("status", "--url", f"127.0.0.1:{http}").returncode == 0
+
+
+# -- --ready-file and bound addresses -------------------------------------------------------------
+
+
+def wait_ready(m: Muxd, path: Path) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        if m.proc.poll() is not None:
+            raise AssertionError(f"muxd exited with {m.proc.returncode}:\n{m.log()}")
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None  # not yet: it appears whole, by rename
+        return data
+
+    data: dict[str, Any] = wait_for(ready, 10, f"the ready file {path}")
+    assert data["pid"] == m.pid
+    return data
+
+
+def hostport(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def test_ready_file_names_every_listener(muxd: StartMuxd, tmp_path: Path) -> None:
+    tcp, http = free_port(), free_port()
+    sock = tmp_path / "dut.sock"
+    ready = tmp_path / "run" / "ready.json"
+    ready.parent.mkdir()
+    listeners = [{"tcp": f"127.0.0.1:{tcp}", "name": "raw"}, {"unix": str(sock), "name": "local"}]
+    path = write_config(
+        tmp_path,
+        {
+            "ports": [{**sim_port(), "listeners": listeners}],
+            "http": {"listen": f"127.0.0.1:{http}", "name": "web"},
+        },
+    )
+    m = muxd("run", "-c", str(path), "--ready-file", str(ready))
+    data = wait_ready(m, ready)
+    assert data["listeners"] == {"raw": f"127.0.0.1:{tcp}", "local": str(sock), "web": f"127.0.0.1:{http}"}
+    assert [p.name for p in ready.parent.iterdir()] == ["ready.json"]  # no temporary file left
+    m.signal(signal.SIGTERM)
+    assert m.wait_exit(10) == 0
+    assert not ready.exists()  # it would say "ready" for a PID that is gone
+
+
+def port_zero_accepted() -> bool:
+    try:
+        configmod.from_data(
+            {"ports": [{"name": "x", "upstream": {"sim": True}, "listeners": [{"tcp": "127.0.0.1:0"}]}]}
+        )
+    except ConfigError:
+        return False
+    return True
+
+
+def test_ready_file_with_port_0_gives_addresses_to_connect_to(muxd: StartMuxd, tmp_path: Path) -> None:
+    if not port_zero_accepted():
+        pytest.skip("the config does not accept port 0 yet (listen addresses must be 1..65535)")
+    ready = tmp_path / "ready.json"
+    listeners = [
+        {"tcp": "127.0.0.1:0", "name": "raw", "mode": "rw"},
+        {"tcp": "127.0.0.1:0", "name": "raw2"},
+        {"rfc2217": "127.0.0.1:0", "name": "vcom"},
+    ]
+    path = write_config(
+        tmp_path,
+        {"ports": [{**sim_port(), "listeners": listeners}], "http": {"listen": "127.0.0.1:0", "name": "web"}},
+    )
+    m = muxd("run", "-c", str(path), "--ready-file", str(ready))
+    got = wait_ready(m, ready)["listeners"]
+    assert set(got) == {"raw", "raw2", "vcom", "web"}
+    ports = {hostport(a)[1] for a in got.values()}
+    assert 0 not in ports and len(ports) == 4
+    for address in got.values():
+        host, port = hostport(address)
+        assert host == "127.0.0.1"
+        connect(port, host).close()
+    # The API, and so `muxd status`, shows the same bound addresses.
+    view = api_ports(got["web"])[0]
+    assert {lst["name"]: lst["address"] for lst in view["listeners"]} == {
+        k: v for k, v in got.items() if k != "web"
+    }
+
+
+def test_ready_file_in_a_missing_directory_fails_the_start(muxd: StartMuxd, tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, {"ports": [{**sim_port(), "listeners": [{"tcp": f"127.0.0.1:{free_port()}"}]}]}
+    )
+    m = muxd("run", "-c", str(path), "--ready-file", str(tmp_path / "nowhere" / "ready.json"))
+    assert m.wait_exit(10) == 1
+    assert "cannot write the ready file" in m.log()
+
+
+# -- metrics ----------------------------------------------------------------------------------------
+
+
+def test_build_info() -> None:
+    reactor = Reactor()
+    try:
+        text = metrics.render(metrics.make_registry(lambda: [], reactor)).decode()
+    finally:
+        reactor.close()
+    line = next(x for x in text.splitlines() if x.startswith("muxd_build_info{"))
+    assert re.fullmatch(r'muxd_build_info\{python="3\.\d+\.\d+\S*",version="[^"]+"\} 1\.0', line), line
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; `make test` installs it)")
+    done = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+# -- make run -----------------------------------------------------------------------------------------
+
+
+def make_dry_run(target: str) -> list[str]:
+    """The commands `make` would run for target in a fresh clone (-B: as if nothing were built)."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make not installed")
+    done = subprocess.run(
+        [make, "-n", "-B", "--no-print-directory", "-C", str(ROOT), target, "VENV=/nonexistent/venv"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def test_make_run_installs_no_test_toolchain() -> None:
+    commands = make_dry_run("run")
+    installs = [c for c in commands if "pip install" in c]
+    assert installs, commands
+    assert not any("[test]" in c or "pytest" in c for c in commands), installs
+    assert commands[-1].endswith("muxd demo") or "muxd demo " in commands[-1]
+    # `make test` adds the extra on top, into the same venv.
+    assert any("'.[test]'" in c for c in make_dry_run("venv"))
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MUXD_SLOW_TESTS"),
+    reason="builds a venv from scratch (about 15-30 s with a local wheel mirror, longer from PyPI); "
+    "set MUXD_SLOW_TESTS=1 to run it. test_make_run_installs_no_test_toolchain checks the recipe.",
+)
+def test_make_run_venv_has_no_pytest(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    make = shutil.which("make")
+    assert make is not None
+    # The run stamp alone: what `make run` builds before it starts the demo.
+    done = subprocess.run(
+        [make, "-C", str(ROOT), f"VENV={venv}", f"{venv}/.run-stamp"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    probe = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import importlib.util as u; print(u.find_spec('pytest') is None)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert probe.stdout.strip() == "True"
+    assert (venv / "bin" / "muxd").exists()
