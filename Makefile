@@ -94,6 +94,14 @@ bench: bench-deps
 bench-smoke: $(STAMP)
 	$(BIN)/pytest -q tests/test_bench_smoke.py
 
+# The fuzzers of tests/test_fuzz_*.py at full size: 10^6 inputs each (hours;
+# `make test` runs them at 200 each). Override with FUZZ_EXAMPLES=N. No
+# per-test timeout here, and the pytest cache stays out of the tree.
+FUZZ_EXAMPLES ?= 1000000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	MUXD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q tests/test_fuzz_*.py -p no:cacheprovider --timeout=0
+
 # A .deb of the working tree (packaging/debian), into dist/.
 deb:
 	packaging/build-deb.sh dist

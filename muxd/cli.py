@@ -2,9 +2,10 @@
 
 Exit statuses (docs/man/muxd.8): 0 success; 1 a runtime failure, or for
 `status` a port that is not up; 2 a bad command line or configuration
-(including a demo port already in use: the fix is an option); 3 for `status`,
-a daemon that cannot be reached; 130 interrupted (Ctrl-C); 141 standard output
-closed early (`muxd status | head -1`).
+(including a demo port already in use: the fix is an option); 3 for `status`
+and `tail`, a daemon that cannot be reached (or, for `tail`, that refuses the
+port); 130 interrupted (Ctrl-C); 141 standard output closed early
+(`muxd status | head -1`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,19 @@ def _port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0..65535, got {port}")
     return port
+
+
+def _size(text: str) -> int:
+    size = configmod.parse_size(text)
+    if size is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (give bytes, or e.g. 64KiB, 1MiB)")
+    return size
+
+
+def _count(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"not a number of lines: {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("-c", "--config", metavar="FILE", help="ask this config's first http server")
     where.add_argument("--url", help="the HTTP server: a URL such as http://127.0.0.1:8020, or HOST:PORT")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    tail = sub.add_parser("tail", help="follow a port's output from a running muxd, over its WebSocket")
+    tail.add_argument("port", metavar="PORT", help="the port's name")
+    where = tail.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "-c", "--config", metavar="FILE", help="follow through this config's first http server"
+    )
+    where.add_argument("--url", help="the HTTP server: a URL such as http://127.0.0.1:8020, or HOST:PORT")
+    tail.add_argument(
+        "--format",
+        choices=("raw", "text", "jsonl"),
+        help="raw bytes, text (a UTC stamp per line) or jsonl (default: the listener's format)",
+    )
+    tail.add_argument(
+        "--history", type=_size, metavar="SIZE", help="first replay this much of the past, e.g. 64KiB"
+    )
+    tail.add_argument("-n", "--lines", type=_count, metavar="N", help="first replay the last N lines")
     return parser
 
 
@@ -242,6 +273,10 @@ def _serve(config: Config, level: str | None, ready_file: str | None = None, dem
 
     sd.setup_logging(level or config.log_level)
     _raise_fd_limit()
+    if ready_file is not None:
+        # One left by a killed instance must not announce this one before it is ready.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ready_file)
     try:
         daemon = Daemon(config, activated=sd.listen_fds())
         daemon.log_level_override = level
@@ -305,6 +340,41 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_PORT_DOWN if client.ports_not_up(status) else EXIT_OK
 
 
+def _tail(args: argparse.Namespace) -> int:
+    from muxd import client, tail
+
+    if args.url:
+        base = args.url
+    else:
+        cfg = configmod.load(args.config)
+        if not cfg.http:
+            raise ConfigError("no http server to follow the port through", "http", None, cfg.source)
+        base = client.status_url(cfg)
+    try:
+        where = tail.target(client.normalize_url(base), args.port, args.format, args.history, args.lines)
+    except ValueError as exc:
+        print(f"muxd: tail: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    # Bytes as they come, never re-encoded: the device's output is not always text.
+    out = sys.stdout.buffer
+    try:
+        out_fd: int | None = out.fileno()
+    except (OSError, ValueError):  # not a file descriptor (a test's capture): nothing to watch
+        out_fd = None
+    try:
+        ending = tail.follow(where, out, out_fd)
+    except tail.Unreachable as exc:
+        print(f"muxd: tail: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except tail.Lost as exc:
+        print(f"muxd: tail: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if ending is not None:  # an overflow or admin disconnect, say: worth a line
+        why = " ".join(str(x) for x in (int(ending.code), ending.reason) if x)
+        print(f"muxd: tail: closed by the server ({why})", file=sys.stderr)
+    return EXIT_OK
+
+
 def _discard_stdout() -> None:
     # Python flushes stdout again at exit; pointing the fd at /dev/null keeps
     # that flush from printing "Exception ignored ... BrokenPipeError".
@@ -348,6 +418,8 @@ def _main(argv: list[str] | None) -> int:
             return _ports()
         if args.command == "status":
             return _status(args)
+        if args.command == "tail":
+            return _tail(args)
         if args.command == "demo":
             return _serve(demo_config(args.tcp, args.http), args.log_level, args.ready_file, demo=True)
         if args.config and (args.serial or args.upstream_tcp or args.sim):

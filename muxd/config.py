@@ -250,13 +250,15 @@ def _show(value: object) -> str:
     return text if len(text) <= SHOW_CHARS else text[: SHOW_CHARS - 3] + "..."
 
 
-def _join(path: str, suffix: str) -> str:
-    if not suffix.startswith("[") and not re.fullmatch(r"[A-Za-z0-9_<>-]{1,64}", suffix):
-        # A key as written may be long, or hold dots or newlines: quote it, cut short,
-        # so the path stays readable and the message one line.
-        suffix = _show(suffix)
-    sep = "" if suffix.startswith("[") or not path else "."
-    return f"{path}{sep}{suffix}"
+def _join(path: str, step: str | int) -> str:
+    """`path` extended by a mapping key (str) or a list index (int)."""
+    if isinstance(step, int):
+        return f"{path}[{step}]"
+    if not re.fullmatch(r"[A-Za-z0-9_<>-]{1,64}", step):
+        # A key as written may be long, or hold dots, brackets or newlines: quote it,
+        # cut short, so the path stays readable and the message one line.
+        step = _show(step)
+    return f"{path}.{step}" if path else step
 
 
 class _Refused(Exception):
@@ -291,7 +293,7 @@ class _PlainLoader(yaml.SafeLoader):
         elif isinstance(index, yaml.Node):
             path = _join(path, "<key>")
         elif isinstance(index, int):
-            path = _join(path, f"[{index}]")
+            path = _join(path, index)
         event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent):
             raise _Refused(
@@ -392,8 +394,8 @@ class _Node:
     def error(self, message: str) -> ConfigError:
         return ConfigError(message, self.path, self.line, self.file)
 
-    def child(self, node: yaml.Node, suffix: str) -> _Node:
-        return _Node(node, _join(self.path, suffix), self.file, None)
+    def child(self, node: yaml.Node, step: str | int) -> _Node:
+        return _Node(node, _join(self.path, step), self.file, None)
 
     def mapping(self, allowed: set[str], required: tuple[str, ...] = ()) -> dict[str, _Node]:
         if not isinstance(self.node, yaml.MappingNode):
@@ -426,7 +428,7 @@ class _Node:
         if not isinstance(self.node, yaml.SequenceNode):
             raise self.error(f"expected a list, got {self.describe()}")
         for i, item in enumerate(self.node.value):
-            yield self.child(item, f"[{i}]")
+            yield self.child(item, i)
 
     def value(self) -> Any:
         if not isinstance(self.node, yaml.ScalarNode):

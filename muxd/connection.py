@@ -54,8 +54,8 @@ from collections.abc import Callable
 
 from muxd.config import Listener
 from muxd.hub import Hub, Reader, ReaderPolicy
-from muxd.records import Format
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer, is_disconnect
+from muxd.records import Format
 from muxd.transport import Transport
 
 log = logging.getLogger("muxd.listener")
@@ -132,6 +132,7 @@ class Connection:
         encoding: bool = False,
         fmt: Format | None = None,
         history: int | None = None,
+        history_lines: int = 0,
         initial: bytes = b"",
     ) -> None:
         """Set up; start() registers it with the loop and sends what is owed.
@@ -153,7 +154,11 @@ class Connection:
         self._close_when_flushed: str | None = None
         self._timers: dict[str, Timer] = {}
         self.reader: Reader = hub.attach(
-            self, policy, peer, cfg.history if history is None else history, cfg.history_lines
+            self,
+            policy,
+            peer,
+            cfg.history if history is None else history,
+            history_lines or cfg.history_lines,
         )
         if not self.encoding and transport.plain:
             self.reader.transport = self

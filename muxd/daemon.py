@@ -29,12 +29,12 @@ from functools import partial
 from muxd import config as configmod
 from muxd import systemd as sd
 from muxd.config import Config, HttpServer, Listener, Port
+from muxd.connection import policy_for
 from muxd.errors import ConfigError, MuxdError
 from muxd.listeners.http import HttpFront
 from muxd.listeners.pty import PtyListener
 from muxd.listeners.rfc2217 import Rfc2217Listener
 from muxd.listeners.stream import StreamListener
-from muxd.connection import policy_for
 from muxd.port import Connection, ListenerRuntime, PortRuntime, bounds_for, make_upstream
 from muxd.reactor import Reactor
 

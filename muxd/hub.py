@@ -46,7 +46,7 @@ from typing import Protocol
 
 from muxd.protocol.framing import LineAssembler
 from muxd.reactor import Reactor
-from muxd.records import FramedLog, Format, raw_event
+from muxd.records import Format, FramedLog, raw_event
 from muxd.ring import Ring
 
 # After a fan-out pass that took T seconds, the next one starts no sooner than

@@ -204,9 +204,8 @@ class Trace:
             text = data.decode("utf-8", "backslashreplace").rstrip("\r\n")
             return f"{lead}{stamp(now)} >> [client {reader.id} {reader.peer}] {text}\n".encode()
         assert encoder is not None
-        return encoder.event(
-            now, "", dir="tx", client=reader.id, peer=reader.peer, data=data.decode("utf-8", "surrogateescape")
-        )
+        text = data.decode("utf-8", "surrogateescape")
+        return encoder.event(now, "", dir="tx", client=reader.id, peer=reader.peer, data=text)
 
     # -- files ----------------------------------------------------------------
 
@@ -224,7 +223,9 @@ class Trace:
                 gid = spec.group if isinstance(spec.group, int) else grp.getgrnam(spec.group).gr_gid
                 os.fchown(fd, -1, gid)
             except (KeyError, OSError) as exc:
-                log.warning("%s: trace %s: cannot set group %s: %s", self.hub.name, spec.path, spec.group, exc)
+                log.warning(
+                    "%s: trace %s: cannot set group %s: %s", self.hub.name, spec.path, spec.group, exc
+                )
 
     def _close_fd(self) -> None:
         if self.fd >= 0:

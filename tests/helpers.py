@@ -39,7 +39,7 @@ import time
 import tty
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import yaml
 
@@ -63,6 +63,24 @@ def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "conditi
         if time.monotonic() > deadline:
             break
         select.select([], [], [], 0.005)  # a poll interval, not a synchronisation
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class _Loop(Protocol):
+    def run_once(self, max_wait: float | None = ...) -> Any: ...
+
+
+def run_until(
+    reactor: _Loop, cond: Callable[[], object], what: str = "condition", timeout: float = 5.0
+) -> None:
+    """Turn an in-process reactor until cond() is true; fail after timeout. Bounded in time and turns."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.01) + 2):
+        if cond():
+            return
+        if time.monotonic() > deadline:
+            break
+        reactor.run_once(0.01)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -658,6 +676,21 @@ def start_on_pty(
     return start_muxd(muxd, tmp_path, {"serial": dev.path}, listeners, **opts)
 
 
+def start_on_k2(
+    muxd: StartMuxd,
+    tmp_path: Path,
+    k2_port: int,
+    listeners: list[dict[str, Any]] | None = None,
+    upstream: dict[str, Any] | None = None,
+    **opts: Any,
+) -> Muxd:
+    """muxd on a (fake) K2 at 127.0.0.1:k2_port as port "dut1" (see start_muxd);
+    by default one rw TCP listener, and the upstream up."""
+    lst = listeners if listeners is not None else [{"tcp": AUTO, "mode": "rw"}]
+    up = {"tcp": f"{LOCAL}:{k2_port}", **(upstream or {})}
+    return start_muxd(muxd, tmp_path, up, lst, **{"name": "dut1", **opts})
+
+
 def start_http(
     muxd: StartMuxd,
     tmp_path: Path,
@@ -670,3 +703,33 @@ def start_http(
     lst = listeners if listeners is not None else [{"websocket": True, "mode": "rw"}]
     m = start_on_pty(muxd, tmp_path, dev, lst, http=http, **port_opts)
     return m, m.http
+
+
+# -- a process's descriptors, from /proc -----------------------------------------------------------
+
+
+def fd_count(pid: int) -> int:
+    """The process's open file descriptors."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def tcp_links(pid: int, port: int, local: bool = False) -> int:
+    """TCP sockets the process holds (IPv4) whose peer port is ``port`` (with
+    ``local``: whose own port is, as the connections its server accepted), in
+    any state but TIME_WAIT and LISTEN."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed while listed
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open(f"/proc/{pid}/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            cols = row.split()
+            end = cols[1] if local else cols[2]
+            if int(end.split(":")[1], 16) == port and cols[3] not in ("06", "0A") and cols[9] in inodes:
+                count += 1
+    return count

@@ -16,7 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,17 @@ from muxd.cli import demo_config
 from muxd.client import format_status, normalize_url
 from muxd.errors import ConfigError
 from muxd.reactor import Reactor
-from tests.conftest import ROOT, Muxd, connect, free_port, wait_for, write_config
-
-StartMuxd = Callable[..., Muxd]
+from tests.helpers import (
+    ROOT,
+    Muxd,
+    StartMuxd,
+    auto_address,
+    connect,
+    free_port,
+    has_ready_file,
+    wait_for,
+    write_config,
+)
 
 HEADER = ["PORT", "STATE", "FOR", "UPSTREAM", "IN", "OUT", "CLIENTS", "MAX", "LAG", "DROPPED", "WQUEUE"]
 
@@ -58,22 +66,15 @@ def sim_port(name: str = "sim") -> dict[str, Any]:
 
 
 def start_with_http(muxd: StartMuxd, tmp_path: Path, ports: list[dict[str, Any]]) -> tuple[Muxd, str]:
-    """muxd with these ports and an http server; waits for its API, gives (muxd, "host:port")."""
-    addr = f"127.0.0.1:{free_port()}"
-    path = write_config(tmp_path, {"ports": ports, "http": {"listen": addr}})
-    m = muxd("run", "-c", str(path))
-
-    def answers() -> bool:
-        if m.proc.poll() is not None:
-            raise AssertionError(f"muxd exited with {m.proc.returncode}:\n{m.log()}")
-        try:
-            socket.create_connection(("127.0.0.1", int(addr.rsplit(":", 1)[1])), timeout=0.2).close()
-        except OSError:
-            return False
-        return True
-
-    wait_for(answers, 10, f"muxd's http server on {addr}")
-    return m, addr
+    """muxd with these ports and an http server "web" (on port 0 where muxd binds it,
+    the ready file saying where); waits for its API, gives (muxd, "host:port")."""
+    http = {"listen": auto_address(), "name": "web"}
+    path = write_config(tmp_path, {"ports": ports, "http": http})
+    ready = tmp_path / "ready-web.json" if has_ready_file() else None
+    m = muxd("run", "-c", str(path), ready_file=ready)
+    m.http = m.wait_ready_file()["listeners"]["web"] if ready is not None else http["listen"]
+    m.wait_api()
+    return m, m.http
 
 
 def api_ports(addr: str) -> list[dict[str, Any]]:
@@ -86,7 +87,7 @@ def api_ports(addr: str) -> list[dict[str, Any]]:
 @pytest.fixture
 def sim_muxd(muxd: StartMuxd, tmp_path: Path) -> tuple[Muxd, str]:
     m, addr = start_with_http(muxd, tmp_path, [sim_port()])
-    wait_for(lambda: api_ports(addr)[0]["state"] == "up", 10, "the simulated port up")
+    m.wait_state("up", port="sim")
     return m, addr
 
 
@@ -167,16 +168,20 @@ def test_status_exits_0_when_every_port_is_up(sim_muxd: tuple[Muxd, str]) -> Non
 
 def test_status_exits_1_with_a_port_down_and_shows_the_outage(muxd: StartMuxd, tmp_path: Path) -> None:
     absent = {"name": "gone", "upstream": {"serial": str(tmp_path / "no-such-tty")}, "listeners": []}
-    _, addr = start_with_http(muxd, tmp_path, [sim_port(), absent])
-    wait_for(lambda: api_ports(addr)[0]["state"] == "up", 10, "the simulated port up")
+    m, addr = start_with_http(muxd, tmp_path, [sim_port(), absent])
+    m.wait_state("up", port="sim")
     done = run_muxd("status", "--url", addr)
     assert done.returncode == 1, (done.stdout, done.stderr)
     row = next(line for line in done.stdout.splitlines() if line.startswith("gone "))
+    # The state may move between retries, from one command to the next: the
+    # reason (why it is down) does not.
+    shown = re.match(r"gone\s+(\S+) \(([^)]*)\)", row)
+    assert shown is not None, row
     view = next(p for p in api_ports(addr) if p["name"] == "gone")
-    assert view["state"] != "up"
-    assert f"{view['state']} ({view['reason']})" in row
-    if "attempts" in view:  # the retry detail, where the API has it
-        assert (" attempt" in row and "next in " in row) or view["state"] != "backing-off", row
+    assert shown[1] != "up" and view["state"] != "up"
+    assert shown[2] == view["reason"], (row, view)
+    if "attempts" in view and shown[1] == "backing-off":  # the retry detail, where the API has it
+        assert re.search(r"\), \d+ attempts?, next in \d+\.\ds\s", row), row
     assert run_muxd("status", "--url", addr, "--json").returncode == 1
 
 
@@ -387,12 +392,23 @@ def test_ready_file_with_port_0_gives_addresses_to_connect_to(muxd: StartMuxd, t
 
 
 def test_ready_file_in_a_missing_directory_fails_the_start(muxd: StartMuxd, tmp_path: Path) -> None:
-    path = write_config(
-        tmp_path, {"ports": [{**sim_port(), "listeners": [{"tcp": f"127.0.0.1:{free_port()}"}]}]}
-    )
+    path = write_config(tmp_path, {"ports": [{**sim_port(), "listeners": [{"tcp": auto_address()}]}]})
     m = muxd("run", "-c", str(path), "--ready-file", str(tmp_path / "nowhere" / "ready.json"))
     assert m.wait_exit(10) == 1
     assert "cannot write the ready file" in m.log()
+
+
+def test_a_stale_ready_file_goes_even_when_the_start_fails(
+    muxd: StartMuxd, tmp_path: Path, busy_port: int
+) -> None:
+    ready = tmp_path / "ready.json"
+    ready.write_text('{"pid": 1, "listeners": {}}\n')  # left by a killed instance
+    listeners = [{"tcp": f"127.0.0.1:{busy_port}"}]
+    path = write_config(tmp_path, {"ports": [{**sim_port(), "listeners": listeners}]})
+    m = muxd("run", "-c", str(path), "--ready-file", str(ready))
+    assert m.wait_exit(10) == 1
+    assert "already in use" in m.log() and f"127.0.0.1:{busy_port}" in m.log()
+    assert not ready.exists()
 
 
 # -- metrics ----------------------------------------------------------------------------------------
@@ -446,7 +462,7 @@ def test_make_run_installs_no_test_toolchain() -> None:
 
 @pytest.mark.skipif(
     not os.environ.get("MUXD_SLOW_TESTS"),
-    reason="builds a venv from scratch (about 15-30 s with a local wheel mirror, longer from PyPI); "
+    reason="installs a venv from a package index (network, 10-30 s with a local mirror); "
     "set MUXD_SLOW_TESTS=1 to run it. test_make_run_installs_no_test_toolchain checks the recipe.",
 )
 def test_make_run_venv_has_no_pytest(tmp_path: Path) -> None:

@@ -7,10 +7,13 @@ tests run the front in-process on its own reactor, with a short timeout.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import http.client
 import json
 import logging
 import re
+import resource
 import select
 import shutil
 import signal
@@ -28,7 +31,7 @@ import pytest
 
 from muxd import config as configmod
 from muxd.listeners import http as httpmod
-from muxd.listeners.http import HttpFront
+from muxd.listeners.http import HttpFront, HttpTimeouts
 from muxd.port import PortRuntime
 from muxd.reactor import Reactor
 from tests.conftest import Muxd, PtyDevice, connect, free_port, wait_for, write_config
@@ -273,7 +276,7 @@ def test_limits_and_garbage_close_only_that_peer(
 # -- idle time, in-process with a short timeout ------------------------------------------
 
 
-def make_front(**http: Any) -> tuple[Reactor, HttpFront]:
+def make_front(timeouts: HttpTimeouts | None = None, **http: Any) -> tuple[Reactor, HttpFront]:
     """An HttpFront on its own reactor, on 127.0.0.1, serving port "p" (a
     simulated device, with an rw websocket listener); started."""
     cfg = configmod.from_data(
@@ -286,7 +289,7 @@ def make_front(**http: Any) -> tuple[Reactor, HttpFront]:
     )
     reactor = Reactor()
     ports = {p.name: PortRuntime.build(p, reactor) for p in cfg.ports}
-    srv = HttpFront(cfg.http[0], lambda: ports, reactor)
+    srv = HttpFront(cfg.http[0], lambda: ports, reactor, timeouts=timeouts or HttpTimeouts())
     srv.start()
     return reactor, srv
 
@@ -299,10 +302,8 @@ def stop_front(reactor: Reactor, srv: HttpFront) -> None:
 
 
 @pytest.fixture
-def front(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Reactor, HttpFront]]:
-    monkeypatch.setattr(httpmod, "IDLE_TIMEOUT", 0.3)
-    monkeypatch.setattr(httpmod, "HEADER_TIMEOUT", 0.3)
-    reactor, srv = make_front()
+def front() -> Iterator[tuple[Reactor, HttpFront]]:
+    reactor, srv = make_front(HttpTimeouts(header=0.3, idle=0.3))
     yield reactor, srv
     stop_front(reactor, srv)
 
@@ -450,6 +451,10 @@ def test_server_names_are_accepted_on_any_port() -> None:
         for host in ("console.lab", "CONSOLE.LAB:8443", "console.lab.", "10.1.2.3:80"):
             assert statuses(exchange(reactor, srv, get("/metrics", host))) == [200], host
         assert statuses(exchange(reactor, srv, get("/metrics", "sub.console.lab"))) == [421]
+        # A reload hands the front its new config: the new names apply from the next request.
+        srv.cfg = dataclasses.replace(srv.cfg, server_names=("new.lab",))
+        assert statuses(exchange(reactor, srv, get("/metrics", "new.lab:8020"))) == [200]
+        assert statuses(exchange(reactor, srv, get("/metrics", "console.lab"))) == [421]
     finally:
         stop_front(reactor, srv)
 
@@ -520,8 +525,7 @@ def test_header_timeout_is_shorter_than_keep_alive_idle(
     front: tuple[Reactor, HttpFront], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reactor, srv = front
-    monkeypatch.setattr(httpmod, "HEADER_TIMEOUT", 0.2)
-    monkeypatch.setattr(httpmod, "IDLE_TIMEOUT", 3.0)
+    srv.timeouts = HttpTimeouts(header=0.2, idle=3.0)
     with socket.create_connection((srv.cfg.host, srv.cfg.port)) as silent:
         started = time.monotonic()
         assert pump_until_eof(reactor, silent) == b""  # never sent a byte: closed quietly
@@ -550,71 +554,122 @@ def test_header_timeout_is_shorter_than_keep_alive_idle(
     assert reactor.internal_errors == 0
 
 
+def hog(
+    reactor: Reactor, srv: HttpFront, sources: list[str], each: int, deadline: float
+) -> list[socket.socket]:
+    """Idle connections, `each` from every source address, opened without
+    waiting; returns once the server has taken or refused every one."""
+    socks: list[socket.socket] = []
+    for source in sources:
+        for _ in range(each):
+            assert time.monotonic() < deadline
+            s = socket.socket()
+            socks.append(s)
+            s.bind((source, 0))
+            s.setblocking(False)
+            s.connect_ex((srv.cfg.host, srv.cfg.port))
+            reactor.run_once(0)
+    for _ in range(2000):  # until every queued connect has been accepted, and kept or closed
+        open_ = [s for s in socks if not _closed(s)]
+        if len(open_) == len(srv.connections):
+            return socks
+        assert time.monotonic() < deadline, (len(open_), len(srv.connections))
+        reactor.run_once(0.01)
+    raise AssertionError("the server did not take the connections")
+
+
+def fetch_metrics_from(reactor: Reactor, srv: HttpFront, source: str, deadline: float) -> tuple[int, bytes]:
+    """GET /metrics with http.client (a real client, in a thread) from `source`,
+    while this thread runs the loop."""
+    result: list[tuple[int, bytes] | OSError] = []
+
+    def fetch() -> None:
+        conn = http.client.HTTPConnection(srv.cfg.host, srv.cfg.port, timeout=10, source_address=(source, 0))
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            result.append((resp.status, resp.read()))
+        except OSError as exc:
+            result.append(exc)
+        finally:
+            conn.close()
+
+    other = threading.Thread(target=fetch)
+    other.start()
+    for _ in range(2000):
+        if not other.is_alive():
+            break
+        assert time.monotonic() < deadline
+        reactor.run_once(0.01)
+    other.join(5)
+    assert not other.is_alive()
+    [got] = result
+    assert not isinstance(got, OSError), got
+    return got
+
+
 def test_one_peer_cannot_lock_out_others(
     front: tuple[Reactor, HttpFront], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """More idle connections from 127.0.0.1 than the whole server holds; a peer
     at 127.0.0.2 still gets /metrics, and the refusals log one line."""
     reactor, srv = front
-    monkeypatch.setattr(httpmod, "HEADER_TIMEOUT", 30.0)  # the idle ones stay for the whole test
+    srv.timeouts = HttpTimeouts(header=30.0)  # the idle ones stay for the whole test
     caplog.set_level(logging.WARNING, logger="muxd.http")
-    hog: list[socket.socket] = []
+    deadline = time.monotonic() + 30
+    socks = hog(reactor, srv, ["127.0.0.1"], httpmod.MAX_CONNECTIONS + 8, deadline)
     try:
-        deadline = time.monotonic() + 20
-        for _ in range(httpmod.MAX_CONNECTIONS + 8):
-            assert time.monotonic() < deadline
-            s = socket.socket()
-            s.setblocking(False)
-            hog.append(s)
-            s.connect_ex((srv.cfg.host, srv.cfg.port))
-            reactor.run_once(0)
-        for _ in range(1000):  # until every queued connect has been accepted or refused
-            if len(srv.connections) == httpmod.MAX_PER_PEER and sum(_closed(s) for s in hog) == len(
-                hog
-            ) - len(srv.connections):
-                break
-            assert time.monotonic() < deadline, len(srv.connections)
-            reactor.run_once(0.01)
         assert len(srv.connections) == httpmod.MAX_PER_PEER
-
-        result: list[Any] = []
-
-        def fetch() -> None:
-            conn = http.client.HTTPConnection(
-                srv.cfg.host, srv.cfg.port, timeout=10, source_address=("127.0.0.2", 0)
-            )
-            try:
-                conn.request("GET", "/metrics")
-                resp = conn.getresponse()
-                result.append((resp.status, resp.read()))
-            except OSError as exc:
-                result.append(exc)
-            finally:
-                conn.close()
-
-        other = threading.Thread(target=fetch)
-        other.start()
-        for _ in range(2000):
-            if not other.is_alive():
-                break
-            assert time.monotonic() < deadline
-            reactor.run_once(0.01)
-        other.join(5)
-        assert not other.is_alive()
-        [(status, body)] = result
+        status, body = fetch_metrics_from(reactor, srv, "127.0.0.2", deadline)
         assert status == 200 and b"muxd_internal_errors_total 0.0" in body
     finally:
-        for s in hog:
+        for s in socks:
             s.close()
     refusals = [r for r in caplog.records if "refused 127.0.0.1" in r.getMessage()]
     assert len(refusals) == 1, [r.getMessage() for r in refusals]
-    assert srv.refusals.suppressed_total == len(hog) - httpmod.MAX_PER_PEER - 1
+    assert srv.refusals.suppressed_total == len(socks) - httpmod.MAX_PER_PEER - 1
+    assert reactor.internal_errors == 0
+
+
+def test_many_addresses_of_one_host_cannot_fill_the_server(
+    front: tuple[Reactor, HttpFront], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loopback has 16 million addresses: 16 of them fill the server at 32
+    connections each. A newcomer still gets in, at the cost of the oldest
+    connection of the peer holding the most."""
+    reactor, srv = front
+    srv.timeouts = HttpTimeouts(header=30.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * httpmod.MAX_CONNECTIONS + 256  # both ends of every connection, and the rest of us
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"needs {need} file descriptors; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        restore_limit = functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+    else:
+        restore_limit = None
+    deadline = time.monotonic() + 30
+    sources = [f"127.0.0.{i}" for i in range(1, 17)]
+    socks = hog(reactor, srv, sources, httpmod.MAX_PER_PEER, deadline)
+    try:
+        assert len(srv.connections) == httpmod.MAX_CONNECTIONS == len(sources) * httpmod.MAX_PER_PEER
+        status, _ = fetch_metrics_from(reactor, srv, "127.0.0.100", deadline)
+        assert status == 200
+        assert len(srv.connections) <= httpmod.MAX_CONNECTIONS
+        assert sum(_closed(s) for s in socks) == 1  # one hog made room
+    finally:
+        for s in socks:
+            s.close()
+        if restore_limit is not None:
+            restore_limit()
     assert reactor.internal_errors == 0
 
 
 def _closed(sock: socket.socket) -> bool:
     """True once the server has closed this (refused) connection."""
-    if not select.select([sock], [], [], 0)[0]:
+    poller = select.poll()  # not select(): these fds go past 1024
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
         return False
     try:
         return sock.recv(1, socket.MSG_PEEK) == b""

@@ -200,9 +200,7 @@ class HubModel(RuleBasedStateMachine):
 
 
 _PHASES = tuple(Phase) if os.environ.get("MUXD_SHRINK") else (Phase.explicit, Phase.reuse, Phase.generate)
-HubModel.TestCase.settings = settings(
-    max_examples=100, stateful_step_count=50, deadline=None, phases=_PHASES
-)
+HubModel.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None, phases=_PHASES)
 TestHubModel = HubModel.TestCase
 
 

@@ -14,7 +14,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ from tests.helpers import (
     connect,
     recv_until,
     request,
-    start_muxd,
+    run_until,
+    start_on_k2,
     start_on_pty,
     wait_for,
 )
@@ -141,15 +142,16 @@ def baud_answer(client: socket.socket, codec: Rfc2217Client, timeout: float = 5.
     raise AssertionError("no SET-BAUDRATE answer in 1000 reads")
 
 
-def start_on_k2(muxd: StartMuxd, tmp_path: Path, k2: FakeK2, control: str) -> Muxd:
-    upstream = {"tcp": f"127.0.0.1:{k2.port}", "control": control}
-    return start_muxd(muxd, tmp_path, upstream, [{"rfc2217": AUTO, "mode": "rw"}], line_control="any")
+def start_rfc2217_on_k2(muxd: StartMuxd, tmp_path: Path, k2: FakeK2, control: str) -> Muxd:
+    """muxd on the K2 with this control and an rfc2217 listener whose clients may change settings."""
+    listeners = [{"rfc2217": AUTO, "mode": "rw"}]
+    return start_on_k2(muxd, tmp_path, k2.port, listeners, upstream={"control": control}, line_control="any")
 
 
 def test_with_control_none_a_change_is_refused_not_recorded(
     muxd: StartMuxd, tmp_path: Path, k2: FakeK2
 ) -> None:
-    m = start_on_k2(muxd, tmp_path, k2, "none")
+    m = start_rfc2217_on_k2(muxd, tmp_path, k2, "none")
     client, codec = connect(m.port(0)), Rfc2217Client()
     try:
         client.sendall(set_baudrate(9600))
@@ -162,7 +164,7 @@ def test_with_control_none_a_change_is_refused_not_recorded(
 
 
 def test_a_k2_answer_is_the_value_clients_are_told(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
-    m = start_on_k2(muxd, tmp_path, k2, "rfc2217")
+    m = start_rfc2217_on_k2(muxd, tmp_path, k2, "rfc2217")
     k2.feed(IAC + DO + COM_PORT)  # the K2 agrees to COM-PORT-OPTION: muxd sends its settings
     assert k2.wait_uart(set_baudrate(115200))
     client, codec = connect(m.port(0)), Rfc2217Client()
@@ -182,17 +184,6 @@ def test_a_k2_answer_is_the_value_clients_are_told(muxd: StartMuxd, tmp_path: Pa
 
 
 # -- in process: SerialPort on a pty --------------------------------------------------------------
-
-
-def run_until(reactor: Reactor, cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.01) + 2):
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            break
-        reactor.run_once(max_wait=0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def make_hub(port: Port, reactor: Reactor) -> Hub:

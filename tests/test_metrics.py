@@ -26,6 +26,8 @@ from tests.helpers import (
 )
 
 ALLOWED_LABELS = {"port", "listener", "state", "reason", "outcome"}
+# Label-only facts fixed for the life of the process (an _info gauge).
+INFO_LABELS = {"muxd_build_info": {"version", "python"}}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -128,7 +130,7 @@ def test_labels_are_bounded(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevi
         wait_clients(addr, 2)
         _, samples = scrape(addr)
     for name, labels in samples:
-        assert {k for k, _ in labels} <= ALLOWED_LABELS, name
+        assert {k for k, _ in labels} <= ALLOWED_LABELS | INFO_LABELS.get(name, set()), name
         assert not any("127.0.0.1:" in v for _, v in labels), f"{name}: a per-client label"
 
 

@@ -16,7 +16,7 @@ import select
 import stat
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from muxd.listeners.pty import PtyListener, PtySession, read_line_settings, writ
 from muxd.port import bounds_for
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
-from tests.helpers import Muxd, PtyDevice, StartMuxd, start_on_pty, wait_for, write_config
+from tests.helpers import Muxd, PtyDevice, StartMuxd, run_until, start_on_pty, wait_for, write_config
 
 
 def start(
@@ -189,14 +189,6 @@ def reactor() -> Iterator[Reactor]:
     r.close()
 
 
-def pump(reactor: Reactor, cond: Callable[[], object], what: str) -> None:
-    def step() -> object:
-        reactor.run_once(0.01)
-        return cond()
-
-    wait_for(step, 5, what)
-
-
 class FixedSettings:
     """A device whose line settings never change (these tests are about the loop)."""
 
@@ -221,12 +213,12 @@ def test_a_program_that_closes_while_input_is_paused_does_not_spin_the_loop(
     hub, listener = make_listener(tmp_path, reactor, write_queue=1024)  # no upstream: it never drains
     try:
         fd = os.open(listener.cfg.path, os.O_RDWR | os.O_NOCTTY)
-        pump(reactor, lambda: listener.clients, "a session")
+        run_until(reactor, lambda: listener.clients, "a session")
         assert len(hub.readers) == 1  # the pty is one reader
         sent = os.urandom(4096)
         os.write(fd, sent)
         os.close(fd)
-        pump(reactor, lambda: hub.queue.room() == 0, "the write queue full")
+        run_until(reactor, lambda: hub.queue.room() == 0, "the write queue full")
         turns, deadline = 0, time.monotonic() + 0.3
         while time.monotonic() < deadline and turns < 1000:
             reactor.run_once(0.05)
@@ -240,7 +232,7 @@ def test_a_program_that_closes_while_input_is_paused_does_not_spin_the_loop(
             hub.consumed(hub.queue.bytes)
             return not listener.clients
 
-        pump(reactor, drain, "the session to end")
+        run_until(reactor, drain, "the session to end")
         drain()
         assert bytes(got) == sent
         assert not hub.readers
@@ -252,7 +244,7 @@ def test_closing_the_session_hangs_up_and_publishes_a_new_pty(tmp_path: Path, re
     hub, listener = make_listener(tmp_path, reactor)
     try:
         fd = os.open(listener.cfg.path, os.O_RDWR | os.O_NOCTTY)
-        pump(reactor, lambda: listener.clients, "a session")
+        run_until(reactor, lambda: listener.clients, "a session")
         (session,) = listener.clients
         assert isinstance(session, PtySession)
         session.close("admin")
@@ -262,7 +254,7 @@ def test_closing_the_session_hangs_up_and_publishes_a_new_pty(tmp_path: Path, re
             assert exc.errno == errno.EIO
         os.close(fd)
         fd = os.open(listener.cfg.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        pump(reactor, lambda: listener.clients, "a new session")
+        run_until(reactor, lambda: listener.clients, "a new session")
         hub.publish(b"hello")
         got = bytearray()
 
@@ -272,7 +264,7 @@ def test_closing_the_session_hangs_up_and_publishes_a_new_pty(tmp_path: Path, re
                 got.extend(os.read(fd, 100))
             return got == b"hello"
 
-        pump(reactor, read, "output on the new pty")
+        run_until(reactor, read, "output on the new pty")
         os.close(fd)
     finally:
         listener.stop()

@@ -65,6 +65,7 @@ def test_cancelled_timer_releases_its_callback(reactor: Reactor) -> None:
 def test_cancel_after_firing_and_from_a_callback(reactor: Reactor) -> None:
     fired: list[str] = []
     others: list[Timer] = []
+
     def cancel_the_other() -> None:
         fired.append("first")
         others[0].cancel()

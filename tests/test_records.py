@@ -40,7 +40,8 @@ def test_text_event_starts_a_line_of_its_own() -> None:
 
 
 def _joined(records: bytes) -> bytes:
-    return b"".join(json.loads(line)["data"].encode("utf-8", "surrogateescape") for line in records.splitlines())
+    lines = records.splitlines()
+    return b"".join(json.loads(line)["data"].encode("utf-8", "surrogateescape") for line in lines)
 
 
 @given(st.binary(max_size=300), st.lists(st.integers(1, 40), max_size=20))

@@ -28,9 +28,11 @@ from tests.helpers import (
     PtyDevice,
     StartMuxd,
     connect,
-    free_port,
     recv_until,
+    run_until,
+    split_hostport,
     start_on_pty,
+    stuck_reader,
     wait_for,
 )
 
@@ -197,22 +199,16 @@ def test_plain_telnet_peer_gets_escaped_data_and_nothing_else(
 
 def test_a_stalled_client_keeps_its_lag_in_the_hub() -> None:
     reactor = Reactor()
-    lst = Listener("rfc2217", "r", host="127.0.0.1", port=free_port(), buffer=64 * 1024)
+    lst = Listener("rfc2217", "r", host="127.0.0.1", port=0, buffer=64 * 1024)  # the kernel chooses
     port = Port("dut", SimUpstream(), (lst,))
     rt = PortRuntime.build(port, reactor)
     hub = rt.hub
     listener = Rfc2217Listener(lst, hub, reactor, rt.line_control)
     listener.start()
-    peer = socket.socket()
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert listener.bound_address is not None
+    peer = stuck_reader(split_hostport(listener.bound_address)[1])
     try:
-        peer.connect(("127.0.0.1", lst.port))
-
-        def accepted() -> bool:
-            reactor.run_once(0.01)
-            return bool(listener.clients)
-
-        wait_for(accepted, what="accept")
+        run_until(reactor, lambda: listener.clients, "accept")
         (conn,) = listener.clients
         assert isinstance(conn, Rfc2217Connection)
         chunk = b"\xff" * 4096  # the worst case: every byte doubles

@@ -14,56 +14,48 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from muxd.upstream.serial import CMDLINE_MAX, PRESENT_POLL, describe_process, lock_holders
-from tests.conftest import Muxd, PtyDevice, connect, free_port, recv_exactly, wait_for, write_config
-from tests.test_http import port_info
+from tests.helpers import (
+    AUTO,
+    Muxd,
+    PtyDevice,
+    StartMuxd,
+    connect,
+    fd_count,
+    recv_exactly,
+    split_hostport,
+    start_muxd,
+    start_on_pty,
+    tcp_links,
+    wait_for,
+)
 from tests.test_metrics import scrape, value
-
-StartMuxd = Callable[..., Muxd]
 
 CYCLES = 20
 
-
-UP = "dut upstream up"
-DOWN = "dut upstream down"
-
-
-def logged_more(m: Muxd, text: str, than: int) -> bool:
-    return m.log().count(text) > than
+CONNECTS = "muxd_upstream_connects_total"
+DISCONNECTS = "muxd_upstream_disconnects_total"
 
 
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+def settled_fd_count(m: Muxd) -> int:
+    """muxd's fds once it has closed the API connections the harness opened
+    (each wait polls the API): only then is a comparison fair."""
+    http_port = split_hostport(m.http)[1]
+    wait_for(lambda: tcp_links(m.pid, http_port, local=True) == 0, 5, "muxd to close the API connections")
+    return fd_count(m.pid)
 
 
 def test_unplug_replug_twenty_times(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
-    lport = free_port()
-    cfg = write_config(
-        tmp_path,
-        {
-            "ports": [
-                {
-                    "name": "dut",
-                    "upstream": {"serial": pty_device.path},
-                    "listeners": [{"tcp": f"127.0.0.1:{lport}", "mode": "rw"}],
-                }
-            ]
-        },
-    )
-    m = muxd("run", "-c", str(cfg), "--log-level", "debug")
-    m.wait_log("dut upstream up")
-    m.wait_port(lport)
-    readers = [connect(lport) for _ in range(3)]
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "mode": "rw"}])
+    readers = [connect(m.port()) for _ in range(3)]
     writer = readers[0]
-    m.wait_clients(4)  # wait_port's probe counts as one
-    fds_before = fd_count(m.pid)
+    m.wait_connected(3)
+    fds_before = settled_fd_count(m)
 
     resume: list[float] = []
     for i in range(CYCLES):
@@ -72,17 +64,17 @@ def test_unplug_replug_twenty_times(muxd: StartMuxd, tmp_path: Path, pty_device:
         for r in readers:
             assert recv_exactly(r, len(data)) == data
 
-        downs = m.log().count(DOWN)
+        downs = m.metric(DISCONNECTS)
         pty_device.unplug()
-        wait_for(partial(logged_more, m, DOWN, downs), 5, f"muxd to notice unplug {i}")
+        m.wait_metric(DISCONNECTS, downs + 1, timeout=5)  # muxd noticed the unplug
         command = b"typed while unplugged %02d\n" % i
         writer.sendall(command)  # queued in muxd until the device is back
 
-        ups = m.log().count(UP)
+        ups = m.metric(CONNECTS)
         t0 = time.monotonic()
         pty_device.plug()
         # pyserial flushes the tty's input on open, so the device speaks once muxd has it open.
-        wait_for(partial(logged_more, m, UP, ups), 5, f"muxd to reopen {i}")
+        m.wait_metric(CONNECTS, ups + 1, timeout=5)  # muxd reopened it
         marker = b"back %02d\n" % i
         pty_device.write(marker)
         for r in readers:
@@ -96,7 +88,7 @@ def test_unplug_replug_twenty_times(muxd: StartMuxd, tmp_path: Path, pty_device:
         assert recv_exactly(r, len(final)) == final  # nothing fabricated was waiting ahead of it
         assert f"127.0.0.1:{r.getsockname()[1]} disconnected" not in m.log()
     assert m.proc.poll() is None
-    assert fd_count(m.pid) == fds_before, "muxd leaked file descriptors"
+    assert settled_fd_count(m) == fds_before, "muxd leaked file descriptors"
     for r in readers:
         r.close()
     print(
@@ -106,19 +98,11 @@ def test_unplug_replug_twenty_times(muxd: StartMuxd, tmp_path: Path, pty_device:
     assert max(resume) < 1.0
 
 
-def start_with_http(muxd: StartMuxd, tmp_path: Path, dev: PtyDevice, **upstream: Any) -> tuple[Muxd, str]:
-    """muxd on the pty as port "dut" with an http server; returns it and the http address."""
-    hport = free_port()
-    cfg = write_config(
-        tmp_path,
-        {
-            "ports": [{"name": "dut", "upstream": {"serial": dev.path, **upstream}, "listeners": []}],
-            "http": {"listen": f"127.0.0.1:{hport}"},
-        },
-    )
-    m = muxd("run", "-c", str(cfg), "--log-level", "debug")
-    m.wait_port(hport)
-    return m, f"127.0.0.1:{hport}"
+def start_with_http(
+    muxd: StartMuxd, tmp_path: Path, dev: PtyDevice, wait_up: bool = True, **upstream: Any
+) -> Muxd:
+    """muxd on the pty as port "dut", with no listener but the harness's http server."""
+    return start_muxd(muxd, tmp_path, {"serial": dev.path, **upstream}, [], wait_up=wait_up)
 
 
 # How long the device stays away in the outage test: the issue's figure, 15
@@ -129,33 +113,32 @@ ABSENT_FOR = 3.0
 def test_since_tells_how_long_the_device_has_been_gone(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    m, addr = start_with_http(muxd, tmp_path, pty_device)
-    m.wait_log(UP)
-    before = port_info(addr)
+    m = start_with_http(muxd, tmp_path, pty_device)
+    before = m.port_info()
     assert before["state"] == "up" and before["attempts"] == 0 and before["next_attempt_in"] is None
     pty_device.unplug()
     gone = time.time()
-    wait_for(lambda: port_info(addr)["state"] != "up", 5, "muxd to notice the unplug")
-    first = port_info(addr)
+    wait_for(lambda: m.port_info()["state"] != "up", 5, "muxd to notice the unplug")
+    first = m.port_info()
     wait_for(
-        lambda: time.time() - port_info(addr)["since"] >= ABSENT_FOR, ABSENT_FOR + 2, f"{ABSENT_FOR}s down"
+        lambda: time.time() - m.port_info()["since"] >= ABSENT_FOR, ABSENT_FOR + 2, f"{ABSENT_FOR}s down"
     )
-    info = port_info(addr)
+    info = m.port_info()
     assert info["since"] == first["since"] and gone - 0.5 <= info["since"] <= gone + 1.0
     assert info["attempts"] > first["attempts"] and info["attempts"] >= 5
     assert info["reason"] == "device absent"
     if info["state"] == "backing-off":
         assert 0 <= info["next_attempt_in"] <= PRESENT_POLL
     # The console and `muxd status` read the same `since`; the gauge is that moment too.
-    samples = scrape(addr)[1]
+    samples = scrape(m.http)[1]
     assert value(samples, "muxd_upstream_last_change_timestamp_seconds", port="dut") == pytest.approx(
         info["since"]
     )
     assert value(samples, "muxd_upstream_down_seconds_total", port="dut") >= ABSENT_FOR - 0.5
     assert m.log().count("dut upstream backing-off (device absent)") >= 5  # each at DEBUG
     pty_device.plug()
-    wait_for(lambda: port_info(addr)["state"] == "up", 5, "back up")
-    back = port_info(addr)
+    wait_for(lambda: m.port_info()["state"] == "up", 5, "back up")
+    back = m.port_info()
     assert back["since"] > info["since"] and back["attempts"] == 0
 
 
@@ -181,16 +164,18 @@ def test_a_locked_device_names_the_process_holding_it(
         assert holder.stdout is not None
         assert select.select([holder.stdout], [], [], 10)[0], "the lock holder did not start"
         assert holder.stdout.readline() == b"locked\n"
-        m, addr = start_with_http(muxd, tmp_path, pty_device, backoff_min="100ms", backoff_max="300ms")
+        m = start_with_http(
+            muxd, tmp_path, pty_device, wait_up=False, backoff_min="100ms", backoff_max="300ms"
+        )
         named = f"is locked by PID {holder.pid} ({sys.executable} -c "
-        m.wait_log(named)
+        m.wait_log(named)  # what is checked is the log: the holder named, once loudly
         # Retried, and each retry at DEBUG: the line is news once per outage.
-        attempts = m.log().count("dut upstream connecting")
-        wait_for(lambda: m.log().count("dut upstream connecting") >= attempts + 3, 10, "3 more attempts")
+        attempts = m.port_info()["attempts"]
+        wait_for(lambda: m.port_info()["attempts"] >= attempts + 3, 10, "3 more attempts")
         lines = [line for line in m.log().splitlines() if named in line]
         assert len(lines) >= 3  # the last attempt's line may not be written yet
         assert " DEBUG " not in lines[0] and all(" DEBUG " in line for line in lines[1:]), lines
-        assert named in port_info(addr)["reason"]
+        assert named in m.port_info()["reason"]
     finally:
         if holder.stdin is not None:
             holder.stdin.close()
@@ -199,8 +184,8 @@ def test_a_locked_device_names_the_process_holding_it(
         except subprocess.TimeoutExpired:
             os.kill(holder.pid, signal.SIGKILL)
             holder.wait(10)
-    m.wait_log(UP)  # the lock is gone with its holder: muxd gets the device
-    assert port_info(addr)["state"] == "up"
+    m.wait_state("up")  # the lock is gone with its holder: muxd gets the device
+    assert m.port_info()["state"] == "up"
 
 
 def test_lock_holders_read_from_proc_locks(tmp_path: Path) -> None:

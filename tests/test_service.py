@@ -94,9 +94,7 @@ def test_ready_after_bind_then_watchdog_then_stopping(
 def test_socket_activation_serves_on_the_passed_socket(tmp_path: Path, pty_device: PtyDevice) -> None:
     port = free_port()
     # The config's own address is never bound: the passed socket named dut-tcp is used instead.
-    cfg = _config(
-        tmp_path, pty_device, [{"tcp": f"127.0.0.1:{free_port()}", "name": "dut-tcp", "mode": "rw"}]
-    )
+    cfg = _config(tmp_path, pty_device, [{"tcp": auto_address(), "name": "dut-tcp", "mode": "rw"}])
     proc = _activate(port, "dut-tcp", cfg)
     try:
         # systemd-socket-activate execs muxd (same PID) on the first connection.
@@ -116,7 +114,7 @@ def test_socket_activation_serves_on_the_passed_socket(tmp_path: Path, pty_devic
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
 def test_socket_activation_with_an_unknown_name_is_an_error(tmp_path: Path, pty_device: PtyDevice) -> None:
     port = free_port()
-    cfg = _config(tmp_path, pty_device, [{"tcp": f"127.0.0.1:{free_port()}", "name": "dut-tcp"}])
+    cfg = _config(tmp_path, pty_device, [{"tcp": auto_address(), "name": "dut-tcp"}])
     proc = _activate(port, "nobody", cfg)
     try:
         wait_for(lambda: _try_connect(port), 10.0, "the activation socket")

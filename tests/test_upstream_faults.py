@@ -18,7 +18,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,19 @@ from muxd.port import PortRuntime
 from muxd.reactor import Reactor
 from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, STATES, TRANSITIONS, UP, UpstreamStatus
 from muxd.upstream.tcp import TcpPort
-from tests.conftest import Muxd, connect, free_port, recv_exactly, wait_for, write_config
-from tests.fakes.k2 import BANNER_AND_CLOSE, ONE_BYTE_AND_CLOSE, RST, FakeK2
-from tests.test_http import get_json, port_info
+from tests.fakes.k2 import BANNER_AND_CLOSE, ONE_BYTE_AND_CLOSE, RST, SERVE, FakeK2
+from tests.helpers import (
+    LOCAL,
+    Muxd,
+    StartMuxd,
+    connect,
+    fd_count,
+    recv_exactly,
+    run_until,
+    start_on_k2,
+    wait_for,
+)
 from tests.test_metrics import scrape, value
-
-StartMuxd = Callable[..., Muxd]
 
 # Fast backoff so a few seconds show many retries; the bound scales with it.
 BACKOFF_MIN = 0.1
@@ -45,41 +51,13 @@ BACKOFF_MAX = 1.0
 WINDOW = 4.0
 
 
-@pytest.fixture
-def k2() -> Iterator[FakeK2]:
-    fake = FakeK2()
-    yield fake
-    fake.stop()
-
-
-def start(
-    muxd: StartMuxd, tmp_path: Path, k2: FakeK2, nofile: int | None = None, **upstream: Any
-) -> tuple[Muxd, int, str]:
-    """muxd with port dut1 on the K2, a rw TCP listener and an http server:
-    returns it, the listener's port and the http address."""
-    lport, hport = free_port(), free_port()
-    cfg = write_config(
-        tmp_path,
-        {
-            "ports": [
-                {
-                    "name": "dut1",
-                    "upstream": {
-                        "tcp": f"127.0.0.1:{k2.port}",
-                        "backoff_min": f"{BACKOFF_MIN}s",
-                        "backoff_max": f"{BACKOFF_MAX}s",
-                        **upstream,
-                    },
-                    "listeners": [{"tcp": f"127.0.0.1:{lport}", "mode": "rw"}],
-                }
-            ],
-            "http": {"listen": f"127.0.0.1:{hport}"},
-        },
+def start(muxd: StartMuxd, tmp_path: Path, k2: FakeK2, nofile: int | None = None, **upstream: Any) -> Muxd:
+    """muxd with port dut1 on the K2 with the fast backoff, a rw TCP listener and
+    an http server; ready, but not waiting for the link (it may never stay up)."""
+    backoff = {"backoff_min": f"{BACKOFF_MIN}s", "backoff_max": f"{BACKOFF_MAX}s"}
+    return start_on_k2(
+        muxd, tmp_path, k2.port, upstream={**backoff, **upstream}, nofile=nofile, wait_up=False
     )
-    m = muxd("run", "-c", str(cfg), "--log-level", "debug", nofile=nofile)
-    m.wait_port(hport)
-    m.wait_port(lport)
-    return m, lport, f"127.0.0.1:{hport}"
 
 
 def max_reconnects(window: float, up_for: float = 0.0) -> int:
@@ -105,8 +83,9 @@ def measure_connects(k2: FakeK2, bound: int) -> tuple[int, float]:
     return k2.connections_seen - first, time.monotonic() - t0
 
 
-def internal_errors(addr: str) -> float:
-    return value(scrape(addr)[1], "muxd_internal_errors_total")
+def internal_errors(m: Muxd) -> float:
+    """Exactly the sample (a KeyError if muxd stopped exporting it)."""
+    return value(scrape(m.http)[1], "muxd_internal_errors_total")
 
 
 @pytest.mark.parametrize("mode", [BANNER_AND_CLOSE, ONE_BYTE_AND_CLOSE, RST])
@@ -114,15 +93,17 @@ def test_a_k2_that_hangs_up_at_once_is_retried_with_growing_backoff(
     muxd: StartMuxd, tmp_path: Path, k2: FakeK2, mode: str
 ) -> None:
     k2.on_connect(mode)
-    m, _, addr = start(muxd, tmp_path, k2)
+    m = start(muxd, tmp_path, k2)
     bound = max_reconnects(WINDOW)
     n, took = measure_connects(k2, bound)
-    print(f"\n{mode}: {n} reconnects in {took:.1f}s (at most {bound} allowed; {60 * n / took:.0f}/min)")
+    print(
+        f"\n{mode}: {n} reconnects in {took:.1f}s with backoff {BACKOFF_MIN}-{BACKOFF_MAX}s (at most {bound})"
+    )
     assert n <= bound, f"{n} reconnects in {took:.1f}s: the backoff is not growing"
     assert n >= 2, "muxd stopped retrying"
     assert m.proc.poll() is None
-    assert internal_errors(addr) == 0
-    info = port_info(addr)
+    assert internal_errors(m) == 0
+    info = m.port_info()
     assert info["state"] in ("up", "down", "backing-off", "connecting")
     if mode != RST:
         # Every link came up and went down: each is a change, and logged as one.
@@ -134,38 +115,34 @@ def test_a_black_holed_k2_is_retried_once_per_idle_timeout(
 ) -> None:
     idle = 0.5
     k2.black_hole(True)
-    m, lport, addr = start(muxd, tmp_path, k2, idle_timeout=f"{idle}s")
-    reader = connect(lport)
+    m = start(muxd, tmp_path, k2, idle_timeout=f"{idle}s")
+    reader = connect(m.port())
     bound = max_reconnects(WINDOW, up_for=idle)
     n, took = measure_connects(k2, bound)
     print(f"\nblack hole: {n} reconnects in {took:.1f}s (at most {bound} allowed)")
     assert 1 <= n <= bound
     assert "dut1 upstream down (idle timeout)" in m.log()
     k2.black_hole(False)
-    wait_for(lambda: port_info(addr)["state"] == "up", 5, "up again")
+    m.wait_state("up", timeout=5)
     assert k2.wait_for(lambda: k2.active == 1)
     k2.feed(b"awake\n")
     assert recv_exactly(reader, 6) == b"awake\n"  # the same reader, never dropped
-    assert internal_errors(addr) == 0
+    assert internal_errors(m) == 0
 
 
 def test_a_trickling_k2_keeps_its_one_link(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
-    m, lport, addr = start(muxd, tmp_path, k2, idle_timeout="2s")
-    reader = connect(lport)
-    wait_for(lambda: port_info(addr)["clients"] == 1, 5, "the reader")
+    m = start(muxd, tmp_path, k2, idle_timeout="2s")
+    reader = connect(m.port())
+    m.wait_connected(1, timeout=5)
     k2.trickle(0.02)
     data = bytes(range(32, 96))  # 64 bytes, one every 20 ms
     k2.feed(data)
     assert recv_exactly(reader, len(data), timeout=10) == data
     k2.trickle(None)
     assert k2.connections_seen == 1 and k2.max_active_seen == 1
-    assert port_info(addr)["state"] == "up"
+    assert m.port_info()["state"] == "up"
     assert m.proc.poll() is None
-    assert internal_errors(addr) == 0
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    assert internal_errors(m) == 0
 
 
 # muxd's fd limit in the EMFILE test: the issue's figure, a few dozen above what
@@ -178,17 +155,19 @@ EMFILE_BACKOFF = 2.0
 
 
 def test_emfile_on_reconnect_does_not_stop_the_retries(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
-    m, lport, addr = start(
+    m = start(
         muxd, tmp_path, k2, nofile=NOFILE, backoff_min=f"{EMFILE_BACKOFF}s", backoff_max=f"{EMFILE_BACKOFF}s"
     )
-    wait_for(lambda: port_info(addr)["state"] == "up", 5, "up")
+    m.wait_state("up", timeout=5)
+    lport = m.port()
     clients: list[socket.socket] = []
     try:
         # Fill muxd's fd table; the rest wait in its listen backlog.
         for _ in range(NOFILE + 16):
-            clients.append(socket.create_connection(("127.0.0.1", lport), timeout=5))
+            clients.append(socket.create_connection((LOCAL, lport), timeout=5))
         wait_for(lambda: fd_count(m.pid) >= NOFILE, 10, "muxd at its fd limit")
         k2.reset_all()
+        # At its fd limit muxd cannot accept an API connection: only its log can say how it is doing.
         m.wait_log("dut1 upstream backing-off (too many open files)", timeout=10)
         # Still failing, and still retrying: more attempts follow the first EMFILE.
         attempts = m.log().count("dut1 upstream connecting")
@@ -199,42 +178,42 @@ def test_emfile_on_reconnect_does_not_stop_the_retries(muxd: StartMuxd, tmp_path
         for c in clients:
             c.close()
     assert k2.wait_for(lambda: k2.connections_seen == 2, 2 * EMFILE_BACKOFF + 5), "never reconnected"
-    wait_for(lambda: port_info(addr)["state"] == "up", 5, "up again")
+    m.wait_state("up", timeout=5)
     reader = connect(lport)
-    wait_for(lambda: port_info(addr)["clients"] == 1, 10, "a new reader")
+    m.wait_connected(1)
     k2.feed(b"back\n")
     assert recv_exactly(reader, 5) == b"back\n"
     assert m.log().count("too many open files") >= 1
-    assert internal_errors(addr) == 0
+    assert internal_errors(m) == 0
 
 
 def test_since_stays_at_the_outage_start_while_retries_go_on(
     muxd: StartMuxd, tmp_path: Path, k2: FakeK2
 ) -> None:
-    _, _, addr = start(muxd, tmp_path, k2)
-    wait_for(lambda: port_info(addr)["state"] == "up", 5, "up")
-    up = port_info(addr)
+    m = start(muxd, tmp_path, k2)
+    m.wait_state("up", timeout=5)
+    up = m.port_info()
     assert up["attempts"] == 0 and up["next_attempt_in"] is None
     k2.refuse(True)
     k2.reset_all()
     went_down = time.time()
     # Refused attempts every <= 1 s: `since` must not follow them.
-    wait_for(lambda: port_info(addr)["attempts"] >= 4, 10, "4 attempts")
-    info = port_info(addr)
+    wait_for(lambda: m.port_info()["attempts"] >= 4, 10, "4 attempts")
+    info = m.port_info()
     assert went_down - 1 <= info["since"] <= went_down + 0.5
     assert info["reason"] == "connection refused" and info["state"] in ("backing-off", "connecting")
     if info["state"] == "backing-off":
         assert 0 <= info["next_attempt_in"] <= BACKOFF_MAX
-    metrics = scrape(addr)[1]
+    metrics = scrape(m.http)[1]
     assert value(metrics, "muxd_upstream_last_change_timestamp_seconds", port="dut1") == pytest.approx(
         info["since"]
     )
     assert value(metrics, "muxd_upstream_down_seconds_total", port="dut1") > 0
     k2.refuse(False)
-    wait_for(lambda: port_info(addr)["state"] == "up", 5, "up again")
-    back = port_info(addr)
+    m.wait_state("up", timeout=5)
+    back = m.port_info()
     assert back["since"] > info["since"] and back["attempts"] == 0 and back["next_attempt_in"] is None
-    assert get_json(addr, "/api/v1/ports")["ports"][0]["name"] == "dut1"
+    assert m.api("/api/v1/ports")["ports"][0]["name"] == "dut1"
 
 
 # -- in process: the state table, and attempts that raise ------------------------------------
@@ -286,28 +265,25 @@ class FlakyPort(TcpPort):
         super()._open()
 
 
+def fast_port(k2: FakeK2) -> configmod.Port:
+    """Port dut1 on the K2, with a backoff of milliseconds, for in-process tests."""
+    upstream = {"tcp": f"{LOCAL}:{k2.port}", "backoff_min": "10ms", "backoff_max": "50ms"}
+    return configmod.from_data({"ports": [{"name": "dut1", "upstream": upstream}]}).ports[0]
+
+
 def test_an_attempt_that_raises_is_retried_and_logged_once(
     k2: FakeK2, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = configmod.from_data(
-        {
-            "ports": [
-                {
-                    "name": "dut1",
-                    "upstream": {"tcp": f"127.0.0.1:{k2.port}", "backoff_min": "10ms", "backoff_max": "50ms"},
-                }
-            ]
-        }
-    )
+    port = fast_port(k2)
     reactor = Reactor()
-    rt = PortRuntime.build(cfg.ports[0], reactor)
-    assert isinstance(cfg.ports[0].upstream, configmod.TcpUpstream)
+    rt = PortRuntime.build(port, reactor)
+    assert isinstance(port.upstream, configmod.TcpUpstream)
     raises: list[Exception] = [
         OSError(errno.EMFILE, os.strerror(errno.EMFILE)),
         ValueError("boom"),
         ValueError("boom"),
     ]
-    up = FlakyPort(raises, cfg.ports[0].upstream, rt.hub, reactor)
+    up = FlakyPort(raises, port.upstream, rt.hub, reactor)
     caplog.set_level(logging.DEBUG)
     try:
         up.start()
@@ -324,6 +300,29 @@ def test_an_attempt_that_raises_is_retried_and_logged_once(
         assert len(tracebacks) == 1, "a traceback per retry"
         assert any("backing-off (too many open files)" in r.getMessage() for r in caplog.records)
         assert k2.wait_for(lambda: k2.connections_seen == 1)
+    finally:
+        up.stop()
+        reactor.close()
+
+
+def test_backoff_resets_only_after_a_link_stayed_up(k2: FakeK2) -> None:
+    """Failures count across links that hang up at once, and only a link that
+    lasts ``stable_after`` (10 s in service, shortened here) starts them again."""
+    k2.on_connect(BANNER_AND_CLOSE)
+    reactor = Reactor()
+    rt = PortRuntime.build(fast_port(k2), reactor)
+    up = rt.upstream
+    assert isinstance(up, TcpPort)
+    up.stable_after = 0.3
+    up.start()
+    try:
+        run_until(reactor, lambda: k2.connections_seen >= 4)
+        assert up.failures >= 3, "a banner reset the backoff"
+        k2.on_connect(SERVE)
+        run_until(reactor, lambda: up.status.state == UP and k2.active == 1)
+        assert up.failures >= 3  # up, but not for long enough yet
+        run_until(reactor, lambda: up.failures == 0)
+        assert k2.active == 1 and up.status.state == UP
     finally:
         up.stop()
         reactor.close()

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,47 +42,21 @@ from muxd.protocol.rfc2217 import (
 )
 from muxd.reactor import Reactor
 from muxd.upstream.tcp import TcpPort
-from tests.conftest import ROOT, Muxd, connect, free_port, recv_exactly, wait_for, write_config
 from tests.fakes.k2 import FakeK2
-
-StartMuxd = Callable[..., Muxd]
-
-
-@pytest.fixture
-def k2() -> Iterator[FakeK2]:
-    fake = FakeK2()
-    yield fake
-    fake.stop()
-
-
-def start(
-    muxd: StartMuxd,
-    tmp_path: Path,
-    k2_port: int,
-    listener: dict[str, Any] | None = None,
-    port_opts: dict[str, Any] | None = None,
-    **upstream: Any,
-) -> tuple[Muxd, int]:
-    """muxd with one port, dut1, on the K2, and one rw TCP listener; returns it and the port."""
-    lport = free_port()
-    cfg = write_config(
-        tmp_path,
-        {
-            "ports": [
-                {
-                    "name": "dut1",
-                    "upstream": {"tcp": f"127.0.0.1:{k2_port}", **upstream},
-                    "listeners": [listener or {"tcp": f"127.0.0.1:{lport}", "mode": "rw"}],
-                    **(port_opts or {}),
-                }
-            ]
-        },
-    )
-    m = muxd("run", "-c", str(cfg), "--log-level", "debug")
-    m.wait_log("dut1 upstream up")
-    if listener is None:
-        m.wait_port(lport)
-    return m, lport
+from tests.helpers import (
+    AUTO,
+    LOCAL,
+    ROOT,
+    Muxd,
+    StartMuxd,
+    connect,
+    recv_exactly,
+    run_until,
+    start_muxd,
+    start_on_k2,
+    tcp_links,
+    wait_for,
+)
 
 
 def log_times(m: Muxd, text: str) -> list[float]:
@@ -96,23 +69,10 @@ def log_times(m: Muxd, text: str) -> list[float]:
     return times
 
 
-def muxd_links(pid: int, port: int) -> int:
-    """Sockets muxd holds to 127.0.0.1:port, from /proc (any state but TIME_WAIT)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    with open(f"/proc/{pid}/net/tcp") as f:
-        for row in f.read().splitlines()[1:]:
-            cols = row.split()
-            if int(cols[2].split(":")[1], 16) == port and cols[3] != "06" and cols[9] in inodes:
-                count += 1
-    return count
+def refused(m: Muxd, n: int) -> bool:
+    """The API shows at least n attempts failed in this outage (with the K2 refusing, refused)."""
+    info = m.port_info()
+    return bool(info["attempts"] - (info["state"] == "connecting") >= n)  # the current one has not failed yet
 
 
 def assert_connected(m: Muxd, readers: list[socket.socket]) -> None:
@@ -125,15 +85,18 @@ def assert_connected(m: Muxd, readers: list[socket.socket]) -> None:
 
 
 def test_fifty_readers_share_one_k2_connection(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
-    lport = free_port()
-    # The quick form, as in the README.
+    # The quick form, as in the README; the kernel picks the ports, the ready file says which.
+    ready = tmp_path / "ready.json"
+    any_port = f"{LOCAL}:0"
     m = muxd(
-        "run", "--upstream-tcp", f"127.0.0.1:{k2.port}", "--tcp", f"127.0.0.1:{lport}", "--log-level", "debug"
+        "run", "--upstream-tcp", f"{LOCAL}:{k2.port}", "--tcp", any_port, "--http", any_port, ready_file=ready
     )
-    m.wait_log("serial0 upstream up")
-    m.wait_port(lport)
+    bound = m.wait_ready_file()["listeners"]
+    [lport] = [int(a.rsplit(":", 1)[1]) for name, a in bound.items() if name.startswith("tcp:")]
+    [m.http] = [a for name, a in bound.items() if name.startswith("http:")]
+    m.wait_state("up", port="serial0")
     readers = [connect(lport) for _ in range(50)]
-    m.wait_clients(51)  # wait_port's probe counts as one
+    m.wait_connected(50)
     payload = random.Random(3).randbytes(64 * 1024)
     for i in range(0, len(payload), 4096):
         k2.feed(payload[i : i + 4096])
@@ -148,9 +111,9 @@ def test_fifty_readers_share_one_k2_connection(muxd: StartMuxd, tmp_path: Path, 
 
 
 def test_reset_and_reboot_keep_readers_connected(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
-    m, lport = start(muxd, tmp_path, k2.port, backoff_max="1s")
-    readers = [connect(lport) for _ in range(5)]
-    m.wait_clients(6)
+    m = start_on_k2(muxd, tmp_path, k2.port, upstream={"backoff_max": "1s"})
+    readers = [connect(m.port()) for _ in range(5)]
+    m.wait_connected(5)
     k2.feed(b"before\n")
     for r in readers:
         assert recv_exactly(r, 7) == b"before\n"
@@ -167,7 +130,7 @@ def test_reset_and_reboot_keep_readers_connected(muxd: StartMuxd, tmp_path: Path
     # A reboot: reset, then connections refused for a while, then back.
     k2.refuse(True)
     k2.reset_all()
-    wait_for(lambda: m.log().count("dut1 upstream backing-off (connection refused)") >= 3, 10, "3 refusals")
+    wait_for(lambda: refused(m, 3), 10, "3 refusals")
     t1 = time.monotonic()
     k2.refuse(False)
     assert k2.wait_for(lambda: k2.connections_seen == 3, 5)
@@ -233,34 +196,33 @@ def sequence(buf: bytes) -> list[int]:
     return seqs
 
 
+def idle_timeouts(m: Muxd) -> float:
+    return m.metric("muxd_upstream_disconnects_total", reason="idle timeout")
+
+
 def test_hung_k2_is_noticed_by_idle_timeout(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
     feeder = Feeder(k2)
     try:
-        m, lport = start(muxd, tmp_path, k2.port, idle_timeout="1s", backoff_min="100ms", backoff_max="500ms")
-        readers = [connect(lport) for _ in range(3)]
-        m.wait_clients(4)
+        upstream = {"idle_timeout": "1s", "backoff_min": "100ms", "backoff_max": "500ms"}
+        m = start_on_k2(muxd, tmp_path, k2.port, upstream=upstream)
+        readers = [connect(m.port()) for _ in range(3)]
+        m.wait_connected(3)
         bufs = [bytearray() for _ in readers]
 
         def reader0_has(seq: int) -> bool:
             received_lines(readers[0], bufs[0])
-            assert muxd_links(m.pid, k2.port) <= 1
+            assert tcp_links(m.pid, k2.port) <= 1
             return len(bufs[0]) >= LINE and sequence(bytes(bufs[0]))[-1] >= seq
 
         target = feeder.seq + 5
         wait_for(lambda: reader0_has(target), 5, "lines flowing")
         t0 = time.monotonic()
         k2.black_hole(True)
-        wait_for(
-            lambda: "upstream down (idle timeout)" in m.log() and muxd_links(m.pid, k2.port) <= 1,
-            5,
-            "idle timeout",
-        )
+        wait_for(lambda: idle_timeouts(m) >= 1 and tcp_links(m.pid, k2.port) <= 1, 5, "idle timeout")
         noticed = time.monotonic() - t0
         # muxd keeps retrying: the hung K2 accepts, stays silent, times out again.
         wait_for(
-            lambda: m.log().count("upstream down (idle timeout)") >= 2 and muxd_links(m.pid, k2.port) <= 1,
-            10,
-            "a second idle timeout",
+            lambda: idle_timeouts(m) >= 2 and tcp_links(m.pid, k2.port) <= 1, 10, "a second idle timeout"
         )
         t1 = time.monotonic()
         k2.black_hole(False)
@@ -320,28 +282,27 @@ def test_dead_k2_is_noticed_by_keepalive(muxd: StartMuxd, tmp_path: Path) -> Non
     ip("link set lo up")
     with FakeK2() as k2:
         sock_path = tmp_path / "dut1.sock"
-        m, _ = start(
-            muxd,
-            tmp_path,
-            k2.port,
-            listener={"unix": str(sock_path), "mode": "rw"},
-            keepalive_idle="1s",
-            keepalive_interval="1s",
-            keepalive_count=2,
-            connect_timeout="1s",
-            backoff_min="100ms",
-            backoff_max="500ms",
-        )
-        wait_for(sock_path.exists, 5, "the unix socket")
+        upstream = {
+            "keepalive_idle": "1s",
+            "keepalive_interval": "1s",
+            "keepalive_count": 2,
+            "connect_timeout": "1s",
+            "backoff_min": "100ms",
+            "backoff_max": "500ms",
+        }
+        # The API on ::1, which the blackhole for 127.0.0.1 leaves reachable.
+        http = {"listen": "[::1]:0", "name": "api"}
+        listeners = [{"unix": str(sock_path), "mode": "rw"}]
+        m = start_on_k2(muxd, tmp_path, k2.port, listeners, upstream=upstream, http=http)
         reader = socket.socket(socket.AF_UNIX)
         reader.connect(str(sock_path))
-        m.wait_clients(1)
+        m.wait_connected(1)
         k2.feed(b"alive\n")
         assert recv_exactly(reader, 6) == b"alive\n"
         t0 = time.monotonic()
         ip("route replace blackhole 127.0.0.1 table local", "route del local 127.0.0.0/8 table local")
         reader.sendall(b"typed into a dead link\n")  # 23 bytes the K2 will never acknowledge
-        wait_for(lambda: "upstream down (keepalive timeout)" in m.log(), 10, "keepalive timeout")
+        m.wait_metric("muxd_upstream_disconnects_total", 1, reason="keepalive timeout")
         noticed = time.monotonic() - t0
         assert "23 bytes written to the K2 were not acknowledged" in m.log()
         t1 = time.monotonic()
@@ -349,7 +310,7 @@ def test_dead_k2_is_noticed_by_keepalive(muxd: StartMuxd, tmp_path: Path) -> Non
             "route replace local 127.0.0.1 dev lo table local",
             "route replace local 127.0.0.0/8 dev lo table local",
         )
-        wait_for(lambda: m.log().count("dut1 upstream up") >= 2, 5, "reconnect")
+        m.wait_metric("muxd_upstream_connects_total", 2, timeout=5)
         reconnected = time.monotonic() - t1
         k2.feed(b"back\n")
         assert recv_exactly(reader, 5) == b"back\n"  # the same reader socket
@@ -365,15 +326,15 @@ def test_dead_k2_is_noticed_by_keepalive(muxd: StartMuxd, tmp_path: Path) -> Non
 def test_writes_while_down_arrive_in_order_or_hold_the_writer(
     muxd: StartMuxd, tmp_path: Path, k2: FakeK2
 ) -> None:
-    m, lport = start(
-        muxd, tmp_path, k2.port, backoff_max="500ms", port_opts={"write_queue": "1KiB", "max_line": "1KiB"}
+    m = start_on_k2(
+        muxd, tmp_path, k2.port, upstream={"backoff_max": "500ms"}, write_queue="1KiB", max_line="1KiB"
     )
-    writer = connect(lport)
+    writer = connect(m.port())
     writer.sendall(b"cmd-0\n")
     assert k2.wait_uart(b"cmd-0\n")
     k2.refuse(True)
     k2.reset_all()
-    m.wait_log("dut1 upstream down (connection reset)")
+    m.wait_metric("muxd_upstream_disconnects_total", 1, reason="connection reset")
     # While the K2 is away, write until muxd stops taking input (backpressure).
     writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     writer.setblocking(False)
@@ -409,12 +370,13 @@ def gaps(times: list[float]) -> list[float]:
 
 
 def test_backoff_caps_and_never_spins_when_refused(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
-    """Refused connects leave no trace at the K2, so attempts are counted from
+    """Refused connects leave no trace at the K2, so attempts are timed from
     muxd's debug log: one "connecting" line per attempt, with its time."""
-    m, _ = start(muxd, tmp_path, k2.port, backoff_min="100ms", backoff_max="1s")
+    m = start_on_k2(muxd, tmp_path, k2.port, upstream={"backoff_min": "100ms", "backoff_max": "1s"})
     k2.refuse(True)
     k2.reset_all()
-    wait_for(lambda: len(log_times(m, "dut1 upstream connecting")) >= 11, 20, "10 retries")
+    # The API counts the attempts in this outage; each one's line is logged as it starts.
+    wait_for(lambda: m.port_info()["attempts"] >= 10, 20, "10 retries")
     attempts = log_times(m, "dut1 upstream connecting")[1:11]  # the first was the initial connect
     g = gaps(attempts)
     print(f"\nretry gaps while refused: {' '.join(f'{x:.2f}' for x in g)}")
@@ -445,28 +407,8 @@ def test_backoff_applies_to_a_peer_that_accepts_and_drops(muxd: StartMuxd, tmp_p
     thread = threading.Thread(target=accept_and_drop, daemon=True)
     thread.start()
     try:
-        m = muxd(
-            "run",
-            "-c",
-            str(
-                write_config(
-                    tmp_path,
-                    {
-                        "ports": [
-                            {
-                                "name": "dut1",
-                                "upstream": {
-                                    "tcp": f"127.0.0.1:{server.getsockname()[1]}",
-                                    "backoff_min": "100ms",
-                                    "backoff_max": "1s",
-                                },
-                                "listeners": [{"tcp": f"127.0.0.1:{free_port()}"}],
-                            }
-                        ]
-                    },
-                )
-            ),
-        )
+        upstream = {"tcp": f"{LOCAL}:{server.getsockname()[1]}", "backoff_min": "100ms", "backoff_max": "1s"}
+        m = start_muxd(muxd, tmp_path, upstream, [{"tcp": AUTO}], name="dut1", wait_up=False, log_level=None)
         wait_for(lambda: len(accepts) >= 8, 20, "8 connections")
     finally:
         stop.set()
@@ -485,9 +427,9 @@ def test_control_usr_sends_the_packet_first_on_every_connection(
     muxd: StartMuxd, tmp_path: Path, k2: FakeK2
 ) -> None:
     packet = bytes.fromhex("55 AA 55 01 C2 00 83 46")  # 115200 8N1, the GUIDE's vector
-    _, lport = start(muxd, tmp_path, k2.port, control="usr", baudrate=115200)
+    m = start_on_k2(muxd, tmp_path, k2.port, upstream={"control": "usr", "baudrate": 115200})
     assert k2.wait_uart(packet)
-    writer = connect(lport)
+    writer = connect(m.port())
     writer.sendall(b"x")
     assert k2.wait_uart(packet + b"x")
     k2.reset_all()
@@ -559,9 +501,9 @@ class Rfc2217Peer:
 def test_control_rfc2217_round_trip_with_iac_bytes(muxd: StartMuxd, tmp_path: Path) -> None:
     peer = Rfc2217Peer()
     try:
-        m, lport = start(muxd, tmp_path, peer.port, control="rfc2217", baudrate=57600)
-        client = connect(lport)
-        m.wait_clients(2)
+        m = start_on_k2(muxd, tmp_path, peer.port, upstream={"control": "rfc2217", "baudrate": 57600})
+        client = connect(m.port())
+        m.wait_connected(1)
         wait_for(
             lambda: peer.conn is not None and any(isinstance(r, SetBaudrate) for r in peer.requests),
             5,
@@ -580,17 +522,6 @@ def test_control_rfc2217_round_trip_with_iac_bytes(muxd: StartMuxd, tmp_path: Pa
 
 
 # -- in process: counters and apply_settings --------------------------------------------------------
-
-
-def run_until(reactor: Reactor, cond: Callable[[], object], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.01) + 2):
-        if cond():
-            return
-        if time.monotonic() > deadline:
-            break
-        reactor.run_once(max_wait=0.01)
-    raise AssertionError("timed out")
 
 
 def in_process(k2: FakeK2, **upstream: Any) -> tuple[Reactor, Hub, TcpPort]:

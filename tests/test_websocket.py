@@ -25,7 +25,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Event, Ping, Rejec
 from muxd import config as configmod
 from muxd.hub import Hub
 from muxd.listeners import websocket as wsmod
-from muxd.listeners.http import HttpFront
+from muxd.listeners.http import HttpFront, HttpTimeouts
 from muxd.port import PortRuntime
 from muxd.reactor import Reactor
 from tests.conftest import Muxd, PtyDevice, free_port, wait_for, write_config
@@ -373,8 +373,7 @@ def test_reload_finishes_websockets_of_a_removed_port(
 
 
 @pytest.fixture
-def loop(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Reactor, HttpFront, Hub]]:
-    monkeypatch.setattr(wsmod, "PING_INTERVAL", 0.2)
+def loop() -> Iterator[tuple[Reactor, HttpFront, Hub]]:
     cfg = configmod.from_data(
         {
             "ports": [{"name": "dut", "upstream": {"sim": True}, "listeners": [{"websocket": True}]}],
@@ -384,7 +383,7 @@ def loop(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Reactor, HttpFront, 
     reactor = Reactor()
     rt = PortRuntime.build(cfg.ports[0], reactor)
     hub = rt.hub
-    front = HttpFront(cfg.http[0], lambda: {"dut": rt}, reactor)
+    front = HttpFront(cfg.http[0], lambda: {"dut": rt}, reactor, timeouts=HttpTimeouts(ping=0.2))
     front.start()
     yield reactor, front, hub
     for client in list(front.clients):
@@ -427,7 +426,7 @@ def test_a_peer_that_pongs_stays(loop: tuple[Reactor, HttpFront, Hub]) -> None:
 def _handshake(reactor: Reactor, front: HttpFront, host: str, origin: str | None) -> Event:
     """wsproto as an independent client: the answer to one upgrade request."""
     client = WSConnection(ConnectionType.CLIENT)
-    extra = [("origin", origin)] if origin is not None else []
+    extra = [(b"origin", origin.encode())] if origin is not None else []
     with socket.create_connection((front.cfg.host, front.cfg.port)) as s:
         s.sendall(client.send(Request(host=host, target="/ws/dut", extra_headers=extra)))
         s.setblocking(False)

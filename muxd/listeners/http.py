@@ -10,16 +10,19 @@ closes, asks to close, or idles.
 
 Limits: the request line and headers must fit in HEADER_LIMIT (h11's
 max_incomplete_event_size; 431 otherwise), a body in BODY_LIMIT (413). A new
-connection must deliver a whole request within HEADER_TIMEOUT, and so must each
+connection must deliver a whole request within HttpTimeouts.header, and so must each
 later request from its first byte, while a kept-alive connection may idle
-IDLE_TIMEOUT between requests (408 if a request was begun, a quiet close if
+HttpTimeouts.idle between requests (408 if a request was begun, a quiet close if
 none). Anything h11 cannot parse is the peer's RemoteProtocolError: a 400 and a
 close, for that peer only; so is a request with both Content-Length and
 Transfer-Encoding (RFC 9112 section 6.1: a smuggling vector, answered and
 closed). A server holds at most MAX_CONNECTIONS plain HTTP connections, and at
 most MAX_PER_PEER from one peer address, so one host's idle sockets cannot
-lock the others out; refusals are logged through a LogLimiter (one line per
-peer per minute, muxd.ratelimit).
+lock the others out. A host with many addresses (loopback has 16 million) can
+still fill the server: then a newcomer takes the place of the oldest
+connection of the address holding the most, so every address keeps a fair
+share. Refusals are logged through a LogLimiter (one line per peer and kind
+per minute, muxd.ratelimit).
 
 Host: DNS rebinding makes a browser send a hostile page's requests to muxd
 with the hostile name in Host, and with an Origin that matches it. So every
@@ -96,14 +99,25 @@ HEADER_LIMIT = 16 * 1024
 # No route reads a body; this much is accepted (and ignored) for clients that
 # always send one, such as "{}" with a POST.
 BODY_LIMIT = 4 * 1024
-# A keep-alive connection may idle this long between requests: long enough
-# for the console's 2 s poll to reuse its connection.
-IDLE_TIMEOUT = 30.0
-# A request, from a new connection's accept or from its first byte on a
-# kept-alive one, must be whole (head and its small body) within this. Any
-# client on a LAN sends a request in milliseconds; 5 s is what slow links
-# need, and it is what one idle or slow-loris socket can hold a slot for.
-HEADER_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class HttpTimeouts:
+    """The front's timeouts; tests pass shorter ones instead of patching constants."""
+
+    # A request, from a new connection's accept or from its first byte on a
+    # kept-alive one, must be whole (head and its small body) within this. Any
+    # client on a LAN sends a request in milliseconds; 5 s is what slow links
+    # need, and it is what one idle or slow-loris socket can hold a slot for.
+    header: float = 5.0
+    # A keep-alive connection may idle this long between requests: long enough
+    # for the console's 2 s poll to reuse its connection.
+    idle: float = 30.0
+    # WebSocket keepalive: well inside the 60 s idle timeouts of common proxies
+    # and NATs; a dead peer is noticed within two intervals.
+    ping: float = 20.0
+
+
 # Bytes taken from a socket per wake-up: a whole ordinary request, while
 # the input that can wait unparsed stays bounded (see HEADER_LIMIT).
 READ_SIZE = 16 * 1024
@@ -276,7 +290,7 @@ def parse_host(value: str) -> tuple[str, int | None] | None:
     return host, int(digits)
 
 
-def known_hosts(cfg: HttpServer, bound: tuple[str, int] | None) -> frozenset[tuple[str, int | None]]:
+def host_names(cfg: HttpServer, bound: tuple[str, int] | None) -> frozenset[tuple[str, int | None]]:
     """The (host, port) pairs a Host may name; port None: any port."""
     ports = {cfg.port} | ({bound[1]} if bound else set())
     hosts = {*LOCAL_NAMES, normal_host(cfg.host)} | ({normal_host(bound[0])} if bound else set())
@@ -310,29 +324,42 @@ def is_loopback(host: str) -> bool:
 
 
 class ConnectionTable:
-    """A front's plain HTTP connections, with a count per peer address kept
-    as they come and go (the per-peer limit is checked at every accept)."""
+    """A front's plain HTTP connections, grouped by peer address as they come
+    and go, oldest first: the per-peer limit is checked at every accept, and a
+    full server makes room by taking from the peer that holds the most."""
 
     def __init__(self) -> None:
         self._peers: dict[HttpConnection, str] = {}
-        self._count: dict[str, int] = {}
+        self._by_peer: dict[str, dict[HttpConnection, None]] = {}  # a dict keeps insertion order
 
     def add(self, conn: HttpConnection) -> None:
         if conn not in self._peers:
             key = self._peers[conn] = peer_ip(conn.peer_host)
-            self._count[key] = self._count.get(key, 0) + 1
+            self._by_peer.setdefault(key, {})[conn] = None
 
     def discard(self, conn: HttpConnection) -> None:
         key = self._peers.pop(conn, None)
         if key is not None:
-            left = self._count[key] - 1
-            if left:
-                self._count[key] = left
-            else:
-                del self._count[key]
+            mine = self._by_peer[key]
+            del mine[conn]
+            if not mine:
+                del self._by_peer[key]
 
     def of_peer(self, host: str) -> int:
-        return self._count.get(peer_ip(host), 0)
+        return len(self._by_peer.get(peer_ip(host), ()))
+
+    def room_for(self, host: str) -> HttpConnection | None:
+        """When full: the oldest connection of the peer holding the most, if
+        that peer holds more than this one would with the new connection;
+        closing it gives every address a fair share. None: no one to evict.
+        Loopback has 16 million addresses, so the per-peer limit alone does
+        not stop one host from filling the server."""
+        if not self._by_peer:
+            return None
+        busiest = max(self._by_peer.values(), key=len)
+        if len(busiest) <= self.of_peer(host) + 1:
+            return None
+        return next(iter(busiest))
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -351,14 +378,17 @@ class HttpFront:
         ports: Callable[[], Mapping[str, PortRuntime]],
         reactor: Reactor,
         sock: socket.socket | None = None,
+        timeouts: HttpTimeouts = HttpTimeouts(),
     ) -> None:
         self.cfg = cfg
         self.ports = ports
+        self.timeouts = timeouts
         self.reactor = reactor
         self.registry = metrics.make_registry(lambda: ports().values(), reactor)
         self.connections = ConnectionTable()
         self.refusals = LogLimiter(log)  # refused connections and requests, per peer
-        self.known_hosts = known_hosts(cfg, None)  # and the bound address, once start() knows it
+        self._bound: tuple[str, int] | None = None  # (address, port) of the socket, once started
+        self._names: tuple[HttpServer, frozenset[tuple[str, int | None]]] | None = None
         self.clients: set[Connection] = set()  # WebSocket readers, for the daemon's shutdown
         self._sock = sock  # passed in by socket activation, or bound in start()
         self._acceptor: Acceptor | None = None
@@ -371,7 +401,7 @@ class HttpFront:
         # With port 0 or a socket passed by systemd, only the socket knows
         # the address and port that browsers will name in Host.
         bound = sock.getsockname()
-        self.known_hosts = known_hosts(self.cfg, (str(bound[0]), int(bound[1])))
+        self._bound = (str(bound[0]), int(bound[1]))
         self._acceptor = Acceptor(self.cfg.name, sock, self.reactor, self._on_connection)
         self._acceptor.start()
         log.info(
@@ -401,13 +431,36 @@ class HttpFront:
             if listener is None or listener.name != client.reader.policy.listener:
                 client.finish()
 
+    @property
+    def known_hosts(self) -> frozenset[tuple[str, int | None]]:
+        """The (host, port) pairs a Host may name (port None: any port), for
+        the cfg in force: a reload that changes server_names replaces cfg, and
+        the new names apply from the next request, as origins and token do."""
+        if self._names is None or self._names[0] is not self.cfg:
+            self._names = (self.cfg, host_names(self.cfg, self._bound))
+        return self._names[1]
+
     def _on_connection(self, conn: socket.socket, addr: object) -> None:
         host, port = addr[0], addr[1]  # type: ignore[index]
         refusal = None
-        if len(self.connections) >= MAX_CONNECTIONS:
-            refusal = f"{MAX_CONNECTIONS} connections open"
-        elif self.connections.of_peer(str(host)) >= MAX_PER_PEER:
+        if self.connections.of_peer(str(host)) >= MAX_PER_PEER:
             refusal = f"{MAX_PER_PEER} connections open from this address"
+        elif len(self.connections) >= MAX_CONNECTIONS:
+            victim = self.connections.room_for(str(host))
+            if victim is None:
+                refusal = f"{MAX_CONNECTIONS} connections open"
+            else:
+                self.refusals.warning(
+                    victim.peer_host,
+                    "evicted",
+                    "%s: %d connections open: closed the oldest of %s's %d to make room for %s",
+                    self.cfg.name,
+                    MAX_CONNECTIONS,
+                    victim.peer_host,
+                    self.connections.of_peer(victim.peer_host),
+                    host,
+                )
+                victim.close()
         if refusal is not None:
             self.refusals.warning(host, "connections", "%s: refused %s: %s", self.cfg.name, host, refusal)
             conn.close()
@@ -536,9 +589,9 @@ class HttpConnection:
         self._request: h11.Request | None = None
         self._body = 0
         self._received = 0  # bytes since the last response: tells idle from a slow request
-        self._idle = False  # between requests of a kept-alive connection: IDLE_TIMEOUT applies
+        self._idle = False  # between requests of a kept-alive connection: the idle timeout applies
         sock.setblocking(False)
-        self._timer = self.reactor.call_later(HEADER_TIMEOUT, self._on_timeout)
+        self._timer = self.reactor.call_later(self.front.timeouts.header, self._on_timeout)
         self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
 
     def close(self) -> None:
@@ -573,10 +626,10 @@ class HttpConnection:
         """Answer every complete request h11 has, one response at a time."""
         if self._idle and self._received and not self.closed:
             # A kept-alive connection began its next request: it has
-            # HEADER_TIMEOUT to finish it, as a new connection has.
+            # the header timeout to finish it, as a new connection has.
             self._idle = False
             self._timer.cancel()
-            self._timer = self.reactor.call_later(HEADER_TIMEOUT, self._on_timeout)
+            self._timer = self.reactor.call_later(self.front.timeouts.header, self._on_timeout)
         while not self.closed:
             if self._out:
                 self._flush()
@@ -626,7 +679,14 @@ class HttpConnection:
         self._timer.cancel()
         self.reactor.remove(self.fd)
         self.front.connections.discard(self)
-        client = WebSocketClient(self.sock, self.peer, result, self.reactor, self.h11.trailing_data[0])
+        client = WebSocketClient(
+            self.sock,
+            self.peer,
+            result,
+            self.reactor,
+            self.h11.trailing_data[0],
+            ping_interval=self.front.timeouts.ping,
+        )
         self.front.clients.add(client)
         client.on_close.append(self.front.clients.discard)
         client.start()
@@ -652,7 +712,7 @@ class HttpConnection:
             self._received = 0
             self._idle = True
             self._timer.cancel()
-            self._timer = self.reactor.call_later(IDLE_TIMEOUT, self._on_timeout)
+            self._timer = self.reactor.call_later(self.front.timeouts.idle, self._on_timeout)
 
     def _send(self, event: h11.Event) -> None:
         for chunk in self.h11.send_with_data_passthrough(event) or ():
@@ -702,7 +762,7 @@ class HttpConnection:
         if self._out or (self.h11.their_state is h11.IDLE and not self._received):
             self.close()  # idle, or not reading its response
         else:
-            self._fail(408, f"no complete request within {HEADER_TIMEOUT:g}s")
+            self._fail(408, f"no complete request within {self.front.timeouts.header:g}s")
 
     def _on_internal_error(self, _exc: BaseException) -> None:
         self.close()

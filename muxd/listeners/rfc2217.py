@@ -27,7 +27,6 @@ error: that client is closed, and nobody else notices.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket
 
@@ -51,17 +50,17 @@ from muxd.protocol.rfc2217 import (
     NotifyModemstate,
     Purge,
     Rfc2217Server,
-    SetBaudrate,
-    SetControl,
-    SetDataSize,
-    SetParity,
-    SetStopSize,
     Signature,
+    settings_with,
 )
+from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
 from muxd.transport import SocketTransport
 
 log = logging.getLogger("muxd.listener")
+# A peer that sends garbage again and again gets one line a minute, not one per
+# connection (muxd.ratelimit).
+_protocol_errors = LogLimiter(log)
 
 # What the modem lines say: a device that is there and ready (pyserial's .cts,
 # .dsr and .cd read these).
@@ -84,7 +83,10 @@ class Rfc2217Connection(Connection):
         self.codec = Rfc2217Server()  # queues the initial negotiation
         self.line_control = line_control
         self._suspended = False
-        super().__init__(SocketTransport(sock), hub, cfg, peer, reactor, encoding=True)
+        # The negotiation goes out at once: a telnet client on a port other
+        # than 23 waits for the server to begin.
+        initial = self.codec.data_to_send()
+        super().__init__(SocketTransport(sock), hub, cfg, peer, reactor, encoding=True, initial=initial)
 
     # -- out: hub -> client -------------------------------------------------
 
@@ -104,7 +106,9 @@ class Rfc2217Connection(Connection):
         try:
             self.codec.receive_data(data)
         except RemoteProtocolError as exc:
-            log.warning("%s: %s: %s; closing this client", self.cfg.name, self.peer, exc)
+            _protocol_errors.warning(
+                self.peer, "rfc2217", "%s: %s: %s; closing this client", self.cfg.name, self.peer, exc
+            )
             self.close("protocol error")
             return
         for event in self.codec.next_events():
@@ -145,19 +149,9 @@ class Rfc2217Connection(Connection):
 
     def _request(self, event: ComPortCommand) -> LineSettings:
         """The settings in force after the request (if it is one for a line setting)."""
-        current = self.line_control.settings
-        if isinstance(event, SetBaudrate) and event.value is not None:
-            wanted = dataclasses.replace(current, baudrate=event.value)
-        elif isinstance(event, SetDataSize) and event.value is not None:
-            wanted = dataclasses.replace(current, bytesize=event.value)
-        elif isinstance(event, SetParity) and event.value is not None:
-            wanted = dataclasses.replace(current, parity=event.value)
-        elif isinstance(event, SetStopSize) and event.value is not None:
-            wanted = dataclasses.replace(current, stopbits=event.value)
-        elif isinstance(event, SetControl) and event.flow is not None:
-            wanted = dataclasses.replace(current, flow=event.flow)
-        else:
-            return current  # a query, a mask, BREAK/DTR/RTS, a purge
+        wanted = settings_with(self.line_control.settings, event)
+        if wanted is None:  # a query, a mask, BREAK/DTR/RTS, a purge
+            return self.line_control.settings
         return self.line_control.request(self.reader, wanted)
 
 

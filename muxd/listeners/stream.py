@@ -24,6 +24,7 @@ from muxd.config import Listener
 from muxd.connection import Connection
 from muxd.hub import Hub
 from muxd.listeners.acceptor import Acceptor, bind_tcp
+from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
 from muxd.transport import SocketTransport
 
@@ -44,6 +45,7 @@ class StreamListener:
         self._sock = sock  # passed in by socket activation, or bound in start()
         self._acceptor: Acceptor | None = None
         self._owns_path = False
+        self.refusals = LogLimiter(log)  # one line per peer a minute, however many refusals
 
     def start(self) -> None:
         cfg = self.cfg
@@ -87,7 +89,14 @@ class StreamListener:
     def _accepted(self, conn: socket.socket, peer: str) -> None:
         if len(self.clients) >= self.cfg.max_clients:
             self.hub.stats_for(self.cfg.name).rejected += 1
-            log.warning("%s: %s refused: max_clients (%d) reached", self.cfg.name, peer, self.cfg.max_clients)
+            self.refusals.warning(
+                peer,
+                "max_clients",
+                "%s: %s refused: max_clients (%d) reached",
+                self.cfg.name,
+                peer,
+                self.cfg.max_clients,
+            )
             conn.close()
             return
         client = self._client(conn, peer)

@@ -8,7 +8,11 @@ Handshake
     allowed), the listener's max_clients and the query, then lets wsproto's
     H11Handshake validate the upgrade headers and write the 101 response. A
     refusal is an ordinary HTTP error response (403, 400, 426, 503), never a
-    WebSocket that is opened only to be closed.
+    WebSocket that is opened only to be closed. Same-origin is only as good
+    as Host: the HTTP front has already refused (421) a Host that does not
+    name the server, which is what stops DNS rebinding. The query is split by
+    hand and bounded (MAX_QUERY_FIELDS fields, MAX_HISTORY_DIGITS digits), so
+    no target makes urlsplit, parse_qs or int() raise.
 
 Output
     A WebSocketClient is the connection core (muxd.connection) with wsproto
@@ -35,7 +39,7 @@ Input
     counted if it is ro. A message over MAX_MESSAGE closes with 1009.
 
 Keepalive and close
-    A ping every PING_INTERVAL; no pong by the next one closes the
+    A ping every ``ping_interval`` (the HTTP front's timeouts); no pong by the next one closes the
     connection (1011). A close we start (shutdown 1001, protocol error 1002,
     message too big 1009) is queued after what is already buffered, flushed,
     then the TCP connection is shut down; the peer's close is answered the
@@ -74,6 +78,7 @@ from muxd.connection import Connection
 from muxd.errors import RemoteProtocolError
 from muxd.hub import Hub
 from muxd.reactor import Reactor
+from muxd.records import FORMATS, Format
 from muxd.transport import SocketTransport
 
 log = logging.getLogger("muxd.listener")
@@ -87,9 +92,6 @@ FRAME_PAYLOAD = 8 * 1024
 # The largest message a client may send: far more than any typed or pasted
 # command; more is not a console's traffic and would only fill the write queue.
 MAX_MESSAGE = 64 * 1024
-# Well inside the 60 s idle timeouts of common proxies and NATs; a dead peer is
-# noticed within two intervals.
-PING_INTERVAL = 20.0
 # Time to flush our close frame to a peer that has stopped reading.
 CLOSE_TIMEOUT = 5.0
 
@@ -111,6 +113,14 @@ CLOSE_CODES = {
 }
 
 
+def answer_code(code: int) -> int:
+    """The code to close with when answering a peer's close: its own, where a
+    server may send it (RFC 6455 7.4: 1005, 1006 and 1015 are never sent, 1010
+    is the client's), else 1000."""
+    sendable = code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 1012, 1013, 1014)
+    return code if sendable or 3000 <= code <= 4999 else CloseReason.NORMAL_CLOSURE
+
+
 class HandshakeError(RemoteProtocolError):
     """The upgrade request cannot be accepted: answer it with this HTTP status."""
 
@@ -128,8 +138,17 @@ class Upgrade:
     connection: WsConnection
     hub: Hub
     listener: Listener
-    json_format: bool
-    history: int
+    options: WsOptions
+
+
+@dataclass(frozen=True)
+class WsOptions:
+    """What a client asked for in the query string."""
+
+    json_format: bool = False  # ?format=json: per-frame JSON of the raw stream
+    fmt: Format | None = None  # ?format=raw|text|jsonl: the records; None: the listener's
+    history: int | None = None  # ?history=BYTES; None: the listener's
+    history_lines: int = 0  # ?history_lines=N
 
 
 def header(request: h11.Request, name: bytes) -> str | None:
@@ -161,8 +180,8 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     return host is not None and bool(sep and scheme) and netloc == host.lower()
 
 
-def parse_options(target: bytes) -> tuple[bool, int]:
-    """(json format?, history bytes asked for) from the query string."""
+def parse_options(target: bytes) -> WsOptions:
+    """The client's options, from the query string."""
     # The query is what follows the first "?" (RFC 3986 section 3.4), in any
     # target form; urlsplit is not used because it raises on "//[" paths.
     query_text = target.decode("ascii", "replace").partition("?")[2].partition("#")[0]
@@ -170,13 +189,21 @@ def parse_options(target: bytes) -> tuple[bool, int]:
         query = urllib.parse.parse_qs(query_text, max_num_fields=MAX_QUERY_FIELDS)
     except ValueError:  # parse_qs's only complaint: more than max_num_fields
         raise HandshakeError(f"a query of more than {MAX_QUERY_FIELDS} fields", 400) from None
-    fmt = query.get("format", ["binary"])[-1]
-    if fmt not in ("binary", "json"):
-        raise HandshakeError(f"format must be binary or json, got {fmt[:64]!r}", 400)
-    history = ascii_int(query.get("history", ["0"])[-1], MAX_HISTORY_DIGITS)
-    if history is None:
-        raise HandshakeError(f"history must be a number of bytes, at most {MAX_HISTORY_DIGITS} digits", 400)
-    return fmt == "json", history
+    fmt = query.get("format", [""])[-1]
+    if fmt not in ("", "binary", "json", *FORMATS):
+        raise HandshakeError(f"format must be binary, json, raw, text or jsonl, got {fmt[:64]!r}", 400)
+    numbers: dict[str, int | None] = {}
+    for key in ("history", "history_lines"):
+        text = query.get(key, [None])[-1]
+        numbers[key] = None if text is None else ascii_int(text, MAX_HISTORY_DIGITS)
+        if text is not None and numbers[key] is None:
+            raise HandshakeError(f"{key} must be a number, at most {MAX_HISTORY_DIGITS} digits", 400)
+    return WsOptions(
+        json_format=fmt == "json",
+        fmt=fmt if fmt in FORMATS else ("raw" if fmt == "binary" else None),
+        history=numbers["history"],
+        history_lines=numbers["history_lines"] or 0,
+    )
 
 
 def upgrade(request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, ...]) -> Upgrade:
@@ -185,7 +212,7 @@ def upgrade(request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, .
         raise HandshakeError("a WebSocket upgrade must be a GET", 405, ((b"allow", b"GET"),))
     if not origin_allowed(header(request, b"origin"), header(request, b"host"), origins):
         raise HandshakeError(f"origin {header(request, b'origin')!r} is not allowed", 403)
-    json_format, history = parse_options(request.target)
+    options = parse_options(request.target)
     if hub.clients_of(cfg.name) >= cfg.max_clients:
         hub.stats_for(cfg.name).rejected += 1
         raise HandshakeError(f"{cfg.name}: max_clients ({cfg.max_clients}) reached", 503)
@@ -201,7 +228,7 @@ def upgrade(request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, .
         raise HandshakeError(str(exc), status, headers) from None
     response = handshake.send(AcceptConnection())
     assert handshake.connection is not None
-    return Upgrade(response, handshake.connection, hub, cfg, json_format, history)
+    return Upgrade(response, handshake.connection, hub, cfg, options)
 
 
 class WebSocketClient(Connection):
@@ -211,11 +238,19 @@ class WebSocketClient(Connection):
     encoder_chunk = FRAME_PAYLOAD
 
     def __init__(
-        self, sock: socket.socket, peer: str, accepted: Upgrade, reactor: Reactor, trailing: bytes = b""
+        self,
+        sock: socket.socket,
+        peer: str,
+        accepted: Upgrade,
+        reactor: Reactor,
+        trailing: bytes = b"",
+        *,
+        ping_interval: float = 20.0,
     ) -> None:
+        self.ping_interval = ping_interval
         self.ws = accepted.connection
         self._decoder = (
-            codecs.getincrementaldecoder("utf-8")("surrogateescape") if accepted.json_format else None
+            codecs.getincrementaldecoder("utf-8")("surrogateescape") if accepted.options.json_format else None
         )
         self._message_size = 0
         self._awaiting_pong = False
@@ -227,12 +262,14 @@ class WebSocketClient(Connection):
             peer,
             reactor,
             encoding=True,
-            history=accepted.history or None,  # none asked: the listener's own
+            fmt=accepted.options.fmt,
+            history=accepted.options.history,
+            history_lines=accepted.options.history_lines,
             initial=accepted.response,
         )
 
     def start(self) -> None:
-        self._set_timer("ping", PING_INTERVAL, self._ping)
+        self._set_timer("ping", self.ping_interval, self._ping)
         super().start()
         if self._trailing:  # bytes the peer sent right after its upgrade request
             trailing, self._trailing = self._trailing, b""
@@ -272,7 +309,7 @@ class WebSocketClient(Connection):
             return
         self._awaiting_pong = True
         self._out += self.ws.send(Ping(b"muxd"))
-        self._set_timer("ping", PING_INTERVAL, self._ping)
+        self._set_timer("ping", self.ping_interval, self._ping)
         self.on_data()
 
     # -- input --------------------------------------------------------------
@@ -297,6 +334,6 @@ class WebSocketClient(Connection):
                 # Still OPEN means wsproto found a protocol error and reports it as
                 # a close; otherwise the peer closed and this answers it.
                 broken = self.ws.state is ConnectionState.OPEN
-                self._start_close(event.code, "protocol error" if broken else "peer closed")
+                self._start_close(answer_code(event.code), "protocol error" if broken else "peer closed")
                 return
         self.on_data()

@@ -25,8 +25,8 @@ negotiation answers queued since the last ``data_to_send()`` may not pass
 MAX_PENDING_ANSWERS. What we say is bounded by the caller: each call queues
 at most twice its payload (escaping) plus a few framing bytes, and the caller
 collects the outbox after each call, or each received chunk, and holds it
-under its own bound (``upstream/tcp.py``'s OUT_LIMIT, the listener's
-OUT_HIGH).
+under its own bound (``upstream/tcp.py``'s OUT_LIMIT, the listener's high
+watermark).
 
 Broken after a peer error, as h11: once ``receive_data()`` has raised
 RemoteProtocolError the codec takes no more input. Pending events are
@@ -45,11 +45,14 @@ other options, and telnet commands such as NOP or AYT: their framing is
 intact, so skipping them is safe, and they come from real peers' quirks or
 future extensions rather than from a corrupt stream. COM-PORT commands are
 accepted even before option 44 is negotiated, since ser2net, for one, never
-negotiates it for its own side.
+negotiates it for its own side. Refused (answered DONT/WONT, never raised):
+a negotiation of any option we do not speak, 255 (EXOPL) included, which is
+legal on the wire whatever we support.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -650,3 +653,21 @@ class Rfc2217Client(_Connection):
                 SetControl(_OUTBOUND_FLOW[settings.flow]),
             )
         )
+
+
+def settings_with(settings: LineSettings, command: Event) -> LineSettings | None:
+    """The line settings with the one this command carries, or None when it
+    carries none (a query, a mask, BREAK/DTR/RTS, a purge, data). Both sides
+    use it: a server for what a client asks, a client for what the server says
+    is in force."""
+    if isinstance(command, SetBaudrate) and command.value is not None:
+        return dataclasses.replace(settings, baudrate=command.value)
+    if isinstance(command, SetDataSize) and command.value is not None:
+        return dataclasses.replace(settings, bytesize=command.value)
+    if isinstance(command, SetParity) and command.value is not None:
+        return dataclasses.replace(settings, parity=command.value)
+    if isinstance(command, SetStopSize) and command.value is not None:
+        return dataclasses.replace(settings, stopbits=command.value)
+    if isinstance(command, SetControl) and command.flow is not None:
+        return dataclasses.replace(settings, flow=command.flow)
+    return None

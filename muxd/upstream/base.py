@@ -85,7 +85,8 @@ class FdUpstream(ABC):
         self.failures = 0
         self.open_attempts = 0  # total, for tests and metrics
         self._retry: Timer | None = None
-        self._stable: Timer | None = None  # fires when the current link has lasted STABLE_UP
+        self.stable_after = STABLE_UP  # an attribute so that tests can shorten it
+        self._stable: Timer | None = None  # fires when the current link has lasted stable_after
         self._stopped = False
         self.status = UpstreamStatus(hub.name, hub.notice)
         # Bytes handed to the device that it may never have got (a TCP link that
@@ -186,7 +187,7 @@ class FdUpstream(ABC):
     def _opened(self, fd: int) -> None:
         self.fd = fd
         self.reactor.add(fd, IN | self._out_mask(), self._on_events, self._on_internal_error)
-        self._stable = self.reactor.call_later(STABLE_UP, self._on_stable)
+        self._stable = self.reactor.call_later(self.stable_after, self._on_stable)
         self.status.set(UP, "opened")
         self._on_up()
 

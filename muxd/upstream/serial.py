@@ -12,6 +12,12 @@ device reappearing, however long it was gone); when the path exists but will
 not open (busy, permissions), it backs off exponentially. Readers stay
 connected throughout and never see fabricated bytes.
 
+When another program holds the port's lock (a miniterm left open, a second
+muxd), the reason names it: the PID and command line of the holder, found in
+/proc/locks by the device number and inode of the path, and /proc/PID/cmdline.
+The reason stays the same while the holder does, so it is logged once per
+outage and the retries at DEBUG.
+
 Line settings: ``settings`` is the one copy of the settings in force, and it
 only ever holds values the device took. A change is applied to the open port
 first and stored only once pyserial accepted every field; if pyserial or the

@@ -38,7 +38,6 @@ K2 never acknowledged (TCP_INFO's bytes_acked) are logged and counted in
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import ipaddress
 import logging
@@ -52,6 +51,7 @@ from muxd.hub import Hub
 from muxd.protocol import usr
 from muxd.protocol.line_settings import LineSettings
 from muxd.protocol.rfc2217 import (
+    ComPortCommand,
     ComPortOption,
     Data,
     Rfc2217Client,
@@ -60,6 +60,7 @@ from muxd.protocol.rfc2217 import (
     SetDataSize,
     SetParity,
     SetStopSize,
+    settings_with,
 )
 from muxd.reactor import OUT, Reactor, Timer
 from muxd.upstream.base import READ_SIZE, FdUpstream
@@ -339,7 +340,7 @@ class TcpPort(FdUpstream):
             self._drain()
         return wanted
 
-    def _reconcile(self, answer: SetBaudrate | SetDataSize | SetParity | SetStopSize | SetControl) -> None:
+    def _reconcile(self, answer: ComPortCommand) -> None:
         """An RFC 2217 answer to one of our requests: it carries the value the K2
         has in force, which becomes ours. A K2 that cannot take a baud rate
         answers with the one it kept; that is what readers are told from now on.
@@ -348,17 +349,8 @@ class TcpPort(FdUpstream):
         ``settings`` may briefly hold an earlier answer; the last answer wins.
         """
         asked = self.settings
-        if isinstance(answer, SetBaudrate) and answer.value is not None:
-            granted = dataclasses.replace(asked, baudrate=answer.value)
-        elif isinstance(answer, SetDataSize) and answer.value is not None:
-            granted = dataclasses.replace(asked, bytesize=answer.value)
-        elif isinstance(answer, SetParity) and answer.value is not None:
-            granted = dataclasses.replace(asked, parity=answer.value)
-        elif isinstance(answer, SetStopSize) and answer.value is not None:
-            granted = dataclasses.replace(asked, stopbits=answer.value)
-        elif isinstance(answer, SetControl) and answer.flow is not None:
-            granted = dataclasses.replace(asked, flow=answer.flow)
-        else:  # no value (a query's form), or BREAK/DTR/RTS: not a line setting
+        granted = settings_with(asked, answer)
+        if granted is None:  # no value (a query's form), or BREAK/DTR/RTS: not a line setting
             log.debug("%s: RFC 2217: %s", self.hub.name, answer)
             return
         if granted != asked:
