@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from muxd.config import Listener, Port
-from muxd.hub import Hub
 from muxd.port import PortRuntime
 
 
@@ -43,14 +42,16 @@ def websocket_listener(port: Port) -> Listener | None:
     return next((lst for lst in port.listeners if lst.kind == "websocket"), None)
 
 
-def port_dropped(hub: Hub) -> int:
-    live = sum(r.dropped for r in hub.readers.values())
-    return live + sum(s.closed_dropped for s in hub.listener_stats.values())
+def port_dropped(rt: PortRuntime) -> int:
+    live = sum(r.dropped for r in rt.clients())
+    listeners = {lst.name for lst in rt.config.listeners}
+    return live + sum(s.closed_dropped for name, s in rt.hub.listener_stats.items() if name in listeners)
 
 
 def port_view(rt: PortRuntime) -> dict[str, Any]:
     hub, st = rt.hub, rt.upstream.status
-    per_listener = Counter(r.policy.listener for r in hub.readers.values())
+    clients = rt.clients()
+    per_listener = Counter(r.policy.listener for r in clients)
     ws = websocket_listener(rt.config)
     return {
         "name": hub.name,
@@ -65,9 +66,9 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
         "writable": ws is not None and ws.writable,
         "bytes_in": hub.bytes_in,
         "bytes_out": hub.bytes_out,
-        "clients": len(hub.readers),
-        "max_lag": hub.max_lag(),
-        "dropped": port_dropped(hub),
+        "clients": len(clients),
+        "max_lag": max((hub.lag(r) for r in clients), default=0),
+        "dropped": port_dropped(rt),
         "write_queue_bytes": hub.queue.bytes,
         "listeners": [
             {
@@ -79,6 +80,18 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
             }
             for lst in rt.config.listeners
         ],
+        "traces": [
+            {
+                "path": t.spec.path,
+                "format": t.spec.format,
+                "written": t.written,
+                "dropped_disk": t.dropped,  # trace bytes the disk refused
+                "dropped_backlog": t.reader.dropped,  # device bytes it fell behind on
+                "lag": hub.lag(t.reader),
+                "rotations": t.rotations,
+            }
+            for t in rt.traces
+        ],
     }
 
 
@@ -86,7 +99,8 @@ def ports_view(ports: Iterable[PortRuntime]) -> dict[str, Any]:
     return {"ports": [port_view(rt) for rt in ports]}
 
 
-def clients_view(hub: Hub) -> dict[str, Any]:
+def clients_view(rt: PortRuntime) -> dict[str, Any]:
+    hub = rt.hub
     return {
         "clients": [
             {
@@ -99,14 +113,14 @@ def clients_view(hub: Hub) -> dict[str, Any]:
                 "dropped": r.dropped,
                 "lag": hub.lag(r),
             }
-            for r in hub.readers.values()
+            for r in rt.clients()
         ]
     }
 
 
-def disconnect(hub: Hub, client_id: int) -> bool:
+def disconnect(rt: PortRuntime, client_id: int) -> bool:
     """The admin action; False if there is no such client on this port."""
-    reader = hub.readers.get(client_id)
+    reader = next((r for r in rt.clients() if r.id == client_id), None)
     if reader is None:
         return False
     reader.owner.close("admin")

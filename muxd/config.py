@@ -31,7 +31,7 @@ import yaml
 
 from muxd.errors import ConfigError
 from muxd.protocol.line_settings import BYTESIZES, FLOWS, STOPBITS, LineSettings
-from muxd.records import Format
+from muxd.records import FORMATS, Format
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -165,11 +165,36 @@ class Port:
     max_line: int = 4 * KiB
     history: int = 64 * KiB
     line_control: LineControlPolicy = "owner"
+    trace: tuple[TraceFile, ...] = ()
+
+    @property
+    def history_bound(self) -> int:
+        """The most history any reader of the port may replay."""
+        return max([self.history, *(lst.history for lst in self.listeners)])
 
     @property
     def log_capacity(self) -> int:
-        """The shared log must hold the largest backlog any reader may have."""
-        return max([self.history, *(lst.buffer for lst in self.listeners)])
+        """The shared log must hold the largest backlog or history any reader may have."""
+        return max([self.history_bound, *(lst.buffer for lst in self.listeners)])
+
+    @property
+    def formats(self) -> tuple[Format, ...]:
+        """The record formats the port's listeners and traces use, kept from the start."""
+        used = {lst.format for lst in self.listeners} | {t.format for t in self.trace}
+        return tuple(sorted(f for f in used if f != "raw"))
+
+
+@dataclass(frozen=True)
+class TraceFile:
+    """A trace file of a port (muxd.trace)."""
+
+    path: str
+    format: Format = "text"
+    rotate: int = 0  # bytes; 0: never rotate
+    keep: int = 5  # rotated files kept: PATH.1 .. PATH.keep
+    input: bool = False  # also record what clients wrote, and who
+    file_mode: int = 0o640  # the log of a board may hold secrets typed at it
+    group: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -200,7 +225,8 @@ def format_hostport(host: str, port: int) -> str:
 # Schema: the keys each mapping accepts (also what the man page must document)
 
 TOP_KEYS = {"ports", "http", "log_level"}
-PORT_KEYS = {"name", "upstream", "listeners", "write_queue", "max_line", "history", "line_control"}
+PORT_KEYS = {"name", "upstream", "listeners", "write_queue", "max_line", "history", "line_control", "trace"}
+TRACE_KEYS = {"path", "format", "rotate", "keep", "input", "mode", "group"}
 LINE_KEYS = {"baudrate", "bytesize", "parity", "stopbits", "flow"}
 BACKOFF_KEYS = {"backoff_min", "backoff_max"}
 SERIAL_KEYS = {"serial"} | LINE_KEYS | BACKOFF_KEYS
@@ -212,11 +238,12 @@ TCP_KEYS = (
 )
 SIM_KEYS = {"baudrate", "status_interval", "boot"}
 LISTENER_COMMON = {"name", "mode", "max_clients", "buffer", "overflow", "write", "notices"}
+LISTENER_COMMON |= {"history", "history_lines"}
 LISTENER_EXTRA = {
-    "tcp": set(),
+    "tcp": {"format"},
     "rfc2217": set(),
-    "websocket": set(),
-    "unix": {"socket_mode", "group"},
+    "websocket": {"format"},
+    "unix": {"socket_mode", "group", "format"},
     "pty": {"link_mode", "group"},
 }
 HTTP_KEYS = {"listen", "name", "origins", "token", "server_names"}
@@ -226,6 +253,7 @@ UPSTREAM_KINDS = ("serial", "tcp", "sim")
 def schema_keys() -> set[str]:
     """Every key name the config file accepts."""
     keys = TOP_KEYS | PORT_KEYS | SERIAL_KEYS | TCP_KEYS | {"sim"} | SIM_KEYS | LISTENER_COMMON | HTTP_KEYS
+    keys |= TRACE_KEYS
     keys |= set(LISTENER_KINDS)
     for extra in LISTENER_EXTRA.values():
         keys |= extra
@@ -763,17 +791,7 @@ def _listener(node: _Node, port_name: str, index: int) -> Listener:
     if "name" in m and not NAME_RE.fullmatch(name):
         raise m["name"].error(f"must match {NAME_RE.pattern}, got {_show(name)}")
     mode_key = "socket_mode" if kind == "unix" else "link_mode"
-    group: str | int | None = None
-    if "group" in m:
-        # An empty or null group is an error rather than "the default group": a
-        # template that expanded to nothing should not quietly open the socket wider.
-        value = m["group"].value()
-        if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
-            raise m["group"].error(f"expected a group name or gid, got {_show(value)}")
-        if isinstance(value, int) and not 0 <= value < 2**32 - 1:
-            # -1 would tell chown() to leave the group unchanged: another silent default.
-            raise m["group"].error(f"a gid must be 0..{2**32 - 2}, got {_show(value)}")
-        group = value
+    group = _group(m["group"]) if "group" in m else None
     return Listener(
         kind=kind,
         name=name,
@@ -788,6 +806,38 @@ def _listener(node: _Node, port_name: str, index: int) -> Listener:
         notices=_get(m, "notices", _Node.flag, d.notices),
         file_mode=_get(m, mode_key, _Node.file_mode, d.file_mode),
         group=group,
+        history=_get(m, "history", lambda n: n.size(0, 64 * MiB), d.history),
+        history_lines=_get(m, "history_lines", lambda n: n.integer(0, 100_000), d.history_lines),
+        format=_get(m, "format", lambda n: n.choice(FORMATS), d.format),
+    )
+
+
+def _group(node: _Node) -> str | int:
+    # An empty or null group is an error rather than "the default group": a
+    # template that expanded to nothing should not quietly open the file wider.
+    value = node.value()
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        raise node.error(f"expected a group name or gid, got {_show(value)}")
+    if isinstance(value, int) and not 0 <= value < 2**32 - 1:
+        # -1 would tell chown() to leave the group unchanged: another silent default.
+        raise node.error(f"a gid must be 0..{2**32 - 2}, got {_show(value)}")
+    return value
+
+
+def _trace(node: _Node) -> TraceFile:
+    m = node.mapping(TRACE_KEYS, required=("path",))
+    d = TraceFile("")
+    rotate = _get(m, "rotate", lambda n: n.size(0, 64 * GiB), d.rotate)
+    if 0 < rotate < 64 * KiB:
+        raise m["rotate"].error(f"must be 0 (never) or at least 64KiB, got {rotate}")
+    return TraceFile(
+        path=m["path"].file_path(absolute=True),
+        format=_get(m, "format", lambda n: n.choice(FORMATS), d.format),
+        rotate=rotate,
+        keep=_get(m, "keep", lambda n: n.integer(0, 1000), d.keep),
+        input=_get(m, "input", _Node.flag, d.input),
+        file_mode=_get(m, "mode", _Node.file_mode, d.file_mode),
+        group=_group(m["group"]) if "group" in m else None,
     )
 
 
@@ -811,6 +861,7 @@ def _port(node: _Node) -> Port:
         # 0 is valid as written: no history replayed to new readers.
         history=_get(m, "history", lambda n: n.size(0, 64 * MiB), d.history),
         line_control=_get(m, "line_control", lambda n: n.choice(LINE_CONTROL_POLICIES), d.line_control),
+        trace=tuple(_trace(n) for n in m["trace"].sequence()) if "trace" in m else (),
     )
     if port.max_line > port.write_queue:
         raise m.get("max_line", node).error(

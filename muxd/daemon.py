@@ -37,6 +37,7 @@ from muxd.listeners.rfc2217 import Rfc2217Listener
 from muxd.listeners.stream import StreamListener
 from muxd.port import Connection, ListenerRuntime, PortRuntime, bounds_for, make_upstream
 from muxd.reactor import Reactor
+from muxd.trace import Trace
 
 log = logging.getLogger("muxd")
 
@@ -129,7 +130,7 @@ class Daemon:
         """One line for systemctl status, e.g. `dut1 up 12 clients; dut2 connecting`."""
         parts = []
         for name, rt in self.ports.items():
-            n = len(rt.hub.readers)
+            n = len(rt.clients())
             parts.append(f"{name} {rt.upstream.status.state} {n} client{'s' if n != 1 else ''}")
         return "; ".join(parts)
 
@@ -147,10 +148,30 @@ class Daemon:
     def _start_port(self, port: Port) -> PortRuntime:
         rt = PortRuntime.build(port, self.reactor)
         self.ports[port.name] = rt
+        self._start_traces(rt, port)
         for cfg in port.listeners:
             self._start_listener(rt, cfg)
         rt.upstream.start()
         return rt
+
+    def _start_traces(self, rt: PortRuntime, port: Port) -> None:
+        # Before the upstream starts: the record begins with the device's first byte.
+        for spec in port.trace:
+            trace = Trace(spec, rt.hub, self.reactor)
+            trace.start()
+            rt.traces.append(trace)
+
+    @staticmethod
+    def _stop_traces(rt: PortRuntime) -> None:
+        for trace in rt.traces:
+            trace.stop()
+        rt.traces.clear()
+
+    def reopen_traces(self) -> None:
+        """Close and reopen every trace file (logrotate moved them away)."""
+        for rt in self.ports.values():
+            for trace in rt.traces:
+                trace.reopen()
 
     def _start_listener(self, rt: PortRuntime, cfg: Listener) -> None:
         factory = LISTENER_FACTORIES.get(cfg.kind)
@@ -198,7 +219,8 @@ class Daemon:
         for rt in self.ports.values():
             for listener in rt.listeners.values():
                 listener.stop()
-            rt.upstream.stop()
+            rt.upstream.stop()  # its last bytes reach the traces before they close
+            self._stop_traces(rt)
         for front in self.http.values():
             front.stop()
         for client in self._connections():
@@ -271,6 +293,12 @@ class Daemon:
         reopen = rt.config.upstream != port.upstream
         if reopen:
             rt.upstream.stop()
+        if rt.config.trace != port.trace:
+            self._stop_traces(rt)
+            self._guarded(f"traces of {port.name}", partial(self._start_traces, rt, port))
+        else:
+            for trace in rt.traces:
+                trace.reopen()  # SIGHUP after logrotate
         wanted = {lst.name: lst for lst in port.listeners}
         for name, listener in list(rt.listeners.items()):
             cfg = wanted.get(name)
@@ -309,9 +337,11 @@ class Daemon:
         for name in list(rt.listeners):
             self._stop_listener(rt, name)
         rt.upstream.stop()
+        self._stop_traces(rt)
 
     def client_count(self) -> int:
-        return sum(len(rt.hub.readers) for rt in self.ports.values())
+        """Connected clients: the hubs' readers but for trace files."""
+        return sum(len(rt.clients()) for rt in self.ports.values())
 
     def close(self) -> None:
         self.reactor.close()

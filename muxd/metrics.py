@@ -108,8 +108,21 @@ class MuxdCollector:
             "Line-settings changes asked by clients, by outcome (applied, refused, failed).",
             labels=[*pl, "outcome"],
         )
+        trace_written = CounterMetricFamily(
+            "muxd_trace_written_bytes", "Bytes written to a trace file.", labels=[*p, "trace"]
+        )
+        trace_dropped = CounterMetricFamily(
+            "muxd_trace_dropped_bytes",
+            "Bytes a trace lost: reason disk, trace bytes the disk refused (full, I/O error); "
+            "reason backlog, device bytes it fell too far behind on.",
+            labels=[*p, "trace", "reason"],
+        )
         for rt in self._ports():
             hub, port, st = rt.hub, rt.name, rt.upstream.status
+            for trace in rt.traces:
+                trace_written.add_metric([port, trace.spec.path], trace.written)
+                trace_dropped.add_metric([port, trace.spec.path, "disk"], trace.dropped)
+                trace_dropped.add_metric([port, trace.spec.path, "backlog"], trace.reader.dropped)
             up.add_metric([port], 1.0 if st.state == "up" else 0.0)
             for name in STATES:
                 state.add_metric([port, name], 1.0 if st.state == name else 0.0)
@@ -122,7 +135,7 @@ class MuxdCollector:
             written.add_metric([port], hub.bytes_out)
             queue.add_metric([port], hub.queue.bytes)
             discarded.add_metric([port], hub.input_discarded)
-            max_lag.add_metric([port], hub.max_lag())
+            max_lag.add_metric([port], max((hub.lag(r) for r in rt.clients()), default=0))
             unacked.add_metric([port], rt.upstream.bytes_unacked_lost)
             for lst in rt.config.listeners:
                 labels = [port, lst.name]
@@ -143,6 +156,7 @@ class MuxdCollector:
         yield from (up, state, connects, disconnects, down, last_change)
         yield from (read, written, queue, discarded, max_lag)
         yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
+        yield from (trace_written, trace_dropped)
         yield CounterMetricFamily(
             "muxd_event_loop_busy_seconds",
             "Time the event loop spent handling events rather than waiting.",

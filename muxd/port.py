@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from muxd.config import Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
-from muxd.hub import Hub, PortBounds
+from muxd.hub import Hub, PortBounds, Reader
 from muxd.linecontrol import LineControl
 from muxd.reactor import Reactor
+from muxd.trace import Trace
 from muxd.upstream.base import Upstream
 from muxd.upstream.serial import SerialPort
 from muxd.upstream.sim import SimDevice
@@ -39,7 +40,8 @@ def bounds_for(port: Port) -> PortBounds:
         log_capacity=port.log_capacity,
         write_queue=port.write_queue,
         max_line=port.max_line,
-        history=port.history,
+        history=port.history_bound,
+        formats=port.formats,
     )
 
 
@@ -61,10 +63,16 @@ class PortRuntime:
     upstream: Upstream
     line_control: LineControl  # shared by the port's rfc2217 and pty listeners
     listeners: dict[str, ListenerRuntime] = field(default_factory=dict)
+    traces: list[Trace] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    def clients(self) -> list[Reader]:
+        """The hub's readers that are clients: all but the trace files."""
+        traces = {trace.reader.id for trace in self.traces}
+        return [r for r in self.hub.readers.values() if r.id not in traces]
 
     @classmethod
     def build(cls, port: Port, reactor: Reactor) -> PortRuntime:

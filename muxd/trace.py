@@ -33,11 +33,11 @@ import grp
 import logging
 import os
 import time
-from dataclasses import dataclass
 
+from muxd.config import TraceFile
 from muxd.hub import Hub, Reader, ReaderPolicy
 from muxd.reactor import Reactor, Timer
-from muxd.records import Format, TextEncoder, stamp
+from muxd.records import TextEncoder, stamp
 
 log = logging.getLogger("muxd.trace")
 
@@ -55,23 +55,10 @@ WRITE_LIMIT = 256 * 1024
 INPUT_LIMIT = 64 * 1024
 
 
-@dataclass(frozen=True)
-class TraceSpec:
-    """What the config says of one trace file."""
-
-    path: str
-    format: Format = "text"
-    rotate: int = 0  # bytes; 0: never rotate
-    keep: int = 5
-    input: bool = False
-    file_mode: int = 0o640
-    group: str | int | None = None
-
-
 class Trace:
     """One trace file of one port: a hub reader that writes on a timer."""
 
-    def __init__(self, spec: TraceSpec, hub: Hub, reactor: Reactor) -> None:
+    def __init__(self, spec: TraceFile, hub: Hub, reactor: Reactor) -> None:
         self.spec = spec
         self.hub = hub
         self.reactor = reactor

@@ -25,7 +25,7 @@ from tests.helpers import (
     wait_for,
 )
 
-ALLOWED_LABELS = {"port", "listener", "state", "reason", "outcome"}
+ALLOWED_LABELS = {"port", "listener", "trace", "state", "reason", "outcome"}
 # Label-only facts fixed for the life of the process (an _info gauge).
 INFO_LABELS = {"muxd_build_info": {"version", "python"}}
 

@@ -535,32 +535,44 @@ class HttpFront:
         if not parts or parts[0] != "ports":
             return error_reply(404, "no such resource", True)
         rt = ports.get(parts[1]) if len(parts) > 1 else None
-        hub = rt.hub if rt is not None else None
-        if len(parts) > 1 and hub is None:
+        if len(parts) > 1 and rt is None:
             return error_reply(404, f"no port {echo(parts[1])}", True)
-        if len(parts) == 5 and parts[2] == "clients" and parts[4] == "disconnect":
-            assert hub is not None
+        action = parts[2:] in (["trace", "reopen"],) or (
+            len(parts) == 5 and parts[2:5:2] == ["clients", "disconnect"]
+        )
+        if action:
+            assert rt is not None
             if method != "POST":
                 return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "POST")])
             refusal = self._admin_refusal(request, peer_host)
             if refusal:
                 return error_reply(403, refusal, True)
-            client_id = ascii_int(parts[3], MAX_ID_DIGITS)
-            if client_id is None or not api.disconnect(hub, client_id):
-                return error_reply(404, f"no client {echo(parts[3])} on port {hub.name!r}", True)
-            log.info("%s: client %s disconnected by admin request from %s", hub.name, parts[3], peer_host)
-            return json_reply(200, {"ok": True})
+            return self._admin(rt, parts[2:], peer_host)
         if method not in ("GET", "HEAD"):
             return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "GET, HEAD")])
         if len(parts) == 1:
             reply = json_reply(200, api.ports_view(ports.values()))
         elif len(parts) == 3 and parts[2] == "clients":
-            assert hub is not None
-            reply = json_reply(200, api.clients_view(hub))
+            assert rt is not None
+            reply = json_reply(200, api.clients_view(rt))
         else:
             return error_reply(404, "no such resource", True)
         reply.headers.append(("cache-control", "no-store"))
         return reply
+
+    @staticmethod
+    def _admin(rt: PortRuntime, action: list[str], peer_host: str) -> Reply:
+        """An allowed admin action: disconnect a client, or reopen the trace files."""
+        if action[0] == "trace":
+            for trace in rt.traces:
+                trace.reopen()
+            log.info("%s: trace files reopened by admin request from %s", rt.name, peer_host)
+            return json_reply(200, {"ok": True, "reopened": len(rt.traces)})
+        client_id = ascii_int(action[1], MAX_ID_DIGITS)
+        if client_id is None or not api.disconnect(rt, client_id):
+            return error_reply(404, f"no client {echo(action[1])} on port {rt.name!r}", True)
+        log.info("%s: client %s disconnected by admin request from %s", rt.name, action[1], peer_host)
+        return json_reply(200, {"ok": True})
 
     def _admin_refusal(self, request: h11.Request, peer_host: str) -> str | None:
         if not origin_allowed(header(request, b"origin"), header(request, b"host"), self.cfg.origins):
