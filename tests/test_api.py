@@ -15,8 +15,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from muxd import config as configmod
-from muxd.listeners.http import HttpFront, is_loopback
+from muxd.listeners.http import HttpFront
 from muxd.port import PortRuntime
+from muxd.protocol.http_names import is_loopback
 from muxd.reactor import Reactor
 from tests.helpers import (
     AUTO,

@@ -53,7 +53,7 @@ class StreamListener:
         self._sock = None  # the acceptor owns it from here
         self._acceptor = Acceptor(cfg.name, sock, self.reactor, self._on_connection)
         self._acceptor.start()
-        log.info("%s: listening on %s (%s)", self.hub.name, cfg.address, cfg.mode)
+        log.info("%s: listening on %s (%s)", self.hub.name, self.bound_address, cfg.mode)
 
     def _bind_unix(self) -> socket.socket:
         path = self.cfg.path
