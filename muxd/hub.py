@@ -62,6 +62,10 @@ FLUSH_GAP_MAX = 0.010
 # or scripted commands, small enough that one flooding writer cannot starve
 # the loop.
 READ_CHUNK = 16 * 1024
+# Arrival times kept, at most: one per device read still in the ring. A ring
+# of the default 256 KiB holds 4096 reads of 64 bytes; beyond, the oldest
+# chunks' times are merged into their successors' (a later stamp, never lost bytes).
+MAX_ARRIVALS = 16 * 1024
 # Notices queued per reader before older ones are dropped (and counted): state
 # changes come seconds apart; more than this pending means the reader is stuck.
 MAX_NOTICES = 16
@@ -255,6 +259,9 @@ class Hub:
         self._next_flush = 0.0  # monotonic time before which no fan-out pass starts
         self.queue = WriteQueue(bounds.write_queue)
         self.framed: dict[Format, FramedLog] = {}
+        # When each chunk still in the ring arrived, so that a record format
+        # first asked for now can replay the past with its original times.
+        self._arrivals: deque[tuple[int, float]] = deque()
         for fmt in bounds.formats:
             self._framed(fmt)
         self.listener_stats: dict[str, ListenerStats] = {}
@@ -282,7 +289,22 @@ class Hub:
         if log is None:
             log = self.framed[fmt] = FramedLog(fmt, self.name, self.bounds.log_capacity)
             log.raw_head = self.head
+            self._replay(log)
         return log
+
+    def _replay(self, log: FramedLog) -> None:
+        """Encode what the ring holds into a new framed log, chunk by chunk,
+        with the times the chunks arrived."""
+        tail, head = self.ring.tail, self.head
+        arrivals = list(self._arrivals)
+        if arrivals and arrivals[0][0] > tail:  # older times were merged away
+            arrivals[0] = (tail, arrivals[0][1])
+        for i, (off, t) in enumerate(arrivals):
+            start = max(off, tail)
+            end = arrivals[i + 1][0] if i + 1 < len(arrivals) else head
+            if end > start:
+                log.append(start, self.ring.read(start, end), t)
+        log.raw_head = head
 
     def attach(
         self, owner: ReaderOwner, policy: ReaderPolicy, peer: str, history: int = 0, history_lines: int = 0
@@ -353,8 +375,14 @@ class Hub:
         start = self.ring.head
         self.ring.write(data)
         self.bytes_in += len(data)
+        now = time.time()
+        arrivals = self._arrivals
+        arrivals.append((start, now))
+        tail = self.ring.tail
+        while len(arrivals) > MAX_ARRIVALS or (len(arrivals) > 1 and arrivals[1][0] <= tail):
+            arrivals.popleft()
         if self.framed:
-            chunk, now = bytes(data), time.time()
+            chunk = bytes(data)
             for log in self.framed.values():
                 log.append(start, chunk, now)
         if self._blocked:

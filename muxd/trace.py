@@ -9,21 +9,26 @@ and with ``input: true`` so does what clients wrote, with who wrote it
 (``"dir": "tx", "client": ID`` in jsonl, ``>> [client 7 peer] ...`` in text).
 
 Never blocking the device. Regular files cannot be watched with epoll, so a
-trace is written on a timer (FLUSH_INTERVAL), at most WRITE_LIMIT bytes per
-turn; the hub never wakes it per chunk (it counts as blocked), but judges its
-backlog against TRACE_BACKLOG like any reader's. A disk that is full or failing
+trace is written on a timer (FLUSH_INTERVAL) while the port is quiet, and at
+once by the fan-out pass when EAGER bytes (at most a quarter of the ring) are
+pending, at most WRITE_LIMIT bytes per call: a quiet port costs a write every
+quarter second, and a flood is written as it comes, so the trace keeps up with
+any rate the device reaches and loses bytes (counted as ``backlog``, with a gap
+record) only if the ring overwrote them first. A disk that is full or failing
 costs trace bytes, never device bytes: a failed write skips what it could not
-write, counts it in ``dropped`` (muxd_trace_dropped_bytes_total), logs once
-until writing works again, and the next turn simply tries again. Page-cache
-writes do not wait for the disk; a filesystem that blocks inside write()
-(a hung NFS server) would hold the loop for that call, which is why traces
-belong on local disks.
+write, counts it in ``dropped`` (muxd_trace_dropped_bytes_total, reason
+``disk``), logs once until writing works again, and the next write simply tries
+again (opening PATH again if it had to). Page-cache writes do not wait for the
+disk; a filesystem that blocks inside write() (a hung NFS server) would hold
+the loop for that call, which is why traces belong on local disks.
 
-Rotation. With ``rotate: SIZE``, a file that would pass SIZE is renamed to
-PATH.1 (PATH.1 to PATH.2, ... up to ``keep``) and a new one begun. ``reopen()``
-(SIGHUP, or POST /api/v1/ports/NAME/trace/reopen) closes and reopens PATH, so
-logrotate's move-then-signal works too. New files get ``mode`` (default 0640)
-and, where given, ``group``.
+Rotation. With ``rotate: SIZE``, no file passes SIZE: what does not fit is cut
+(text and jsonl after the last whole line that fits, raw at the byte), PATH is
+renamed to PATH.1 (PATH.1 to PATH.2, ... up to ``keep``; PATH.keep is removed)
+and a new one begun. ``reopen()`` (SIGHUP, or POST
+/api/v1/ports/NAME/trace/reopen) closes and reopens PATH, so logrotate's
+move-then-signal works too. New files get ``mode`` (default 0640, whatever the
+umask) and, where given, ``group``; an existing file is appended to as it is.
 """
 
 from __future__ import annotations
@@ -35,14 +40,14 @@ import os
 import time
 
 from muxd.config import TraceFile
-from muxd.hub import Hub, Reader, ReaderPolicy
+from muxd.hub import MAX_NOTICES, Hub, Reader, ReaderPolicy
 from muxd.reactor import Reactor, Timer
 from muxd.records import TextEncoder, stamp
 
 log = logging.getLogger("muxd.trace")
 
-# A trace may lag this far behind the device before it loses bytes (counted):
-# 1 MiB is over a minute of a 115200-baud port, enough to ride out a slow disk.
+# The reader's nominal bound. A trace is never "blocked" (its writes are
+# synchronous), so in practice it loses bytes only to the ring: see EAGER.
 TRACE_BACKLOG = 1024 * 1024
 # How often pending output is written: a quarter second is "live" for a human
 # tailing the file, few syscalls for a quiet port, and under a flood of
@@ -50,6 +55,15 @@ TRACE_BACKLOG = 1024 * 1024
 FLUSH_INTERVAL = 0.25
 # The most written per turn: one turn of the loop never spends long on a disk.
 WRITE_LIMIT = 256 * 1024
+# Pending bytes that get written at once instead of on the timer: 64 KiB is
+# over 5 s of a 115200-baud port (so a serial console is written four times a
+# second, in few syscalls), and a flood faster than WRITE_LIMIT per
+# FLUSH_INTERVAL is written as it comes rather than overrun in the ring. Never
+# more than a quarter of the ring, so a small ring is written before it wraps.
+EAGER = 64 * 1024
+# Input records pending before they are written at once: the hub keeps at most
+# MAX_NOTICES in-band records per reader and drops the oldest beyond that.
+INPUT_RECORDS = MAX_NOTICES // 2
 # Client writes recorded per turn, at most; an input record beyond it is
 # counted as dropped (a flood of input is not what a trace is for).
 INPUT_LIMIT = 64 * 1024
@@ -89,7 +103,8 @@ class Trace:
 
     def stop(self) -> None:
         """Write what is pending, then close; the reader leaves the hub."""
-        self.flush()
+        if self.reader.id in self.hub.readers:
+            self.flush()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -107,7 +122,10 @@ class Trace:
     # -- ReaderOwner: the hub wakes it; it writes on its own schedule ------------
 
     def on_data(self) -> None:
-        self.hub.set_blocked(self.reader, True)  # never woken per chunk: the timer writes
+        """The fan-out pass: the device sent more. A quiet port waits for the
+        timer; a busy one is written now, before the ring can wrap past it."""
+        if self.hub.lag(self.reader) >= min(EAGER, self.hub.ring.capacity // 4):
+            self.flush()
 
     def on_write_room(self) -> None:
         pass
@@ -139,11 +157,31 @@ class Trace:
             self._write(data)
             budget -= len(data)
         self._input_bytes = 0
-        self.hub.set_blocked(reader, True)
 
     def _write(self, data: bytes) -> None:
-        if self.spec.rotate and self.size + len(data) > self.spec.rotate and self.size:
-            self._rotate()
+        """Write data, rotating wherever the next byte would pass ``rotate``."""
+        limit = self.spec.rotate
+        while data:
+            piece = data
+            if limit and len(data) > limit - self.size:
+                n = self._fits(data, limit - self.size)
+                if n == 0 and self.size:
+                    self._rotate()  # leaves size 0: the next round writes
+                    continue
+                piece = data[: n or limit]  # a record longer than a whole file is cut
+            data = data[len(piece) :]
+            self._write_file(piece)
+
+    def _fits(self, data: bytes, room: int) -> int:
+        """How much of data goes in a file with room bytes left: whole lines
+        of text and jsonl (0 if not one fits), any bytes of raw."""
+        if room <= 0:
+            return 0
+        if self.spec.format == "raw":
+            return room
+        return data.rfind(b"\n", 0, room) + 1
+
+    def _write_file(self, data: bytes) -> None:
         if self.fd < 0:
             self._open()
             if self.fd < 0:
@@ -182,29 +220,65 @@ class Trace:
         record = self._input_record(reader, data)
         self._input_bytes += len(record)
         self.reader.notices.append((self.hub.head, record))
+        if len(self.reader.notices) >= INPUT_RECORDS:
+            self.flush()  # before the hub's bound on notices drops one
 
     def _input_record(self, reader: Reader, data: bytes) -> bytes:
+        """One record per line written (a line ends after LF), stamped now."""
         encoder = self.reader.log.encoder if self.reader.log is not None else None
         now = time.time()
+        lines = [line + b"\n" for line in data.split(b"\n")]
+        lines[-1] = lines[-1][:-1]
+        if not lines[-1]:
+            lines.pop()
         if isinstance(encoder, TextEncoder):
+            # On lines of their own, each stamped; a device line in progress is
+            # ended first (and goes on unstamped after them, as after any notice).
             lead = "" if encoder.at_line_start else "\n"
-            text = data.decode("utf-8", "backslashreplace").rstrip("\r\n")
-            return f"{lead}{stamp(now)} >> [client {reader.id} {reader.peer}] {text}\n".encode()
+            tag = f"{stamp(now)} >> [client {reader.id} {reader.peer}] "
+            text = "".join(
+                f"{tag}{line.decode('utf-8', 'backslashreplace').rstrip(chr(13) + chr(10))}\n"
+                for line in lines
+            )
+            return (lead + text).encode()
         assert encoder is not None
-        text = data.decode("utf-8", "surrogateescape")
-        return encoder.event(now, "", dir="tx", client=reader.id, peer=reader.peer, data=text)
+        return b"".join(
+            encoder.event(
+                now,
+                "",
+                dir="tx",
+                client=reader.id,
+                peer=reader.peer,
+                data=line.decode("utf-8", "surrogateescape"),
+            )
+            for line in lines
+        )
 
     # -- files ----------------------------------------------------------------
 
     def _open(self) -> None:
         spec = self.spec
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
         try:
-            fd = os.open(spec.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, spec.file_mode)
+            try:
+                fd = os.open(spec.path, flags | os.O_CREAT | os.O_EXCL, spec.file_mode)
+                created = True
+            except FileExistsError:  # appended to as it is: an operator's chmod stays
+                fd = os.open(spec.path, flags)
+                created = False
+            self.size = os.fstat(fd).st_size
         except OSError as exc:
             self._failed(0, exc)
             return
         self.fd = fd
-        self.size = os.fstat(fd).st_size
+        if not created:
+            return
+        try:
+            os.fchmod(fd, spec.file_mode)  # the mode configured, whatever the umask
+        except OSError as exc:
+            log.warning(
+                "%s: trace %s: cannot set mode %04o: %s", self.hub.name, spec.path, spec.file_mode, exc
+            )
         if spec.group is not None:
             try:
                 gid = spec.group if isinstance(spec.group, int) else grp.getgrnam(spec.group).gr_gid
@@ -215,23 +289,26 @@ class Trace:
                 )
 
     def _close_fd(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd, self.size = self.fd, -1, 0
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError as exc:  # NFS may report a failed write-back here: those bytes are gone
+                self._failed(0, exc)
 
     def _rotate(self) -> None:
         self._close_fd()
         path, keep = self.spec.path, self.spec.keep
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{path}.{keep}")
-        for i in range(keep - 1, 0, -1):
+        names = [path, *(f"{path}.{i}" for i in range(1, keep + 1))]
+        try:
             with contextlib.suppress(FileNotFoundError):
-                os.rename(f"{path}.{i}", f"{path}.{i + 1}")
-        if keep > 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(path, f"{path}.1")
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(names[-1])
+            for i in range(len(names) - 2, -1, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(names[i], names[i + 1])
+        except OSError as exc:
+            # A file that cannot move aside is appended to (it may pass SIZE);
+            # the trace never stops for it.
+            self._failed(0, exc)
         self.rotations += 1
         self._open()

@@ -133,7 +133,9 @@ class StreamReader:
             self.out.gaps.append((len(self.out.data), int(marker.group(1))))
             del self.buf[: end + 2]
 
-    def read_until(self, done: Callable[[Decoded], bool], timeout: float = 10.0, limit: int = 64 << 20) -> Decoded:
+    def read_until(
+        self, done: Callable[[Decoded], bool], timeout: float = 10.0, limit: int = 64 << 20
+    ) -> Decoded:
         deadline = time.monotonic() + timeout
         received = 0
         while not done(self.out):

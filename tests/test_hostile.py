@@ -421,3 +421,117 @@ def test_fds_and_rss_are_flat_after_connect_disconnect_churn(
     assert rss_after - rss_before < CHURN_RSS_LIMIT
     assert m.metric("muxd_client_disconnects_total") == accepted
     assert internal_errors(m) == 0
+
+
+# -- item 11: partial lines released at once stay within the write queue's bound ---------------------
+
+QUEUE_LIMIT = 64 * 1024
+WRITERS = 200
+# Each writer's partial line (no newline): together more than the queue holds,
+# so muxd must stop reading some of them. Before the fix the held partial lines
+# were not counted against the bound, and their release when 200 writers left
+# at once put 69,615 B in a 64 KiB queue.
+PARTIAL = 400
+
+
+def _partial_line(i: int) -> bytes:
+    return (f"w{i:03d}-".encode() + b"abcdefghij" * (PARTIAL // 10))[:PARTIAL]
+
+
+def test_partial_lines_released_at_once_stay_within_the_write_queue_bound(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    m = start_on_pty(
+        muxd,
+        tmp_path,
+        pty_device,
+        [{"tcp": AUTO, "mode": "rw", "write": "lines"}],
+        write_queue=QUEUE_LIMIT,
+        log_level="info",
+    )
+    port = m.port()
+    pty_device.unplug()  # the queue cannot drain
+    wait_for(lambda: m.port_info()["state"] != "up", 5, "muxd to see the device unplugged")
+    writers = [connect(port) for _ in range(WRITERS)]
+    m.wait_connected(WRITERS)
+    for i, w in enumerate(writers):
+        w.sendall(_partial_line(i))
+    total = WRITERS * PARTIAL
+    # muxd reads until what it holds fills the bound, and leaves the rest in the sockets.
+    wait_for(lambda: unread_input(m.pid, port) <= total - QUEUE_LIMIT, 10, "muxd to read what fits")
+    read = total - unread_input(m.pid, port)
+    assert m.metric("muxd_write_queue_bytes") == 0  # all of it partial lines so far
+    for w in writers:  # all leave at once; each one muxd read whole releases its line
+        w.close()
+    whole = read // PARTIAL * PARTIAL  # the lines muxd read whole: they go to the queue
+    samples = []
+    deadline = time.monotonic() + 10
+    for _ in range(2000):
+        samples.append(int(m.metric("muxd_write_queue_bytes")))
+        if samples[-1] > QUEUE_LIMIT or (samples[-1] == whole and len(samples) > 20):
+            break
+        assert time.monotonic() < deadline, f"the queue never reached {whole} B: {samples[-5:]}"
+    peak = max(samples)
+    print(
+        f"\n{WRITERS} writers x {PARTIAL} B partial lines: muxd read {read} B, the queue peaked at"
+        f" {peak} B of {QUEUE_LIMIT} ({len(samples)} samples while they left)"
+    )
+    assert peak <= QUEUE_LIMIT, f"the write queue held {peak} B against a bound of {QUEUE_LIMIT}"
+    assert samples[-1] == whole
+    # The device returns: every writer's bytes arrive, each line whole, none lost.
+    pty_device.plug()
+    m.wait_state("up")
+    got = pty_device.read(total, timeout=20)
+    units = sorted(got[i : i + PARTIAL] for i in range(0, total, PARTIAL))
+    assert units == sorted(_partial_line(i) for i in range(WRITERS))
+    m.wait_connected(0, timeout=15)  # each after its half-close linger
+    assert m.metric("muxd_write_queue_bytes") == 0
+    assert internal_errors(m) == 0
+
+
+# -- the listeners at the fd limit ---------------------------------------------------------------------
+
+# muxd's fd limit: the figure, a few dozen above what it needs idle
+# (interpreter, epoll, signal pipe, two listening sockets, the pty).
+NOFILE = 64
+
+
+def test_listeners_pause_accepts_at_the_fd_limit_and_resume(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    m = start_on_pty(
+        muxd, tmp_path, pty_device, [{"tcp": AUTO, "mode": "rw"}], nofile=NOFILE, log_level="info"
+    )
+    port = m.port()
+    a, b = connect(port), connect(port)
+    m.wait_connected(2)
+    flood: list[socket.socket] = []
+    try:
+        # Fill muxd's fd table; the rest wait in its listen backlog.
+        for _ in range(NOFILE + 32):
+            flood.append(connect(port))
+        wait_for(lambda: fd_count(m.pid) >= NOFILE, 10, "muxd at its fd limit")
+        m.wait_log("cannot accept (Too many open files)")
+        at_limit = time.monotonic()
+        assert backlog(m.pid, port) > 0  # some still wait: muxd paused, it did not drop them
+        # The clients it has still get the device's bytes, and their commands reach it.
+        pty_device.write(b"hello\n")
+        assert recv_exactly(a, 6) == b"hello\n"
+        assert recv_exactly(b, 6) == b"hello\n"
+        a.sendall(b"cmd\n")
+        assert pty_device.read(4) == b"cmd\n"
+        assert m.proc.poll() is None
+    finally:
+        for s in flood:
+            s.close()
+    # Accepts resume: the waiting connections are taken (and found closed), then a newcomer.
+    wait_for(lambda: backlog(m.pid, port) == 0, 10, "muxd to take the waiting connections")
+    c = connect(port)
+    m.wait_connected(3)
+    pty_device.write(b"again\n")
+    for s in (a, b, c):
+        assert recv_exactly(s, 6) == b"again\n"
+    pauses = m.log().count("pausing accepts")
+    print(f"\nfd limit {NOFILE}: {pauses} accept pauses logged in {time.monotonic() - at_limit:.1f} s")
+    assert pauses >= 1
+    assert internal_errors(m) == 0

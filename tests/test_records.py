@@ -155,3 +155,16 @@ def test_a_gap_marker_stands_where_a_stuck_jsonl_reader_lost_bytes() -> None:
     first = int(records[1]["data"])
     assert [int(r["data"]) for r in records[1:]] == list(range(first, 100))
     assert stuck.reader.dropped == first * 4  # device bytes, not record bytes
+
+
+def test_a_format_first_asked_for_later_replays_the_past_with_its_times() -> None:
+    hub = Hub("p", PortBounds(4096, 1024, 64, 4096), Reactor())  # no format kept from the start
+    hub.publish(b"one\n")
+    hub.publish(b"two\n")
+    late = Taker()
+    late.reader = hub.attach(late, _policy("jsonl"), "t", history_lines=2)
+    hub.publish(b"three\n")
+    late.take_all(hub)
+    records = [json.loads(x) for x in late.got.splitlines()]
+    assert [r["data"] for r in records] == ["one\n", "two\n", "three\n"]
+    assert records[0]["t"] <= records[1]["t"] <= records[2]["t"]
