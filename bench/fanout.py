@@ -29,6 +29,16 @@ Frame layout (64 bytes, ASCII, newline-terminated so line-mode servers work)::
 Each run starts the target by PID, connects the clients, sends warm-up frames
 until every client has seen one (the server is attached and fanning out),
 then measures, drains, and prints one JSON line. Processes are stopped by PID.
+
+Record formats (muxd only). ``--format jsonl`` (or ``text``) runs muxd with
+its TCP listener in that format: every client then gets records, not raw
+bytes. A reader takes them apart first (jsonl: joins each record's ``data``,
+``data.encode("utf-8", "surrogateescape")``; text: drops the 25-byte stamp
+that starts each line) and counts frames, gaps and latency on the device
+bytes inside, exactly as for raw. Records with an ``event`` (a gap) are
+counted as ``events``. ``--format raw,jsonl`` runs the same workload once per
+format, back to back, so one invocation gives the CPU cost of N jsonl
+readers against N raw ones.
 """
 
 from __future__ import annotations
@@ -64,6 +74,9 @@ _KIND_WARMUP = ord("W")
 BAUD_RATE_BPS = 11_520  # 115200 baud, 8N1: 10 bits per byte
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = ("muxd", "ser2net", "ser2tcp")
+FORMATS = ("raw", "text", "jsonl")
+# A text record's stamp, "2026-12-01T17:10:00.123Z ", starts each line.
+_TEXT_STAMP_LEN = 25
 
 # A line longer than this cannot be a frame; cap the partial line held per
 # client so a server that never sends a newline cannot grow the reader.
@@ -288,7 +301,35 @@ def free_port() -> int:
         return port
 
 
-def target_command(target: str, *, link: Path, port: int, n: int, workdir: Path, python: str) -> list[str]:
+def target_command(
+    target: str, *, link: Path, port: int, n: int, workdir: Path, python: str, fmt: str = "raw"
+) -> list[str]:
+    if target == "muxd" and fmt != "raw":
+        # The one-port command line has no --format: the same setup as a config file.
+        conf = workdir / "muxd.yaml"
+        conf.write_text(
+            json.dumps(  # JSON is YAML
+                {
+                    "ports": [
+                        {
+                            "name": "bench",
+                            "upstream": {"serial": str(link), "baudrate": 115200},
+                            "listeners": [
+                                {
+                                    "tcp": f"127.0.0.1:{port}",
+                                    "mode": "rw",
+                                    "write": "lines",
+                                    "max_clients": 2000,
+                                    "buffer": "256KiB",
+                                    "format": fmt,
+                                }
+                            ],
+                        }
+                    ]
+                }
+            )
+        )
+        return [python, "-m", "muxd", "run", "-c", str(conf)]
     if target == "muxd":
         return [
             python,
@@ -438,6 +479,7 @@ class _Client:
         "close_reason",
         "closed_at",
         "dups",
+        "events",
         "expected",
         "gaps",
         "garbled",
@@ -447,6 +489,7 @@ class _Client:
         "max_seq",
         "nbytes",
         "received",
+        "records",
         "sock",
         "stuck",
         "timeline",
@@ -457,6 +500,8 @@ class _Client:
         self.sock = sock
         self.stuck = stuck
         self.buf = bytearray()
+        self.records = bytearray()  # a partial record line (text, jsonl)
+        self.events = 0  # event records (a gap) among them
         self.expected = 0
         self.received = self.lost = self.gaps = self.dups = self.garbled = self.nbytes = 0
         self.max_seq = -1
@@ -476,9 +521,45 @@ class _ReaderState:
     bucket_ns: int
     latencies: array.array[int] = field(default_factory=lambda: array.array("q"))
     t0: int = 0  # measurement start; 0 while warming up
+    fmt: str = "raw"
+
+    def unwrap(self, c: _Client, data: bytes) -> bytes:
+        """Records in, the device bytes they carry out (whole record lines only)."""
+        c.records += data
+        end = c.records.rfind(b"\n")
+        if end < 0:
+            if len(c.records) > 4 * _MAX_PARTIAL:
+                c.garbled += 1
+                c.records.clear()
+            return b""
+        lines = bytes(c.records[:end]).split(b"\n")
+        del c.records[: end + 1]
+        out = []
+        if self.fmt == "text":
+            for line in lines:
+                if line.startswith(b"-- muxd:", _TEXT_STAMP_LEN):
+                    c.events += 1
+                    continue
+                out.append(
+                    line[_TEXT_STAMP_LEN:] if line[_TEXT_STAMP_LEN - 2 : _TEXT_STAMP_LEN] == b"Z " else line
+                )
+                out.append(b"\n")
+            return b"".join(out)
+        loads = json.loads
+        for line in lines:
+            try:
+                record = loads(line)
+                out.append(record["data"].encode("utf-8", "surrogateescape"))
+            except KeyError:
+                c.events += 1
+            except ValueError:
+                c.garbled += 1
+        return b"".join(out)
 
     def feed(self, c: _Client, data: bytes, now: int) -> None:
         c.nbytes += len(data)
+        if self.fmt != "raw":
+            data = self.unwrap(c, data)
         c.buf += data
         end = c.buf.rfind(b"\n")
         if end < 0:
@@ -585,13 +666,14 @@ def reader_main(
     n_stuck: int,
     seconds: float,
     bucket_ms: int,
+    fmt: str = "raw",
 ) -> None:
     """A reader process: holds n clients (the first n_stuck never read)."""
     buckets = int((seconds + _DRAIN_S) * 1000 / bucket_ms) + 2
     clients, errors = _connect(port, n, n_stuck, buckets)
     conn.send(("connected", len(clients), dict(errors)))
     ep = select.epoll()
-    st = _ReaderState(clients, {c.sock.fileno(): c for c in clients}, ep, bucket_ms * 1_000_000)
+    st = _ReaderState(clients, {c.sock.fileno(): c for c in clients}, ep, bucket_ms * 1_000_000, fmt=fmt)
     for c in clients:
         # A stuck client only watches for the server hanging up on it.
         ep.register(c.sock.fileno(), select.EPOLLRDHUP if c.stuck else select.EPOLLIN | select.EPOLLRDHUP)
@@ -659,6 +741,7 @@ def reader_main(
                         "gaps": c.gaps,
                         "dups": c.dups,
                         "garbled": c.garbled,
+                        "events": c.events,
                         "bytes": c.nbytes,
                         "max_seq": c.max_seq,
                         "closed_at": c.closed_at,
@@ -752,7 +835,7 @@ def _wait_all(
 
 
 def run_stream(
-    scn: Scenario, server: Server, device: Device, *, port: int, n: int, seconds: float
+    scn: Scenario, server: Server, device: Device, *, port: int, n: int, seconds: float, fmt: str = "raw"
 ) -> dict[str, Any]:
     """Fan-out style runs: producer here, clients in reader processes."""
     n_readers = 1 if n <= 100 else 2
@@ -774,6 +857,7 @@ def run_stream(
                     "n_stuck": scn.stuck if i == 0 else 0,
                     "seconds": seconds,
                     "bucket_ms": scn.bucket_ms,
+                    "fmt": fmt,
                 },
             )
             p.start()
@@ -845,6 +929,7 @@ def run_stream(
             "gaps": sum(c["gaps"] for c in healthy),
             "duplicates": sum(c["dups"] for c in healthy),
             "garbled": sum(c["garbled"] for c in healthy),
+            "events": sum(c["events"] for c in healthy),
             "not_received": sum(sent - c["received"] for c in healthy),
             "latency_p50_ms": _percentile(lat_sorted, 0.50),
             "latency_p99_ms": _percentile(lat_sorted, 0.99),
@@ -955,10 +1040,14 @@ def run_writers(server: Server, device: Device, port: int, n: int) -> dict[str, 
     }
 
 
-def run_once(target: str, scenario: str, n: int, seconds: float, python: str) -> dict[str, Any]:
+def run_once(
+    target: str, scenario: str, n: int, seconds: float, python: str, *, fmt: str = "raw"
+) -> dict[str, Any]:
     """One target at one setting; always returns a record, errors included."""
     scn = SCENARIOS[scenario]
     record: dict[str, Any] = {"target": target, "scenario": scenario, "n": n, "seconds": seconds}
+    if fmt != "raw":
+        record["format"] = fmt
     with tempfile.TemporaryDirectory(prefix="muxd-bench-") as wd:
         workdir = Path(wd)
         device = Device(workdir / "tty")
@@ -967,7 +1056,9 @@ def run_once(target: str, scenario: str, n: int, seconds: float, python: str) ->
         server = None
         try:
             server = Server(
-                target_command(target, link=device.link, port=port, n=n, workdir=workdir, python=python),
+                target_command(
+                    target, link=device.link, port=port, n=n, workdir=workdir, python=python, fmt=fmt
+                ),
                 port,
                 workdir / "server.log",
             )
@@ -975,7 +1066,7 @@ def run_once(target: str, scenario: str, n: int, seconds: float, python: str) ->
             if scenario == "writers":
                 record.update(run_writers(server, device, port, n))
             else:
-                record.update(run_stream(scn, server, device, port=port, n=n, seconds=seconds))
+                record.update(run_stream(scn, server, device, port=port, n=n, seconds=seconds, fmt=fmt))
             record["server_rss_peak_kib"] = server.status_kib("VmHWM")
             if server.proc.poll() is not None:
                 record["error"] = f"server exited with {server.proc.returncode}: {server.log_tail()}"
@@ -1039,31 +1130,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="run the full matrix")
     ap.add_argument("--out", type=Path, help="append JSON lines to this file too")
     ap.add_argument("--python", default=sys.executable, help="interpreter for muxd and ser2tcp")
+    ap.add_argument(
+        "--format",
+        default="raw",
+        help="muxd only: its TCP listener's format, raw, text or jsonl; a comma-separated list "
+        "(raw,jsonl) runs the workload once per format, back to back",
+    )
     args = ap.parse_args(argv)
     if not args.all and (args.target is None or args.scenario is None):
         ap.error("give --target and --scenario, or --all")
+    formats = args.format.split(",")
+    if any(f not in FORMATS for f in formats):
+        ap.error(f"--format: each of {', '.join(FORMATS)}")
+    if formats != ["raw"] and (args.all or args.target != "muxd" or args.scenario == "writers"):
+        ap.error("--format is for --target muxd and a streaming scenario")
     # SIGTERM unwinds like Ctrl-C so every finally stops its processes by PID.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     raise_nofile(max([args.n] + [n for _, n, _ in MATRIX]) if args.all else args.n)
     runs = (
-        [(t, s, n, sec) for s, n, sec in MATRIX for t in args.targets.split(",")]
+        [(t, s, n, sec, "raw") for s, n, sec in MATRIX for t in args.targets.split(",")]
         if args.all
-        else [(args.target, args.scenario, args.n, args.seconds)]
+        else [(args.target, args.scenario, args.n, args.seconds, f) for f in formats]
     )
     versions: dict[str, str] = {}
     command = " ".join(["python -m bench.fanout", *(argv if argv is not None else sys.argv[1:])])
     env = machine()
     t_start = time.monotonic()
-    for i, (target, scenario, n, seconds) in enumerate(runs, 1):
+    for i, (target, scenario, n, seconds, fmt) in enumerate(runs, 1):
         if target not in versions:
             versions[target] = target_version(target, args.python)
         print(
-            f"[{i}/{len(runs)} {time.monotonic() - t_start:5.0f}s] {target} {scenario} n={n}",
+            f"[{i}/{len(runs)} {time.monotonic() - t_start:5.0f}s] {target} {scenario} n={n}"
+            + (f" format={fmt}" if fmt != "raw" else ""),
             file=sys.stderr,
             flush=True,
         )
         idle = wait_quiet()
-        record = run_once(target, scenario, n, seconds, args.python)
+        record = run_once(target, scenario, n, seconds, args.python, fmt=fmt)
         record.update(version=versions[target], machine=env, command=command, machine_idle_before_pct=idle)
         _emit(record, args.out)
         if "error" in record:

@@ -7,16 +7,31 @@ their users.
 
 A port is "writable" when it has a websocket listener in rw mode: the one
 thing a browser tab needs to know to show its input line.
+
+``line`` is the line state as the upstream has it in force (the one source
+of truth: muxd.linecontrol reads it there too): settings, DTR/RTS (null where
+muxd does not know them), the modem inputs where the upstream can read them,
+the owner under ``line_control: owner``, and the last change. Board control
+(``set_signals``, ``run_sequence``) is an admin action of the HTTP front;
+both answer (status, JSON) and never raise for a client's mistake.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from muxd import sequences
 from muxd.config import Listener, Port
+from muxd.errors import SettingsRefused
 from muxd.port import PortRuntime
+from muxd.protocol.line_settings import LineSettings
+from muxd.reactor import Reactor
+from muxd.sequences import MAX_BREAK, Step
+from muxd.upstream.base import ControlLines
 
 
 def bound_addresses(rt: PortRuntime) -> dict[str, str]:
@@ -48,6 +63,38 @@ def port_dropped(rt: PortRuntime) -> int:
     return live + sum(s.closed_dropped for name, s in rt.hub.listener_stats.items() if name in listeners)
 
 
+def line_format(settings: LineSettings) -> str:
+    """``8N1``: data bits, parity, stop bits, as a terminal program says them."""
+    return str(settings).partition(" ")[2]
+
+
+def line_view(rt: PortRuntime) -> dict[str, Any]:
+    """The line state in force: settings, control lines, modem inputs, owner, last change."""
+    lc = rt.line_control
+    s = lc.settings
+    lines = lc.control or ControlLines()
+    modem = lc.modem_state()
+    owner = lc.owner
+    return {
+        "baudrate": s.baudrate,
+        "bytesize": s.bytesize,
+        "parity": s.parity,
+        "stopbits": s.stopbits,
+        "flow": s.flow,
+        "format": line_format(s),
+        "dtr": lines.dtr,
+        "rts": lines.rts,
+        "break": lines.brk,
+        "modem": None if modem is None else dataclasses.asdict(modem),
+        "owner": None if owner is None else f"{owner.policy.listener} {owner.peer}",
+        "changed_by": lc.changed_by,
+        "changed_at": lc.changed_at,
+        "policy": lc.policy,
+        "sequences": [name for name, _steps in rt.config.sequences],
+        "running": lc.busy,
+    }
+
+
 def port_view(rt: PortRuntime) -> dict[str, Any]:
     hub, st = rt.hub, rt.upstream.status
     clients = rt.clients()
@@ -70,6 +117,7 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
         "max_lag": max((hub.lag(r) for r in clients), default=0),
         "dropped": port_dropped(rt),
         "write_queue_bytes": hub.queue.bytes,
+        "line": line_view(rt),
         "listeners": [
             {
                 "name": lst.name,
@@ -125,3 +173,74 @@ def disconnect(rt: PortRuntime, client_id: int) -> bool:
         return False
     reader.owner.close("admin")
     return True
+
+
+# -- board control: admin actions ------------------------------------------------------------
+
+
+def _lines_arg(body: dict[str, Any], key: str) -> bool | None:
+    """A level from the JSON body: true/false or 1/0; None when absent."""
+    if key not in body:
+        return None
+    value = body[key]
+    if value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    raise ValueError(f"{key} must be true or false (or 1 or 0), got {json.dumps(value)[:40]}")
+
+
+def set_signals(rt: PortRuntime, reactor: Reactor, body: bytes, by: str) -> tuple[int, dict[str, Any]]:
+    """``{"dtr": false, "rts": true, "break": 0.25}``: set DTR/RTS now, and send
+    a BREAK of that many seconds (run as a one-step sequence, on the reactor's
+    timers). 400 for a bad body, 409 while a sequence runs, 502 when the
+    upstream refuses (the message says why)."""
+    try:
+        parsed = json.loads(body or b"{}")
+        if not isinstance(parsed, dict) or not parsed or set(parsed) - {"dtr", "rts", "break"}:
+            raise ValueError('give an object with one or more of "dtr", "rts", "break"')
+        dtr, rts = _lines_arg(parsed, "dtr"), _lines_arg(parsed, "rts")
+        brk = parsed.get("break")
+        if brk is not None and (
+            isinstance(brk, bool) or not isinstance(brk, (int, float)) or not 0.001 <= brk <= MAX_BREAK
+        ):
+            raise ValueError(f'"break" is its duration in seconds, 0.001 to {MAX_BREAK:g}')
+    except ValueError as exc:  # json.JSONDecodeError is one
+        return 400, {"error": str(exc)}
+    lc = rt.line_control
+    if lc.busy is not None:
+        return 409, {"error": f"sequence {lc.busy} is running"}
+    if brk is None:
+        try:
+            lc.apply_control(by, dtr=dtr, rts=rts)
+        except SettingsRefused as exc:
+            return 502, {"error": str(exc)}
+        return 200, {"ok": True, "line": line_view(rt)}
+    steps = [Step("dtr", level=dtr)] if dtr is not None else []
+    steps += [Step("rts", level=rts)] if rts is not None else []
+    return _started(
+        rt, sequences.run(lc, reactor, "signals", [*steps, Step("break", seconds=float(brk))], by=by)
+    )
+
+
+def run_sequence(rt: PortRuntime, reactor: Reactor, name: str, by: str) -> tuple[int, dict[str, Any]]:
+    """Start the port's sequence ``name``: 404 if it has none, 409 while one
+    runs (never queued: a second reset pressed meanwhile is a mistake, not a
+    wish to reset twice), 502 when the first steps are refused."""
+    steps = dict(rt.config.sequences).get(name)
+    if steps is None:
+        return 404, {"error": f"no sequence {name!r} on port {rt.name!r}"}
+    try:
+        started = sequences.run(rt.line_control, reactor, name, steps, by=by)
+    except sequences.Busy as exc:
+        return 409, {"error": str(exc)}
+    return _started(rt, started)
+
+
+def _started(rt: PortRuntime, run: sequences.Run) -> tuple[int, dict[str, Any]]:
+    if run.error is not None:
+        return 502, {"error": f"sequence {run.name} stopped: {run.error}"}
+    return 200, {
+        "ok": True,
+        "sequence": run.name,
+        "seconds": sequences.duration(run.steps),
+        "line": line_view(rt),
+    }

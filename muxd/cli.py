@@ -2,8 +2,9 @@
 
 Exit statuses (docs/man/muxd.8): 0 success; 1 a runtime failure, or for
 `status` a port that is not up; 2 a bad command line or configuration
-(including a demo port already in use: the fix is an option); 3 for `status`
-and `tail`, a daemon that cannot be reached (or, for `tail`, that refuses the
+(including a demo port already in use: the fix is an option); for `ctl`, 1
+is an action refused (busy, unknown sequence, the device said no); 3 for
+`status`, `tail` and `ctl`, a daemon that cannot be reached (or, for `tail`, that refuses the
 port); 130 interrupted (Ctrl-C); 141 standard output closed early
 (`muxd status | head -1`).
 """
@@ -18,6 +19,7 @@ import logging
 import os
 import resource
 import sys
+import time
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -136,7 +138,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--history", type=_size, metavar="SIZE", help="first replay this much of the past, e.g. 64KiB"
     )
     tail.add_argument("-n", "--lines", type=_count, metavar="N", help="first replay the last N lines")
+
+    ctl = sub.add_parser(
+        "ctl", help="reset a board: run a port's sequence, or set DTR/RTS/BREAK, through the HTTP API"
+    )
+    ctl.add_argument("port", metavar="PORT", help="the port's name")
+    ctl.add_argument("sequence", metavar="SEQUENCE", nargs="?", help="a sequence of the port, e.g. reset")
+    where = ctl.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", metavar="FILE", help="through this config's first http server")
+    where.add_argument("--url", help="the HTTP server: a URL such as http://127.0.0.1:8020, or HOST:PORT")
+    ctl.add_argument("--dtr", type=_level, metavar="0|1", help="set DTR (1 high/asserted, 0 low)")
+    ctl.add_argument("--rts", type=_level, metavar="0|1", help="set RTS (1 high/asserted, 0 low)")
+    ctl.add_argument(
+        "--break", dest="brk", type=_seconds, metavar="DURATION", help="send a BREAK, e.g. 250ms"
+    )
+    ctl.add_argument(
+        "--token", help="an admin token (default: $MUXD_TOKEN); loopback needs none without tokens"
+    )
     return parser
+
+
+def _level(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"give 0 or 1, not {text!r}")
+    return text == "1"
+
+
+def _seconds(text: str) -> float:
+    from muxd.sequences import MAX_BREAK, parse_duration
+
+    seconds = parse_duration(text)
+    if seconds is None or not 0.001 <= seconds <= MAX_BREAK:
+        raise argparse.ArgumentTypeError(
+            f"give a duration of 1ms..{MAX_BREAK:g}s such as 250ms, not {text!r}"
+        )
+    return seconds
 
 
 def quick_config(args: argparse.Namespace) -> Config:
@@ -268,10 +304,13 @@ def _raise_fd_limit() -> None:
 
 
 def _serve(config: Config, level: str | None, ready_file: str | None = None, demo: bool = False) -> int:
+    from muxd import checks
     from muxd import systemd as sd
-    from muxd.daemon import Daemon
+    from muxd.daemon import Daemon, StartError
 
     sd.setup_logging(level or config.log_level)
+    for warning in checks.check(config).warnings:
+        log.warning("%s", warning)
     _raise_fd_limit()
     if ready_file is not None:
         # One left by a killed instance must not announce this one before it is ready.
@@ -282,9 +321,15 @@ def _serve(config: Config, level: str | None, ready_file: str | None = None, dem
         daemon.log_level_override = level
         daemon.start()
     except (OSError, MuxdError) as exc:
-        hint = _demo_bind_error(config, exc) if demo and isinstance(exc, OSError) else None
+        cause = exc.__cause__ if isinstance(exc, StartError) else exc
+        hint = _demo_bind_error(config, cause) if demo and isinstance(cause, OSError) else None
         if hint is not None:
             print(hint, file=sys.stderr)
+            return EXIT_CONFIG
+        if isinstance(exc, StartError):
+            # One line naming the port, the listener and the cause; exit 2:
+            # the operator must fix the config or the machine, a restart cannot.
+            print(f"muxd: cannot start: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
@@ -305,6 +350,23 @@ def _serve(config: Config, level: str | None, ready_file: str | None = None, dem
             # A ready file outliving its process would say "ready" for a dead PID.
             with contextlib.suppress(OSError):
                 os.unlink(ready_file)
+
+
+def _check(path: str) -> int:
+    """`muxd check`: the file's error (the first the loader finds: a file that
+    does not parse has nothing more to check), or every problem of the loaded
+    config on this machine (muxd.checks), errors and warnings, in line order."""
+    from muxd import checks
+
+    cfg = configmod.load(path)  # a ConfigError is the caller's: one line, exit 2
+    problems = checks.check(cfg)
+    found = [(e, "") for e in problems.errors] + [(w, "warning: ") for w in problems.warnings]
+    for problem, kind in sorted(found, key=lambda f: (f[0].line is None, f[0].line or 0)):
+        print(f"muxd: {kind}{problem}", file=sys.stderr)
+    if problems.errors:
+        return EXIT_CONFIG
+    print(f"{path}: ok ({len(cfg.ports)} ports)")
+    return EXIT_OK
 
 
 def _ports() -> int:
@@ -338,6 +400,41 @@ def _status(args: argparse.Namespace) -> int:
     print(json.dumps(status, indent=2) if args.json else client.format_status(status))
     # A health check or cron job reads the answer from the status alone.
     return EXIT_PORT_DOWN if client.ports_not_up(status) else EXIT_OK
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    """`muxd ctl PORT SEQUENCE` or `muxd ctl PORT --dtr 0 ...`: one admin POST.
+    Exit 0 done (a sequence started), 1 refused (busy, no such sequence, the
+    device said no), 2 usage, 3 unreachable."""
+    from muxd import client
+
+    signals: dict[str, Any] = {
+        k: v for k, v in (("dtr", args.dtr), ("rts", args.rts), ("break", args.brk)) if v is not None
+    }
+    if (args.sequence is None) == (not signals):
+        print("muxd: ctl: give a SEQUENCE, or --dtr/--rts/--break (not both)", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.url:
+        try:
+            url = client.normalize_url(args.url)
+        except ValueError as exc:
+            print(f"muxd: --url: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        url = client.status_url(configmod.load(args.config))
+    token = args.token or os.environ.get("MUXD_TOKEN") or None
+    try:
+        answer = client.control(url, args.port, args.sequence, signals or None, token)
+    except client.ApiRefused as exc:
+        print(f"muxd: ctl: {args.port}: {exc.message} ({exc.status})", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, ValueError) as exc:
+        print(f"muxd: ctl: cannot reach {url}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    line = answer.get("line") if isinstance(answer, dict) else None
+    done = f"sequence {answer['sequence']} started" if args.sequence else "done"
+    print(f"{args.port}: {done}" + (f"; {client.describe_line(line, time.time())}" if line else ""))
+    return EXIT_OK
 
 
 def _tail(args: argparse.Namespace) -> int:
@@ -411,15 +508,15 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check":
-            cfg = configmod.load(args.config)
-            print(f"{args.config}: ok ({len(cfg.ports)} ports)")
-            return EXIT_OK
+            return _check(args.config)
         if args.command == "ports":
             return _ports()
         if args.command == "status":
             return _status(args)
         if args.command == "tail":
             return _tail(args)
+        if args.command == "ctl":
+            return _ctl(args)
         if args.command == "demo":
             return _serve(demo_config(args.tcp, args.http), args.log_level, args.ready_file, demo=True)
         if args.config and (args.serial or args.upstream_tcp or args.sim):

@@ -1,14 +1,18 @@
-"""`muxd status`: a client of a running muxd's JSON API (/api/v1).
+"""`muxd status` and `muxd ctl`: clients of a running muxd's JSON API (/api/v1).
 
-It reads the same views the web console does (their shapes are pinned in
-docs/contracts.md) and prints them for an operator or a script. Nothing here
-runs inside the daemon: the server side of the API is muxd/api.py.
+`status` reads the same views the web console does (their shapes are pinned
+in docs/contracts.md) and prints them for an operator or a script; `ctl`
+POSTs the board-control admin actions (a sequence, or DTR/RTS/BREAK), which
+the daemon allows from loopback, or with an admin token (``--token`` or
+MUXD_TOKEN). Nothing here runs inside the daemon: the server side of the API
+is muxd/api.py.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
@@ -56,6 +60,76 @@ def status_url(config: Config) -> str:
 def _get(base: str, path: str) -> Any:
     with urllib.request.urlopen(base.rstrip("/") + path, timeout=STATUS_TIMEOUT) as resp:
         return json.load(resp)
+
+
+class ApiRefused(Exception):
+    """The daemon answered an action with an error: ``status`` and its ``error`` text."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def post(base: str, path: str, body: dict[str, Any] | None = None, token: str | None = None) -> Any:
+    """POST JSON to the API; the answer's JSON. Raises ApiRefused for an HTTP
+    error with muxd's {"error": ...}, OSError when unreachable."""
+    data = json.dumps(body or {}).encode()
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(base.rstrip("/") + path, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=STATUS_TIMEOUT) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = str(json.load(exc).get("error", exc.reason))
+        except (ValueError, AttributeError):  # not JSON, or not an object: not muxd's answer
+            message = str(exc.reason)
+        raise ApiRefused(exc.code, message) from None
+
+
+def control(
+    base: str,
+    port: str,
+    sequence: str | None = None,
+    signals: dict[str, Any] | None = None,
+    token: str | None = None,
+) -> Any:
+    """Run a port's sequence, or set signals ({"dtr": False, "break": 0.25}); the answer."""
+    name = urllib.parse.quote(port, safe="")
+    if sequence is not None:
+        return post(
+            base, f"/api/v1/ports/{name}/sequences/{urllib.parse.quote(sequence, safe='')}", None, token
+        )
+    return post(base, f"/api/v1/ports/{name}/signals", signals, token)
+
+
+def format_line(line: dict[str, Any] | None) -> str:
+    """``115200 8N1``, the LINE cell; ``-`` for a daemon whose view has no line."""
+    if not isinstance(line, dict):
+        return "-"
+    return f"{line.get('baudrate')} {line.get('format')}"
+
+
+def _level(value: object, high: str = "high", low: str = "low") -> str:
+    return "?" if value is None else high if value else low
+
+
+def describe_line(line: dict[str, Any], now: float) -> str:
+    """The line state of a port in one line: settings, flow, lines, owner, last change."""
+    text = f"line {format_line(line)}, flow {line.get('flow')}"
+    text += f", DTR {_level(line.get('dtr'))}, RTS {_level(line.get('rts'))}"
+    if line.get("break"):
+        text += ", BREAK on"
+    if line.get("running"):
+        text += f", running {line['running']}"
+    if line.get("owner"):
+        text += f", owner {line['owner']}"
+    if line.get("changed_by") and isinstance(line.get("changed_at"), (int, float)):
+        text += f", changed by {line['changed_by']} {_age(line['changed_at'], now)} ago"
+    return text
 
 
 def fetch_status(base: str) -> dict[str, Any]:
@@ -132,7 +206,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     ports = status["ports"]
     lines = _table(
-        ["PORT", "STATE", "FOR", "UPSTREAM", "IN", "OUT", "CLIENTS", "MAX LAG", "DROPPED", "WQUEUE"],
+        ["PORT", "STATE", "FOR", "UPSTREAM", "IN", "OUT", "CLIENTS", "MAX LAG", "DROPPED", "WQUEUE", "LINE"],
         [
             [
                 p["name"],
@@ -145,6 +219,7 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
                 _size(p["max_lag"]),
                 _size(p["dropped"]),
                 _size(p["write_queue_bytes"]),
+                format_line(p.get("line")),
             ]
             for p in ports
         ],
@@ -152,6 +227,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     for p in ports:
         clients = status["clients"].get(p["name"], [])
         lines += ["", f"{p['name']}: {len(clients)} client{'' if len(clients) == 1 else 's'}"]
+        if isinstance(p.get("line"), dict):
+            lines.append(f"  {describe_line(p['line'], now)}")
         if clients:
             lines += _table(
                 ["ID", "PEER", "LISTENER", "MODE", "FOR", "DELIVERED", "DROPPED", "LAG"],

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,9 +30,11 @@ from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 
+from muxd.access import SCOPES, Network, Scope, TokenSpec, parse_network
 from muxd.errors import ConfigError
 from muxd.protocol.line_settings import BYTESIZES, FLOWS, STOPBITS, LineSettings
 from muxd.records import FORMATS, Format
+from muxd.sequences import MAX_STEPS, Step, parse_step
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -48,7 +51,7 @@ ListenerKind = Literal["tcp", "unix", "pty", "rfc2217", "websocket"]
 Mode = Literal["ro", "rw"]
 Overflow = Literal["drop-oldest", "disconnect"]
 WriteMode = Literal["chunks", "lines"]
-LineControlPolicy = Literal["ignore", "owner", "any"]
+LineControlPolicy = Literal["virtual", "ignore", "owner", "any"]
 UpstreamControl = Literal["none", "rfc2217", "usr"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -119,6 +122,19 @@ Upstream = SerialUpstream | TcpUpstream | SimUpstream
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS on a tcp, rfc2217 or http listener (muxd.tls). The files are read
+    when the listener starts and again at every reload (SIGHUP)."""
+
+    cert: str  # PEM: the certificate, then any intermediates
+    key: str  # PEM: its private key
+    client_ca: str | None = None  # PEM: CAs a client certificate must chain to (mutual TLS)
+    # A LAN handshake takes milliseconds: 10 s covers a loaded host and slow
+    # links, and bounds how long a silent client holds a socket (muxd.tls).
+    handshake_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
 class Listener:
     kind: ListenerKind
     name: str
@@ -141,6 +157,9 @@ class Listener:
     history_lines: int = 0
     # raw bytes, or text/jsonl records (tcp, unix, websocket: muxd.records).
     format: Format = "raw"
+    tls: TlsConfig | None = None  # tcp, rfc2217
+    # Peers that may connect (tcp, rfc2217, websocket; muxd.access); empty: any.
+    allow: tuple[Network, ...] = ()
 
     @property
     def writable(self) -> bool:
@@ -163,9 +182,17 @@ class Port:
     write_queue: int = 64 * KiB
     # 4 KiB holds any command line a console accepts; longer "lines" are data.
     max_line: int = 4 * KiB
+    # A partial line (write: lines) idle this long goes out as it is: half a
+    # second is longer than the pause inside one command sent by a script (so
+    # its lines stay whole) and short enough that a lone key typed at a prompt
+    # (y/n, a menu choice) is answered without Enter. 0: never.
+    line_timeout: float = 0.5
     history: int = 64 * KiB
-    line_control: LineControlPolicy = "owner"
+    # virtual: line-settings requests are acknowledged, never applied (muxd.linecontrol).
+    line_control: LineControlPolicy = "virtual"
     trace: tuple[TraceFile, ...] = ()
+    # Named control-line sequences (muxd.sequences), (name, steps) in config order.
+    sequences: tuple[tuple[str, tuple[Step, ...]], ...] = ()
 
     @property
     def history_bound(self) -> int:
@@ -203,10 +230,16 @@ class HttpServer:
     port: int  # 0 lets the kernel pick a free port
     name: str
     origins: tuple[str, ...] = ()
-    token: str | None = None
+    # Scoped tokens, read from their files by the front (muxd.access), never here.
+    tokens: tuple[TokenSpec, ...] = ()
     # Extra names (lower case) that Host headers may carry besides the listen
     # address and localhost: the DNS-rebinding check refuses any other.
     server_names: tuple[str, ...] = ()
+    # Peers that may connect (muxd.access); empty: any.
+    allow: tuple[Network, ...] = ()
+    # /metrics needs a read token too (when tokens are configured).
+    metrics_token: bool = False
+    tls: TlsConfig | None = None  # HTTPS, WSS and the console over TLS
 
 
 @dataclass(frozen=True)
@@ -215,6 +248,9 @@ class Config:
     http: tuple[HttpServer, ...] = ()
     log_level: LogLevel = "info"
     source: str = field(default="<config>", compare=False)
+    # The line of each key path ("ports[0].listeners[1].group"), for checks
+    # made after loading (muxd.checks) to say where the problem is written.
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
 
 def format_hostport(host: str, port: int) -> str:
@@ -225,7 +261,23 @@ def format_hostport(host: str, port: int) -> str:
 # Schema: the keys each mapping accepts (also what the man page must document)
 
 TOP_KEYS = {"ports", "http", "log_level"}
-PORT_KEYS = {"name", "upstream", "listeners", "write_queue", "max_line", "history", "line_control", "trace"}
+PORT_KEYS = {
+    "name",
+    "upstream",
+    "listeners",
+    "write_queue",
+    "max_line",
+    "line_timeout",
+    "history",
+    "line_control",
+    "trace",
+    "sequences",
+}
+# line_timeout, when not 0: under 10 ms a line a script sends in two TCP
+# segments could be cut in two by scheduling noise alone; over a minute a
+# partial line is no longer "being typed" and would only hide a missing newline.
+LINE_TIMEOUT_MIN = 0.01
+LINE_TIMEOUT_MAX = 60.0
 TRACE_KEYS = {"path", "format", "rotate", "keep", "input", "mode", "group"}
 LINE_KEYS = {"baudrate", "bytesize", "parity", "stopbits", "flow"}
 BACKOFF_KEYS = {"backoff_min", "backoff_max"}
@@ -240,20 +292,25 @@ SIM_KEYS = {"baudrate", "status_interval", "boot"}
 LISTENER_COMMON = {"name", "mode", "max_clients", "buffer", "overflow", "write", "notices"}
 LISTENER_COMMON |= {"history", "history_lines"}
 LISTENER_EXTRA = {
-    "tcp": {"format"},
-    "rfc2217": set(),
-    "websocket": {"format"},
+    "tcp": {"format", "allow", "tls"},
+    "rfc2217": {"allow", "tls"},
+    "websocket": {"format", "allow"},
     "unix": {"socket_mode", "group", "format"},
     "pty": {"link_mode", "group"},
 }
-HTTP_KEYS = {"listen", "name", "origins", "token", "server_names"}
+# "token" (inline) is refused with a pointer to "tokens": see _http.
+HTTP_KEYS = {"listen", "name", "origins", "token", "tokens", "server_names", "allow", "metrics_token"}
+TOKEN_KEYS = {"name", "file", "scope"}
+TLS_KEYS = {"cert", "key", "client_ca", "handshake_timeout"}  # of a listener's or http server's tls:
+HTTP_KEYS |= {"tls"}
 UPSTREAM_KINDS = ("serial", "tcp", "sim")
 
 
 def schema_keys() -> set[str]:
     """Every key name the config file accepts."""
     keys = TOP_KEYS | PORT_KEYS | SERIAL_KEYS | TCP_KEYS | {"sim"} | SIM_KEYS | LISTENER_COMMON | HTTP_KEYS
-    keys |= TRACE_KEYS
+    keys |= TRACE_KEYS | TOKEN_KEYS
+    keys |= TLS_KEYS | {"tls"}
     keys |= set(LISTENER_KINDS)
     for extra in LISTENER_EXTRA.values():
         keys |= extra
@@ -413,17 +470,29 @@ def _scalar(node: yaml.ScalarNode) -> object:
 class _Node:
     """A YAML node with the key path that led to it, for located errors."""
 
-    def __init__(self, node: yaml.Node | None, path: str, file: str, line: int | None) -> None:
+    def __init__(
+        self,
+        node: yaml.Node | None,
+        path: str,
+        file: str,
+        line: int | None,
+        lines: dict[str, int] | None = None,
+    ) -> None:
         self.node = node
         self.path = path
         self.file = file
         self.line = line if node is None else node.start_mark.line + 1
+        # Shared by every node of one document: key path -> line (Config.lines).
+        self.lines: dict[str, int] = {} if lines is None else lines
 
     def error(self, message: str) -> ConfigError:
         return ConfigError(message, self.path, self.line, self.file)
 
     def child(self, node: yaml.Node, step: str | int) -> _Node:
-        return _Node(node, _join(self.path, step), self.file, None)
+        child = _Node(node, _join(self.path, step), self.file, None, self.lines)
+        if child.line is not None:
+            self.lines.setdefault(child.path, child.line)
+        return child
 
     def mapping(self, allowed: set[str], required: tuple[str, ...] = ()) -> dict[str, _Node]:
         if not isinstance(self.node, yaml.MappingNode):
@@ -440,7 +509,7 @@ class _Node:
             if not isinstance(key, str):
                 raise self.child(key_node, str(key)).error("keys must be strings")
             child = self.child(value_node, key)
-            child.line = key_node.start_mark.line + 1
+            child.line = self.lines[child.path] = key_node.start_mark.line + 1
             if key in out:
                 raise child.error("duplicate key")
             if key not in allowed:
@@ -809,7 +878,42 @@ def _listener(node: _Node, port_name: str, index: int) -> Listener:
         history=_get(m, "history", lambda n: n.size(0, 64 * MiB), d.history),
         history_lines=_get(m, "history_lines", lambda n: n.integer(0, 100_000), d.history_lines),
         format=_get(m, "format", lambda n: n.choice(FORMATS), d.format),
+        allow=_allow(m["allow"]) if "allow" in m else (),
+        tls=_tls(m["tls"]) if "tls" in m else None,
     )
+
+
+def _allow(node: _Node) -> tuple[Network, ...]:
+    """An allow-list: networks in CIDR form (muxd.access). An empty list is an
+    error rather than "nobody": a listener nobody may reach is a mistake, and
+    "everybody" is what leaving the key out says."""
+    nets: list[Network] = []
+    for n in node.sequence():
+        value = n.value()
+        if not isinstance(value, str):
+            raise n.error(f"expected a network such as 10.0.0.0/8, got {_show(value)}")
+        try:
+            nets.append(parse_network(value))
+        except ValueError as exc:
+            raise n.error(str(exc)) from None
+    if not nets:
+        raise node.error("an empty allow-list admits nobody: list networks, or remove the key")
+    return tuple(nets)
+
+
+def _tokens(node: _Node) -> tuple[TokenSpec, ...]:
+    specs: list[TokenSpec] = []
+    names: list[tuple[str, _Node]] = []
+    for n in node.sequence():
+        m = n.mapping(TOKEN_KEYS, required=("name", "file", "scope"))
+        name = m["name"].text()
+        if not NAME_RE.fullmatch(name):
+            raise m["name"].error(f"must match {NAME_RE.pattern}, got {_show(name)}")
+        names.append((name, m["name"]))
+        scope: Scope = m["scope"].choice(SCOPES)
+        specs.append(TokenSpec(name, m["file"].file_path(absolute=True), scope))
+    _check_unique(names, "token name")
+    return tuple(specs)
 
 
 def _group(node: _Node) -> str | int:
@@ -841,6 +945,36 @@ def _trace(node: _Node) -> TraceFile:
     )
 
 
+# Sequences per port: a reset, a bootloader entry, a few board-specific ones.
+MAX_SEQUENCES = 32
+
+
+def _sequences(node: _Node) -> tuple[tuple[str, tuple[Step, ...]], ...]:
+    """``{name: [step, ...]}``; each step parsed by muxd.sequences, its error located."""
+    if not isinstance(node.node, yaml.MappingNode):
+        raise node.error("expected a mapping of sequence names to lists of steps")
+    names = [k.value for k, _ in node.node.value if isinstance(k, yaml.ScalarNode)]
+    m = node.mapping(set(names))
+    if len(m) > MAX_SEQUENCES:
+        raise node.error(f"at most {MAX_SEQUENCES} sequences, got {len(m)}")
+    out: list[tuple[str, tuple[Step, ...]]] = []
+    for name, seq in m.items():
+        if not NAME_RE.fullmatch(name):
+            raise seq.error(f"a sequence name must match {NAME_RE.pattern}")
+        steps: list[Step] = []
+        for step in seq.sequence():
+            try:
+                steps.append(parse_step(step.value()))
+            except ValueError as exc:
+                raise step.error(str(exc)) from None
+        if not steps:
+            raise seq.error("a sequence needs at least one step")
+        if len(steps) > MAX_STEPS:
+            raise seq.error(f"at most {MAX_STEPS} steps, got {len(steps)}")
+        out.append((name, tuple(steps)))
+    return tuple(out)
+
+
 def _port(node: _Node) -> Port:
     m = node.mapping(PORT_KEYS, required=("name", "upstream"))
     name = m["name"].text()
@@ -858,10 +992,14 @@ def _port(node: _Node) -> Port:
         listeners=listeners,
         write_queue=_get(m, "write_queue", lambda n: n.size(1 * KiB, 64 * MiB), d.write_queue),
         max_line=_get(m, "max_line", lambda n: n.size(16, 1 * MiB), d.max_line),
+        line_timeout=_get(
+            m, "line_timeout", lambda n: n.duration(LINE_TIMEOUT_MIN, LINE_TIMEOUT_MAX), d.line_timeout
+        ),
         # 0 is valid as written: no history replayed to new readers.
         history=_get(m, "history", lambda n: n.size(0, 64 * MiB), d.history),
         line_control=_get(m, "line_control", lambda n: n.choice(LINE_CONTROL_POLICIES), d.line_control),
         trace=tuple(_trace(n) for n in m["trace"].sequence()) if "trace" in m else (),
+        sequences=_sequences(m["sequences"]) if "sequences" in m else (),
     )
     if port.max_line > port.write_queue:
         raise m.get("max_line", node).error(
@@ -879,13 +1017,14 @@ def _http(node: _Node, index: int) -> HttpServer:
     origins: tuple[str, ...] = ()
     if "origins" in m:
         origins = tuple(n.text() for n in m["origins"].sequence())
-    token = None
     if "token" in m:
-        # A null or short token is an error, never "no token": an unexpanded
-        # template must not silently open the admin actions.
-        token = m["token"].value()
-        if not isinstance(token, str) or len(token) < 16:
-            raise m["token"].error("must be a string of at least 16 characters")
+        # A secret written in the config ends up in backups, diffs and error
+        # reports; it must live in a file of its own (muxd.access).
+        raise m["token"].error(
+            "inline tokens are no longer accepted: put the secret in a file (mode 0640) "
+            "and list it under tokens: [{name: NAME, file: PATH, scope: admin}]"
+        )
+    tokens = _tokens(m["tokens"]) if "tokens" in m else ()
     server_names: list[str] = []
     if "server_names" in m:
         for n in m["server_names"].sequence():
@@ -896,7 +1035,41 @@ def _http(node: _Node, index: int) -> HttpServer:
             if server_name in server_names:
                 raise n.error(f"duplicate server name {server_name!r}")
             server_names.append(server_name)
-    return HttpServer(host, port, name, origins, token, tuple(server_names))
+    return HttpServer(
+        host,
+        port,
+        name,
+        origins,
+        tokens=tokens,
+        server_names=tuple(server_names),
+        allow=_allow(m["allow"]) if "allow" in m else (),
+        metrics_token=_get(m, "metrics_token", _Node.flag, False),
+        tls=_tls(m["tls"]) if "tls" in m else None,
+    )
+
+
+def _tls(node: _Node) -> TlsConfig:
+    m = node.mapping(TLS_KEYS, required=("cert", "key"))
+    d = TlsConfig("", "")
+
+    def readable(key: str) -> str:
+        # Checked here, so that `muxd check` and a reload name the key and line,
+        # rather than a start that fails on the first handshake's context.
+        path = m[key].file_path(absolute=True)
+        if not os.path.isfile(path):
+            raise m[key].error(f"no such file: {path}")
+        if not os.access(path, os.R_OK):
+            raise m[key].error(f"cannot read {path}: permission denied")
+        return path
+
+    return TlsConfig(
+        cert=readable("cert"),
+        key=readable("key"),
+        client_ca=readable("client_ca") if "client_ca" in m else None,
+        handshake_timeout=_get(
+            m, "handshake_timeout", lambda n: n.duration(0.01, 600, off=False), d.handshake_timeout
+        ),
+    )
 
 
 def _check_unique(items: list[tuple[str, _Node]], what: str) -> None:
@@ -938,7 +1111,7 @@ def build(root: _Node) -> Config:
     _check_unique(names, "listener name")
     default_level: LogLevel = "info"
     level = _get(m, "log_level", lambda n: n.choice(LOG_LEVELS), default_level)
-    return Config(ports=ports, http=http, log_level=level, source=root.file)
+    return Config(ports=ports, http=http, log_level=level, source=root.file, lines=root.lines)
 
 
 def loads(text: str, file: str = "<config>") -> Config:

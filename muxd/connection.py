@@ -146,8 +146,10 @@ class Connection:
         self.state = State.OPEN
         policy = policy_for(cfg, fmt)
         # Records (text, jsonl) come encoded from the hub's shared log: sent as
-        # they are, but through _out, since they are not the ring's bytes.
-        self.encoding = encoding or policy.format != "raw"
+        # they are, but through _out, since they are not the ring's bytes. So
+        # do raw bytes to a transport that is not plain (TLS encrypts them).
+        self.encoding = encoding or policy.format != "raw" or not transport.plain
+        self._read_soon = False  # a read of the transport's buffered input is scheduled
         self.on_close: list[Callable[[Connection], None]] = []
         self._out = bytearray(initial)
         self._had_input = False
@@ -209,14 +211,16 @@ class Connection:
         except OSError as exc:
             self._gone(exc)
             return
-        if self._close_when_flushed is not None and not self._out:
+        # A TLS transport's records the socket has not taken count as output owed.
+        owed = bool(self._out) or bool(self.transport.unsent)
+        if self._close_when_flushed is not None and not owed:
             self.close(self._close_when_flushed)
             return
         caught_up = self.hub.caught_up(self.reader)
-        if self.state is State.FINISHING and caught_up and not self._out:
+        if self.state is State.FINISHING and caught_up and not owed:
             self._finished()
             return
-        self.hub.set_blocked(self.reader, bool(self._out) or not caught_up or self._output_held())
+        self.hub.set_blocked(self.reader, owed or not caught_up or self._output_held())
         self._watch()
 
     def on_write_room(self) -> None:
@@ -257,6 +261,7 @@ class Connection:
     def _pump(self) -> None:
         """Encode from the hub while below LOW_WATER, send, until blocked or done."""
         hub, reader, out = self.hub, self.reader, self._out
+        self.transport.flush()  # what a TLS transport still holds goes first
         while True:
             while (
                 len(out) < LOW_WATER
@@ -317,9 +322,19 @@ class Connection:
         if self.state is State.CLOSED:
             return
         mask = IN if self._reading() else 0
-        if self.reader.blocked or self._out:
+        if self.reader.blocked or self._out or self.transport.unsent:
             mask |= OUT
         self.reactor.modify(self.fd, mask)
+        if mask & IN and self.transport.buffered and not self._read_soon:
+            # Input a TLS transport already took off the socket: epoll will not
+            # report it, so read it on the next turn of the loop.
+            self._read_soon = True
+            self.reactor.call_soon(self._read_buffered)
+
+    def _read_buffered(self) -> None:
+        self._read_soon = False
+        if self._reading() and self.transport.buffered:
+            self._on_readable()
 
     def _on_events(self, mask: int) -> None:
         if mask & OUT:

@@ -10,8 +10,10 @@ file that fails validation changes nothing. Listeners are matched by name:
 one whose address changed is rebound (its clients are flushed and closed),
 one whose options changed (buffer, mode, overflow, write, max_clients,
 notices) is updated in place and its clients stay connected, and so do the
-clients of every listener the change does not touch. A changed upstream is
-reopened; the port's log and its readers' cursors carry on.
+clients of every listener the change does not touch. TLS certificates are
+re-read at every reload: new handshakes use them, connected clients keep
+their sessions. A changed upstream is reopened; the port's log and its
+readers' cursors carry on.
 
 systemd hears READY=1 once every listener is bound and every upstream tried,
 a STATUS= line kept current, WATCHDOG=1 from the loop itself (a hung loop
@@ -20,7 +22,10 @@ stops the pings), RELOADING=1 around a reload and STOPPING=1 on the way out.
 
 from __future__ import annotations
 
+import errno
+import grp
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -73,6 +78,38 @@ LISTENER_FACTORIES: dict[str, ListenerFactory] = {
     "rfc2217": _rfc2217,
     "pty": _pty,
 }
+
+
+class StartError(MuxdError):
+    """A listener or HTTP server that cannot start, as one line: the port, the
+    listener and its address, and the cause. The CLI prints it and exits 2,
+    since what fails at start (a busy address, a missing directory, an
+    unknown group, an unreadable token or certificate file) is for the
+    operator to fix, and a restart cannot."""
+
+
+def _check_group(group: str | int | None) -> None:
+    if isinstance(group, str):
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise MuxdError(f"no group {group!r} on this machine") from None
+
+
+def start_cause(exc: BaseException, path: str = "") -> str:
+    """Why a start failed, in words, without the repetition of errno texts."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EADDRINUSE:
+            return "address already in use"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return "no such address on this machine"
+        if exc.errno == errno.ENOENT and path:
+            return f"directory {os.path.dirname(path) or '/'} does not exist"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            where = f" ({exc.filename})" if exc.filename and exc.filename != path else ""
+            return f"permission denied{where}"
+        return exc.strerror or str(exc)
+    return str(exc)
 
 
 def _rebind_needed(old: Listener, new: Listener) -> bool:
@@ -177,14 +214,35 @@ class Daemon:
         factory = LISTENER_FACTORIES.get(cfg.kind)
         if factory is None:
             return
+        # The address, unless the (default) name already says it.
+        what = f"port {rt.name}, listener {cfg.name}" + (
+            f" ({cfg.address})" if cfg.address not in cfg.name else ""
+        )
         sock = self._take_activated(cfg.name)
-        listener = factory(cfg, rt, self.reactor, sock)
-        listener.start()
+        try:
+            # Checked before anything is bound: a unix socket would otherwise
+            # be left behind, and a pty would only log it and carry on.
+            _check_group(cfg.group)
+            listener = factory(cfg, rt, self.reactor, sock)
+            listener.start()
+        except (OSError, MuxdError) as exc:
+            raise StartError(f"{what}: {start_cause(exc, cfg.path)}") from exc
         rt.listeners[cfg.name] = listener
 
     def _start_http(self, srv: HttpServer) -> None:
-        front = HttpFront(srv, lambda: self.ports, self.reactor, self._take_activated(srv.name))
-        front.start()
+        address = configmod.format_hostport(srv.host, srv.port)
+        what = f"http server {srv.name}" + (f" ({address})" if address not in srv.name else "")
+        try:
+            front = HttpFront(
+                srv,
+                lambda: self.ports,
+                self.reactor,
+                self._take_activated(srv.name),
+                fronts=self.http.values,
+            )
+            front.start()
+        except (OSError, MuxdError) as exc:
+            raise StartError(f"{what}: {start_cause(exc)}") from exc
         self.http[srv.name] = front
 
     def _connections(self) -> list[Connection]:
@@ -283,7 +341,12 @@ class Daemon:
                 for client in list(front.clients):
                     client.finish()
             else:
-                front.cfg = srv  # origins and token apply from the next request
+                try:
+                    # Origins, names, allow and tokens (re-read) apply from the next request.
+                    front.reconfigure(srv)
+                except MuxdError as exc:
+                    log.error("reload: http server %s: %s; its previous settings stay", name, exc)
+                front.set_tls(srv)  # certificates re-read: new handshakes use them, nobody is dropped
                 front.finish_orphans()  # WebSockets of a port or listener now gone
         for srv in servers:
             if srv.name not in self.http:
@@ -298,7 +361,7 @@ class Daemon:
             self._guarded(f"traces of {port.name}", partial(self._start_traces, rt, port))
         else:
             for trace in rt.traces:
-                trace.reopen()  # SIGHUP after logrotate
+                trace.reopen("reload")  # SIGHUP after logrotate
         wanted = {lst.name: lst for lst in port.listeners}
         for name, listener in list(rt.listeners.items()):
             cfg = wanted.get(name)
@@ -311,7 +374,11 @@ class Daemon:
                 rt.hub.retarget(reader, policy_for(cfg))
         for cfg in port.listeners:
             if cfg.name in rt.listeners:
-                rt.listeners[cfg.name].cfg = cfg
+                running = rt.listeners[cfg.name]
+                running.cfg = cfg
+                set_tls = getattr(running, "set_tls", None)  # the socket listeners (not a pty)
+                if set_tls is not None:
+                    set_tls(cfg)  # certificates re-read: new handshakes use them, nobody is dropped
             elif cfg.kind in LISTENER_FACTORIES:
                 self._guarded(f"listener {cfg.name}", partial(self._start_listener, rt, cfg))
         rt.config = port

@@ -22,7 +22,12 @@ Out (device -> readers)
 In (writers -> device)
     Bytes from rw readers enter a bounded FIFO of units. A unit is one read
     from one client (``write: chunks``) or one whole line (``write: lines``),
-    and is never split by another client's bytes. When the queue is full the
+    and is never split by another client's bytes. Under ``write: lines`` a
+    control character (Ctrl-C) or a key's escape sequence is a unit of its own,
+    released at once after the writer's partial line (muxd.protocol.framing),
+    and a partial line idle for ``line_timeout`` is released as a unit by a
+    timer, one per reader at most, so a lone key reaches the device without a
+    newline. When the queue is full the
     hub stops reading from writers (their EPOLLIN is switched off) until the
     device has drained it below half: backpressure, never a silent drop.
     Input from ro readers is read and discarded, and counted.
@@ -42,11 +47,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from muxd.protocol.framing import LineAssembler
-from muxd.reactor import Reactor
-from muxd.records import Format, FramedLog, raw_event
+from muxd.reactor import Reactor, Timer
+from muxd.records import Format, FramedLog, raw_event, stamp
 from muxd.ring import Ring
 
 # After a fan-out pass that took T seconds, the next one starts no sooner than
@@ -96,6 +101,7 @@ class PortBounds:
     max_line: int  # a held partial line, at most
     history: int  # replayed to a new reader, at most
     formats: tuple[Format, ...] = ()  # record formats kept from the start, for their history
+    line_timeout: float = 0.5  # seconds a partial line may idle before it goes out (0: never)
 
 
 class ReaderOwner(Protocol):
@@ -134,6 +140,7 @@ class ListenerStats:
     def __init__(self) -> None:
         self.connections = 0
         self.rejected = 0  # refused at max_clients
+        self.rejected_address = 0  # refused by the listener's allow-list (muxd.access)
         self.disconnects: dict[str, int] = {}
         self.closed_delivered = 0
         self.closed_dropped = 0
@@ -153,8 +160,11 @@ class Reader:
         "delivered",
         "doomed",
         "dropped",
+        "frame_skip",
+        "gap_mid_line",
         "id",
         "input_paused",
+        "line_timer",
         "log",
         "notice_pos",
         "notices",
@@ -188,7 +198,15 @@ class Reader:
         # at chunk boundaries, and pending() says where the records it gave end.
         self.log: FramedLog | None = None
         self.pending_end = 0
+        # A record reader whose replay starts inside its first chunk, at a line:
+        # (that chunk's raw offset, framed bytes to skip, raw bytes they carry).
+        self.frame_skip: tuple[int, int, int] | None = None
+        # Where a stretch of losses began, the reader's text stood inside a line.
+        self.gap_mid_line = True
         self.assembler = LineAssembler(max_line) if policy.writable and policy.lines else None
+        # Releases the assembler's partial line once it has idled for the port's
+        # line_timeout; cancelled whenever the partial line goes out another way.
+        self.line_timer: Timer | None = None
         # In-band notices: (ring offset they belong at, text). Only for readers
         # with notices on, so raw streams stay byte-exact.
         self.notices: deque[tuple[int, bytes]] = deque()
@@ -272,6 +290,7 @@ class Hub:
         self.on_write_ready: Callable[[], None] = lambda: None
         self.bytes_in = 0
         self.bytes_out = 0
+        self._last_time = 0.0  # the latest time given to a record (see _clock)
         self.input_discarded = 0
         self.notices_dropped = 0
 
@@ -316,15 +335,40 @@ class Hub:
         start = max(tail, self.head - max(0, history))
         if history_lines > 0:
             start = min(start, self._lines_back(history_lines, tail))
+        reader.cursor = reader.start = start
         if policy.format != "raw":
             reader.log = self._framed(policy.format)
-            # Records of whole chunks: the one that holds `start` replays from its beginning.
-            start = max(reader.log.raw_tail, reader.log.boundary_before(start))
-        reader.cursor = reader.start = start
+            self._record_start(reader, reader.log, start)
         reader.stats = self.stats_for(policy.listener)
         reader.stats.connections += 1
         self.readers[reader.id] = reader
         return reader
+
+    def _record_start(self, reader: Reader, log: FramedLog, start: int) -> None:
+        """Where a record reader's replay begins. Its cursor is a chunk boundary
+        (records are whole chunks): the chunk that holds `start`. Within that
+        chunk it skips the records of the lines that end before `start`, so it
+        starts at the line that holds `start`: N lines asked, N lines given.
+        A replay that must begin inside a text line gets that line's stamp."""
+        boundary = max(log.raw_tail, log.boundary_before(start))
+        reader.cursor = reader.start = boundary
+        if self.ring.tail <= boundary < start:
+            before = self.ring.read(boundary, start)
+            lines = before.count(b"\n")
+            framed_skip = log.line_skip(boundary, lines) if lines else 0
+            if framed_skip:
+                raw_skip = before.rfind(b"\n") + 1
+                reader.frame_skip = (boundary, framed_skip, raw_skip)
+                reader.start = boundary + raw_skip
+                return
+        state = log.state_at(boundary)
+        if state is not None and not state[0] and state[1] is not None:
+            reader.notices.append((boundary, f"{stamp(state[1])} ".encode()))
+
+    def _skipped(self, reader: Reader) -> int:
+        """Raw bytes at the reader's cursor that its replay skips (not owed to it)."""
+        skip = reader.frame_skip
+        return skip[2] if skip is not None and skip[0] == reader.cursor else 0
 
     def detach(self, reader: Reader, reason: str) -> None:
         """The reader is gone; a close the hub decided keeps the hub's reason."""
@@ -339,6 +383,15 @@ class Hub:
         stats.closed_delivered += reader.delivered
         stats.closed_dropped += reader.dropped
         stats.closed_purged += reader.purged
+        # A format only some connections asked for (a WebSocket's query) is
+        # encoded while one of them reads it; the next one replays the ring.
+        log = reader.log
+        if (
+            log is not None
+            and log.format not in self.bounds.formats
+            and not any(r.log is log for r in self.readers.values())
+        ):
+            del self.framed[log.format]
 
     def _lines_back(self, n: int, tail: int) -> int:
         """The offset where the last n lines begin (a partial last line counts),
@@ -375,7 +428,7 @@ class Hub:
         start = self.ring.head
         self.ring.write(data)
         self.bytes_in += len(data)
-        now = time.time()
+        now = self._clock()
         arrivals = self._arrivals
         arrivals.append((start, now))
         tail = self.ring.tail
@@ -391,6 +444,16 @@ class Hub:
                 if head - reader.cursor > reader.policy.capacity:
                     self._overflow(reader)
         self._schedule_flush()
+
+    def _clock(self) -> float:
+        """The wall-clock time for a record: never earlier than the last one,
+        so that a stream's (and a trace's) times never go back when the clock
+        is stepped back; they stand still until it catches up."""
+        now = time.time()
+        if now < self._last_time:
+            return self._last_time
+        self._last_time = now
+        return now
 
     def _schedule_flush(self) -> None:
         if self._flush_pending:
@@ -448,14 +511,20 @@ class Hub:
         lag = self.head - reader.cursor
         if reader.policy.drop_oldest:
             target = self.head - (reader.policy.capacity if keep is None else keep)
+            skip = target - reader.cursor
             if reader.log is not None:  # records are skipped whole
                 target = reader.log.boundary_after(target)
-            skip = target - reader.cursor
+                if not reader.unannounced:  # a new stretch of losses: where its text stood
+                    state = reader.log.state_at(reader.cursor)
+                    reader.gap_mid_line = reader.delivered > 0 and (state is None or not state[0])
+                skip = target - reader.cursor - self._skipped(reader)
+                reader.frame_skip = None
             reader.cursor = target
             reader.dropped += skip
             self._gap(reader, skip)
         else:
-            reader.dropped += lag
+            reader.dropped += lag - self._skipped(reader)
+            reader.frame_skip = None
             reader.cursor = self.head
             self._doom(reader, "overflow")
 
@@ -469,8 +538,15 @@ class Hub:
     def _announce_gap(self, reader: Reader) -> None:
         lost, reader.unannounced = reader.unannounced, 0
         text = f"{lost} bytes lost"
-        if reader.log is not None:
-            marker = reader.log.encoder.event(time.time(), text, event="gap", bytes=lost)
+        log = reader.log
+        if log is not None:
+            # A line that goes on after the marker is stamped again (text).
+            now = self._clock()
+            state = log.state_at(reader.cursor)
+            resume = None if state is None or state[0] else (state[1] or now)
+            marker = log.encoder.event(
+                now, text, mid_line=reader.gap_mid_line, resume=resume, event="gap", bytes=lost
+            )
         else:
             marker = raw_event(text)
         reader.notices.appendleft((reader.cursor, marker))
@@ -491,6 +567,9 @@ class Hub:
             stop = min(stop, offset)
         if log is not None:
             views, reader.pending_end = log.views(reader.cursor, stop, limit)
+            skip = reader.frame_skip
+            if skip is not None and skip[0] == reader.cursor and views:
+                views = _drop_front(views, skip[1])
             return views
         return self.ring.views(reader.cursor, min(stop, reader.cursor + limit))
 
@@ -504,7 +583,12 @@ class Hub:
                 reader.notice_pos = 0
             return
         if reader.log is not None:
-            n = reader.pending_end - reader.cursor  # device bytes those records carry
+            # The device bytes those records carry (less any its replay skipped).
+            n = reader.pending_end - reader.cursor - self._skipped(reader)
+            reader.cursor = reader.pending_end
+            reader.delivered += n
+            reader.frame_skip = None
+            return
         reader.cursor += n
         reader.delivered += n
 
@@ -537,7 +621,8 @@ class Hub:
 
     def purge(self, reader: Reader) -> None:
         """The reader asked to skip its backlog (RFC 2217 PURGE-DATA): counted."""
-        skipped = self.head - reader.cursor
+        skipped = self.head - reader.cursor - self._skipped(reader)
+        reader.frame_skip = None
         reader.cursor = self.head
         reader.purged += skipped
 
@@ -556,6 +641,13 @@ class Hub:
             return READ_CHUNK  # read to notice EOF, discard
         room = self.queue.room()
         if room == 0:
+            if not self.queue.bytes:
+                # Held partial lines alone fill the bound: nothing would ever
+                # drain and resume anyone. They go out as they are (each still
+                # one unit), so the device drains them and consumed() resumes
+                # the writers.
+                for held in [r for r in self.readers.values() if r.held]:
+                    self._release_held(held)
             reader.input_paused = True
             self._paused.add(reader)
             return 0
@@ -576,13 +668,37 @@ class Hub:
             for line in assembler.feed(data):
                 self.queue.push(line)
             self.queue.held += assembler.held
+            self._restart_line_timer(reader)
         self._queued()
 
     def input_ended(self, reader: Reader) -> None:
         """The reader will send no more (it half-closed): release its held partial line."""
         self._release_held(reader)
 
+    def _restart_line_timer(self, reader: Reader) -> None:
+        """Input arrived: the idle clock of the reader's partial line starts again.
+        Cancel and re-arm rather than keep one timer and move its deadline: the
+        reactor's heap has no "move", and its sweep keeps cancelled timers cheap."""
+        if reader.line_timer is not None:
+            reader.line_timer.cancel()
+            reader.line_timer = None
+        timeout = self.bounds.line_timeout
+        if timeout > 0 and reader.held and reader.id in self.readers:
+            reader.line_timer = self.reactor.call_later(timeout, lambda: self._line_idle(reader))
+
+    def _line_idle(self, reader: Reader) -> None:
+        """The partial line idled for line_timeout: it goes out as a unit of its
+        own (a lone key, a prompt's answer typed without Enter)."""
+        reader.line_timer = None
+        if reader.id in self.readers:
+            self._release_held(reader)
+
     def _release_held(self, reader: Reader) -> None:
+        # The timer holds the reader through its callback: cancelling drops that
+        # reference, so a detached reader is not kept alive until the deadline.
+        if reader.line_timer is not None:
+            reader.line_timer.cancel()
+            reader.line_timer = None
         if reader.assembler is not None:
             self.queue.held -= reader.assembler.held
             self.queue.push(reader.assembler.flush())
@@ -604,15 +720,17 @@ class Hub:
 
     # -- notices ----------------------------------------------------------------
 
-    def notice(self, text: str, **fields: object) -> None:
+    def notice(self, text: str, **fields: Any) -> None:
         """An event (an upstream state change), in-band at the current offset:
         a record for every record reader, a line for raw readers with notices on."""
-        now = time.time()
+        now = self._clock()
         for reader in self.readers.values():
             if reader.doomed is not None:
                 continue
             if reader.log is not None:
-                marker = reader.log.encoder.event(now, text, **fields)
+                # At the head; a line that goes on after it is stamped again (text).
+                resume = None if reader.log.encoder.at_line_start else now
+                marker = reader.log.encoder.event(now, text, resume=resume, **fields)
             elif reader.policy.notices:
                 marker = raw_event(text)
             else:
@@ -645,3 +763,15 @@ class Hub:
             reader.assembler = None
         if self.head - reader.cursor > policy.capacity:
             self._overflow(reader)
+
+
+def _drop_front(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views without their first n bytes."""
+    out = []
+    for view in views:
+        if n >= len(view):
+            n -= len(view)
+            continue
+        out.append(view[n:])
+        n = 0
+    return out

@@ -9,10 +9,19 @@ settings in force afterwards, which the requester reports back to its peer
 
 Policies (``Port.line_control``):
 
+``virtual`` (default)
+    Every request, from any client (ro included, since nothing is applied),
+    is acknowledged as asked and never applied: the device keeps its
+    configured settings, and no reader sees a baud change it did not ask
+    for. Each client's last request is remembered (``settings_for``) until
+    it disconnects, so its later queries answer consistently with what it
+    was told; pyserial's ``rfc2217://`` then opens with any ``baudrate=``.
+    Each acknowledgement is logged (at info) with who asked, and counted as
+    ``acknowledged``.
 ``ignore``
     Nothing is ever applied: every request is answered with the settings in
     force.
-``owner`` (default)
+``owner``
     The first rw requester that asks for any setting (even the value already
     in force) becomes the owner until it disconnects; only the owner's
     requests are applied. Claiming on a no-op request matters: pyserial sends
@@ -23,7 +32,8 @@ Policies (``Port.line_control``):
 
 Read-only requesters never change anything, under any policy: ``mode: ro``
 means a reader cannot disturb the device. Queries are answered by the caller
-from ``settings`` without coming here.
+from ``settings_for(who)`` without coming here: the settings in force, or,
+under ``virtual``, what that client was told.
 
 The settings in force are the upstream's (``upstream.settings``): this module
 keeps no copy, so ``settings`` is always what the device has, including a
@@ -34,20 +44,39 @@ the settings in force stay as they were.
 
 Every applied change is logged with who asked; so are refusals. Outcomes are
 counted here, per listener (not per peer, whose ephemeral port would make the
-count grow without bound): ``applied``, ``refused`` by the policy, and
-``failed`` when the upstream refused. muxd.metrics reads ``counts``.
+count grow without bound): ``applied``, ``refused`` by the policy,
+``failed`` when the upstream refused, and ``acknowledged`` under
+``virtual``. muxd.metrics reads ``counts``.
+
+Control lines (DTR, RTS, BREAK) follow the same policies, through
+``request_control``: ``ignore`` and ``virtual`` acknowledge a request (the
+answer is what was asked), log it and apply nothing; ``owner`` applies the
+owner's requests (one owner for settings and lines alike: the program that
+drives the board, such as esptool); ``any`` applies every rw client's.
+Read-only clients never change a line. While a sequence runs
+(muxd.sequences sets ``busy``) every client request is refused and answered
+with the lines in force: a reset must not be cut into by another pulse. The
+lines in force are the upstream's (``upstream.control``, None where unknown);
+a request for the level already in force is a no-op. The operator's own
+actions (the HTTP API, ``muxd ctl``, the console, a sequence) come through
+``apply_control``, which no policy stops: they passed the admin check.
+Every applied change is logged with who asked, counted per signal
+(``control_changes``), and is the port's last change (``changed_by``,
+``changed_at``, as for line settings).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from muxd.config import Port
 from muxd.errors import SettingsRefused
 from muxd.hub import Reader
 from muxd.protocol.line_settings import LineSettings
+from muxd.upstream.base import ControlLines, ModemLines
 
 log = logging.getLogger("muxd.linecontrol")
 
@@ -61,6 +90,31 @@ class SettingsOwner(Protocol):
     def apply_settings(self, wanted: LineSettings) -> LineSettings: ...
 
 
+@runtime_checkable
+class ControlOwner(Protocol):
+    """An upstream with control lines (every real one: muxd.upstream.base.Upstream)."""
+
+    control: ControlLines
+
+    def set_control(
+        self, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
+    ) -> ControlLines: ...
+
+    def modem_state(self) -> ModemLines | None: ...
+
+
+# The signals, as metric labels and API keys.
+SIGNALS = ("dtr", "rts", "break")
+
+
+def describe_lines(dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None) -> str:
+    """``DTR low, RTS high``: the lines given, as a log line says them."""
+    parts = [f"DTR {'high' if dtr else 'low'}"] if dtr is not None else []
+    parts += [f"RTS {'high' if rts else 'low'}"] if rts is not None else []
+    parts += [f"BREAK {'on' if brk else 'off'}"] if brk is not None else []
+    return ", ".join(parts) or "nothing"
+
+
 @dataclass
 class SettingsCounts:
     """One listener's line-settings requests, by outcome."""
@@ -68,6 +122,7 @@ class SettingsCounts:
     applied: int = 0
     refused: int = 0  # by the line_control policy
     failed: int = 0  # the upstream could not make the change
+    acknowledged: int = 0  # line_control: virtual: answered as asked, not applied
 
 
 class LineControl:
@@ -76,17 +131,49 @@ class LineControl:
         self.policy = port.line_control
         self.upstream = upstream
         self.owner: Reader | None = None
+        # line_control: virtual: what each client asked for last (and was told
+        # is in force); bounded by the connected clients, dropped in release().
+        self.virtual: dict[Reader, LineSettings] = {}
         # By listener name: bounded by the config, and kept across a reload so
         # that the counters, which metrics export as totals, never go down.
         self.counts: dict[str, SettingsCounts] = {}
+        # Control lines: applied changes by signal (SIGNALS), and client
+        # requests not applied, by outcome (refused, failed, acknowledged).
+        self.control_changes: dict[str, int] = dict.fromkeys(SIGNALS, 0)
+        self.control_requests: dict[str, int] = dict.fromkeys(("refused", "failed", "acknowledged"), 0)
+        # The last applied change of settings or lines: who asked, and when (wall clock).
+        self.changed_by: str | None = None
+        self.changed_at: float | None = None
+        # The name of the sequence running now (muxd.sequences), or None.
+        self.busy: str | None = None
 
     @property
     def settings(self) -> LineSettings:
         """The settings in force, read from the upstream each time."""
         return self.upstream.settings
 
+    def settings_for(self, who: Reader) -> LineSettings:
+        """The settings to report to ``who``: under ``virtual``, those it was
+        told are in force (its last request), else the upstream's."""
+        return self.virtual.get(who, self.upstream.settings)
+
     def request(self, who: Reader, wanted: LineSettings) -> LineSettings:
-        """Apply ``wanted`` if the policy allows; return the settings in force after."""
+        """Apply ``wanted`` if the policy allows; return the settings in force
+        after (under ``virtual``: ``wanted``, acknowledged and not applied)."""
+        if self.policy == "virtual":
+            if wanted != self.settings_for(who):
+                self.virtual[who] = wanted
+                self._counts(who).acknowledged += 1
+                log.info(
+                    "%s: line settings %s acknowledged for %s %s, not applied (line_control: virtual); "
+                    "the device stays at %s",
+                    self.port,
+                    wanted,
+                    who.policy.listener,
+                    who.peer,
+                    self.settings,
+                )
+            return wanted
         current = self.settings
         if not self._may_change(who):
             if wanted != current:
@@ -128,10 +215,93 @@ class LineControl:
             "" if granted == wanted else f" (who asked for {wanted})",
         )
         self._counts(who).applied += 1
+        self._changed(f"{who.policy.listener} {who.peer}")
         return granted
+
+    # -- control lines ----------------------------------------------------------
+
+    @property
+    def control(self) -> ControlLines | None:
+        """The lines in force, read from the upstream; None if it has none."""
+        up = self.upstream
+        return up.control if isinstance(up, ControlOwner) else None
+
+    def modem_state(self) -> ModemLines | None:
+        up = self.upstream
+        return up.modem_state() if isinstance(up, ControlOwner) else None
+
+    def request_control(
+        self, who: Reader, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
+    ) -> ControlLines:
+        """A client's request for lines; returns the lines to answer with: those
+        in force, or under ``ignore``/``virtual`` the lines as asked (acknowledged)."""
+        current = self.control or ControlLines()
+        asked = ControlLines(
+            current.dtr if dtr is None else dtr,
+            current.rts if rts is None else rts,
+            current.brk if brk is None else brk,
+        )
+        what = describe_lines(dtr, rts, brk)
+        by = f"{who.policy.listener} {who.peer}"
+        if self.policy in ("ignore", "virtual"):
+            if asked != current:
+                self.control_requests["acknowledged"] += 1
+                log.info(
+                    "%s: %s acknowledged for %s, not applied (line_control: %s)",
+                    self.port,
+                    what,
+                    by,
+                    self.policy,
+                )
+            return asked
+        why = None
+        if not who.policy.writable:
+            why = "read-only"
+        elif self.busy is not None:
+            why = f"sequence {self.busy} is running"
+        elif not self._may_change(who):
+            why = f"line_control: {self.policy}, not the owner"
+        if why is not None:
+            if asked != current:
+                self.control_requests["refused"] += 1
+                log.info("%s: %s refused for %s (%s)", self.port, what, by, why)
+            return current
+        if asked == current:
+            return current
+        changed = {
+            k: v
+            for k, v in (("dtr", dtr), ("rts", rts), ("brk", brk))
+            if v is not None and v != getattr(current, k)
+        }
+        try:
+            return self.apply_control(by, **changed)
+        except SettingsRefused as exc:
+            self.control_requests["failed"] += 1
+            log.warning("%s: %s asked by %s could not be applied: %s", self.port, what, by, exc)
+            return self.control or current
+
+    def apply_control(
+        self, by: str, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
+    ) -> ControlLines:
+        """Set the lines given, whatever the policy (the caller decided): log,
+        count, and note who changed them. Raises SettingsRefused from the upstream."""
+        up = self.upstream
+        if not isinstance(up, ControlOwner):
+            raise SettingsRefused("this upstream has no control lines")
+        granted = up.set_control(dtr, rts, brk)
+        for signal, level in (("dtr", dtr), ("rts", rts), ("break", brk)):
+            if level is not None:
+                self.control_changes[signal] += 1
+        self._changed(by)
+        log.info("%s: %s, asked by %s", self.port, describe_lines(dtr, rts, brk), by)
+        return granted
+
+    def _changed(self, by: str) -> None:
+        self.changed_by, self.changed_at = by, time.time()
 
     def release(self, who: Reader) -> None:
         """``who`` disconnected: it owns nothing any more."""
+        self.virtual.pop(who, None)
         if self.owner is who:
             self.owner = None
             log.info("%s: %s %s no longer owns the line settings", self.port, who.policy.listener, who.peer)
@@ -142,6 +312,8 @@ class LineControl:
         self.policy = port.line_control
         if self.policy != "owner":
             self.owner = None
+        if self.policy != "virtual":
+            self.virtual.clear()  # clients are told the settings in force from now on
         if upstream is not None:
             self.upstream = upstream
 

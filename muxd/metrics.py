@@ -25,7 +25,9 @@ from muxd import __version__
 from muxd.hub import ListenerStats
 from muxd.linecontrol import SettingsCounts
 from muxd.port import PortRuntime
+from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
+from muxd.tls import TLS_STATS
 from muxd.upstream.state import STATES
 
 # generate_latest() writes the classic text format; say so whatever the
@@ -45,9 +47,16 @@ def reason_label(reason: str) -> str:
 
 
 class MuxdCollector:
-    def __init__(self, ports: Callable[[], Iterable[PortRuntime]], reactor: Reactor) -> None:
+    def __init__(
+        self,
+        ports: Callable[[], Iterable[PortRuntime]],
+        reactor: Reactor,
+        servers: Callable[[], Iterable[tuple[str, int]]] = tuple,
+    ) -> None:
         self._ports = ports
         self._reactor = reactor
+        # (http server name, connections its allow-list refused), per scrape.
+        self._servers = servers
 
     def collect(self) -> Iterator[Metric]:
         p, pl = ["port"], ["port", "listener"]
@@ -87,7 +96,10 @@ class MuxdCollector:
         clients = GaugeMetricFamily("muxd_clients", "Clients connected now.", labels=pl)
         conns = CounterMetricFamily("muxd_client_connections", "Clients accepted.", labels=pl)
         rejected = CounterMetricFamily(
-            "muxd_client_rejected", "Clients refused because max_clients was reached.", labels=pl
+            "muxd_client_rejected",
+            "Clients refused, by reason: max_clients reached, or an address outside allow: "
+            "(an http server's own refusals have no port label).",
+            labels=[*pl, "reason"],
         )
         client_disc = CounterMetricFamily(
             "muxd_client_disconnects", "Clients disconnected, by reason.", labels=[*pl, "reason"]
@@ -105,8 +117,25 @@ class MuxdCollector:
         )
         settings = CounterMetricFamily(
             "muxd_line_settings_requests",
-            "Line-settings changes asked by clients, by outcome (applied, refused, failed).",
+            "Line-settings changes asked by clients, by outcome (applied, refused, failed; "
+            "acknowledged: answered as asked and not applied, under line_control: virtual).",
             labels=[*pl, "outcome"],
+        )
+        line_info = GaugeMetricFamily(
+            "muxd_port_line_info",
+            "The line settings in force (baud rate, and format such as 8N1); always 1.",
+            labels=[*p, "baudrate", "format"],
+        )
+        control_changes = CounterMetricFamily(
+            "muxd_control_changes",
+            "Control-line changes applied to the device (DTR, RTS, BREAK), by signal.",
+            labels=[*p, "signal"],
+        )
+        control_requests = CounterMetricFamily(
+            "muxd_control_requests_not_applied",
+            "Clients' control-line requests not applied, by outcome (refused by the policy, "
+            "failed at the device, acknowledged under line_control: ignore or virtual).",
+            labels=[*p, "outcome"],
         )
         trace_written = CounterMetricFamily(
             "muxd_trace_written_bytes", "Bytes written to a trace file.", labels=[*p, "trace"]
@@ -137,13 +166,21 @@ class MuxdCollector:
             discarded.add_metric([port], hub.input_discarded)
             max_lag.add_metric([port], max((hub.lag(r) for r in rt.clients()), default=0))
             unacked.add_metric([port], rt.upstream.bytes_unacked_lost)
+            lc = rt.line_control
+            line_info.add_metric([port, str(lc.settings.baudrate), line_format(lc.settings)], 1.0)
+            for signal, n in lc.control_changes.items():
+                control_changes.add_metric([port, signal], n)
+            for outcome, n in lc.control_requests.items():
+                control_requests.add_metric([port, outcome], n)
             for lst in rt.config.listeners:
                 labels = [port, lst.name]
                 stats = hub.listener_stats.get(lst.name, ListenerStats())
                 live = [r for r in hub.readers.values() if r.policy.listener == lst.name]
                 clients.add_metric(labels, len(live))
                 conns.add_metric(labels, stats.connections)
-                rejected.add_metric(labels, stats.rejected)
+                rejected.add_metric([*labels, "max_clients"], stats.rejected)
+                if lst.allow:
+                    rejected.add_metric([*labels, "address"], stats.rejected_address)
                 for reason, n in _merged(stats.disconnects).items():
                     client_disc.add_metric([*labels, reason], n)
                 delivered.add_metric(labels, stats.closed_delivered + sum(r.delivered for r in live))
@@ -153,10 +190,17 @@ class MuxdCollector:
                     settings.add_metric([*labels, "applied"], asked.applied)
                     settings.add_metric([*labels, "refused"], asked.refused)
                     settings.add_metric([*labels, "failed"], asked.failed)
+                    settings.add_metric([*labels, "acknowledged"], asked.acknowledged)
+        for server, refused in self._servers():
+            # An http server is no port's: its refusals carry an empty port
+            # label, which Prometheus reads as no label at all.
+            rejected.add_metric(["", server, "address"], refused)
         yield from (up, state, connects, disconnects, down, last_change)
         yield from (read, written, queue, discarded, max_lag)
         yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
         yield from (trace_written, trace_dropped)
+        yield from (line_info, control_changes, control_requests)
+        yield from tls_metrics()
         yield CounterMetricFamily(
             "muxd_event_loop_busy_seconds",
             "Time the event loop spent handling events rather than waiting.",
@@ -168,6 +212,29 @@ class MuxdCollector:
             value=self._reactor.internal_errors,
         )
         yield build_info()
+
+
+def tls_metrics() -> Iterator[Metric]:
+    """TLS handshakes of every TLS listener and http server, by listener name
+    (muxd.tls.TLS_STATS; the reasons are a fixed set: timeout, error, closed, busy)."""
+    done = CounterMetricFamily("muxd_tls_handshakes", "TLS handshakes completed.", labels=["listener"])
+    failed = CounterMetricFamily(
+        "muxd_tls_handshake_failures",
+        "TLS handshakes that failed, by reason: timeout, error (TLS or certificate), "
+        "closed (the peer left), busy (too many in flight).",
+        labels=["listener", "reason"],
+    )
+    for name, stats in sorted(TLS_STATS.items()):
+        done.add_metric([name], stats.handshakes)
+        for reason, n in sorted(stats.failures.items()):
+            failed.add_metric([name, reason], n)
+    yield done
+    yield failed
+
+
+def line_format(settings: LineSettings) -> str:
+    """``8N1``, the format label of muxd_port_line_info (as muxd.api shows it)."""
+    return str(settings).partition(" ")[2]
 
 
 def build_info() -> GaugeMetricFamily:
@@ -188,9 +255,13 @@ def _merged(counts: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def make_registry(ports: Callable[[], Iterable[PortRuntime]], reactor: Reactor) -> CollectorRegistry:
+def make_registry(
+    ports: Callable[[], Iterable[PortRuntime]],
+    reactor: Reactor,
+    servers: Callable[[], Iterable[tuple[str, int]]] = tuple,
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MuxdCollector(ports, reactor))
+    registry.register(MuxdCollector(ports, reactor, servers))
     ProcessCollector(registry=registry)
     return registry
 

@@ -42,6 +42,7 @@ def bounds_for(port: Port) -> PortBounds:
         max_line=port.max_line,
         history=port.history_bound,
         formats=port.formats,
+        line_timeout=port.line_timeout,
     )
 
 

@@ -69,14 +69,30 @@ def stamp(t: float) -> str:
 class Encoder:
     """Device chunks in, records out, for one format and one port."""
 
+    # Whether the next byte starts a line (text stamps it); records of other
+    # formats stand alone, so for them it is always true.
+    at_line_start = True
+
     def __init__(self, port: str) -> None:
         self.port = port
 
     def data(self, chunk: bytes, t: float) -> bytes:
         raise NotImplementedError
 
-    def event(self, t: float, text: str, **fields: object) -> bytes:
-        """An event record: ``text`` is the human line, ``fields`` the JSON."""
+    def event(
+        self,
+        t: float,
+        text: str,
+        *,
+        mid_line: bool | None = None,
+        resume: float | None = None,
+        **fields: object,
+    ) -> bytes:
+        """An event record: ``text`` is the human line, ``fields`` the JSON.
+
+        Text only: ``mid_line`` says whether the reader's stream stands inside
+        a line where the event goes (None: where this encoder is, at the head);
+        ``resume``, the stamp for the rest of a line that goes on after it."""
         raise NotImplementedError
 
 
@@ -102,10 +118,22 @@ class TextEncoder(Encoder):
             start = nl + 1
         return bytes(out)
 
-    def event(self, t: float, text: str, **fields: object) -> bytes:
-        # On a line of its own; a line in progress is not resumed with a stamp.
-        lead = b"" if self.at_line_start else b"\n"
-        return lead + f"{stamp(t)} -- muxd: {text} --\n".encode()
+    def event(
+        self,
+        t: float,
+        text: str,
+        *,
+        mid_line: bool | None = None,
+        resume: float | None = None,
+        **fields: object,
+    ) -> bytes:
+        # On a line of its own; a line that goes on after it gets a stamp again,
+        # so that every line a reader gets starts with one.
+        if mid_line is None:
+            mid_line = not self.at_line_start
+        lead = b"\n" if mid_line else b""
+        tail = f"{stamp(resume)} ".encode() if resume is not None else b""
+        return lead + f"{stamp(t)} -- muxd: {text} --\n".encode() + tail
 
 
 class JsonlEncoder(Encoder):
@@ -125,7 +153,15 @@ class JsonlEncoder(Encoder):
         # Text stays readable UTF-8; only the escaped stray bytes become \udcNN.
         return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", "\n".join(out) + "\n").encode()
 
-    def event(self, t: float, text: str, **fields: object) -> bytes:
+    def event(
+        self,
+        t: float,
+        text: str,
+        *,
+        mid_line: bool | None = None,
+        resume: float | None = None,
+        **fields: object,
+    ) -> bytes:
         record = {"t": round(t, 6), "port": self.port, **fields}
         return (json.dumps(record, separators=(",", ":")) + "\n").encode()
 
@@ -165,12 +201,13 @@ class FramedLog:
         self.format = fmt
         self.encoder = make_encoder(fmt, port)
         self.ring = Ring(raw_capacity * FRAMED_EXPANSION)
-        # (raw offset, framed offset) at the start of each chunk still held.
-        self.index: deque[tuple[int, int]] = deque()
+        # (raw offset, framed offset, whether it starts a line, arrival time) at
+        # the start of each chunk still held.
+        self.index: deque[tuple[int, int, bool, float]] = deque()
         self.raw_head = 0
 
     def append(self, raw_start: int, chunk: bytes, t: float) -> None:
-        self.index.append((raw_start, self.ring.head))
+        self.index.append((raw_start, self.ring.head, self.encoder.at_line_start, t))
         self.ring.write(self.encoder.data(chunk, t))
         self.raw_head = raw_start + len(chunk)
         tail = self.ring.tail
@@ -218,6 +255,36 @@ class FramedLog:
         end_raw, end = self.raw_head, self.ring.head
         for j in range(lo + 1, len(index)):
             if index[j][1] - start >= limit or index[j][0] >= raw_stop:
-                end_raw, end = index[j]
+                end_raw, end = index[j][0], index[j][1]
                 break
         return self.ring.views(start, end), end_raw
+
+    def state_at(self, raw: int) -> tuple[bool, float | None] | None:
+        """At a chunk boundary still held: whether the stream stands at a line
+        start there, and when that chunk arrived (None at the head: the next
+        chunk has yet to come). None if the boundary is no longer known."""
+        if raw == self.raw_head:
+            return self.encoder.at_line_start, None
+        i = self._find(raw)
+        if i < len(self.index) and self.index[i][0] == raw:
+            return self.index[i][2], self.index[i][3]
+        return None
+
+    def line_skip(self, boundary: int, lines: int) -> int:
+        """The framed bytes of the chunk at `boundary` that carry its first
+        `lines` line ends: a reader that starts after them starts at a line.
+        Every LF of the chunk ends exactly one line of its records (text:
+        the stamped line; jsonl: the record), and nothing else does. 0 (the
+        whole chunk) should the chunk hold fewer."""
+        i = self._find(boundary)
+        if i == len(self.index) or self.index[i][0] != boundary:
+            return 0
+        start = self.index[i][1]
+        end = self.index[i + 1][1] if i + 1 < len(self.index) else self.ring.head
+        framed = self.ring.read(start, end)
+        at = -1
+        for _ in range(lines):
+            at = framed.find(b"\n", at + 1)
+            if at < 0:
+                return 0
+        return at + 1

@@ -84,6 +84,7 @@ class Trace:
         self._failing: str | None = None  # the error being suppressed until writing works
         self._timer: Timer | None = None
         self._input_bytes = 0  # input recorded since the last flush
+        self._framed_mark = 0  # the format's ring head at the last flush
         policy = ReaderPolicy(
             listener=f"trace:{spec.path}",
             capacity=TRACE_BACKLOG,
@@ -94,6 +95,8 @@ class Trace:
             format=spec.format,
         )
         self.reader: Reader = hub.attach(self, policy, f"file:{spec.path}")
+        if self.reader.log is not None:
+            self._framed_mark = self.reader.log.ring.head
         if spec.input and spec.format != "raw":
             hub.input_observers.append(self._on_input)
 
@@ -113,18 +116,28 @@ class Trace:
         self.hub.detach(self.reader, "stopped")
         self._close_fd()
 
-    def reopen(self) -> None:
-        """Close and open PATH again (after logrotate moved it away)."""
+    def reopen(self, reason: str = "admin request") -> None:
+        """Close and open PATH again (after logrotate moved it away). Text and
+        jsonl files get a marked line there, saying why (``reload`` on SIGHUP)."""
         self.flush()
         self._close_fd()
         self._open()
+        encoder = self.reader.log.encoder if self.reader.log is not None else None
+        if encoder is not None:
+            text = f"{self.hub.name} trace reopened ({reason})"
+            mark = encoder.event(time.time(), text, event="reopen", reason=reason)
+            self.reader.notices.append((self.hub.head, mark))
 
     # -- ReaderOwner: the hub wakes it; it writes on its own schedule ------------
 
     def on_data(self) -> None:
         """The fan-out pass: the device sent more. A quiet port waits for the
         timer; a busy one is written now, before the ring can wrap past it."""
-        if self.hub.lag(self.reader) >= min(EAGER, self.hub.ring.capacity // 4):
+        hub, log_ = self.hub, self.reader.log
+        if hub.lag(self.reader) >= min(EAGER, hub.ring.capacity // 4) or (
+            # Small chunks make many records: the format's own ring must not wrap either.
+            log_ is not None and log_.ring.head - self._framed_mark >= log_.ring.capacity // 4
+        ):
             self.flush()
 
     def on_write_room(self) -> None:
@@ -157,6 +170,8 @@ class Trace:
             self._write(data)
             budget -= len(data)
         self._input_bytes = 0
+        if reader.log is not None:
+            self._framed_mark = reader.log.ring.head
 
     def _write(self, data: bytes) -> None:
         """Write data, rotating wherever the next byte would pass ``rotate``."""
@@ -191,6 +206,9 @@ class Trace:
             n = os.write(self.fd, data)
         except OSError as exc:
             self._failed(len(data), exc)
+            # The next write opens PATH again: a stale NFS handle, a FIFO whose
+            # reader went, a volume remounted recover only that way.
+            self._close_fd()
             return
         if n < len(data):  # a short write to a file: the disk filled up mid-way
             self._failed(len(data) - n, OSError(28, "short write"))
@@ -258,7 +276,9 @@ class Trace:
 
     def _open(self) -> None:
         spec = self.spec
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO with no reader must not hold the loop in open() (it
+        # fails with ENXIO, and is tried again), nor a full one in write().
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             try:
                 fd = os.open(spec.path, flags | os.O_CREAT | os.O_EXCL, spec.file_mode)

@@ -11,7 +11,12 @@ them for every plain reader on every pass, runs no Python frame per reader.
 Two kinds exist: ``SocketTransport`` (a TCP or Unix stream socket) and
 ``PtyTransport`` (the master side of a pty in packet mode). A TLS transport
 fits the same shape: ``recv``/``send`` over an ``ssl.SSLObject``, with
-``plain = False`` so the hub never writes ring bytes past the encryption.
+``plain = False`` so the hub never writes ring bytes past the encryption
+(muxd.tls.TlsTransport). Such a transport may hold bytes of its own: output
+the fd has not taken (``unsent``, sent by ``flush()``; the connection watches
+EPOLLOUT while there is any) and input already off the fd (``buffered``,
+which epoll cannot see; the connection reads it without waiting for a wake-up).
+A plain transport holds none: ``unsent`` 0, ``buffered`` False.
 
 Closing a socket gracefully (``graceful_close``): shut down the write side so
 the peer sees FIN after the last byte, then read and discard what the peer
@@ -56,6 +61,17 @@ class Transport(Protocol):
     def pending_error(self) -> int:
         """The errno the fd reports (after EPOLLERR), or 0."""
 
+    @property
+    def unsent(self) -> int:
+        """Bytes the transport holds that the fd has not taken yet."""
+
+    @property
+    def buffered(self) -> bool:
+        """True when recv() may have data although the fd is not readable."""
+
+    def flush(self) -> None:
+        """Offer the fd what the transport holds; OSError if the peer is gone."""
+
     def close(self) -> None:
         """End the fd: gracefully where the fd has a notion of it. Safe twice."""
 
@@ -72,6 +88,8 @@ def graceful_close(sock: socket.socket) -> None:
 
 class SocketTransport:
     plain = True
+    unsent = 0
+    buffered = False
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -92,9 +110,17 @@ class SocketTransport:
         except OSError as exc:
             return exc.errno or 0
 
+    def flush(self) -> None:
+        pass
+
     def close(self) -> None:
         if self.sock.fileno() >= 0:
             graceful_close(self.sock)
+
+
+def as_transport(sock: socket.socket | Transport) -> Transport:
+    """A socket as a SocketTransport; a transport (TLS) as it is."""
+    return SocketTransport(sock) if isinstance(sock, socket.socket) else sock
 
 
 class PtyTransport:
@@ -104,6 +130,8 @@ class PtyTransport:
     session reuses it), so close() here leaves it open."""
 
     plain = True
+    unsent = 0
+    buffered = False
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -116,6 +144,9 @@ class PtyTransport:
 
     def pending_error(self) -> int:
         return 0  # a pty reports its end as EIO on read
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -138,9 +138,8 @@ def disconnect(addr: str, client_id: int, headers: dict[str, str] | None = None)
 
 
 def test_admin_disconnect(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
-    m, addr = start_http(
-        muxd, tmp_path, pty_device, listeners=[{"tcp": AUTO}, {"websocket": True}], http={"token": TOKEN}
-    )
+    # No tokens: admin actions from loopback only (tokens: tests/test_access.py).
+    m, addr = start_http(muxd, tmp_path, pty_device, listeners=[{"tcp": AUTO}, {"websocket": True}])
     tcp, tcp_name = m.port(), m.names[0]
     victim = connect(tcp)
     with ws_connect(f"ws://{addr}/ws/dut", open_timeout=5) as browser:
@@ -158,7 +157,7 @@ def test_admin_disconnect(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
         assert disconnect(addr, tcp_id) == (200, {"ok": True})  # loopback, no credentials
         victim.settimeout(5)
         assert victim.recv(100) == b""
-        assert disconnect(addr, ws_id, {"Authorization": f"Bearer {TOKEN}"}) == (200, {"ok": True})
+        assert disconnect(addr, ws_id) == (200, {"ok": True})
         with pytest.raises(ConnectionClosed) as closed:
             browser.recv(timeout=5)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
@@ -167,23 +166,32 @@ def test_admin_disconnect(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
     assert f'muxd_client_disconnects_total{{listener="{tcp_name}",port="dut",reason="admin"}} 1.0' in metrics
 
 
-def test_admin_off_loopback_needs_the_token() -> None:
-    cfg = configmod.from_data(
-        {
-            "ports": [{"name": "p", "upstream": {"sim": True}}],
-            "http": {"listen": "127.0.0.1:1", "token": TOKEN},
-        }
-    )
+def test_admin_off_loopback_needs_the_token(tmp_path: Path) -> None:
+    token_file = tmp_path / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    tokens = [{"name": "ops", "file": str(token_file), "scope": "admin"}]
     reactor = Reactor()
-    front = HttpFront(cfg.http[0], lambda: {"p": PortRuntime.build(cfg.ports[0], reactor)}, reactor)
 
-    def refusal(peer: str, headers: list[tuple[str, str]]) -> str | None:
+    def front_for(http: dict[str, Any]) -> HttpFront:
+        cfg = configmod.from_data({"ports": [{"name": "p", "upstream": {"sim": True}}], "http": http})
+        return HttpFront(cfg.http[0], lambda: {"p": PortRuntime.build(cfg.ports[0], reactor)}, reactor)
+
+    plain = front_for({"listen": "127.0.0.1:1"})
+    tokened = front_for({"listen": "127.0.0.1:1", "tokens": tokens})
+
+    def refusal(peer: str, headers: list[tuple[str, str]], front: HttpFront = plain) -> str | int | None:
         req = h11.Request(method="POST", target="/", headers=[("host", "127.0.0.1:1"), *headers])
-        return front._admin_refusal(req, peer)
+        denied = front._token_refusal(req, "admin", True)
+        return denied.status if denied is not None else front._admin_refusal(req, peer)
 
+    # With tokens, loopback is no exception: an admin token or 401.
+    assert refusal("127.0.0.1", [], tokened) == 401
+    assert refusal("192.0.2.7", [("authorization", "Bearer nope")], tokened) == 401
+    assert refusal("192.0.2.7", [("authorization", f"Bearer {TOKEN}")], tokened) is None
+    # Without tokens: loopback only, and credentials are never a pass.
     assert refusal("192.0.2.7", []) is not None
-    assert refusal("192.0.2.7", [("authorization", "Bearer nope")]) is not None
-    assert refusal("192.0.2.7", [("authorization", f"Bearer {TOKEN}")]) is None
+    assert refusal("127.0.0.1", [("authorization", f"Bearer {TOKEN}")]) is not None
     assert refusal("::ffff:127.0.0.1", []) is None
     assert refusal("::1", []) is None
     assert refusal("127.0.0.1", [("origin", "http://127.0.0.1:1")]) is None  # the console itself

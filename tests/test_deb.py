@@ -58,6 +58,7 @@ def test_contents(deb: Path) -> None:
     for unit in ("muxd.service", "muxd@.service", "muxd.socket"):
         assert {f"/lib/systemd/system/{unit}", f"/usr/lib/systemd/system/{unit}"} & paths, unit
     assert "/usr/share/doc/muxd/examples/99-muxd.rules" in paths
+    assert "/usr/share/doc/muxd/examples/muxd.example.yaml" in paths
 
 
 def test_control(deb: Path) -> None:
@@ -73,19 +74,22 @@ def test_control(deb: Path) -> None:
     assert dpkg_deb("-I", str(deb), "conffiles").split() == ["/etc/muxd/muxd.yaml"]
 
 
-def test_shipped_config_is_the_example(deb: Path) -> None:
+def test_shipped_config_is_the_safe_default(deb: Path) -> None:
     tar = subprocess.run(
         ["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, timeout=60, check=True
     )
     shipped = subprocess.run(
         ["tar", "-xO", "./etc/muxd/muxd.yaml"], input=tar.stdout, capture_output=True, timeout=60, check=True
     )
-    assert shipped.stdout == (REPO / "config" / "muxd.example.yaml").read_bytes()
+    assert shipped.stdout == (REPO / "config" / "muxd.yaml").read_bytes()
+    modes = {line.split()[-1]: line.split()[0] for line in dpkg_deb("-c", str(deb)).splitlines()}
+    assert modes["./etc/muxd/muxd.yaml"] == "-rw-r-----"
 
 
 def test_maintainer_scripts(deb: Path) -> None:
     postinst = dpkg_deb("-I", str(deb), "postinst")
     assert "adduser --system" in postinst and "muxd dialout" in postinst
+    assert "chown root:muxd /etc/muxd/muxd.yaml" in postinst
     assert "muxd@" not in postinst  # instances are the administrator's to start
 
 

@@ -8,7 +8,9 @@ real muxd, each test ending with ``muxd_internal_errors_total`` at 0.
   connect/close cycles: fds and RSS flat afterwards.
 - 200 ``write: lines`` writers holding partial lines leave at once: the write
   queue never exceeds its bound, and every byte reaches the device once it is
-  back (item 11).
+  back (item 11). Writers whose partial lines fill the bound do not stall
+  the port, with or without ``line_timeout`` (the hub releases held lines
+  when they alone fill the bound).
 - The listeners at the fd limit (prlimit's RLIMIT_NOFILE through the fixture's
   ``nofile``): accepts pause, connected clients carry on, accepts resume.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import select
@@ -31,8 +34,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, BytesMessage, Request
+from wsproto.events import AcceptConnection, Request
 
 from tests.helpers import (
     AUTO,
@@ -198,7 +202,7 @@ CPU_LIMIT = 0.3
 
 
 def _paused_writer_reset(
-    m: Muxd, dev: PtyDevice, open_writer: Callable[[], socket.socket], unit: bytes, port: int, what: str
+    m: Muxd, dev: PtyDevice, open_writer: Callable[[], socket.socket], *, unit: bytes, port: int, what: str
 ) -> None:
     """Unplug, flood until muxd pauses the writer, reset it; muxd must neither
     spin nor keep it. ``port``: where muxd accepted the writer."""
@@ -233,7 +237,9 @@ def test_a_paused_tcp_writer_that_resets_is_reaped_without_a_spin(
     m = start_on_pty(
         muxd, tmp_path, pty_device, [{"tcp": AUTO, "mode": "rw"}], write_queue=SMALL_QUEUE, max_line=256
     )
-    _paused_writer_reset(m, pty_device, lambda: connect(m.port()), b"x" * 4096, m.port(), "tcp")
+    _paused_writer_reset(
+        m, pty_device, lambda: connect(m.port()), unit=b"x" * 4096, port=m.port(), what="tcp"
+    )
 
 
 def test_a_paused_websocket_writer_that_resets_is_reaped_without_a_spin(
@@ -249,7 +255,12 @@ def test_a_paused_websocket_writer_that_resets_is_reaped_without_a_spin(
     )
     http_port = split_hostport(m.http)[1]
     _paused_writer_reset(
-        m, pty_device, lambda: ws_open(m.http)[0], client_frame(b"x" * 4096), http_port, "websocket"
+        m,
+        pty_device,
+        lambda: ws_open(m.http)[0],
+        unit=client_frame(b"x" * 4096),
+        port=http_port,
+        what="websocket",
     )
 
 
@@ -317,7 +328,7 @@ def _settled_fds(m: Muxd, ports: list[int], timeout: float = 10.0) -> int:
         return backlog(m.pid, port) == 0 and tcp_links(m.pid, port, local=True) == 0
 
     for port in ports:
-        wait_for(lambda p=port: settled(p), timeout, f"muxd to accept and close port {port}'s peers")
+        wait_for(functools.partial(settled, port), timeout, f"muxd to accept and close port {port}'s peers")
     return fd_count(m.pid)
 
 
@@ -355,7 +366,8 @@ def test_rss_stays_bounded_under_a_header_and_reset_attack(
     peak = max(peak, rss_after)
     print(
         f"\nattack: {total} connections ({ATTACK_HEAD} B head, RST) in {elapsed:.1f} s"
-        f" = {total / elapsed:.0f}/s (muxd done after {settled:.1f} s); RSS {rss_before / MB:.1f} MB before, peak {peak / MB:.1f} MB"
+        f" = {total / elapsed:.0f}/s (muxd done after {settled:.1f} s);"
+        f" RSS {rss_before / MB:.1f} MB before, peak {peak / MB:.1f} MB"
         f" (VmHWM {hwm / MB:.1f} MB), {rss_after / MB:.1f} MB after; fds {fds_before} -> {fds_after}"
     )
     assert total >= 1000, f"the attack made only {total} connections"
@@ -432,13 +444,40 @@ WRITERS = 200
 # were not counted against the bound, and their release when 200 writers left
 # at once put 69,615 B in a 64 KiB queue.
 PARTIAL = 400
-
+# How long the queue is watched after the writers leave (a measurement window:
+# before the fix the released lines were all queued within milliseconds).
+LEAVE_WINDOW = 1.0
 
 def _partial_line(i: int) -> bytes:
     return (f"w{i:03d}-".encode() + b"abcdefghij" * (PARTIAL // 10))[:PARTIAL]
 
 
-def test_partial_lines_released_at_once_stay_within_the_write_queue_bound(
+def _writers_leave_at_once(m: Muxd, dev: PtyDevice) -> tuple[int, list[int]]:
+    """Unplug; WRITERS writers each send a partial line, then all close at once.
+    Returns what muxd read, and the queue's samples while they left."""
+    port = m.port()
+    dev.unplug()  # the queue cannot drain
+    wait_for(lambda: m.port_info()["state"] != "up", 5, "muxd to see the device unplugged")
+    writers = [connect(port) for _ in range(WRITERS)]
+    m.wait_connected(WRITERS)
+    for i, w in enumerate(writers):
+        w.sendall(_partial_line(i))
+    total = WRITERS * PARTIAL
+    # muxd reads until what it holds fills the bound (or, before the fix, all of it).
+    wait_for(lambda: unread_input(m.pid, port) <= total - QUEUE_LIMIT, 10, "muxd to read what fits")
+    read = total - unread_input(m.pid, port)
+    for w in writers:  # all leave at once; each muxd read whole may release its line
+        w.close()
+    samples = []
+    end = time.monotonic() + LEAVE_WINDOW
+    for _ in range(5000):
+        samples.append(int(m.metric("muxd_write_queue_bytes")))
+        if time.monotonic() > end or samples[-1] > QUEUE_LIMIT:
+            break
+    return read, samples
+
+
+def test_the_write_queue_stays_within_its_bound_when_writers_leave_at_once(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
     m = start_on_pty(
@@ -449,43 +488,94 @@ def test_partial_lines_released_at_once_stay_within_the_write_queue_bound(
         write_queue=QUEUE_LIMIT,
         log_level="info",
     )
-    port = m.port()
-    pty_device.unplug()  # the queue cannot drain
-    wait_for(lambda: m.port_info()["state"] != "up", 5, "muxd to see the device unplugged")
-    writers = [connect(port) for _ in range(WRITERS)]
-    m.wait_connected(WRITERS)
-    for i, w in enumerate(writers):
-        w.sendall(_partial_line(i))
-    total = WRITERS * PARTIAL
-    # muxd reads until what it holds fills the bound, and leaves the rest in the sockets.
-    wait_for(lambda: unread_input(m.pid, port) <= total - QUEUE_LIMIT, 10, "muxd to read what fits")
-    read = total - unread_input(m.pid, port)
-    assert m.metric("muxd_write_queue_bytes") == 0  # all of it partial lines so far
-    for w in writers:  # all leave at once; each one muxd read whole releases its line
-        w.close()
-    whole = read // PARTIAL * PARTIAL  # the lines muxd read whole: they go to the queue
-    samples = []
-    deadline = time.monotonic() + 10
-    for _ in range(2000):
-        samples.append(int(m.metric("muxd_write_queue_bytes")))
-        if samples[-1] > QUEUE_LIMIT or (samples[-1] == whole and len(samples) > 20):
-            break
-        assert time.monotonic() < deadline, f"the queue never reached {whole} B: {samples[-5:]}"
+    read, samples = _writers_leave_at_once(m, pty_device)
     peak = max(samples)
     print(
-        f"\n{WRITERS} writers x {PARTIAL} B partial lines: muxd read {read} B, the queue peaked at"
-        f" {peak} B of {QUEUE_LIMIT} ({len(samples)} samples while they left)"
+        f"\n{WRITERS} writers x {PARTIAL} B partial lines left at once: muxd had read {read} B;"
+        f" the queue peaked at {peak} B of {QUEUE_LIMIT} ({len(samples)} samples)"
     )
+    assert read <= QUEUE_LIMIT, f"muxd accepted {read} B of partial lines against a bound of {QUEUE_LIMIT}"
     assert peak <= QUEUE_LIMIT, f"the write queue held {peak} B against a bound of {QUEUE_LIMIT}"
-    assert samples[-1] == whole
-    # The device returns: every writer's bytes arrive, each line whole, none lost.
+    assert internal_errors(m) == 0
+
+
+def test_every_partial_line_reaches_the_device_once_it_returns(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    m = start_on_pty(
+        muxd,
+        tmp_path,
+        pty_device,
+        [{"tcp": AUTO, "mode": "rw", "write": "lines"}],
+        write_queue=QUEUE_LIMIT,
+        log_level="info",
+    )
+    _writers_leave_at_once(m, pty_device)
+    # The device returns: every writer's bytes arrive, none lost, none twice; the queue stays
+    # within its bound while the writers that were paused are read again. (A partial line
+    # may go out in pieces: line_timeout releases what a writer sent before it was paused.)
     pty_device.plug()
     m.wait_state("up")
-    got = pty_device.read(total, timeout=20)
-    units = sorted(got[i : i + PARTIAL] for i in range(0, total, PARTIAL))
-    assert units == sorted(_partial_line(i) for i in range(WRITERS))
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        for _ in range(20_000):
+            if stop.is_set():
+                return
+            samples.append(int(m.metric("muxd_write_queue_bytes")))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        total = WRITERS * PARTIAL
+        got = pty_device.read(total, timeout=10)
+    finally:
+        stop.set()
+        watcher.join(10)
+    print(f"\nafter the replug: {len(got)} B delivered, the queue peaked at {max(samples, default=0)} B")
+    sent = b"".join(_partial_line(i) for i in range(WRITERS))
+    assert sorted(got) == sorted(sent)
+    assert all(got.count(f"w{i:03d}-".encode()) == 1 for i in range(WRITERS))
+    assert max(samples, default=0) <= QUEUE_LIMIT
     m.wait_connected(0, timeout=15)  # each after its half-close linger
     assert m.metric("muxd_write_queue_bytes") == 0
+    assert internal_errors(m) == 0
+
+
+@pytest.mark.parametrize(
+    "line_timeout",
+    [pytest.param("0", id="off"), "500ms"],
+)
+def test_writers_holding_partial_lines_do_not_stall_the_port(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, line_timeout: str
+) -> None:
+    """The device is up. Five writers type 250 B without a newline into a 1 KiB
+    queue: 1,250 B of partial lines against the bound. Another writer's command,
+    and their own newlines, must still reach the device."""
+    m = start_on_pty(
+        muxd,
+        tmp_path,
+        pty_device,
+        [{"tcp": AUTO, "mode": "rw", "write": "lines"}],
+        write_queue=1024,
+        max_line=256,
+        line_timeout=line_timeout,
+        log_level="info",
+    )
+    port = m.port()
+    typists = [connect(port) for _ in range(5)]
+    m.wait_connected(5)
+    for t in typists:
+        t.sendall(b"p" * 250)
+    wait_for(lambda: unread_input(m.pid, port) <= 5 * 250 - 1024, 5, "muxd to read what fits")
+    late = connect(port)
+    m.wait_connected(6)
+    late.sendall(b"status\n")
+    for t in typists:
+        t.sendall(b"\n")
+    got = pty_device.read(7 + 5 * 251, timeout=5)
+    assert b"status\n" in got and got.count(b"p") == 5 * 250 and got.count(b"\n") == 6, got
     assert internal_errors(m) == 0
 
 
@@ -513,6 +603,10 @@ def test_listeners_pause_accepts_at_the_fd_limit_and_resume(
         wait_for(lambda: fd_count(m.pid) >= NOFILE, 10, "muxd at its fd limit")
         m.wait_log("cannot accept (Too many open files)")
         at_limit = time.monotonic()
+        # Paused, not spinning on the connections it cannot take.
+        used = cpu_over(m.pid, 1.0)
+        print(f"\nat the fd limit: muxd used {used:.3f} s CPU over 1.0 s")
+        assert used < CPU_LIMIT, f"muxd spun at its fd limit: {used:.2f} s CPU in 1 s"
         assert backlog(m.pid, port) > 0  # some still wait: muxd paused, it did not drop them
         # The clients it has still get the device's bytes, and their commands reach it.
         pty_device.write(b"hello\n")
@@ -532,6 +626,6 @@ def test_listeners_pause_accepts_at_the_fd_limit_and_resume(
     for s in (a, b, c):
         assert recv_exactly(s, 6) == b"again\n"
     pauses = m.log().count("pausing accepts")
-    print(f"\nfd limit {NOFILE}: {pauses} accept pauses logged in {time.monotonic() - at_limit:.1f} s")
+    print(f"fd limit {NOFILE}: {pauses} accept pauses logged in {time.monotonic() - at_limit:.1f} s")
     assert pauses >= 1
     assert internal_errors(m) == 0

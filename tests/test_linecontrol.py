@@ -140,7 +140,7 @@ def test_read_only_readers_never_change_or_own(reactor: Reactor, policy: str) ->
 def test_a_change_the_upstream_rejects_leaves_the_settings_in_force(
     reactor: Reactor, caplog: pytest.LogCaptureFixture
 ) -> None:
-    port = Port("dut", SerialUpstream("/dev/null"))
+    port = Port("dut", SerialUpstream("/dev/null"), line_control="owner")
     refusing = Refusing(BASE, SettingsRefused("invalid baud rate: 9600"))
     lc = LineControl(port, refusing)
     caplog.set_level(logging.WARNING, "muxd.linecontrol")
@@ -153,7 +153,7 @@ def test_only_a_refusal_is_an_answer_anything_else_is_a_bug(reactor: Reactor) ->
     # An OverflowError out of pyserial used to be caught (or not) here; now the
     # upstream turns what a device refuses into SettingsRefused, and anything
     # else reaching the policy is a bug of ours, left to the loop's handler.
-    port = Port("dut", SerialUpstream("/dev/null"))
+    port = Port("dut", SerialUpstream("/dev/null"), line_control="owner")
     lc = LineControl(port, Refusing(BASE, OverflowError("signed integer is greater than maximum")))
     with pytest.raises(OverflowError):
         lc.request(reader(make_hub(port, reactor), RW, "a:1"), SLOW)

@@ -25,9 +25,10 @@ from tests.helpers import (
     wait_for,
 )
 
-ALLOWED_LABELS = {"port", "listener", "trace", "state", "reason", "outcome"}
-# Label-only facts fixed for the life of the process (an _info gauge).
-INFO_LABELS = {"muxd_build_info": {"version", "python"}}
+ALLOWED_LABELS = {"port", "listener", "trace", "state", "reason", "outcome", "signal"}
+# Label-only facts (an _info gauge): fixed for the life of the process, or one
+# series per port whose labels change only when the line settings do.
+INFO_LABELS = {"muxd_build_info": {"version", "python"}, "muxd_port_line_info": {"baudrate", "format"}}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

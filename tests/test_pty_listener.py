@@ -133,7 +133,7 @@ def test_open_write_close_at_once_still_reaches_the_device(
 def test_the_owner_sets_the_baud_rate_with_termios(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    m, link = start(muxd, tmp_path, pty_device, {"mode": "rw"})
+    m, link = start(muxd, tmp_path, pty_device, {"mode": "rw"}, line_control="owner")
     port = serial.Serial(str(link), 9600, timeout=5)
     try:
         wait_for(lambda: pty_device.speed() == termios.B9600, what="the device at 9600 baud")

@@ -59,7 +59,7 @@ def clients() -> Iterator[list[serial.Serial]]:
 def test_pyserial_reads_writes_and_the_owner_sets_the_baud_rate(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, clients: list[serial.Serial]
 ) -> None:
-    m, (port,) = start(muxd, tmp_path, pty_device, [{"mode": "rw"}])
+    m, (port,) = start(muxd, tmp_path, pty_device, [{"mode": "rw"}], line_control="owner")
     s = open_rfc2217(port)
     clients.append(s)
     assert s.cts and s.dsr and s.cd  # the modem state muxd reports
@@ -79,7 +79,7 @@ def test_pyserial_reads_writes_and_the_owner_sets_the_baud_rate(
 def test_a_second_client_is_refused_under_owner_until_the_owner_leaves(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, clients: list[serial.Serial]
 ) -> None:
-    m, (port,) = start(muxd, tmp_path, pty_device, [{"mode": "rw"}])
+    m, (port,) = start(muxd, tmp_path, pty_device, [{"mode": "rw"}], line_control="owner")
     owner = open_rfc2217(port)
     clients.append(owner)
     owner.baudrate = 9600
@@ -232,14 +232,14 @@ def test_a_stalled_client_keeps_its_lag_in_the_hub() -> None:
 def test_a_reload_that_reopens_the_upstream_brings_back_the_configured_settings(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, clients: list[serial.Serial]
 ) -> None:
-    m, (port,) = start(muxd, tmp_path, pty_device, [{"mode": "rw"}])
+    m, (port,) = start(muxd, tmp_path, pty_device, [{"mode": "rw"}], line_control="owner")
     owner = open_rfc2217(port)
     clients.append(owner)
     owner.baudrate = 9600
     assert pty_device.speed() == termios.B9600
     listener = m.listener(0)  # the same listener, as first written
     upstream = {"serial": pty_device.path, "baudrate": 57600}
-    m.rewrite([{"name": "dut", "upstream": upstream, "listeners": [listener]}])
+    m.rewrite([{"name": "dut", "upstream": upstream, "listeners": [listener], "line_control": "owner"}])
     m.signal(signal.SIGHUP)
     wait_for(lambda: pty_device.speed() == termios.B57600, what="the device reopened at 57600")
     # The settings in force are the configured ones again: opening with them works.

@@ -16,7 +16,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -368,14 +368,20 @@ def test_rotation_of_text_cuts_between_lines(muxd: StartMuxd, tmp_path: Path, pt
 def test_reopen_after_logrotate_on_sighup_and_through_the_api(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    path = tmp_path / "dut.log"
+    path, jl = tmp_path / "dut.log", tmp_path / "dut.jsonl"
     m = start_on_pty(
-        muxd, tmp_path, pty_device, [{"tcp": AUTO}], trace=[{"path": str(path), "format": "raw"}]
+        muxd,
+        tmp_path,
+        pty_device,
+        [{"tcp": AUTO}],
+        trace=[{"path": str(path), "format": "raw"}, {"path": str(jl), "format": "jsonl"}],
     )
     reader = connect(m.port())
     m.wait_connected(1)
     send(pty_device, reader, b"one\n")
     wait_file(path, lambda b: b == b"one\n", "one in the trace")
+    wait_contains(jl, b"one")
+    jl.rename(tmp_path / "dut.jsonl.1")
 
     # logrotate: move the file away, then signal.
     path.rename(tmp_path / "dut.log.1")
@@ -389,12 +395,21 @@ def test_reopen_after_logrotate_on_sighup_and_through_the_api(
     path.rename(tmp_path / "dut.log.2")
     status, _, body = request(m.http, "POST", "/api/v1/ports/dut/trace/reopen")
     assert status == 200, body
-    assert json.loads(body)["reopened"] == 1
+    assert json.loads(body)["reopened"] == 2
     assert path.exists()  # reopened before the answer
     send(pty_device, reader, b"three\n")
     wait_file(path, lambda b: b == b"three\n", "three in the newest file")
     assert (tmp_path / "dut.log.2").read_bytes() == b"two\n"
     assert trace_info(m, path)["dropped_disk"] == 0
+
+    # A text or jsonl file says where it was reopened, and why.
+    wait_contains(jl, b"three")
+    first = jsonl((tmp_path / "dut.jsonl.1").read_bytes())
+    assert [r.get("event") or r["data"] for r in first] == ["upstream", "one\n"], first
+    records = jsonl(jl.read_bytes())
+    marks = [(r.get("event"), r.get("reason")) for r in records if "event" in r]
+    assert marks == [("reopen", "reload"), ("reopen", "admin request")], records
+    assert rx_data(records) == b"two\nthree\n"
 
 
 # -- failing disks ------------------------------------------------------------------------------
@@ -468,7 +483,43 @@ def test_writing_recovers_when_the_directory_returns(
     wait_for(lambda: m.log().count("its bytes are dropped") == 2, 5, "the second failure logged")
 
 
+def test_a_fifo_with_no_reader_neither_blocks_nor_stops_the_trace(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    """A trace whose open would block (a FIFO nobody reads yet): muxd starts,
+    counts the loss, and writes once a reader comes."""
+    path = tmp_path / "dut.fifo"
+    os.mkfifo(path)
+    m = start_on_pty(
+        muxd, tmp_path, pty_device, [{"tcp": AUTO}], trace=[{"path": str(path), "format": "raw"}]
+    )
+    reader = connect(m.port())
+    m.wait_connected(1)
+    send(pty_device, reader, b"nobody reads\n")
+    m.wait_metric(DROPPED, 13, port="dut", trace=str(path), reason="disk")
+
+    fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        send(pty_device, reader, b"now somebody does\n")
+        got = bytearray()
+
+        def more() -> bool:
+            with suppress(BlockingIOError):
+                got.extend(os.read(fifo, 4096))
+            return got.endswith(b"now somebody does\n")
+
+        wait_for(more, 10, "the trace through the FIFO")
+        assert bytes(got) == b"now somebody does\n"
+    finally:
+        os.close(fifo)
+    assert m.port_info()["state"] == "up"
+
+
 # -- file modes ---------------------------------------------------------------------------------
+
+
+# A group the trace may hand its file to: any gid as root, else one of ours.
+OTHER_GID = 4321 if os.geteuid() == 0 else max(os.getgroups() or [os.getegid()])
 
 
 def test_new_files_get_the_configured_mode(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
@@ -482,7 +533,7 @@ def test_new_files_get_the_configured_mode(muxd: StartMuxd, tmp_path: Path, pty_
             [{"tcp": AUTO}],
             trace=[
                 {"path": str(default)},
-                {"path": str(private), "mode": 0o600},
+                {"path": str(private), "mode": 0o600, "group": OTHER_GID},
                 {"path": str(rotated), "format": "raw", "rotate": "64KiB", "keep": 1, "mode": "0644"},
             ],
         )
@@ -493,6 +544,8 @@ def test_new_files_get_the_configured_mode(muxd: StartMuxd, tmp_path: Path, pty_
     assert trace_info(m, rotated)["rotations"] >= 1
     assert stat.S_IMODE(default.stat().st_mode) == 0o640
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert private.stat().st_gid == OTHER_GID
+    assert default.stat().st_gid == os.getegid()
     assert stat.S_IMODE(rotated.stat().st_mode) == 0o644
     assert stat.S_IMODE(rotated.with_name("rotated.log.1").stat().st_mode) == 0o644
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import PtyDevice, StartMuxd, start_http
+from tests.helpers import PtyDevice, StartMuxd, start_http, start_muxd, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -100,3 +100,76 @@ def test_console_hides_input_for_a_read_only_port(
     terminal_has(page, "read-only console")
     page.wait_for_selector("[data-testid=state-dut]:has-text('up')", timeout=TIMEOUT_MS)
     assert page.is_hidden("#send-form")
+
+
+def open_writable_console(browser: Any, addr: str) -> Any:
+    """A page on the port, connected, and known to be writable (the terminal takes keys)."""
+    page = browser.new_page(viewport={"width": 1200, "height": 760})
+    page.goto(f"http://{addr}/")
+    page.wait_for_selector("[data-testid=ws-status]:has-text('connected')", timeout=TIMEOUT_MS)
+    page.wait_for_selector("[data-testid=line-input]", state="visible", timeout=TIMEOUT_MS)
+    return page
+
+
+def test_console_terminal_takes_keystrokes_like_a_terminal(
+    browser: Any, muxd: StartMuxd, tmp_path: Path
+) -> None:
+    """Typing in the terminal itself (raw mode) reaches the simulated board, whose
+    echo and answer come back into the terminal; the input line is an option."""
+    m = start_muxd(muxd, tmp_path, {"sim": {"baudrate": 115200}}, [{"websocket": True, "mode": "rw"}])
+    page = open_writable_console(browser, m.http)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    terminal_has(page, "Type 'help' for commands.")  # the boot log, as history
+    page.click("[data-testid=terminal]")
+    page.keyboard.type("status")
+    page.keyboard.press("Enter")
+    terminal_has(page, "sim> status")  # the board's echo of each key
+    terminal_has(page, "ok counter=")  # its answer to the command
+    # Exactly the keys: one byte per letter and CR for Enter, nothing echoed locally.
+    wait_for(lambda: m.port_info()["bytes_out"] == len(b"status\r"), what="7 bytes written to the board")
+
+    page.click("[data-testid=line-input]")  # hide the input line: the terminal alone
+    assert page.is_hidden("#send-form")
+    page.click("[data-testid=terminal]")
+    page.keyboard.type("echo raw")
+    page.keyboard.press("Enter")
+    terminal_has(page, "sim> echo raw\nraw")
+    page.click("[data-testid=line-input]")
+    page.wait_for_selector("[data-testid=send-input]", state="visible", timeout=TIMEOUT_MS)
+    assert errors == []
+
+
+def test_console_terminal_sends_control_keys_and_arrows(
+    browser: Any, muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    """Ctrl-C, arrows, TAB and non-ASCII go out as a terminal encodes them."""
+    _, addr = start_http(muxd, tmp_path, pty_device)
+    page = open_writable_console(browser, addr)
+    page.click("[data-testid=terminal]")
+    page.keyboard.press("Control+c")
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("Tab")
+    page.keyboard.type("é")
+    page.keyboard.press("Enter")
+    wire = b"\x03\x1b[A\t\xc3\xa9\r"
+    assert pty_device.read(len(wire)) == wire
+
+
+def test_console_terminal_takes_no_keys_on_a_read_only_port(
+    browser: Any, muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    m, addr = start_http(muxd, tmp_path, pty_device, listeners=[{"websocket": True}])
+    page = browser.new_page()
+    page.goto(f"http://{addr}/")
+    page.wait_for_selector("[data-testid=ws-status]:has-text('connected')", timeout=TIMEOUT_MS)
+    page.wait_for_selector("[data-testid=state-dut]:has-text('up')", timeout=TIMEOUT_MS)
+    assert page.is_hidden("[data-testid=line-input]")
+    page.click("[data-testid=terminal]")
+    page.keyboard.type("reboot")
+    page.keyboard.press("Enter")
+    # The API says the page sent nothing the hub counted as discarded input, or written.
+    pty_device.write(b"after the keys\r\n")
+    terminal_has(page, "after the keys")
+    info = m.port_info()
+    assert info["bytes_out"] == 0

@@ -299,7 +299,10 @@ def test_max_clients_refuses_with_503(muxd: StartMuxd, tmp_path: Path, pty_devic
         with pytest.raises(InvalidStatus) as refused:
             ws(addr)
         assert refused.value.response.status_code == 503
-    assert 'muxd_client_rejected_total{listener="websocket:dut",port="dut"} 1.0' in _metrics(addr)
+    assert (
+        'muxd_client_rejected_total{listener="websocket:dut",port="dut",reason="max_clients"} 1.0'
+        in _metrics(addr)
+    )
 
 
 def test_client_that_never_reads_lags_and_drops_alone(

@@ -26,28 +26,48 @@ on the file system), ``/metrics``, ``/api/v1/...`` (muxd.api) and
 WebSocketClient (muxd.listeners.websocket). Numbers in a path are parsed with
 a bound on their digits, so int() never sees something it raises on.
 
-Admin actions (POST .../disconnect) are allowed from a loopback peer that
-presents no credentials, or to anyone presenting ``Authorization: Bearer
-<token>`` when the server has a token; a wrong token is refused even from
-loopback. A browser request from a foreign Origin is refused too, so a web
-page cannot make the operator's browser act on a loopback-trusting muxd. The
-console's files carry ``X-Frame-Options: DENY`` and CSP ``frame-ancestors
-'none'``, so no other site can frame it and trick clicks into it.
+Access (muxd.access). A peer outside the server's ``allow:`` is closed at
+accept, before h11 sees a byte; one outside the websocket listener's
+``allow:`` gets 403 at the upgrade. Without ``tokens:``, reading is open and
+admin actions (POST .../disconnect, .../trace/reopen, and board control:
+.../signals and .../sequences/NAME, muxd.api) are allowed from a
+loopback peer only. Once any token is configured, every request for data
+needs one: ``/api`` GETs and ``/ws`` need ``read`` or higher, writing through
+``/ws`` needs ``write`` (a read-scoped WebSocket on a rw listener is
+connected read-only: its input is discarded and counted as a ro listener's
+is), admin actions need ``admin``, with no exception for loopback;
+``/metrics`` needs ``read`` only with ``metrics_token: true``. The console's
+own files stay open, since the page is what asks for the token. A missing or
+wrong token is 401 (with ``WWW-Authenticate: Bearer``), a token whose scope is
+too low 403. A browser request from a foreign Origin is refused for admin
+actions too, so a web page cannot make the operator's browser act on a
+loopback-trusting muxd. The console's files carry ``X-Frame-Options: DENY``
+and CSP ``frame-ancestors 'none'``, so no other site can frame it and trick
+clicks into it.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import socket
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import h11
 
 from muxd import api, metrics
+from muxd.access import (
+    Scope,
+    Tokens,
+    bearer,
+    permitted,
+    scope_allows,
+    ws_bearer,
+    ws_protocols,
+)
 from muxd.config import HttpServer, format_hostport
+from muxd.errors import MuxdError
 from muxd.connection import Connection
 from muxd.listeners.acceptor import Acceptor, bind_tcp
 from muxd.listeners.http_connection import ConnectionTable, HttpConnection
@@ -72,6 +92,8 @@ from muxd.protocol.http_names import (
 )
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
+from muxd.tls import TlsServer
+from muxd.transport import Transport
 from muxd.web import web_file
 
 log = logging.getLogger("muxd.http")
@@ -128,12 +150,26 @@ class HttpFront:
         reactor: Reactor,
         sock: socket.socket | None = None,
         timeouts: HttpTimeouts = HttpTimeouts(),
+        *,
+        fronts: Callable[[], Iterable[HttpFront]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.ports = ports
         self.timeouts = timeouts
         self.reactor = reactor
-        self.registry = metrics.make_registry(lambda: ports().values(), reactor)
+        # Read here, at start (an unreadable file is a start error), and again
+        # on every reload (reconfigure): the secrets are never kept in cfg.
+        self.tokens = Tokens.load(cfg.tokens)
+        self.rejected_address = 0  # connections refused by cfg.allow
+        # Every server's allow-list refusals, as the daemon's fronts say (this
+        # one's alone when built on its own), like the ports' counters.
+        self.registry = metrics.make_registry(
+            lambda: ports().values(),
+            reactor,
+            lambda: [
+                (f.cfg.name, f.rejected_address) for f in (fronts() if fronts else [self]) if f.cfg.allow
+            ],
+        )
         self.connections = ConnectionTable()
         self.refusals = LogLimiter(log)  # refused connections and requests, per peer
         self._bound: tuple[str, int] | None = None  # (address, port) of the socket, once started
@@ -141,27 +177,56 @@ class HttpFront:
         self.clients: set[Connection] = set()  # WebSocket readers, for the daemon's shutdown
         self._sock = sock  # passed in by socket activation, or bound in start()
         self._acceptor: Acceptor | None = None
+        # With ``tls:``, every connection is a TLS handshake first (muxd.tls):
+        # HTTPS, and WSS for the WebSockets it hands over.
+        self.tls: TlsServer | None = None
 
     # -- listening -------------------------------------------------------------
 
     def start(self) -> None:
         sock = self._sock or bind_tcp(self.cfg.host, self.cfg.port)
         self._sock = None  # the acceptor owns it from here
+        try:
+            self.set_tls(self.cfg)
+        except MuxdError:  # unusable TLS files: do not keep the port bound
+            sock.close()
+            raise
         # With port 0 or a socket passed by systemd, only the socket knows
         # the address and port that browsers will name in Host.
         bound = sock.getsockname()
         self._bound = (str(bound[0]), int(bound[1]))
         self._acceptor = Acceptor(self.cfg.name, sock, self.reactor, self._on_connection)
         self._acceptor.start()
-        log.info("%s: web console at http://%s/", self.cfg.name, self.bound_address)
+        scheme = "https" if self.tls is not None else "http"
+        log.info("%s: web console at %s://%s/", self.cfg.name, scheme, self.bound_address)
+
+    def set_tls(self, cfg: HttpServer) -> None:
+        """Start, reload (SIGHUP: files re-read, connections kept) or end TLS."""
+        if cfg.tls is None:
+            self.tls = None
+        elif self.tls is None:
+            # ALPN: say HTTP/1.1, so a browser offering h2 does not try it on us.
+            self.tls = TlsServer(cfg.name, cfg.tls, self.reactor, alpn=("http/1.1",))
+        else:
+            self.tls.reload(cfg.tls)
 
     def stop(self) -> None:
         """Stop accepting and close plain HTTP connections; WebSocket readers
         (``clients``) are left to the caller to finish."""
         if self._acceptor is not None:
             self._acceptor.stop()
+        if self.tls is not None:
+            self.tls.stop()
         for conn in list(self.connections):
             conn.close()
+
+    def reconfigure(self, cfg: HttpServer) -> None:
+        """A reload: the new entry's origins, names, allow-list and tokens
+        apply from the next request. The token files are read again (a
+        rotated secret takes effect on SIGHUP); if one cannot be used,
+        AccessError is raised and nothing changes."""
+        tokens = Tokens.load(cfg.tokens)
+        self.cfg, self.tokens = cfg, tokens
 
     @property
     def bound_address(self) -> str | None:
@@ -189,6 +254,14 @@ class HttpFront:
 
     def _on_connection(self, conn: socket.socket, addr: object) -> None:
         host, port = addr[0], addr[1]  # type: ignore[index]
+        if not permitted(self.cfg.allow, host):
+            # At accept: the peer gets no byte, not even an HTTP error.
+            self.rejected_address += 1
+            self.refusals.warning(
+                host, "address", "%s: %s refused: not in the server's allow-list", self.cfg.name, host
+            )
+            conn.close()
+            return
         refusal = None
         if self.connections.of_peer(str(host)) >= MAX_PER_PEER:
             refusal = f"{MAX_PER_PEER} connections open from this address"
@@ -212,11 +285,22 @@ class HttpFront:
             self.refusals.warning(host, "connections", "%s: refused %s: %s", self.cfg.name, host, refusal)
             conn.close()
             return
-        self.connections.add(HttpConnection(self, conn, str(host), format_hostport(host, port)))
+        peer = format_hostport(host, port)
+        if self.tls is None:
+            self.connections.add(HttpConnection(self, conn, str(host), peer))
+            return
+
+        def ready(transport: Transport) -> None:
+            if self._acceptor is not None and self._acceptor.sock is not None:  # not stopped meanwhile
+                self.connections.add(HttpConnection(self, transport, str(host), peer))
+            else:
+                transport.close()
+
+        self.tls.accept(conn, peer, ready)
 
     # -- routing ------------------------------------------------------------------
 
-    def handle(self, request: h11.Request, peer_host: str) -> Reply | Upgrade:
+    def handle(self, request: h11.Request, peer_host: str, body: bytes = b"") -> Reply | Upgrade:
         target = split_target(request.target)
         if target is None:
             return error_reply(400, "the request target must be a path or an http URL", False)
@@ -229,12 +313,15 @@ class HttpFront:
             return error_reply(*refused, api_path)
         try:
             if parts and parts[0] == "ws" and len(parts) == 2:
-                return self._websocket(request, parts[1])
+                return self._websocket(request, parts[1], peer_host)
             if api_path:
-                return self._api(method, parts[2:], request, peer_host)
+                return self._api(method, parts[2:], request, peer_host, body)
             if method not in ("GET", "HEAD"):
                 return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "GET, HEAD")])
             if parts == ["metrics"]:
+                denied = self._token_refusal(request, "read", False) if self.cfg.metrics_token else None
+                if denied is not None:
+                    return denied
                 return Reply(200, metrics.render(self.registry), metrics.CONTENT_TYPE)
             reply = console_file(["index.html"] if parts == [""] else parts) if parts else None
             return reply or error_reply(404, "no such page", False)
@@ -268,33 +355,98 @@ class HttpFront:
         )
         return 421, f"this server is not {echo(authority)}; see server_names"
 
-    def _websocket(self, request: h11.Request, name: str) -> Reply | Upgrade:
+    # -- access --------------------------------------------------------------------
+
+    def _scope(self, request: h11.Request, websocket: bool) -> tuple[bool, Scope | None]:
+        """(credentials presented, the scope they carry or None): from
+        Authorization, or for a WebSocket from Sec-WebSocket-Protocol."""
+        presented = bearer(header(request, b"authorization"))
+        if presented is None and websocket:
+            offered = ws_protocols(
+                v.decode("latin-1") for k, v in request.headers if k == b"sec-websocket-protocol"
+            )
+            presented = ws_bearer(offered)
+        found = self.tokens.match(presented)
+        return presented is not None, (found[1] if found is not None else None)
+
+    def _token_refusal(
+        self, request: h11.Request, need: Scope, api_path: bool, websocket: bool = False
+    ) -> Reply | None:
+        """None if the request may go on: no tokens configured, or one of scope
+        ``need`` or higher presented. Else 401 (none, or a wrong one) or 403."""
+        if not self.tokens.configured:
+            return None
+        presented, scope = self._scope(request, websocket)
+        if scope_allows(scope, need):
+            return None
+        if scope is None:
+            reply = error_reply(401, "a token is needed" if not presented else "wrong token", api_path)
+            reply.headers.append(("www-authenticate", 'Bearer realm="muxd"'))
+            return reply
+        return error_reply(403, f"this needs a token of scope {need} or higher", api_path)
+
+    def _websocket(self, request: h11.Request, name: str, peer_host: str) -> Reply | Upgrade:
         rt = self.ports().get(name)
         listener = api.websocket_listener(rt.config) if rt is not None else None
         if rt is None or listener is None:
             return error_reply(404, f"no port {echo(name)} with a websocket listener", False)
-        return upgrade(request, rt.hub, listener, self.cfg.origins)
+        if not permitted(listener.allow, peer_host):
+            rt.hub.stats_for(listener.name).rejected_address += 1
+            self.refusals.warning(
+                peer_host,
+                "address",
+                "%s: %s refused: not in the listener's allow-list",
+                listener.name,
+                peer_host,
+            )
+            return error_reply(403, "this address may not use this port's WebSocket", False)
+        denied = self._token_refusal(request, "read", False, websocket=True)
+        if denied is not None:
+            return denied
+        read_only = False
+        if self.tokens.configured and listener.writable:
+            read_only = not scope_allows(self._scope(request, True)[1], "write")
+        return upgrade(request, rt.hub, listener, self.cfg.origins, read_only=read_only)
 
-    def _api(self, method: str, parts: list[str], request: h11.Request, peer_host: str) -> Reply:
+    def _api(
+        self, method: str, parts: list[str], request: h11.Request, peer_host: str, body: bytes = b""
+    ) -> Reply:
         ports = self.ports()
         if not parts or parts[0] != "ports":
             return error_reply(404, "no such resource", True)
         rt = ports.get(parts[1]) if len(parts) > 1 else None
         if len(parts) > 1 and rt is None:
             return error_reply(404, f"no port {echo(parts[1])}", True)
-        action = parts[2:] in (["trace", "reopen"],) or (
-            len(parts) == 5 and parts[2:5:2] == ["clients", "disconnect"]
+        # Board control (muxd.api.set_signals, run_sequence) is an admin action too.
+        control = parts[2:] == ["signals"] or (len(parts) == 4 and parts[2] == "sequences")
+        action = (
+            control
+            or parts[2:] in (["trace", "reopen"],)
+            or (len(parts) == 5 and parts[2:5:2] == ["clients", "disconnect"])
         )
         if action:
             assert rt is not None
             if method != "POST":
                 return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "POST")])
+            denied = self._token_refusal(request, "admin", True)
+            if denied is not None:
+                return denied
             refusal = self._admin_refusal(request, peer_host)
             if refusal:
                 return error_reply(403, refusal, True)
+            if control:
+                by = f"api {peer_host}"
+                if parts[2] == "signals":
+                    status, answer = api.set_signals(rt, self.reactor, body, by)
+                else:
+                    status, answer = api.run_sequence(rt, self.reactor, parts[3], by)
+                return json_reply(status, answer)  # an error's answer is {"error": why}, as error_reply's
             return self._admin(rt, parts[2:], peer_host)
         if method not in ("GET", "HEAD"):
             return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "GET, HEAD")])
+        denied = self._token_refusal(request, "read", True)
+        if denied is not None:
+            return denied
         if len(parts) == 1:
             reply = json_reply(200, api.ports_view(ports.values()))
         elif len(parts) == 3 and parts[2] == "clients":
@@ -320,12 +472,14 @@ class HttpFront:
         return json_reply(200, {"ok": True})
 
     def _admin_refusal(self, request: h11.Request, peer_host: str) -> str | None:
+        """Why an admin action is refused, after the token check (which,
+        with tokens configured, has already asked for an admin token)."""
         if not origin_allowed(header(request, b"origin"), header(request, b"host"), self.cfg.origins):
             return "origin not allowed"
-        auth = header(request, b"authorization")
-        if auth is None:
-            return None if is_loopback(peer_host) else "admin actions need a loopback peer or a token"
-        token = self.cfg.token
-        if token is None or not hmac.compare_digest(auth.encode(), f"Bearer {token}".encode()):
-            return "wrong credentials"
-        return None
+        if self.tokens.configured:
+            return None
+        if header(request, b"authorization") is not None:
+            # Credentials where none are configured: a client that thinks it
+            # is talking to another server, or a guess; never a pass.
+            return "wrong credentials: this server has no tokens"
+        return None if is_loopback(peer_host) else "admin actions need a loopback peer, or tokens: configured"

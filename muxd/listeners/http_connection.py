@@ -9,6 +9,13 @@ kept alive until the peer closes, asks to close, or idles. An accepted
 WebSocket upgrade hands the socket, with any bytes after the request, to a
 WebSocketClient (muxd.listeners.websocket) and forgets it.
 
+Under https the connection is made over a TLS transport (muxd.tls) instead
+of the socket, after the handshake: requests are read from it and responses
+sent through it (one view at a time: it encrypts a record per send), EPOLLOUT
+is watched while it holds records the socket has not taken, and input it has
+already taken off the socket is read without waiting for epoll. The upgrade
+hands over the transport, so the WebSocket is WSS.
+
 Limits: the request line and headers must fit in HEADER_LIMIT (h11's
 max_incomplete_event_size; 431 otherwise), a body in BODY_LIMIT (413). A new
 connection must deliver a whole request within HttpTimeouts.header, and so must
@@ -40,7 +47,7 @@ from muxd.listeners.http_reply import Reply, error_reply
 from muxd.listeners.websocket import WebSocketClient, header
 from muxd.protocol.http_names import peer_ip
 from muxd.reactor import ERRMASK, IN, OUT
-from muxd.transport import graceful_close
+from muxd.transport import Transport, graceful_close
 
 if TYPE_CHECKING:
     from muxd.listeners.http import HttpFront
@@ -48,8 +55,8 @@ if TYPE_CHECKING:
 # Request line + headers: browsers send 1-2 KiB; 16 KiB is nginx's and
 # Apache's order of magnitude and leaves room for big cookies on a shared host.
 HEADER_LIMIT = 16 * 1024
-# No route reads a body; this much is accepted (and ignored) for clients that
-# always send one, such as "{}" with a POST.
+# Bodies are small JSON (POST .../signals) or ignored "{}" that some clients
+# always send with a POST: 4 KiB is far more than either needs.
 BODY_LIMIT = 4 * 1024
 # Bytes taken from a socket per wake-up: a whole ordinary request, while
 # the input that can wait unparsed stays bounded (see HEADER_LIMIT).
@@ -111,11 +118,12 @@ class ConnectionTable:
 class HttpConnection:
     """One accepted socket of an HttpFront, until it closes or becomes a WebSocket."""
 
-    def __init__(self, front: HttpFront, sock: socket.socket, peer_host: str, peer: str) -> None:
+    def __init__(self, front: HttpFront, sock: socket.socket | Transport, peer_host: str, peer: str) -> None:
         self.front = front
         self.reactor = front.reactor
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.sock = sock  # the socket, or under https the TLS transport
+        self.fd = sock.fileno() if isinstance(sock, socket.socket) else sock.fd
+        self._read_soon = False  # a read of the TLS transport's buffered input is scheduled
         self.peer_host = peer_host
         self.peer = peer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEADER_LIMIT)
@@ -124,9 +132,11 @@ class HttpConnection:
         self._close_when_sent = False
         self._request: h11.Request | None = None
         self._body = 0
+        self._body_data = bytearray()  # the request's body: the few routes that read one (JSON)
         self._received = 0  # bytes since the last response: tells idle from a slow request
         self._idle = False  # between requests of a kept-alive connection: the idle timeout applies
-        sock.setblocking(False)
+        if isinstance(sock, socket.socket):
+            sock.setblocking(False)
         self._timer = self.reactor.call_later(self.front.timeouts.header, self._on_timeout)
         self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
 
@@ -137,7 +147,10 @@ class HttpConnection:
         self._timer.cancel()
         self.reactor.remove(self.fd)
         self.front.connections.discard(self)
-        graceful_close(self.sock)
+        if isinstance(self.sock, socket.socket):
+            graceful_close(self.sock)
+        else:
+            self.sock.close()  # close_notify, then the same graceful close
 
     # -- events -------------------------------------------------------------
 
@@ -180,6 +193,7 @@ class HttpConnection:
                 break
             if isinstance(event, h11.Request):
                 self._request, self._body = event, 0
+                self._body_data.clear()
                 length = header(event, b"content-length")
                 # h11 bounds only what is still incomplete; a whole head that
                 # came in one read is measured here.
@@ -195,6 +209,8 @@ class HttpConnection:
                 self._body += len(event.data)
                 if self._body > BODY_LIMIT:
                     self._fail(413, f"a body over the limit of {BODY_LIMIT} bytes")
+                else:
+                    self._body_data += event.data  # bounded by BODY_LIMIT just above
             elif isinstance(event, h11.EndOfMessage):
                 self._dispatch()
             else:  # ConnectionClosed, or PAUSED in a state we never leave it in
@@ -204,7 +220,7 @@ class HttpConnection:
     def _dispatch(self) -> None:
         request = self._request
         assert request is not None
-        result = self.front.handle(request, self.peer_host)
+        result = self.front.handle(request, self.peer_host, bytes(self._body_data))
         if isinstance(result, Reply):
             self._respond(request, result)
             return
@@ -274,9 +290,13 @@ class HttpConnection:
 
     def _flush(self) -> None:
         out = self._out
+        sock = self.sock
         while out:
             try:
-                n = self.sock.sendmsg(list(itertools.islice(out, SEND_VIEWS)))
+                if isinstance(sock, socket.socket):
+                    n = sock.sendmsg(list(itertools.islice(out, SEND_VIEWS)))
+                else:
+                    n = sock.send(out[0])  # TLS: flushes held records first
             except BlockingIOError:
                 break
             except OSError:
@@ -287,12 +307,34 @@ class HttpConnection:
             if n:
                 out[0] = out[0][n:]
                 break
-        if not out and self._close_when_sent:
+        if not isinstance(sock, socket.socket):
+            try:
+                sock.flush()
+            except OSError:
+                self.close()
+                return
+        if not out and self._close_when_sent and not self._unsent():
             self.close()
 
+    def _unsent(self) -> int:
+        return 0 if isinstance(self.sock, socket.socket) else self.sock.unsent
+
     def _watch(self) -> None:
+        if self.closed:
+            return
+        pending = self._out or self._unsent()
+        self.reactor.modify(self.fd, OUT if pending else IN)
+        # Input the TLS transport already took off the socket: epoll will not
+        # report it, so read it on the next turn of the loop.
+        tls_input = not isinstance(self.sock, socket.socket) and self.sock.buffered
+        if not pending and tls_input and not self._read_soon:
+            self._read_soon = True
+            self.reactor.call_soon(self._read_buffered)
+
+    def _read_buffered(self) -> None:
+        self._read_soon = False
         if not self.closed:
-            self.reactor.modify(self.fd, OUT if self._out else IN)
+            self._on_events(IN)
 
     def _on_timeout(self) -> None:
         if self._out or (self.h11.their_state is h11.IDLE and not self._received):

@@ -36,6 +36,9 @@ TIOCPKT_IOCTL status. When a program's baud rate, stop bits or flow control
 differ from what the session last saw, that is a request to the port's
 LineControl; when it is refused the slave's termios are set back to the
 settings in force, as an RFC 2217 server answers with the value in force.
+Under ``line_control: virtual`` (the default) every request is acknowledged:
+the slave's termios stay as the program set them, and the device keeps its
+own settings.
 Limits: a Linux pty forces 8 data bits and no parity whatever is asked, so
 those two cannot be requested through a pty (use rfc2217); only the standard
 Bnnn rates are seen (a custom rate set with BOTHER is not a request); and a

@@ -10,13 +10,23 @@ negotiation answers, replies) comes out of its one ``data_to_send()``.
 Input. Data goes to the hub under the same budget and backpressure as a raw
 stream. Line-settings requests (baud rate, data size, parity, stop size, flow
 control) go through the port's LineControl, and the answer carries the
-settings in force, which is how RFC 2217 says "refused". BREAK, DTR and RTS
-requests are acknowledged but not applied (muxd has no such hook on its
-upstreams yet, and a DTR pulse resets many boards: it is not a thing one of
-many readers should do). A purge of the receive buffer skips this client's
+settings in force, which is how RFC 2217 says "refused"; under
+``line_control: virtual`` (the default) it carries the value asked, and
+later queries from the same client answer with what it asked. BREAK, DTR and RTS
+requests go through the same LineControl (``request_control``: the same
+policies, and no client may cut into a running sequence), and the answer
+carries the level in force, or under ``ignore``/``virtual`` the level asked
+(acknowledged, not applied); where muxd does not know the level (a K2 whose
+lines nobody set) the request is echoed, as pyserial's server does. Queries
+are answered when the level is known. A purge of the receive buffer skips this client's
 own backlog, counted as purged; a purge of the transmit buffer is
 acknowledged only, since the device write queue holds other writers' bytes
-too. Modem state is reported as CTS, DSR and CD on; line state as all clear.
+too. Line state is reported as all clear. Modem state is the upstream's
+(``modem_state``; CTS, DSR and CD on where it cannot tell): sent once
+COM-PORT-OPTION is agreed, on each poll, and, unless the client set its
+modem-state mask to 0 (it starts at 255, as pyserial's server has it),
+whenever it changes, found by reading it every MODEM_POLL on a timer of that
+connection, from COM-PORT-OPTION agreement on.
 FLOWCONTROL-SUSPEND holds output to this client (its lag then grows in the
 hub, under its listener's bound) until RESUME.
 
@@ -50,12 +60,15 @@ from muxd.protocol.rfc2217 import (
     NotifyModemstate,
     Purge,
     Rfc2217Server,
+    SetControl,
+    SetModemstateMask,
     Signature,
     settings_with,
 )
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
-from muxd.transport import SocketTransport
+from muxd.transport import Transport, as_transport
+from muxd.upstream.base import ControlLines, ModemLines
 
 log = logging.getLogger("muxd.listener")
 # A peer that sends garbage again and again gets one line a minute, not one per
@@ -65,6 +78,38 @@ _protocol_errors = LogLimiter(log)
 # What the modem lines say: a device that is there and ready (pyserial's .cts,
 # .dsr and .cd read these).
 MODEM_STATE = NotifyModemstate.CTS | NotifyModemstate.DSR | NotifyModemstate.CD
+# How often a watching client's modem lines are read: a person sees a CD or
+# DSR change within half a second, and a serial port pays one ioctl for it.
+MODEM_POLL = 0.5
+# The change bits of NOTIFY-MODEMSTATE sit four places below their line's.
+_DELTA_SHIFT = 4
+
+
+def modem_bits(lines: ModemLines | None) -> int:
+    """The NOTIFY-MODEMSTATE value for these lines (no change bits)."""
+    if lines is None:
+        return MODEM_STATE
+    return (
+        (NotifyModemstate.CTS if lines.cts else 0)
+        | (NotifyModemstate.DSR if lines.dsr else 0)
+        | (NotifyModemstate.RI if lines.ri else 0)
+        | (NotifyModemstate.CD if lines.cd else 0)
+    )
+
+
+def control_answer(request: SetControl, lines: ControlLines) -> SetControl | None:
+    """The answer to a DTR/RTS/BREAK set or query: the level in lines, the
+    request itself where the level is unknown (a set), None for a query then."""
+    for level, values in (
+        (lines.dtr, (SetControl.DTR_QUERY, SetControl.DTR_ON, SetControl.DTR_OFF)),
+        (lines.rts, (SetControl.RTS_QUERY, SetControl.RTS_ON, SetControl.RTS_OFF)),
+        (lines.brk, (SetControl.BREAK_QUERY, SetControl.BREAK_ON, SetControl.BREAK_OFF)),
+    ):
+        if request.value in values:
+            if level is None:
+                return None if request.is_query else request
+            return SetControl(values[1] if level else values[2])
+    return None
 
 
 class Rfc2217Connection(Connection):
@@ -72,7 +117,7 @@ class Rfc2217Connection(Connection):
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: socket.socket | Transport,
         peer: str,
         cfg: Listener,
         hub: Hub,
@@ -83,10 +128,14 @@ class Rfc2217Connection(Connection):
         self.codec = Rfc2217Server()  # queues the initial negotiation
         self.line_control = line_control
         self._suspended = False
+        # The client's SET-MODEMSTATE-MASK: 0 wants no change notifications.
+        # 255 until it says otherwise, as pyserial's server starts (its client never sets one).
+        self._modem_mask = 255
+        self._modem_sent: int | None = None  # the modem bits last told this client
         # The negotiation goes out at once: a telnet client on a port other
         # than 23 waits for the server to begin.
         initial = self.codec.data_to_send()
-        super().__init__(SocketTransport(sock), hub, cfg, peer, reactor, encoding=True, initial=initial)
+        super().__init__(as_transport(sock), hub, cfg, peer, reactor, encoding=True, initial=initial)
 
     # -- out: hub -> client -------------------------------------------------
 
@@ -126,9 +175,20 @@ class Rfc2217Connection(Connection):
             self.close("peer closed")
         elif isinstance(event, ComPortOption):
             if event.enabled:  # pyserial's .cts needs a first notification
-                codec.send(NotifyModemstate(MODEM_STATE))
+                self._notify_modem(force=True)
+                self._set_timer("modem", MODEM_POLL, self._poll_modem)
         elif isinstance(event, NotifyModemstate):
-            codec.send(NotifyModemstate(MODEM_STATE))
+            self._notify_modem(force=True)
+        elif isinstance(event, SetModemstateMask):
+            self._modem_mask = event.value
+            codec.reply(event, self.line_control.settings_for(self.reader))
+            if self._modem_mask:
+                self._set_timer("modem", MODEM_POLL, self._poll_modem)
+        elif isinstance(event, SetControl) and SetControl.BREAK_QUERY <= event.value <= SetControl.RTS_OFF:
+            lines = self._control(event)
+            answer = control_answer(event, lines)
+            if answer is not None:
+                codec.send(answer)
         elif isinstance(event, NotifyLinestate):
             codec.send(NotifyLinestate(0))
         elif isinstance(event, Signature):
@@ -147,11 +207,49 @@ class Rfc2217Connection(Connection):
                 self.hub.purge(self.reader)
             codec.reply(event, self._request(event))
 
+    def _control(self, event: SetControl) -> ControlLines:
+        """The lines after a DTR/RTS/BREAK request (through the policy), or in force for a query."""
+        lc = self.line_control
+        if event.is_query:
+            return lc.control or ControlLines()
+        return lc.request_control(self.reader, dtr=event.dtr, rts=event.rts, brk=event.break_state)
+
+    def _notify_modem(self, force: bool = False) -> None:
+        """Tell the client the modem lines: always when forced (it asked, or
+        just agreed to COM-PORT-OPTION), else only a change it watches."""
+        bits = modem_bits(self.line_control.modem_state())
+        last = self._modem_sent
+        if not force and (last is None or bits == last):
+            return
+        delta = ((bits ^ last) >> _DELTA_SHIFT) if last is not None else 0
+        value = bits | delta
+        if not force:
+            value &= self._modem_mask
+            if not value:
+                self._modem_sent = bits
+                return
+        self._modem_sent = bits
+        self.codec.send(NotifyModemstate(value))
+
+    def _poll_modem(self) -> None:
+        if self.closed or not self._modem_mask:
+            return
+        self._notify_modem()
+        out = self.codec.data_to_send()
+        if out:
+            self._out += out
+            self.on_data()
+        self._set_timer("modem", MODEM_POLL, self._poll_modem)
+
     def _request(self, event: ComPortCommand) -> LineSettings:
-        """The settings in force after the request (if it is one for a line setting)."""
-        wanted = settings_with(self.line_control.settings, event)
+        """The settings in force after the request (if it is one for a line
+        setting), as this client is to see them: under ``line_control:
+        virtual``, what it asked for, remembered per client so that its later
+        queries get the same answer (muxd.linecontrol)."""
+        shown = self.line_control.settings_for(self.reader)
+        wanted = settings_with(shown, event)
         if wanted is None:  # a query, a mask, BREAK/DTR/RTS, a purge
-            return self.line_control.settings
+            return shown
         return self.line_control.request(self.reader, wanted)
 
 
@@ -167,5 +265,5 @@ class Rfc2217Listener(StreamListener):
         super().__init__(cfg, hub, reactor, sock)
         self.line_control = line_control
 
-    def _client(self, conn: socket.socket, peer: str) -> Connection:
+    def _client(self, conn: socket.socket | Transport, peer: str) -> Connection:
         return Rfc2217Connection(conn, peer, self.cfg, self.hub, self.reactor, line_control=self.line_control)

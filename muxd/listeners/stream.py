@@ -6,7 +6,12 @@ StreamClient, refusing those over ``max_clients``.
 
 A StreamClient is the connection core (muxd.connection) over a socket with no
 encoder: the hub's fan-out pass writes the ring's bytes to it directly, one
-memoryview or two (the range wrapped), zero copy. Everything else, from
+memoryview or two (the range wrapped), zero copy. With ``tls:`` (tcp and
+rfc2217) each accepted socket first goes through its TLS handshake
+(muxd.tls.TlsServer), and the client is made over the TLS transport once it
+is done; that transport is not plain, so its bytes go through the core's
+small output buffer to be encrypted. Handshakes in flight count against
+``max_clients``, so stalled ones cannot exceed it. Everything else, from
 backpressure to the half-close linger and the graceful close, is the core's.
 """
 
@@ -20,20 +25,25 @@ import os
 import socket
 import stat
 
+from muxd.access import permitted
 from muxd.config import Listener
 from muxd.connection import Connection
+from muxd.errors import MuxdError
 from muxd.hub import Hub
 from muxd.listeners.acceptor import Acceptor, bind_tcp
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
-from muxd.transport import SocketTransport
+from muxd.tls import TlsServer
+from muxd.transport import Transport, as_transport
 
 log = logging.getLogger("muxd.listener")
 
 
 class StreamClient(Connection):
-    def __init__(self, sock: socket.socket, peer: str, cfg: Listener, hub: Hub, reactor: Reactor) -> None:
-        super().__init__(SocketTransport(sock), hub, cfg, peer, reactor)
+    def __init__(
+        self, sock: socket.socket | Transport, peer: str, cfg: Listener, hub: Hub, reactor: Reactor
+    ) -> None:
+        super().__init__(as_transport(sock), hub, cfg, peer, reactor)
 
 
 class StreamListener:
@@ -46,11 +56,17 @@ class StreamListener:
         self._acceptor: Acceptor | None = None
         self._owns_path = False
         self.refusals = LogLimiter(log)  # one line per peer a minute, however many refusals
+        self.tls: TlsServer | None = None  # made in start(), from cfg.tls
 
     def start(self) -> None:
         cfg = self.cfg
         sock = self._sock or (self._bind_unix() if cfg.kind == "unix" else bind_tcp(cfg.host, cfg.port))
         self._sock = None  # the acceptor owns it from here
+        try:
+            self.set_tls(cfg)
+        except MuxdError:  # unusable TLS files: do not keep the port bound
+            sock.close()
+            raise
         self._acceptor = Acceptor(cfg.name, sock, self.reactor, self._on_connection)
         self._acceptor.start()
         log.info("%s: listening on %s (%s)", self.hub.name, self.bound_address, cfg.mode)
@@ -74,20 +90,42 @@ class StreamListener:
             raise
         return sock
 
+    def set_tls(self, cfg: Listener) -> None:
+        """Start, reload (SIGHUP: files re-read, connected clients kept) or end TLS."""
+        if cfg.tls is None:
+            self.tls = None
+        elif self.tls is None:
+            self.tls = TlsServer(cfg.name, cfg.tls, self.reactor)
+        else:
+            self.tls.reload(cfg.tls)
+
     def stop(self) -> None:
         """Stop accepting; connected clients are left to the caller."""
         if self._acceptor is not None:
             self._acceptor.stop()
+        if self.tls is not None:
+            self.tls.stop()
         if self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.cfg.path)
             self._owns_path = False
 
     def _on_connection(self, conn: socket.socket, addr: object) -> None:
-        self._accepted(conn, _peer_name(addr, self.cfg))
+        peer = _peer_name(addr, self.cfg)
+        if not permitted(self.cfg.allow, addr):
+            # Before the client exists: nothing (no banner, no telnet
+            # negotiation, no history) has been or will be sent to it.
+            self.hub.stats_for(self.cfg.name).rejected_address += 1
+            self.refusals.warning(
+                peer, "address", "%s: %s refused: not in the listener's allow-list", self.cfg.name, peer
+            )
+            conn.close()
+            return
+        self._accepted(conn, peer)
 
     def _accepted(self, conn: socket.socket, peer: str) -> None:
-        if len(self.clients) >= self.cfg.max_clients:
+        handshaking = len(self.tls.handshakes) if self.tls is not None else 0
+        if len(self.clients) + handshaking >= self.cfg.max_clients:
             self.hub.stats_for(self.cfg.name).rejected += 1
             self.refusals.warning(
                 peer,
@@ -99,12 +137,18 @@ class StreamListener:
             )
             conn.close()
             return
+        if self.tls is not None:
+            self.tls.accept(conn, peer, lambda transport: self._start_client(transport, peer))
+        else:
+            self._start_client(conn, peer)
+
+    def _start_client(self, conn: socket.socket | Transport, peer: str) -> None:
         client = self._client(conn, peer)
         self.clients.add(client)
         client.on_close.append(self.clients.discard)
         client.start()
 
-    def _client(self, conn: socket.socket, peer: str) -> Connection:
+    def _client(self, conn: socket.socket | Transport, peer: str) -> Connection:
         """The connection object for an accepted socket; protocol listeners override it."""
         return StreamClient(conn, peer, self.cfg, self.hub, self.reactor)
 

@@ -44,6 +44,15 @@ Keepalive and close
     message too big 1009) is queued after what is already buffered, flushed,
     then the TCP connection is shut down; the peer's close is answered the
     same way.
+
+Access
+    The HTTP front checks the listener's allow-list and the token before
+    calling upgrade() (muxd.access). A client that offers the subprotocol
+    ``muxd`` (a browser presenting its token as ``bearer.<base64url>`` next
+    to it) gets ``muxd`` selected, as browsers fail a handshake that selects
+    none of the offered protocols. A WebSocket accepted with a read-scoped
+    token on a rw listener is read-only: each message is discarded and added
+    to the port's discarded-input count, exactly as on a ro listener.
 """
 
 from __future__ import annotations
@@ -73,13 +82,14 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
+from muxd.access import WS_PROTOCOL, ws_protocols
 from muxd.config import Listener
 from muxd.connection import Connection
 from muxd.errors import RemoteProtocolError
 from muxd.hub import Hub
 from muxd.reactor import Reactor
 from muxd.records import FORMATS, Format
-from muxd.transport import SocketTransport
+from muxd.transport import Transport, as_transport
 
 log = logging.getLogger("muxd.listener")
 
@@ -139,6 +149,7 @@ class Upgrade:
     hub: Hub
     listener: Listener
     options: WsOptions
+    read_only: bool = False  # a read-scoped token on a rw listener: input discarded
 
 
 @dataclass(frozen=True)
@@ -206,7 +217,9 @@ def parse_options(target: bytes) -> WsOptions:
     )
 
 
-def upgrade(request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, ...]) -> Upgrade:
+def upgrade(
+    request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, ...], *, read_only: bool = False
+) -> Upgrade:
     """Accept a WebSocket for this hub's websocket listener, or raise HandshakeError."""
     if request.method != b"GET":
         raise HandshakeError("a WebSocket upgrade must be a GET", 405, ((b"allow", b"GET"),))
@@ -226,9 +239,11 @@ def upgrade(request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, .
         status = hint.status_code if isinstance(hint, RejectConnection) else 400
         headers = tuple(hint.headers) if isinstance(hint, RejectConnection) else ()
         raise HandshakeError(str(exc), status, headers) from None
-    response = handshake.send(AcceptConnection())
+    offered = ws_protocols(v.decode("latin-1") for k, v in request.headers if k == b"sec-websocket-protocol")
+    subprotocol = WS_PROTOCOL if WS_PROTOCOL in offered else None
+    response = handshake.send(AcceptConnection(subprotocol=subprotocol))
     assert handshake.connection is not None
-    return Upgrade(response, handshake.connection, hub, cfg, options)
+    return Upgrade(response, handshake.connection, hub, cfg, options, read_only)
 
 
 class WebSocketClient(Connection):
@@ -239,7 +254,7 @@ class WebSocketClient(Connection):
 
     def __init__(
         self,
-        sock: socket.socket,
+        sock: socket.socket | Transport,  # the HTTP connection's: a TLS transport under https
         peer: str,
         accepted: Upgrade,
         reactor: Reactor,
@@ -255,8 +270,9 @@ class WebSocketClient(Connection):
         self._message_size = 0
         self._awaiting_pong = False
         self._trailing = trailing
+        self.read_only = accepted.read_only
         super().__init__(
-            SocketTransport(sock),
+            as_transport(sock),
             accepted.hub,
             accepted.listener,
             peer,
@@ -325,7 +341,10 @@ class WebSocketClient(Connection):
                     return
                 if event.message_finished:
                     self._message_size = 0
-                self.hub.submit(self.reader, payload)
+                if self.read_only:
+                    self.hub.input_discarded += len(payload)  # as hub.submit does for a ro reader
+                else:
+                    self.hub.submit(self.reader, payload)
             elif isinstance(event, Ping):
                 self._out += self.ws.send(event.response())
             elif isinstance(event, Pong):

@@ -29,6 +29,7 @@ import logging
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from muxd.hub import Hub
@@ -52,6 +53,30 @@ FINAL_READS = 16
 STABLE_UP = 10.0
 
 
+@dataclass(frozen=True)
+class ControlLines:
+    """The output control lines in force, as the upstream last set (or was told) them.
+
+    None is "not known": a K2 whose lines nobody set since muxd started keeps
+    whatever it had, and muxd does not pretend to know. ``brk`` is True while
+    a BREAK is being sent (TX held low).
+    """
+
+    dtr: bool | None = None
+    rts: bool | None = None
+    brk: bool = False
+
+
+@dataclass(frozen=True)
+class ModemLines:
+    """The modem status inputs (read, never set): what the device side says."""
+
+    cts: bool
+    dsr: bool
+    ri: bool
+    cd: bool
+
+
 class Upstream(Protocol):
     """What the daemon, the line control, the API and the metrics see of a device."""
 
@@ -71,6 +96,25 @@ class Upstream(Protocol):
         Raises muxd.errors.SettingsRefused, saying why, when the device or the
         link cannot take them; ``settings`` is then unchanged.
         """
+        ...
+
+    # The control lines in force: the one copy, as for ``settings``. Only
+    # set_control() and the device's own answers (a K2's RFC 2217 reply) change it.
+    control: ControlLines
+
+    def set_control(
+        self, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
+    ) -> ControlLines:
+        """Set the lines given (None: leave that one as it is); return the lines in force.
+
+        Raises muxd.errors.SettingsRefused, saying why, when the device or the
+        link cannot set them (a pty has no modem lines, a K2 with ``control:
+        usr`` has no command for them); ``control`` is then unchanged.
+        """
+        ...
+
+    def modem_state(self) -> ModemLines | None:
+        """CTS, DSR, RI and CD now, or None where the upstream cannot tell."""
         ...
 
 

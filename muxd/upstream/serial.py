@@ -28,11 +28,23 @@ uses. While the device is absent a change is validated as far as pyserial can
 without a device and stored for the next open; should the device then refuse
 it, the port opens with its configured settings instead (logged), never stays
 stuck on the refused value.
+
+Control lines: ``control`` holds DTR and RTS as last set (both asserted at
+first, as pyserial and the tty driver open a port) and whether a BREAK is on.
+A change goes to the open port through pyserial (TIOCMBIS/TIOCMBIC,
+TIOCSBRK/TIOCCBRK) and is stored only once the driver took it; a driver
+without modem lines (a pty, some USB bridges) refuses with OSError, and that
+is SettingsRefused. While the device is absent DTR and RTS are stored for the
+next open (pyserial applies them as it opens), so a board held in reset stays
+held across a replug; a BREAK needs a device. The modem inputs (CTS, DSR, RI,
+CD) are read with TIOCMGET when asked (``modem_state``), None where the driver
+cannot say.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -45,7 +57,7 @@ from muxd.errors import SettingsRefused
 from muxd.hub import Hub
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
-from muxd.upstream.base import READ_SIZE, FdUpstream
+from muxd.upstream.base import READ_SIZE, ControlLines, FdUpstream, ModemLines
 
 log = logging.getLogger("muxd.upstream")
 
@@ -118,6 +130,8 @@ class SerialPort(FdUpstream):
         super().__init__(hub, reactor, cfg.backoff_min, cfg.backoff_max)
         self.cfg = cfg
         self.settings = cfg.settings
+        # pyserial asserts DTR and RTS when it opens a port, as the tty driver does.
+        self.control = ControlLines(dtr=True, rts=True)
         self._serial: serial.Serial | None = None
         self._vanished = False  # the path was gone when the last loss was noticed
 
@@ -172,6 +186,8 @@ class SerialPort(FdUpstream):
 
     def _close_fd(self) -> None:
         port, self._serial = self._serial, None
+        # A BREAK ends with the port; DTR and RTS are reapplied by the next open.
+        self.control = dataclasses.replace(self.control, brk=False)
         if port is not None:
             port.close()
 
@@ -184,6 +200,9 @@ class SerialPort(FdUpstream):
             port = serial.Serial()
             port.port = path
             port.exclusive = True
+            # The levels in force go out as it opens: a reopen keeps a board's
+            # reset line where it was (pyserial ignores EINVAL/ENOTTY there).
+            port.dtr, port.rts = self.control.dtr is not False, self.control.rts is not False
             try:
                 _configure(port, settings)  # a closed port: pyserial only validates
                 port.open()  # applies them; on failure pyserial closes the fd again
@@ -224,6 +243,47 @@ class SerialPort(FdUpstream):
                 raise SettingsRefused(f"{self.cfg.path} refused {wanted}: {exc}") from exc
         self.settings = wanted
         return wanted
+
+    def set_control(
+        self, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
+    ) -> ControlLines:
+        """Set DTR, RTS and BREAK on the open port; raises SettingsRefused.
+
+        The lines are set in the order DTR, RTS, BREAK (a reset sequence's
+        order is its steps', one call per step). A refusal part-way leaves the
+        lines set before it in force and recorded: they really changed.
+        """
+        port = self._serial
+        current = self.control
+        if port is None:
+            if brk is not None:
+                raise SettingsRefused(f"{self.cfg.path} is not open: no BREAK to send")
+            # Kept for the next open, which applies them (_open_serial).
+            self.control = ControlLines(
+                current.dtr if dtr is None else dtr, current.rts if rts is None else rts, False
+            )
+            return self.control
+        for name, value in (("dtr", dtr), ("rts", rts), ("break_condition", brk)):
+            if value is None:
+                continue
+            try:
+                setattr(port, name, value)
+            except (OSError, ValueError, termios.error) as exc:
+                what = "BREAK" if name == "break_condition" else name.upper()
+                raise SettingsRefused(f"{self.cfg.path} cannot set {what}: {exc}") from exc
+            field = "brk" if name == "break_condition" else name
+            self.control = dataclasses.replace(self.control, **{field: value})
+        return self.control
+
+    def modem_state(self) -> ModemLines | None:
+        """CTS, DSR, RI and CD of the open port; None when closed or the driver has none."""
+        port = self._serial
+        if port is None:
+            return None
+        try:
+            return ModemLines(cts=port.cts, dsr=port.dsr, ri=port.ri, cd=port.cd)
+        except (OSError, termios.error):  # a pty: no modem lines to read
+            return None
 
 
 def _fields(s: LineSettings) -> list[tuple[str, object]]:

@@ -5,6 +5,12 @@ line every ``status_interval`` with a counter and a timestamp, and a shell that
 echoes what is typed and answers ``help``, ``status``, ``echo TEXT``,
 ``uptime`` and ``reboot``. Output is paced to the configured baud rate (10 bit
 times per byte, as 8N1 on a wire), so clients see realistic arrival patterns.
+
+Control lines are recorded (``control``, ``control_log``) and shown in the
+output as a board's debug header would not, but a demo wants to: ``[DTR low]``,
+``[RTS high]``, ``[BREAK on]``. The modem inputs read as a loopback plug
+wires them (as pyserial's loop:// does): CTS follows RTS, DSR follows DTR, CD
+on, RI off.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from muxd.errors import SettingsRefused
 from muxd.hub import Hub
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor, Timer
+from muxd.upstream.base import ControlLines, ModemLines
 from muxd.upstream.state import DOWN, UP, UpstreamStatus
 
 TICK = 0.01  # output is released every 10 ms: smooth at any baud rate, cheap at idle
@@ -23,6 +30,8 @@ TICK = 0.01  # output is released every 10 ms: smooth at any baud rate, cheap at
 # one (counted in `overruns`) when a client floods it with input to echo.
 MAX_PENDING = 64 * 1024
 PROMPT = b"sim> "
+# Control-line changes kept in ``control_log``: a few reset sequences' worth.
+CONTROL_LOG = 256
 
 BOOT_LOG = [
     "U-Boot 2024.01 (muxd simulated board)",
@@ -56,6 +65,10 @@ class SimDevice:
         self._running = False
         self.status = UpstreamStatus(hub.name, hub.notice)
         self.bytes_unacked_lost = 0  # a simulated UART takes every byte
+        self.control = ControlLines(dtr=True, rts=True)
+        # (monotonic time, line, level) of every change: what a test asserts on.
+        # Bounded: the newest CONTROL_LOG entries.
+        self.control_log: list[tuple[float, str, bool]] = []
         hub.on_write_ready = self._on_input
 
     def describe(self) -> str:
@@ -69,6 +82,30 @@ class SimDevice:
         self.settings = wanted
         self.rate = wanted.baudrate / 10.0
         return wanted
+
+    def set_control(
+        self, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
+    ) -> ControlLines:
+        """Record the lines given and say so in the output; a simulated UART takes any."""
+        now = time.monotonic()
+        for line, level, shown in (("dtr", dtr, "DTR"), ("rts", rts, "RTS"), ("brk", brk, "BREAK")):
+            if level is None:
+                continue
+            self.control_log.append((now, line, level))
+            del self.control_log[:-CONTROL_LOG]
+            word = ("on" if level else "off") if line == "brk" else ("high" if level else "low")
+            self._emit(f"[{shown} {word}]\r\n".encode())
+        current = self.control
+        self.control = ControlLines(
+            current.dtr if dtr is None else dtr,
+            current.rts if rts is None else rts,
+            current.brk if brk is None else brk,
+        )
+        return self.control
+
+    def modem_state(self) -> ModemLines:
+        """As through a loopback plug: CTS follows RTS, DSR follows DTR."""
+        return ModemLines(cts=bool(self.control.rts), dsr=bool(self.control.dtr), ri=False, cd=True)
 
     def start(self) -> None:
         self._running = True

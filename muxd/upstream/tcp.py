@@ -23,7 +23,14 @@ change (it has no answer). ``rfc2217``: the link speaks Telnet + RFC 2217;
 device bytes are decoded out of the stream, negotiation is answered, writes
 are escaped, and the line settings are sent once the K2 agrees to
 COM-PORT-OPTION; the K2's answers carry the values it has in force, and
-``settings`` follows them. Escaping changes lengths, so writes go
+``settings`` follows them. DTR, RTS and BREAK (``set_control``) need
+``control: rfc2217`` (SET-CONTROL); the vendor packet has no such field and
+``none`` no channel at all, so there a request is refused (SettingsRefused,
+which muxd.linecontrol logs), never acknowledged as if done. ``control``
+starts unknown (the K2 keeps its own levels) and follows the K2's answers;
+DTR and RTS asked while the link is down or before the K2 agreed to
+COM-PORT-OPTION are sent once it has, a BREAK is refused then. NOTIFY-MODEMSTATE
+from the K2 is kept for ``modem_state``. Escaping changes lengths, so writes go
 through ``_out``, a small buffer of wire bytes: a queue chunk is encoded only
 when ``_out`` is empty, and counted consumed once encoded, so a partial send
 never loses or repeats a byte.
@@ -38,6 +45,7 @@ K2 never acknowledged (TCP_INFO's bytes_acked) are logged and counted in
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -54,6 +62,7 @@ from muxd.protocol.rfc2217 import (
     ComPortCommand,
     ComPortOption,
     Data,
+    NotifyModemstate,
     Rfc2217Client,
     SetBaudrate,
     SetControl,
@@ -63,7 +72,7 @@ from muxd.protocol.rfc2217 import (
     settings_with,
 )
 from muxd.reactor import OUT, Reactor, Timer
-from muxd.upstream.base import READ_SIZE, FdUpstream
+from muxd.upstream.base import READ_SIZE, ControlLines, FdUpstream, ModemLines
 
 log = logging.getLogger("muxd.upstream")
 
@@ -99,6 +108,12 @@ class TcpPort(FdUpstream):
         super().__init__(hub, reactor, cfg.backoff_min, cfg.backoff_max)
         self.cfg = cfg
         self.settings = cfg.settings
+        self.control = ControlLines()  # unknown until set: the K2 keeps its own levels
+        self._modem: ModemLines | None = None  # the K2's last NOTIFY-MODEMSTATE
+        # SET-CONTROL requests per line not answered yet on this link: only the
+        # answer to the last one says what is in force (a pulse's first answer
+        # comes after its second request went out).
+        self._unanswered = {"dtr": 0, "rts": 0, "brk": 0}
         # config.py accepts only numeric hosts: a name lookup would block the loop.
         ip = ipaddress.ip_address(cfg.host)
         self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -190,6 +205,8 @@ class TcpPort(FdUpstream):
             self._close_fd()
         self._codec = None
         self._com_port = False
+        self._unanswered = dict.fromkeys(self._unanswered, 0)
+        self.control = dataclasses.replace(self.control, brk=False)  # a BREAK ends with the link
         self._sent = 0
         self._out.clear()
 
@@ -248,6 +265,7 @@ class TcpPort(FdUpstream):
                 self._com_port = event.enabled
                 if event.enabled:
                     codec.configure(self.settings)  # collected with the answers below
+                    self._queue_control(codec, self.control.dtr, self.control.rts, None)
                 else:
                     log.warning(
                         "%s: the K2 refused RFC 2217 COM-PORT-OPTION; line settings stay as they are",
@@ -255,6 +273,14 @@ class TcpPort(FdUpstream):
                     )
             elif isinstance(event, (SetBaudrate, SetDataSize, SetParity, SetStopSize, SetControl)):
                 self._reconcile(event)
+            elif isinstance(event, NotifyModemstate) and event.value is not None:
+                v = event.value
+                self._modem = ModemLines(
+                    cts=bool(v & NotifyModemstate.CTS),
+                    dsr=bool(v & NotifyModemstate.DSR),
+                    ri=bool(v & NotifyModemstate.RI),
+                    cd=bool(v & NotifyModemstate.CD),
+                )
             else:
                 log.debug("%s: RFC 2217: %s", self.hub.name, event)
         self._out += codec.data_to_send()
@@ -340,6 +366,57 @@ class TcpPort(FdUpstream):
             self._drain()
         return wanted
 
+    # -- control lines -------------------------------------------------------------
+
+    def set_control(
+        self, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
+    ) -> ControlLines:
+        """SET-CONTROL for each line given, in the order DTR, RTS, BREAK.
+
+        Returns the lines as asked (the K2's answers, which carry its levels,
+        correct ``control`` when they come: ``_reconcile``). Raises
+        SettingsRefused with ``control: none`` or ``usr``, and for a BREAK
+        while the K2 cannot be told at once.
+        """
+        control = self.cfg.control
+        if control != "rfc2217":
+            raise SettingsRefused(
+                f"with control: {control} the K2 cannot be sent DTR, RTS or BREAK (use control: rfc2217)"
+            )
+        live = self._codec is not None and self._com_port and self.fd is not None
+        if brk is not None and not live:
+            raise SettingsRefused("the K2 link is down (or refused COM-PORT-OPTION): no BREAK to send")
+        current = self.control
+        self.control = ControlLines(
+            current.dtr if dtr is None else dtr,
+            current.rts if rts is None else rts,
+            current.brk if brk is None else brk,
+        )
+        if live:
+            assert self._codec is not None
+            self._queue_control(self._codec, dtr, rts, brk)
+            self._out += self._codec.data_to_send()
+            self._drain()
+        # else: DTR and RTS go out once the next link agrees to COM-PORT-OPTION (_received)
+        return self.control
+
+    def _queue_control(
+        self, codec: Rfc2217Client, dtr: bool | None, rts: bool | None, brk: bool | None
+    ) -> None:
+        """Queue SET-CONTROL for each line given (the caller collects the bytes)."""
+        for line, value, on, off in (
+            ("dtr", dtr, SetControl.DTR_ON, SetControl.DTR_OFF),
+            ("rts", rts, SetControl.RTS_ON, SetControl.RTS_OFF),
+            ("brk", brk, SetControl.BREAK_ON, SetControl.BREAK_OFF),
+        ):
+            if value is not None:
+                codec.send(SetControl(on if value else off))
+                self._unanswered[line] += 1
+
+    def modem_state(self) -> ModemLines | None:
+        """What the K2 last reported with NOTIFY-MODEMSTATE; None if it never did."""
+        return self._modem
+
     def _reconcile(self, answer: ComPortCommand) -> None:
         """An RFC 2217 answer to one of our requests: it carries the value the K2
         has in force, which becomes ours. A K2 that cannot take a baud rate
@@ -348,6 +425,26 @@ class TcpPort(FdUpstream):
         Requests are answered in order, so when several changes are in flight
         ``settings`` may briefly hold an earlier answer; the last answer wins.
         """
+        if isinstance(answer, SetControl) and answer.flow is None:
+            line, level = next(
+                (
+                    (k, v)
+                    for k, v in (("dtr", answer.dtr), ("rts", answer.rts), ("brk", answer.break_state))
+                    if v is not None
+                ),
+                ("", None),
+            )
+            if level is None:
+                log.debug("%s: RFC 2217: %s", self.hub.name, answer)
+                return
+            self._unanswered[line] = max(0, self._unanswered[line] - 1)
+            if self._unanswered[line]:
+                return  # a later request of ours is still on its way: its answer decides
+            lines = dataclasses.replace(self.control, **{line: level})
+            if lines != self.control:
+                log.info("%s: the K2 has %s in force where %s was asked", self.hub.name, lines, self.control)
+                self.control = lines
+            return
         asked = self.settings
         granted = settings_with(asked, answer)
         if granted is None:  # no value (a query's form), or BREAK/DTR/RTS: not a line setting

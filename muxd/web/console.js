@@ -17,6 +17,22 @@
  *    UTF-8 bytes; muxd writes them to the device only when the port is writable,
  *    and the input is shown only then.
  *
+ * Input on a writable port works as in a real terminal (raw mode): every key
+ * typed in the terminal goes out at once as xterm.js encodes it (Enter as CR,
+ * Ctrl-C as 0x03, arrows and function keys as escape sequences), one frame per
+ * key, and the device's echo is what shows it. Nothing is echoed or edited
+ * here. The input line (history, a chosen line ending) stays available as an
+ * option: the "Line input" toggle shows or hides it, and is remembered per
+ * browser. On a read-only port the terminal takes no keys at all.
+ *
+ * Tokens. When muxd answers an API request with 401 (its http server has
+ * `tokens:`), the page asks for a token (window.prompt), keeps it in
+ * sessionStorage (this tab only, gone when it closes), and sends it as
+ * `Authorization: Bearer` on API requests. A browser's WebSocket cannot set
+ * headers, so the socket offers two subprotocols instead: `muxd` and
+ * `bearer.<base64url(token)>`; muxd selects `muxd` (docs/http.md). A wrong
+ * token is dropped and asked for again at the next 401.
+ *
  * Pause is a scroll lock done by holding bytes here rather than in xterm: the
  * view cannot move because nothing is written; on resume the held bytes are
  * written in order. The port is selected by the URL fragment #port=NAME, so
@@ -57,6 +73,37 @@
 
   var encoder = new TextEncoder();
 
+  // ---- token (see the theory above) ---------------------------------------
+
+  var TOKEN_KEY = 'muxd-token';
+  var token = null;
+  // Storage may be unavailable (a private window, a file: page): then the
+  // token lasts as long as the page.
+  function store(value) {
+    try {
+      if (value === null) sessionStorage.removeItem(TOKEN_KEY); else sessionStorage.setItem(TOKEN_KEY, value);
+    } catch (err) { /* kept for this page */ }
+  }
+  try { token = sessionStorage.getItem(TOKEN_KEY); } catch (err) { /* none kept */ }
+  var askedForToken = false;  // one prompt per 401 streak: Cancel is respected
+
+  function base64url(text) {
+    var bytes = encoder.encode(text);
+    var bin = '';
+    for (var i = 0; i < bytes.length; i++) bin += String.fromCharCode(bytes[i]);
+    return btoa(bin).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+  }
+
+  function askForToken() {
+    if (askedForToken) return false;
+    askedForToken = true;
+    var given = window.prompt('This muxd needs a token (ask its administrator):', '');
+    if (!given) return false;
+    token = given.trim();
+    store(token);
+    return true;
+  }
+
   function $(id) { return document.getElementById(id); }
 
   var el = {
@@ -73,6 +120,7 @@
     sendInput: $('send-input'),
     lineEnding: $('line-ending'),
     sendButton: $('send-button'),
+    lineInput: $('line-input'),
     clients: $('clients'),
   };
 
@@ -113,7 +161,7 @@
   var term = new Terminal({
     convertEol: true,           // device consoles often send a bare LF
     scrollback: SCROLLBACK_LINES,
-    disableStdin: true,         // input goes through the send line only
+    disableStdin: true,         // until the port is known to be writable: see setWritable
     cursorBlink: false,
     fontFamily: getComputedStyle(document.documentElement).getPropertyValue('--mono-font'),
     fontSize: 14,
@@ -147,6 +195,23 @@
     while (lines.length && lines[lines.length - 1] === '') lines.pop();
     return lines.join('\n');
   }
+
+  // ---- keys typed in the terminal (raw mode) -----------------------------
+
+  var writable = false;     // the selected port takes input (from the API)
+
+  function sendBytes(bytes) {
+    // Keys typed while the socket is down are dropped, not queued: replayed
+    // after a reconnect they would hit whatever the device shows by then.
+    if (writable && ws && ws.readyState === WebSocket.OPEN) ws.send(bytes);
+  }
+  term.onData(function (data) { sendBytes(encoder.encode(data)); });
+  // Some mouse reports are raw bytes above 0x7f, not text: sent as they are.
+  term.onBinary(function (data) {
+    var bytes = new Uint8Array(data.length);
+    for (var i = 0; i < data.length; i++) bytes[i] = data.charCodeAt(i) & 0xff;
+    sendBytes(bytes);
+  });
 
   function notice(text) {
     return encoder.encode('\r\n\x1b[2;3m-- muxd console: ' + text + ' --\x1b[0m\r\n');
@@ -256,7 +321,8 @@
   }
 
   function connect() {
-    var sock = new WebSocket(wsUrl(wsPort));
+    var sock = token ? new WebSocket(wsUrl(wsPort), ['muxd', 'bearer.' + base64url(token)])
+      : new WebSocket(wsUrl(wsPort));
     sock.binaryType = 'arraybuffer';
     ws = sock;
     setWsStatus('connecting', 'connecting');
@@ -321,6 +387,28 @@
 
   // ---- send line ---------------------------------------------------------
 
+  // Whether the input line is shown on a writable port (the terminal takes
+  // keys either way). Shown unless this browser was told otherwise; storage
+  // may be unavailable (a private window, a file: page), which is no error.
+  var LINE_INPUT_KEY = 'muxd.lineInput';
+  var lineInputShown = true;
+  try { lineInputShown = localStorage.getItem(LINE_INPUT_KEY) !== 'off'; } catch (err) { /* default */ }
+
+  function setWritable(on) {
+    writable = on;
+    term.options.disableStdin = !on;
+    el.lineInput.hidden = !on;
+    el.lineInput.setAttribute('aria-pressed', String(lineInputShown));
+    el.sendForm.hidden = !(on && lineInputShown);
+  }
+
+  el.lineInput.addEventListener('click', function () {
+    lineInputShown = !lineInputShown;
+    try { localStorage.setItem(LINE_INPUT_KEY, lineInputShown ? 'on' : 'off'); } catch (err) { /* kept for this page */ }
+    setWritable(writable);
+    if (!lineInputShown) term.focus();  // typing goes on in the terminal
+  });
+
   var sent = [];            // lines sent, oldest first, bounded by SENT_HISTORY_LIMIT
   var recallIndex = 0;      // == sent.length when not recalling
   var draft = '';           // what was typed before Up was first pressed
@@ -370,7 +458,7 @@
     portRows.forEach(function (row, rowName) {
       row.button.setAttribute('aria-current', String(rowName === name));
     });
-    el.sendForm.hidden = true;  // until the next poll says whether it is writable
+    setWritable(false);  // until the next poll says whether it is writable
     el.clients.textContent = '';
     openPort(name);
   }
@@ -442,7 +530,7 @@
     el.portsEmpty.textContent = 'No ports configured.';
 
     var current = ports.filter(function (p) { return p.name === selected; })[0];
-    el.sendForm.hidden = !(current && current.writable);
+    setWritable(Boolean(current && current.writable));
     if (selected !== null) {
       el.portTitle.textContent = current ? selected : selected + ' (no such port)';
     }
@@ -473,7 +561,19 @@
     var ctrl = new AbortController();
     var timer = setTimeout(function () { ctrl.abort(); }, FETCH_TIMEOUT_MS);
     try {
-      var resp = await fetch(path, { signal: ctrl.signal, cache: 'no-store' });
+      var headers = token ? { Authorization: 'Bearer ' + token } : {};
+      var resp = await fetch(path, { signal: ctrl.signal, cache: 'no-store', headers: headers });
+      if (resp.status === 401) {
+        token = null;
+        store(null);
+        if (askForToken()) {
+          // The socket failed without the token too: reopen it with it now.
+          if (wsPort !== null) openPort(wsPort);
+          return getJson(path);
+        }
+        throw new Error('a token is needed (reload the page to enter one)');
+      }
+      if (resp.ok) askedForToken = false;
       if (!resp.ok) throw new Error(path + ': HTTP ' + resp.status);
       return await resp.json();
     } finally {

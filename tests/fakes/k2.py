@@ -24,6 +24,14 @@ connects are refused; the same port comes back), ``accept_delay()``,
 one byte and a close, or an RST) and ``trickle()`` (at most one byte per client
 per interval: a K2 whose UART side crawls).
 
+With ``rfc2217=True`` it is a K2 set to RFC 2217 mode: each connection
+speaks Telnet + COM-PORT-OPTION through muxd's own sans-I/O server codec,
+data is unescaped into the UART log (and escaped on the way out), and every
+COM-PORT command a client sends is recorded with its arrival time
+(``commands()``, ``control_received()``: what reached "the K2", in order)
+and answered as a K2 does, with the value in force. DTR/RTS/BREAK levels are
+kept (``lines``).
+
 Nothing is lost silently. ``lost`` counts fed bytes that reached no client (none
 connected, or black hole); ``dropped`` counts bytes queued for a client that
 never reached its socket (buffer full, or the client closed with output
@@ -46,6 +54,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 
+from muxd.protocol.line_settings import LineSettings
+from muxd.protocol.rfc2217 import (
+    ComPortCommand,
+    ComPortOption,
+    ConnectionClosed,
+    Data,
+    Rfc2217Server,
+    SetControl,
+    settings_with,
+)
+
 HOST = "127.0.0.1"
 DEFAULT_MAX_CLIENTS = 4
 # The K2's web page allows 1 to 16 clients.
@@ -61,6 +80,10 @@ CLIENT_BUFFER = 64 * 1024
 # writes towards the device (commands, lines, a bench burst) and still bounds memory
 # if one pumps without end; past it the oldest bytes go, counted in uart_dropped.
 UART_LOG_LIMIT = 16 * 1024 * 1024
+
+# COM-PORT commands kept for tests in RFC 2217 mode: a few thousand esptool
+# resets' worth; past it the oldest go.
+COMMAND_LOG_LIMIT = 10_000
 
 # One recv() per readiness event: as much as loopback hands over in one go.
 RECV_SIZE = 64 * 1024
@@ -97,12 +120,16 @@ class _Client:
     out: bytearray = field(default_factory=bytearray)
     # The selector events watched now; 0 means not registered.
     events: int = 0
+    # RFC 2217 mode: this connection's telnet/COM-PORT codec.
+    codec: Rfc2217Server | None = None
 
 
 class FakeK2:
     """A K2 in TCP-server mode on 127.0.0.1, running from construction until ``stop()``."""
 
-    def __init__(self, port: int = 0, *, max_clients: int = DEFAULT_MAX_CLIENTS) -> None:
+    def __init__(
+        self, port: int = 0, *, max_clients: int = DEFAULT_MAX_CLIENTS, rfc2217: bool = False
+    ) -> None:
         if not 1 <= max_clients <= MAX_CLIENTS_LIMIT:
             raise ValueError(f"max_clients must be 1..{MAX_CLIENTS_LIMIT}, not {max_clients}")
         self._max_clients = max_clients
@@ -127,6 +154,12 @@ class FakeK2:
         # When set, a connection waits in the backlog and the listener is not watched.
         self._accept_at: float | None = None
         self._uart = bytearray()
+        self._rfc2217 = rfc2217
+        # RFC 2217 mode: (monotonic arrival time, command) of every COM-PORT
+        # command received, bounded like the UART log (oldest dropped).
+        self._commands_log: deque[tuple[float, ComPortCommand]] = deque(maxlen=COMMAND_LOG_LIMIT)
+        self._settings = LineSettings()
+        self._lines: dict[str, bool] = {}
         self._connections_seen = 0
         self._max_active_seen = 0
         self._kicked = 0
@@ -195,6 +228,25 @@ class FakeK2:
         """Everything clients sent (out of the UART), in arrival order."""
         with self._cond:
             return bytes(self._uart)
+
+    def commands(self) -> list[tuple[float, ComPortCommand]]:
+        """RFC 2217 mode: (monotonic arrival time, command) of every COM-PORT command, in order."""
+        with self._cond:
+            return list(self._commands_log)
+
+    def control_received(self) -> list[tuple[float, SetControl]]:
+        """RFC 2217 mode: the SET-CONTROL commands for DTR, RTS and BREAK (not flow control), in order."""
+        return [
+            (t, c)
+            for t, c in self.commands()
+            if isinstance(c, SetControl) and SetControl.BREAK_QUERY <= c.value <= SetControl.RTS_OFF
+        ]
+
+    @property
+    def lines(self) -> dict[str, bool]:
+        """RFC 2217 mode: the levels set so far, by "dtr", "rts", "break" (absent: never set)."""
+        with self._cond:
+            return dict(self._lines)
 
     def feed(self, data: bytes) -> None:
         """Bytes arriving on the UART: queued to every client when this returns."""
@@ -393,6 +445,9 @@ class FakeK2:
             self._close(self._clients[0])
             self._kicked += 1
         client = _Client(sock)
+        if self._rfc2217:
+            client.codec = Rfc2217Server()
+            client.out += client.codec.data_to_send()  # its negotiation, DO COM-PORT-OPTION included
         self._clients.append(client)
         self._connections_seen += 1
         self._max_active_seen = max(self._max_active_seen, len(self._clients))
@@ -424,11 +479,39 @@ class FakeK2:
         if not data:
             self._close(client)
             return
+        if client.codec is not None:
+            data = self._rfc2217_received(client, data)
         self._uart += data
         excess = len(self._uart) - UART_LOG_LIMIT
         if excess > 0:
             del self._uart[:excess]
             self._uart_dropped += excess
+
+    def _rfc2217_received(self, client: _Client, data: bytes) -> bytes:
+        """Decode a client's telnet stream: record and answer its commands; return its data."""
+        assert client.codec is not None
+        codec = client.codec
+        codec.receive_data(data)
+        now = time.monotonic()
+        out = bytearray()
+        for event in codec.next_events():
+            if isinstance(event, Data):
+                out += event.data
+            elif isinstance(event, (ComPortOption, ConnectionClosed)):
+                continue
+            else:
+                self._commands_log.append((now, event))
+                if isinstance(event, SetControl):
+                    for line, level in (("dtr", event.dtr), ("rts", event.rts), ("break", event.break_state)):
+                        if level is not None:
+                            self._lines[line] = level
+                self._settings = settings_with(self._settings, event) or self._settings
+                codec.reply(event, self._settings)
+        answer = codec.data_to_send()
+        if answer:
+            client.out += answer
+            self._flush(client)
+        return bytes(out)
 
     def _flush(self, client: _Client) -> None:
         if client.out and not self._black_hole and self._trickle is None:
@@ -471,9 +554,13 @@ class FakeK2:
             self._lost += len(data)
             return
         for client in list(self._clients):
+            wire = data
+            if client.codec is not None:  # RFC 2217 mode: IAC bytes doubled
+                client.codec.send(Data(data))
+                wire = client.codec.data_to_send()
             room = CLIENT_BUFFER - len(client.out)
-            client.out += data[:room]
-            self._dropped += max(0, len(data) - room)
+            client.out += wire[:room]
+            self._dropped += max(0, len(wire) - room)
             self._flush(client)
 
     def _reset_all(self) -> None:

@@ -1,0 +1,158 @@
+"""Checks of a loaded config against the machine it is to run on.
+
+The loader (muxd.config) checks what the text alone decides, and stops at the
+first error: a file that does not parse has no structure to check further.
+What depends on the machine is checked here, on the loaded Config, and every
+problem is reported, each located at the line of the key it concerns
+(``Config.lines``) and naming its port and listener:
+
+errors (``muxd check`` exits 2; ``muxd run`` finds the same at start)
+    - the directory of a Unix socket, pty link or trace file does not exist;
+    - a ``group:`` names no group on this machine;
+    - a token file cannot be read, is readable by others, or holds a
+      placeholder or a too-short token (muxd.access.read_token_file);
+    - a TLS certificate, key or CA file cannot be read.
+
+warnings (reported, exit status unchanged)
+    - a rw listener reachable from the network (a non-loopback address)
+      with neither TLS nor ``allow:``; for a websocket listener, through an
+      HTTP server with neither;
+    - a missing directory that systemd creates when it starts the unit
+      (SYSTEMD_DIRECTORIES): ``muxd check`` run before the first start would
+      otherwise cry wolf.
+
+Nothing here binds, connects or writes: binding is what only a start can
+try, and a busy address is reported then (muxd.daemon.StartError).
+"""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from muxd.access import AccessError, read_token_file
+from muxd.config import Config, HttpServer, Listener
+from muxd.errors import ConfigError
+
+# Made by muxd.service (RuntimeDirectory=muxd, LogsDirectory=muxd) at each start.
+SYSTEMD_DIRECTORIES = ("/run/muxd", "/var/log/muxd")
+
+
+@dataclass(frozen=True)
+class Problems:
+    errors: list[ConfigError]
+    warnings: list[ConfigError]
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen address is loopback only ("localhost" is; a name or
+    a wildcard such as 0.0.0.0 or :: is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def has_tls(entry: object) -> bool:
+    """Whether a listener or HTTP server has a ``tls:`` section (muxd.tls)."""
+    return getattr(entry, "tls", None) is not None
+
+
+def _by_line(items: list[ConfigError]) -> list[ConfigError]:
+    return sorted(items, key=lambda e: (e.line is None, e.line or 0))
+
+
+class _Checker:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.errors: list[ConfigError] = []
+        self.warnings: list[ConfigError] = []
+
+    def at(self, path: str, message: str) -> ConfigError:
+        line = self.cfg.lines.get(path)
+        return ConfigError(message, path, line, self.cfg.source)
+
+    def _directory(self, path: str, key: str, what: str) -> None:
+        parent = os.path.dirname(path) or "/"
+        if os.path.isdir(parent):
+            return
+        if parent in SYSTEMD_DIRECTORIES:
+            self.warnings.append(
+                self.at(key, f"{what}: {parent} does not exist here; muxd.service creates it at start")
+            )
+        else:
+            self.errors.append(self.at(key, f"{what}: directory {parent} does not exist"))
+
+    def _group(self, group: str | int | None, key: str, what: str) -> None:
+        if isinstance(group, str):
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                self.errors.append(self.at(key, f"{what}: no group {group!r} on this machine"))
+
+    def _tls(self, entry: object, key: str, what: str) -> None:
+        tls = getattr(entry, "tls", None)
+        if tls is None:
+            return
+        for name in ("cert", "key", "client_ca"):
+            path = getattr(tls, name, None)
+            if isinstance(path, str) and path and not os.access(path, os.R_OK):
+                self.errors.append(self.at(f"{key}.tls.{name}", f"{what}: cannot read {name} file {path}"))
+
+    def listener(self, p: int, port: str, i: int, lst: Listener) -> None:
+        key = f"ports[{p}].listeners[{i}]"
+        what = f"port {port}, listener {lst.name}"
+        if lst.kind in ("unix", "pty"):
+            self._directory(lst.path, f"{key}.{lst.kind}", what)
+            self._group(lst.group, f"{key}.group", what)
+        self._tls(lst, key, what)
+        exposed = lst.kind in ("tcp", "rfc2217") and not is_loopback_host(lst.host)
+        if exposed and lst.writable and not has_tls(lst) and not lst.allow:
+            self.warnings.append(
+                self.at(
+                    f"{key}.{lst.kind}",
+                    f"{what}: rw on {lst.address}, reachable from the network, with neither "
+                    "tls: nor allow: (anyone who can connect can type at the device)",
+                )
+            )
+        if lst.kind == "websocket" and lst.writable and not lst.allow:
+            for srv in self.cfg.http:
+                if not is_loopback_host(srv.host) and not has_tls(srv) and not srv.allow:
+                    self.warnings.append(
+                        self.at(
+                            key,
+                            f"{what}: rw through http server {srv.name} on {srv.host}, reachable from "
+                            "the network, with neither tls: nor allow:",
+                        )
+                    )
+
+    def http(self, k: int, srv: HttpServer) -> None:
+        key = f"http[{k}]" if f"http[{k}]" in self.cfg.lines else "http"
+        what = f"http server {srv.name}"
+        self._tls(srv, key, what)
+        for t, spec in enumerate(srv.tokens):
+            try:
+                read_token_file(spec.file)
+            except AccessError as exc:
+                self.errors.append(self.at(f"{key}.tokens[{t}].file", f"{what}, token {spec.name}: {exc}"))
+
+    def run(self) -> Problems:
+        for p, port in enumerate(self.cfg.ports):
+            for i, lst in enumerate(port.listeners):
+                self.listener(p, port.name, i, lst)
+            for t, trace in enumerate(port.trace):
+                what = f"port {port.name}, trace {trace.path}"
+                self._directory(trace.path, f"ports[{p}].trace[{t}].path", what)
+                self._group(trace.group, f"ports[{p}].trace[{t}].group", what)
+        for k, srv in enumerate(self.cfg.http):
+            self.http(k, srv)
+        return Problems(_by_line(self.errors), _by_line(self.warnings))
+
+
+def check(cfg: Config) -> Problems:
+    """Every problem of ``cfg`` on this machine, errors and warnings, in line order."""
+    return _Checker(cfg).run()
