@@ -17,6 +17,7 @@ warnings (reported, exit status unchanged)
     - a rw listener reachable from the network (a non-loopback address)
       with neither TLS nor ``allow:``; for a websocket listener, through an
       HTTP server with neither;
+    - ``metrics_token: true`` on an HTTP server without tokens (no effect);
     - a missing directory that systemd creates when it starts the unit
       (SYSTEMD_DIRECTORIES): ``muxd check`` run before the first start would
       otherwise cry wolf.
@@ -134,6 +135,10 @@ class _Checker:
         key = f"http[{k}]" if f"http[{k}]" in self.cfg.lines else "http"
         what = f"http server {srv.name}"
         self._tls(srv, key, what)
+        if srv.metrics_token and not srv.tokens:
+            self.warnings.append(
+                self.at(f"{key}.metrics_token", f"{what}: metrics_token: true has no effect without tokens:")
+            )
         for t, spec in enumerate(srv.tokens):
             try:
                 read_token_file(spec.file)

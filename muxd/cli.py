@@ -353,17 +353,22 @@ def _serve(config: Config, level: str | None, ready_file: str | None = None, dem
 
 
 def _check(path: str) -> int:
-    """`muxd check`: the file's error (the first the loader finds: a file that
-    does not parse has nothing more to check), or every problem of the loaded
-    config on this machine (muxd.checks), errors and warnings, in line order."""
+    """`muxd check`: every error of the file (each port, listener and http
+    entry is read on its own: muxd.config.load_all) and every problem of what
+    could be read on this machine (muxd.checks), errors and warnings, in line
+    order; exit 2 if there is any error."""
     from muxd import checks
 
-    cfg = configmod.load(path)  # a ConfigError is the caller's: one line, exit 2
-    problems = checks.check(cfg)
-    found = [(e, "") for e in problems.errors] + [(w, "warning: ") for w in problems.warnings]
+    cfg, errors = configmod.load_all(path)
+    warnings: list[ConfigError] = []
+    if cfg is not None:  # what could be read is checked against this machine too
+        problems = checks.check(cfg)
+        errors += problems.errors
+        warnings = problems.warnings
+    found = [(e, "") for e in errors] + [(w, "warning: ") for w in warnings]
     for problem, kind in sorted(found, key=lambda f: (f[0].line is None, f[0].line or 0)):
         print(f"muxd: {kind}{problem}", file=sys.stderr)
-    if problems.errors:
+    if errors or cfg is None:
         return EXIT_CONFIG
     print(f"{path}: ok ({len(cfg.ports)} ports)")
     return EXIT_OK

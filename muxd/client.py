@@ -11,6 +11,7 @@ is muxd/api.py.
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.parse
@@ -57,8 +58,19 @@ def status_url(config: Config) -> str:
     return f"http://{format_hostport(host, srv.port)}"
 
 
+def env_token() -> str | None:
+    """$MUXD_TOKEN: the token `status` and `tail` present to a daemon whose
+    http server has tokens (read scope is enough); never a command-line
+    argument, which other users could read in the process list."""
+    return os.environ.get("MUXD_TOKEN") or None
+
+
 def _get(base: str, path: str) -> Any:
-    with urllib.request.urlopen(base.rstrip("/") + path, timeout=STATUS_TIMEOUT) as resp:
+    request = urllib.request.Request(base.rstrip("/") + path)
+    token = env_token()
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT) as resp:
         return json.load(resp)
 
 

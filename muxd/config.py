@@ -24,7 +24,8 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
 
@@ -981,7 +982,7 @@ def _port(node: _Node) -> Port:
     if not NAME_RE.fullmatch(name):
         raise m["name"].error(f"must match {NAME_RE.pattern}, got {_show(name)}")
     listeners = (
-        tuple(_listener(n, name, i) for i, n in enumerate(m["listeners"].sequence()))
+        tuple(_each(enumerate(m["listeners"].sequence()), lambda item: _listener(item[1], name, item[0])))
         if "listeners" in m
         else ()
     )
@@ -1080,30 +1081,55 @@ def _check_unique(items: list[tuple[str, _Node]], what: str) -> None:
         seen[key] = node
 
 
+# Where errors go while the whole file is checked (load_all): None, the usual
+# case, means the first error is raised; a list means each port, listener and
+# http entry with an error is reported there and left out, and the rest of
+# the file is read on.
+_COLLECT: ContextVar[list[ConfigError] | None] = ContextVar("muxd_config_collect", default=None)
+Item = TypeVar("Item")
+
+
+def _each(items: Iterable[Item], read: Callable[[Item], T]) -> list[T]:
+    """read() of each item; while collecting, an item whose read fails is
+    reported and left out, so that one bad listener hides no other error."""
+    out: list[T] = []
+    sink = _COLLECT.get()
+    for item in items:
+        try:
+            out.append(read(item))
+        except ConfigError as exc:
+            if sink is None:
+                raise
+            sink.append(exc)
+    return out
+
+
 def build(root: _Node) -> Config:
     m = root.mapping(TOP_KEYS, required=("ports",))
     port_nodes = list(m["ports"].sequence())
     if not port_nodes:
         raise m["ports"].error("needs at least one port")
-    ports = tuple(_port(n) for n in port_nodes)
+    port_pairs = _each(port_nodes, lambda n: (_port(n), n))
+    ports = tuple(p for p, _ in port_pairs)
     http_nodes: list[_Node] = []
     if "http" in m:
         h = m["http"]
         http_nodes = list(h.sequence()) if isinstance(h.node, yaml.SequenceNode) else [h]
-    http = tuple(_http(n, i) for i, n in enumerate(http_nodes))
-    _check_unique(
-        [(p.name, n.mapping(PORT_KEYS)["name"]) for p, n in zip(ports, port_nodes, strict=True)], "port name"
-    )
+    http_pairs = _each(enumerate(http_nodes), lambda item: (_http(item[1], item[0]), item[1]))
+    http = tuple(srv for srv, _ in http_pairs)
+    _check_unique([(p.name, n.mapping(PORT_KEYS)["name"]) for p, n in port_pairs], "port name")
     names: list[tuple[str, _Node]] = []
     binds: list[tuple[str, _Node]] = []
-    for port, pnode in zip(ports, port_nodes, strict=True):
+    for port, pnode in port_pairs:
         lnodes = list(pnode.mapping(PORT_KEYS)["listeners"].sequence()) if port.listeners else []
+        if len(lnodes) != len(port.listeners):
+            continue  # a listener had an error (already reported): the pairs would not line up
         for lst, lnode in zip(port.listeners, lnodes, strict=True):
             names.append((lst.name, lnode))
             # Port 0 binds a different free port each time: never a clash.
             if lst.kind != "websocket" and not (lst.kind in ("tcp", "rfc2217") and lst.port == 0):
                 binds.append((lst.address, lnode))
-    for srv, hnode in zip(http, http_nodes, strict=True):
+    for srv, hnode in http_pairs:
         names.append((srv.name, hnode))
         if srv.port:
             binds.append((format_hostport(srv.host, srv.port), hnode))
@@ -1130,6 +1156,27 @@ def load(path: str) -> Config:
     except UnicodeDecodeError:
         raise ConfigError("not UTF-8 text", "", None, path) from None
     return loads(text, path)
+
+
+def load_all(path: str) -> tuple[Config | None, list[ConfigError]]:
+    """For `muxd check`: the config and every error found, in line order.
+
+    Each port, listener and http entry is read on its own, so an error in
+    one does not hide those of the others (the erroneous entries are left
+    out of the config returned); an error in the file's structure (YAML
+    syntax, a top-level key) still stops the reading. The config is None
+    when nothing could be read."""
+    errors: list[ConfigError] = []
+    token = _COLLECT.set(errors)
+    cfg: Config | None = None
+    try:
+        cfg = load(path)
+    except ConfigError as exc:
+        errors.append(exc)
+    finally:
+        _COLLECT.reset(token)
+    errors.sort(key=lambda e: (e.line is None, e.line or 0))
+    return cfg, errors
 
 
 class _NoAliasDumper(yaml.SafeDumper):

@@ -335,6 +335,8 @@ class Connection:
         self._read_soon = False
         if self._reading() and self.transport.buffered:
             self._on_readable()
+            if self.transport.buffered:
+                self._watch()
 
     def _on_events(self, mask: int) -> None:
         if mask & OUT:
@@ -345,6 +347,8 @@ class Connection:
             self._hung_up()
         elif mask & (IN | ERRMASK):
             self._on_readable()
+            if self.transport.buffered:
+                self._watch()  # more TLS input is off the socket already: read it next turn
 
     def _hung_up(self) -> None:
         """HUP/ERR while not reading: the peer is gone entirely (a reset, or a

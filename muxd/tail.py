@@ -38,6 +38,7 @@ Endings
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
 import time
@@ -159,7 +160,9 @@ def _feed(ws: WSConnection, data: bytes, where: Target) -> list[Event]:
 def _handshake(sock: socket.socket, ws: WSConnection, where: Target, deadline: float) -> list[Event]:
     """Send the upgrade and read its answer by the deadline; return the
     events that came after the acceptance in the same reads (first frames)."""
-    sock.sendall(ws.send(Request(host=where.host_header, target=where.path)))
+    token = os.environ.get("MUXD_TOKEN")  # as for `muxd status` (muxd.client.env_token)
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    sock.sendall(ws.send(Request(host=where.host_header, target=where.path, extra_headers=headers)))
     refused: RejectConnection | None = None
     body = bytearray()
     finished = False

@@ -251,14 +251,14 @@ class Trace:
             lines.pop()
         if isinstance(encoder, TextEncoder):
             # On lines of their own, each stamped; a device line in progress is
-            # ended first (and goes on unstamped after them, as after any notice).
-            lead = "" if encoder.at_line_start else "\n"
+            # ended first and goes on after them stamped again, as after a notice.
+            mid_line = not encoder.at_line_start
             tag = f"{stamp(now)} >> [client {reader.id} {reader.peer}] "
             text = "".join(
                 f"{tag}{line.decode('utf-8', 'backslashreplace').rstrip(chr(13) + chr(10))}\n"
                 for line in lines
             )
-            return (lead + text).encode()
+            return ("\n" + text + f"{stamp(now)} " if mid_line else text).encode()
         assert encoder is not None
         return b"".join(
             encoder.event(

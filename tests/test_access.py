@@ -11,7 +11,10 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from muxd.access import (
 )
 from tests.helpers import (
     LOCAL,
+    ROOT,
     Muxd,
     StartMuxd,
     metric,
@@ -330,3 +334,53 @@ def test_secrets_never_appear_in_the_log_api_or_metrics(tokened: tuple[Muxd, str
         for text in shown:
             assert secret not in text
     assert "wrong-secret" not in m.log()
+
+
+def test_the_console_asks_for_a_token_and_passes_it_to_its_websocket(
+    tokened: tuple[Muxd, str, str],
+) -> None:
+    from tests.test_web_console import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} not installed")
+    m, web, _ = tokened
+    asked: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept(SECRETS["engineer"][1])
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("dialog", answer)
+            page.goto(f"http://{web}/")
+            page.wait_for_selector("[data-testid=ws-status]:has-text('connected')", timeout=TIMEOUT_MS)
+            page.wait_for_selector("[data-testid=state-dut]:has-text('up')", timeout=TIMEOUT_MS)
+        finally:
+            browser.close()
+    assert len(asked) == 1 and "token" in asked[0]
+    assert SECRETS["engineer"][1] not in m.log()
+
+
+def test_muxd_status_presents_muxd_token(tokened: tuple[Muxd, str, str]) -> None:
+    _m, web, _ = tokened
+
+    def status(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "muxd", "status", "--url", web, "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**{k: v for k, v in os.environ.items() if k != "MUXD_TOKEN"}, **env},
+        )
+
+    refused = status({})
+    assert refused.returncode == 3 and "401" in refused.stderr
+    done = status({"MUXD_TOKEN": SECRETS["viewer"][1]})
+    assert done.returncode == 0, done.stderr
+    assert [p["name"] for p in json.loads(done.stdout)["ports"]] == ["dut"]

@@ -40,7 +40,8 @@ from tests.helpers import (
     write_config,
 )
 
-HEADER = ["PORT", "STATE", "FOR", "UPSTREAM", "IN", "OUT", "CLIENTS", "MAX", "LAG", "DROPPED", "WQUEUE", "LINE"]
+HEADER = ["PORT", "STATE", "FOR", "UPSTREAM", "IN", "OUT", "CLIENTS", "MAX", "LAG", "DROPPED", "WQUEUE"]
+HEADER += ["LINE"]  # the line settings in force, e.g. "115200 8N1"
 
 # A `muxd` command is Python starting up and one HTTP round trip on loopback.
 COMMAND_TIMEOUT = 30

@@ -631,3 +631,128 @@ def test_chromium_loads_the_console_over_https(
         finally:
             browser.close()
     assert m.metric("muxd_tls_handshakes_total", listener="https") >= 2  # the page, and more
+
+
+def test_a_stuck_tls_reader_is_bounded_and_counted_like_a_plain_one(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    lst = {"tcp": "auto", "tls": pki.tls(), "buffer": "16KiB", "overflow": "drop-oldest"}
+    m = start_tls(muxd, tmp_path, pty_device, [lst])
+    port = m.port("l0")
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(5)
+    raw.connect((LOCAL, port))
+    stuck = pki.client_context().wrap_socket(raw, server_hostname=LOCAL)  # handshakes, then never reads
+    with stuck, tls_connect(port, pki.client_context()) as fast:
+        m.wait_connected(2)
+        chunk = bytes(range(256)) * 256  # 64 KiB
+        total = 0
+        got = bytearray()
+        for _ in range(16):  # 1 MiB through, read by the fast client as it comes
+            pty_device.write(chunk)
+            total += len(chunk)
+            got += recv_exactly(fast, len(chunk))
+        assert bytes(got) == chunk * 16  # the stuck reader slowed nobody
+
+        def stuck_view() -> dict[str, Any] | None:
+            views = [c for c in m.clients() if c["dropped"] > 0]
+            return views[0] if views else None
+
+        view = wait_for(stuck_view, 10, "the stuck TLS reader's drops counted")
+        assert view["lag"] <= 16 * 1024  # its backlog stays within the listener's buffer
+        assert view["delivered"] + view["dropped"] + view["lag"] <= total
+        assert m.metric("muxd_client_dropped_bytes_total", listener="l0") > 0
+
+
+def test_unusable_certificate_fails_the_start_naming_the_listener(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    pki.cert_path.write_text("not a certificate\n")  # exists and is readable: the config loads
+    data = {
+        "ports": [
+            {
+                "name": "dut",
+                "upstream": {"serial": pty_device.path},
+                "listeners": [{"tcp": auto_address(), "name": "secure", "tls": pki.tls()}],
+            }
+        ]
+    }
+    m = muxd("run", "-c", str(write_config(tmp_path, data)))
+    assert m.wait_exit(20) != 0
+    assert "secure: cannot use TLS certificate" in m.log()
+
+
+def test_a_tls_writer_is_held_back_by_the_write_queue_and_loses_nothing(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "mode": "rw", "tls": pki.tls()}])
+    data = bytes(range(256)) * 1024  # 256 KiB: four times the write queue, in full TLS records
+    with tls_connect(m.port("l0"), pki.client_context()) as s:
+        m.wait_connected(1)
+        s.sendall(data)  # muxd stops reading while the queue is full, then reads on
+        assert pty_device.read(len(data), timeout=20) == data
+
+
+def finished_with_data(
+    port: int, ctx: ssl.SSLContext, payload: bytes
+) -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO]:
+    """A client whose first bytes of data leave in the same segment as its
+    handshake's last flight (as browsers do): the server has them in its TLS
+    buffers at the end of the handshake, where epoll cannot see them."""
+    sock = socket.create_connection((LOCAL, port), timeout=5)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=LOCAL)
+    for _ in range(50):
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed during the handshake"
+            incoming.write(chunk)
+    else:
+        raise AssertionError("no handshake")
+    obj.write(payload)
+    sock.sendall(outgoing.read())  # the client Finished and the data, together
+    return sock, obj, incoming
+
+
+def read_plain(sock: socket.socket, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, marker: bytes) -> bytes:
+    got = bytearray()
+    deadline = time.monotonic() + 5
+    while marker not in got:
+        assert time.monotonic() < deadline, f"no {marker!r}; got {bytes(got)!r}"
+        try:
+            got += obj.read(65536)
+            continue
+        except ssl.SSLWantReadError:
+            pass
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(65536)
+        assert chunk, f"EOF; got {bytes(got)!r}"
+        incoming.write(chunk)
+    return bytes(got)
+
+
+def test_data_sent_with_the_last_handshake_flight_is_read_at_once(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    m = start_tls(
+        muxd,
+        tmp_path,
+        pty_device,
+        [{"tcp": "auto", "mode": "rw", "tls": pki.tls()}, {"websocket": True}],
+        https={"tls": pki.tls()},
+    )
+    sock, obj, incoming = finished_with_data(m.port("l0"), pki.client_context(), b"early\r")
+    with sock:
+        assert pty_device.read(6) == b"early\r"
+    host, port = split_hostport(m.addresses["https"])
+    request = f"GET /api/v1/ports HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    started = time.monotonic()
+    sock, obj, incoming = finished_with_data(port, pki.client_context(), request)
+    with sock:
+        assert read_plain(sock, obj, incoming, b'"dut"').startswith(b"HTTP/1.1 200")
+    assert time.monotonic() - started < 2  # answered at once, not after the 5 s request timeout

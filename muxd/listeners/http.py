@@ -67,8 +67,8 @@ from muxd.access import (
     ws_protocols,
 )
 from muxd.config import HttpServer, format_hostport
-from muxd.errors import MuxdError
 from muxd.connection import Connection
+from muxd.errors import MuxdError
 from muxd.listeners.acceptor import Acceptor, bind_tcp
 from muxd.listeners.http_connection import ConnectionTable, HttpConnection
 from muxd.listeners.http_reply import Reply, error_reply, json_reply

@@ -139,6 +139,10 @@ class HttpConnection:
             sock.setblocking(False)
         self._timer = self.reactor.call_later(self.front.timeouts.header, self._on_timeout)
         self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
+        if not isinstance(sock, socket.socket):
+            # A browser sends its request with the handshake's last flight: it is
+            # in the TLS transport already, and epoll will not report it again.
+            self._watch()
 
     def close(self) -> None:
         if self.closed:

@@ -442,7 +442,9 @@ class TcpPort(FdUpstream):
                 return  # a later request of ours is still on its way: its answer decides
             lines = dataclasses.replace(self.control, **{line: level})
             if lines != self.control:
-                log.info("%s: the K2 has %s in force where %s was asked", self.hub.name, lines, self.control)
+                name = "BREAK" if line == "brk" else line.upper()
+                word = ("on" if level else "off") if line == "brk" else ("high" if level else "low")
+                log.info("%s: the K2 has %s %s in force, not what was asked", self.hub.name, name, word)
                 self.control = lines
             return
         asked = self.settings

@@ -478,14 +478,23 @@
     head.appendChild(state);
     var detail = make('span', 'port-detail');
     var stats = make('span', 'port-stats');
+    var line = make('span', 'port-line');
+    line.setAttribute('data-testid', 'line-' + name);
     button.appendChild(head);
     button.appendChild(detail);
+    button.appendChild(line);
     button.appendChild(stats);
     button.addEventListener('click', function () {
       location.hash = 'port=' + encodeURIComponent(name);
     });
     li.appendChild(button);
-    row = { li: li, button: button, state: state, detail: detail, stats: stats };
+    // Board control sits beside the card's button, not in it: a button may
+    // not hold another. Filled by renderControls from the port's sequences.
+    var controls = make('div', 'port-controls');
+    controls.setAttribute('data-testid', 'controls-' + name);
+    li.appendChild(controls);
+    row = { li: li, button: button, state: state, detail: detail, stats: stats, line: line,
+      controls: controls, sequences: null };
     portRows.set(name, row);
     return row;
   }
@@ -518,6 +527,8 @@
         row.stats.appendChild(make('span', p.dropped ? 'dropped' : '',
           ' · dropped ' + fmtBytes(p.dropped)));
       }
+      renderLine(row, p.line);
+      renderControls(row, p.name, p.line);
       el.ports.appendChild(row.li);  // re-appending keeps the daemon's order
     });
     portRows.forEach(function (row, name) {
@@ -534,6 +545,76 @@
     if (selected !== null) {
       el.portTitle.textContent = current ? selected : selected + ' (no such port)';
     }
+  }
+
+  // ---- board control: the line state and buttons on the port card --------
+
+  // What the BREAK button sends: long enough for a Linux magic SysRq or a
+  // bootloader's break detection (100-500 ms), short enough not to look hung.
+  var BREAK_SECONDS = 0.25;
+
+  function level(value) { return value === null || value === undefined ? '?' : (value ? 'high' : 'low'); }
+
+  function renderLine(row, line) {
+    if (!line) { row.line.textContent = ''; return; }
+    var text = line.baudrate + ' ' + line.format + ' · DTR ' + level(line.dtr) + ' · RTS ' + level(line.rts);
+    if (line['break']) text += ' · BREAK';
+    if (line.running) text += ' · running ' + line.running;
+    if (line.owner) text += ' · owner ' + line.owner;
+    row.line.textContent = text;
+    row.line.title = 'flow ' + line.flow + (line.changed_by
+      ? '; last changed by ' + line.changed_by + ' ' + fmtAge(line.changed_at) + ' ago' : '');
+  }
+
+  async function postJson(path, body) {
+    var ctrl = new AbortController();
+    var timer = setTimeout(function () { ctrl.abort(); }, FETCH_TIMEOUT_MS);
+    try {
+      var headers = { 'Content-Type': 'application/json' };
+      if (token) headers.Authorization = 'Bearer ' + token;
+      var resp = await fetch(path, { method: 'POST', signal: ctrl.signal, headers: headers,
+        body: JSON.stringify(body || {}) });
+      var answer = await resp.json().catch(function () { return {}; });
+      if (!resp.ok) throw new Error(answer.error || ('HTTP ' + resp.status));
+      return answer;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  function controlButton(name, label, title, path, body) {
+    var b = make('button', 'control', label);
+    b.type = 'button';
+    b.title = title;
+    b.setAttribute('data-testid', 'control-' + name + '-' + label);
+    b.addEventListener('click', async function () {
+      b.disabled = true;
+      try {
+        await postJson(path, body);
+        el.apiStatus.textContent = name + ': ' + label + ' sent';
+      } catch (err) {
+        el.apiStatus.textContent = name + ': ' + label + ' refused: ' + err.message;
+      } finally {
+        b.disabled = false;
+      }
+    });
+    return b;
+  }
+
+  function renderControls(row, name, line) {
+    var names = line && line.sequences ? line.sequences : [];
+    var key = names.join('\n');
+    if (row.sequences === key) return;  // rebuilt only when the config changed
+    row.sequences = key;
+    row.controls.textContent = '';
+    if (!line) return;
+    var base = 'api/v1/ports/' + encodeURIComponent(name);
+    names.forEach(function (seq) {
+      row.controls.appendChild(controlButton(name, seq, 'Run the sequence ' + seq + ' (an admin action)',
+        base + '/sequences/' + encodeURIComponent(seq)));
+    });
+    row.controls.appendChild(controlButton(name, 'BREAK', 'Send a BREAK of ' + BREAK_SECONDS * 1000 + ' ms',
+      base + '/signals', { 'break': BREAK_SECONDS }));
   }
 
   function renderClients(clients) {

@@ -5,9 +5,9 @@ goes to every connected TCP client; bytes any client sends go out of its UART.
 It takes up to ``max_clients`` clients and, when a new one arrives while full,
 closes the OLDEST to make room. Here "the UART" is ``feed()`` (in) and
 ``uart_received()`` (out). Not modelled: baud-rate pacing (what clients send is
-on the UART at once), the K2's own reading of RFC 2217 and "55 AA 55" control
-packets (they are recorded as UART bytes like any other), and the optional
-registration/heartbeat packets.
+on the UART at once), "55 AA 55" control packets (recorded as UART bytes like
+any other), RFC 2217 unless asked for (``rfc2217=True``, below), and the
+optional registration/heartbeat packets.
 
 Theory of operation: one daemon thread owns every socket and a selector on
 127.0.0.1. Other threads never touch a socket. Each public mutator queues a
