@@ -275,20 +275,25 @@ class LineControl:
         }
         try:
             return self.apply_control(by, **changed)
-        except SettingsRefused as exc:
+        except SettingsRefused:  # apply_control has logged it
             self.control_requests["failed"] += 1
-            log.warning("%s: %s asked by %s could not be applied: %s", self.port, what, by, exc)
             return self.control or current
 
     def apply_control(
         self, by: str, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
     ) -> ControlLines:
         """Set the lines given, whatever the policy (the caller decided): log,
-        count, and note who changed them. Raises SettingsRefused from the upstream."""
+        count, and note who changed them. Raises SettingsRefused from the
+        upstream, logged here with who asked (every caller's refusal reads alike)."""
         up = self.upstream
-        if not isinstance(up, ControlOwner):
-            raise SettingsRefused("this upstream has no control lines")
-        granted = up.set_control(dtr, rts, brk)
+        try:
+            if not isinstance(up, ControlOwner):
+                raise SettingsRefused("this upstream has no control lines")
+            granted = up.set_control(dtr, rts, brk)
+        except SettingsRefused as exc:
+            what = describe_lines(dtr, rts, brk)
+            log.warning("%s: %s asked by %s could not be applied: %s", self.port, what, by, exc)
+            raise
         for signal, level in (("dtr", dtr), ("rts", rts), ("break", brk)):
             if level is not None:
                 self.control_changes[signal] += 1

@@ -20,6 +20,13 @@ closes is retried with growing waits, not hundreds of times a minute.
 
 Writes queued while the device is down stay queued in the hub (bounded, with
 backpressure on the writers) and go out in order once it is back up.
+
+Every upstream also owns what is in force on the line, as the one copy muxd
+keeps: the line settings (``settings``) and the control lines (``control``:
+DTR, RTS, BREAK; ``set_control`` changes them or raises SettingsRefused), and
+it reads the modem inputs when asked (``modem_state``). muxd.linecontrol
+decides who may change them; the listeners, the API and the metrics read them
+here and keep no copy.
 """
 
 from __future__ import annotations
