@@ -112,11 +112,11 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
         "upstream": rt.config.upstream.describe(),
         "writable": ws is not None and ws.writable,
         "bytes_in": hub.bytes_in,
-        "bytes_out": hub.bytes_out,
+        "bytes_out": hub.writes.bytes_out,
         "clients": len(clients),
         "max_lag": max((hub.lag(r) for r in clients), default=0),
         "dropped": port_dropped(rt),
-        "write_queue_bytes": hub.queue.bytes,
+        "write_queue_bytes": hub.writes.queue.bytes,
         "line": line_view(rt),
         "listeners": [
             {

@@ -358,7 +358,7 @@ class Connection:
         self.close(disconnect_reason(OSError(err, "")) if err else "peer closed")
 
     def _on_readable(self) -> None:
-        budget = self.hub.input_budget(self.reader)
+        budget = self.hub.writes.budget(self.reader)
         if budget == 0:
             self._watch()  # the write queue is full: stop reading until it drains
             return
@@ -377,7 +377,7 @@ class Connection:
 
     def _received(self, data: bytes) -> None:
         """Bytes from the peer; a protocol decodes them first."""
-        self.hub.submit(self.reader, data)
+        self.hub.writes.submit(self.reader, data)
 
     def _end_of_input(self) -> None:
         """EOF. A client that sent nothing (a probe, a reader) is gone. One that
@@ -386,7 +386,7 @@ class Connection:
             self.close("peer closed")
             return
         self._enter(State.INPUT_ENDED)
-        self.hub.input_ended(self.reader)
+        self.hub.writes.input_ended(self.reader)
         self._set_timer("linger", HALF_CLOSE_LINGER, lambda: self.close("peer closed"))
         self._watch()
 

@@ -20,17 +20,13 @@ Out (device -> readers)
     fall as the number of readers grows, for a bounded cost in latency.
 
 In (writers -> device)
-    Bytes from rw readers enter a bounded FIFO of units. A unit is one read
-    from one client (``write: chunks``) or one whole line (``write: lines``),
-    and is never split by another client's bytes. Under ``write: lines`` a
-    control character (Ctrl-C) or a key's escape sequence is a unit of its own,
-    released at once after the writer's partial line (muxd.protocol.framing),
-    and a partial line idle for ``line_timeout`` is released as a unit by a
-    timer, one per reader at most, so a lone key reaches the device without a
-    newline. When the queue is full the
-    hub stops reading from writers (their EPOLLIN is switched off) until the
-    device has drained it below half: backpressure, never a silent drop.
-    Input from ro readers is read and discarded, and counted.
+    ``hub.writes`` (muxd.writes) arbitrates what rw readers send into one
+    bounded queue to the device, with backpressure instead of drops.
+
+Records
+    Readers that asked for ``text`` or ``jsonl`` read a FramedLog (muxd.records)
+    that encodes each device chunk once for all of them; their cursor stays in
+    raw device offsets, so bounds and losses are judged and counted the same.
 
 The hub owns no fd and knows no config file: it takes each listener's
 ReaderPolicy and the port's PortBounds. Readers are driven through the small
@@ -51,8 +47,9 @@ from typing import Any, Protocol
 
 from muxd.protocol.framing import LineAssembler
 from muxd.reactor import Reactor, Timer
-from muxd.records import Format, FramedLog, raw_event, stamp
+from muxd.records import Format, FramedLog, RecordLogs, raw_event, stamp
 from muxd.ring import Ring
+from muxd.writes import Writes
 
 # After a fan-out pass that took T seconds, the next one starts no sooner than
 # T * FLUSH_GAP later. With 100 readers a pass takes under a millisecond and
@@ -63,14 +60,6 @@ FLUSH_GAP = 1.0
 # ...but never more than this: a pass that looked long because the process
 # was preempted must not delay the next one by as much again.
 FLUSH_GAP_MAX = 0.010
-# A reader reads at most this much per wake-up: enough for any burst of typed
-# or scripted commands, small enough that one flooding writer cannot starve
-# the loop.
-READ_CHUNK = 16 * 1024
-# Arrival times kept, at most: one per device read still in the ring. A ring
-# of the default 256 KiB holds 4096 reads of 64 bytes; beyond, the oldest
-# chunks' times are merged into their successors' (a later stamp, never lost bytes).
-MAX_ARRIVALS = 16 * 1024
 # Notices queued per reader before older ones are dropped (and counted): state
 # changes come seconds apart; more than this pending means the reader is stuck.
 MAX_NOTICES = 16
@@ -180,7 +169,7 @@ class Reader:
         "unannounced",
     )
 
-    def __init__(self, owner: ReaderOwner, policy: ReaderPolicy, peer: str, max_line: int) -> None:
+    def __init__(self, owner: ReaderOwner, policy: ReaderPolicy, peer: str) -> None:
         self.id = next(_reader_ids)
         self.owner = owner
         self.policy = policy
@@ -203,7 +192,7 @@ class Reader:
         self.frame_skip: tuple[int, int, int] | None = None
         # Where a stretch of losses began, the reader's text stood inside a line.
         self.gap_mid_line = True
-        self.assembler = LineAssembler(max_line) if policy.writable and policy.lines else None
+        self.assembler: LineAssembler | None = None  # write: lines (muxd.writes)
         # Releases the assembler's partial line once it has idled for the port's
         # line_timeout; cancelled whenever the partial line goes out another way.
         self.line_timer: Timer | None = None
@@ -224,46 +213,6 @@ class Reader:
         return self.assembler.held if self.assembler is not None else 0
 
 
-class WriteQueue:
-    """Bounded FIFO of write units on their way to the device.
-
-    The bound counts what writers have sent and muxd has accepted: the queued
-    units and the partial lines readers hold (``held``), which join the queue
-    when their line ends or their writer leaves. A writer is read only while
-    there is room for everything it may send in one read, so the queue never
-    holds more than ``limit`` bytes, even when many writers leave at once and
-    their partial lines are released together.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.units: deque[memoryview] = deque()
-        self.bytes = 0
-        self.held = 0  # partial lines held by readers' assemblers
-
-    def room(self) -> int:
-        return max(0, self.limit - self.bytes - self.held)
-
-    def push(self, unit: bytes) -> None:
-        if unit:
-            self.units.append(memoryview(unit))
-            self.bytes += len(unit)
-
-    def peek(self) -> memoryview | None:
-        return self.units[0] if self.units else None
-
-    def consume(self, n: int) -> None:
-        self.bytes -= n
-        while n:
-            head = self.units[0]
-            if n >= len(head):
-                n -= len(head)
-                self.units.popleft()
-            else:
-                self.units[0] = head[n:]
-                n = 0
-
-
 class Hub:
     def __init__(self, name: str, bounds: PortBounds, reactor: Reactor) -> None:
         self.name = name
@@ -272,26 +221,12 @@ class Hub:
         self.ring = Ring(bounds.log_capacity)
         self.readers: dict[int, Reader] = {}
         self._blocked: set[Reader] = set()
-        self._paused: set[Reader] = set()
         self._flush_pending = False
         self._next_flush = 0.0  # monotonic time before which no fan-out pass starts
-        self.queue = WriteQueue(bounds.write_queue)
-        self.framed: dict[Format, FramedLog] = {}
-        # When each chunk still in the ring arrived, so that a record format
-        # first asked for now can replay the past with its original times.
-        self._arrivals: deque[tuple[int, float]] = deque()
-        for fmt in bounds.formats:
-            self._framed(fmt)
+        self.writes = Writes(bounds.write_queue, bounds.max_line, bounds.line_timeout, reactor)
+        self.records = RecordLogs(name, bounds.log_capacity, bounds.formats, self.ring)
         self.listener_stats: dict[str, ListenerStats] = {}
-        # Called with what a writer's input put on the way to the device (traces
-        # with ``input: true`` record it).
-        self.input_observers: list[Callable[[Reader, bytes], None]] = []
-        # Set by the upstream: called when the write queue goes from empty to non-empty.
-        self.on_write_ready: Callable[[], None] = lambda: None
         self.bytes_in = 0
-        self.bytes_out = 0
-        self._last_time = 0.0  # the latest time given to a record (see _clock)
-        self.input_discarded = 0
         self.notices_dropped = 0
 
     # -- readers -------------------------------------------------------------
@@ -303,41 +238,20 @@ class Hub:
     def stats_for(self, listener: str) -> ListenerStats:
         return self.listener_stats.setdefault(listener, ListenerStats())
 
-    def _framed(self, fmt: Format) -> FramedLog:
-        log = self.framed.get(fmt)
-        if log is None:
-            log = self.framed[fmt] = FramedLog(fmt, self.name, self.bounds.log_capacity)
-            log.raw_head = self.head
-            self._replay(log)
-        return log
-
-    def _replay(self, log: FramedLog) -> None:
-        """Encode what the ring holds into a new framed log, chunk by chunk,
-        with the times the chunks arrived."""
-        tail, head = self.ring.tail, self.head
-        arrivals = list(self._arrivals)
-        if arrivals and arrivals[0][0] > tail:  # older times were merged away
-            arrivals[0] = (tail, arrivals[0][1])
-        for i, (off, t) in enumerate(arrivals):
-            start = max(off, tail)
-            end = arrivals[i + 1][0] if i + 1 < len(arrivals) else head
-            if end > start:
-                log.append(start, self.ring.read(start, end), t)
-        log.raw_head = head
-
     def attach(
         self, owner: ReaderOwner, policy: ReaderPolicy, peer: str, history: int = 0, history_lines: int = 0
     ) -> Reader:
         """A new reader, starting `history` bytes or `history_lines` lines back
         (whichever reaches further, within the port's history bound), then live."""
-        reader = Reader(owner, policy, peer, self.bounds.max_line)
+        reader = Reader(owner, policy, peer)
+        reader.assembler = self.writes.assembler_for(policy)
         tail = max(self.ring.tail, self.head - self.bounds.history)
         start = max(tail, self.head - max(0, history))
         if history_lines > 0:
             start = min(start, self._lines_back(history_lines, tail))
         reader.cursor = reader.start = start
         if policy.format != "raw":
-            reader.log = self._framed(policy.format)
+            reader.log = self.records.log(policy.format)
             self._record_start(reader, reader.log, start)
         reader.stats = self.stats_for(policy.listener)
         reader.stats.connections += 1
@@ -375,23 +289,16 @@ class Hub:
         if self.readers.pop(reader.id, None) is None:
             return
         self._blocked.discard(reader)
-        self._paused.discard(reader)
-        self._release_held(reader)  # a partial last line still goes out
+        self.writes.leave(reader)  # a partial last line still goes out
         stats = reader.stats
         reason = reader.doomed or reason
         stats.disconnects[reason] = stats.disconnects.get(reason, 0) + 1
         stats.closed_delivered += reader.delivered
         stats.closed_dropped += reader.dropped
         stats.closed_purged += reader.purged
-        # A format only some connections asked for (a WebSocket's query) is
-        # encoded while one of them reads it; the next one replays the ring.
         log = reader.log
-        if (
-            log is not None
-            and log.format not in self.bounds.formats
-            and not any(r.log is log for r in self.readers.values())
-        ):
-            del self.framed[log.format]
+        if log is not None and not any(r.log is log for r in self.readers.values()):
+            self.records.unused(log)
 
     def _lines_back(self, n: int, tail: int) -> int:
         """The offset where the last n lines begin (a partial last line counts),
@@ -428,32 +335,13 @@ class Hub:
         start = self.ring.head
         self.ring.write(data)
         self.bytes_in += len(data)
-        now = self._clock()
-        arrivals = self._arrivals
-        arrivals.append((start, now))
-        tail = self.ring.tail
-        while len(arrivals) > MAX_ARRIVALS or (len(arrivals) > 1 and arrivals[1][0] <= tail):
-            arrivals.popleft()
-        if self.framed:
-            chunk = bytes(data)
-            for log in self.framed.values():
-                log.append(start, chunk, now)
+        self.records.published(start, data)
         if self._blocked:
             head = self.head
             for reader in list(self._blocked):
                 if head - reader.cursor > reader.policy.capacity:
                     self._overflow(reader)
         self._schedule_flush()
-
-    def _clock(self) -> float:
-        """The wall-clock time for a record: never earlier than the last one,
-        so that a stream's (and a trace's) times never go back when the clock
-        is stepped back; they stand still until it catches up."""
-        now = time.time()
-        if now < self._last_time:
-            return self._last_time
-        self._last_time = now
-        return now
 
     def _schedule_flush(self) -> None:
         if self._flush_pending:
@@ -541,7 +429,7 @@ class Hub:
         log = reader.log
         if log is not None:
             # A line that goes on after the marker is stamped again (text).
-            now = self._clock()
+            now = self.records.clock()
             state = log.state_at(reader.cursor)
             resume = None if state is None or state[0] else (state[1] or now)
             marker = log.encoder.event(
@@ -633,97 +521,12 @@ class Hub:
         head = self.head
         return max((head - r.cursor for r in self.readers.values()), default=0)
 
-    # -- in: writers -> device ------------------------------------------------
-
-    def input_budget(self, reader: Reader) -> int:
-        """How many bytes this reader may read now; 0 means pause its input."""
-        if not reader.policy.writable:
-            return READ_CHUNK  # read to notice EOF, discard
-        room = self.queue.room()
-        if room == 0:
-            if not self.queue.bytes:
-                # Held partial lines alone fill the bound: nothing would ever
-                # drain and resume anyone. They go out as they are (each still
-                # one unit), so the device drains them and consumed() resumes
-                # the writers.
-                for held in [r for r in self.readers.values() if r.held]:
-                    self._release_held(held)
-            reader.input_paused = True
-            self._paused.add(reader)
-            return 0
-        return min(READ_CHUNK, room)
-
-    def submit(self, reader: Reader, data: bytes) -> None:
-        """Bytes a reader sent, already limited by input_budget()."""
-        if not reader.policy.writable:
-            self.input_discarded += len(data)
-            return
-        for observe in self.input_observers:
-            observe(reader, data)
-        assembler = reader.assembler
-        if assembler is None:
-            self.queue.push(data)
-        else:
-            self.queue.held -= assembler.held
-            for line in assembler.feed(data):
-                self.queue.push(line)
-            self.queue.held += assembler.held
-            self._restart_line_timer(reader)
-        self._queued()
-
-    def input_ended(self, reader: Reader) -> None:
-        """The reader will send no more (it half-closed): release its held partial line."""
-        self._release_held(reader)
-
-    def _restart_line_timer(self, reader: Reader) -> None:
-        """Input arrived: the idle clock of the reader's partial line starts again.
-        Cancel and re-arm rather than keep one timer and move its deadline: the
-        reactor's heap has no "move", and its sweep keeps cancelled timers cheap."""
-        if reader.line_timer is not None:
-            reader.line_timer.cancel()
-            reader.line_timer = None
-        timeout = self.bounds.line_timeout
-        if timeout > 0 and reader.held and reader.id in self.readers:
-            reader.line_timer = self.reactor.call_later(timeout, lambda: self._line_idle(reader))
-
-    def _line_idle(self, reader: Reader) -> None:
-        """The partial line idled for line_timeout: it goes out as a unit of its
-        own (a lone key, a prompt's answer typed without Enter)."""
-        reader.line_timer = None
-        if reader.id in self.readers:
-            self._release_held(reader)
-
-    def _release_held(self, reader: Reader) -> None:
-        # The timer holds the reader through its callback: cancelling drops that
-        # reference, so a detached reader is not kept alive until the deadline.
-        if reader.line_timer is not None:
-            reader.line_timer.cancel()
-            reader.line_timer = None
-        if reader.assembler is not None:
-            self.queue.held -= reader.assembler.held
-            self.queue.push(reader.assembler.flush())
-            self._queued()
-
-    def _queued(self) -> None:
-        if self.queue.bytes:
-            self.on_write_ready()
-
-    def consumed(self, n: int) -> None:
-        """The upstream wrote n bytes of the queue to the device."""
-        self.queue.consume(n)
-        self.bytes_out += n
-        if self._paused and self.queue.bytes <= self.queue.limit // 2:
-            paused, self._paused = self._paused, set()
-            for reader in paused:
-                reader.input_paused = False
-                reader.owner.on_write_room()
-
     # -- notices ----------------------------------------------------------------
 
     def notice(self, text: str, **fields: Any) -> None:
         """An event (an upstream state change), in-band at the current offset:
         a record for every record reader, a line for raw readers with notices on."""
-        now = self._clock()
+        now = self.records.clock()
         for reader in self.readers.values():
             if reader.doomed is not None:
                 continue
@@ -748,19 +551,15 @@ class Hub:
         """Apply a reloaded port's bounds to the log and queue."""
         self.bounds = bounds
         if bounds.log_capacity != self.ring.capacity:
-            self.ring = self.ring.resized(bounds.log_capacity)
-        self.queue.limit = bounds.write_queue
+            self.ring = self.records.ring = self.ring.resized(bounds.log_capacity)
+        self.writes.resize(bounds.write_queue, bounds.max_line, bounds.line_timeout)
 
     def retarget(self, reader: Reader, policy: ReaderPolicy) -> None:
         """A reloaded listener's options apply to its connected readers at once,
         but for the format, which the connection was made for: new readers get it."""
         policy = dataclasses.replace(policy, format=reader.policy.format)
         reader.policy = policy
-        if policy.writable and policy.lines and reader.assembler is None:
-            reader.assembler = LineAssembler(self.bounds.max_line)
-        elif not (policy.writable and policy.lines) and reader.assembler is not None:
-            self._release_held(reader)
-            reader.assembler = None
+        self.writes.retarget(reader, policy)
         if self.head - reader.cursor > policy.capacity:
             self._overflow(reader)
 

@@ -161,9 +161,9 @@ class MuxdCollector:
             down.add_metric([port], st.seconds_down())
             last_change.add_metric([port], st.since)
             read.add_metric([port], hub.bytes_in)
-            written.add_metric([port], hub.bytes_out)
-            queue.add_metric([port], hub.queue.bytes)
-            discarded.add_metric([port], hub.input_discarded)
+            written.add_metric([port], hub.writes.bytes_out)
+            queue.add_metric([port], hub.writes.queue.bytes)
+            discarded.add_metric([port], hub.writes.discarded)
             max_lag.add_metric([port], max((hub.lag(r) for r in rt.clients()), default=0))
             unacked.add_metric([port], rt.upstream.bytes_unacked_lost)
             lc = rt.line_control

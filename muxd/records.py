@@ -288,3 +288,82 @@ class FramedLog:
             if at < 0:
                 return 0
         return at + 1
+
+
+# Arrival times kept, at most: one per device read still in the ring. A ring
+# of the default 256 KiB holds 4096 reads of 64 bytes; beyond, the oldest
+# chunks' times are merged into their successors' (a later stamp, never lost bytes).
+MAX_ARRIVALS = 16 * 1024
+
+
+class RecordLogs:
+    """A port's FramedLogs, one per record format in use, and the arrival times
+    of the chunks its ring holds.
+
+    Formats the config names (``kept``) are encoded from the start, so their
+    history is there for the first reader. A format only some connections ask
+    for (a WebSocket's query) is created for the first of them by replaying the
+    ring with the original arrival times, and dropped when the last one leaves.
+    """
+
+    def __init__(self, port: str, capacity: int, kept: tuple[Format, ...], ring: Ring) -> None:
+        self.port = port
+        self.capacity = capacity
+        self.kept = kept
+        self.ring = ring  # the hub's; replaced with it on a resize
+        self.logs: dict[Format, FramedLog] = {}
+        self._arrivals: deque[tuple[int, float]] = deque()
+        self._last_time = 0.0  # the latest time given to a record (see clock)
+        for fmt in kept:
+            self.log(fmt)
+
+    def clock(self) -> float:
+        """The wall-clock time for a record: never earlier than the last one,
+        so that a stream's (and a trace's) times never go back when the clock
+        is stepped back; they stand still until it catches up."""
+        now = time.time()
+        if now < self._last_time:
+            return self._last_time
+        self._last_time = now
+        return now
+
+    def published(self, start: int, data: bytes | memoryview) -> None:
+        """The device's chunk at raw offset `start` is in the ring: stamp it,
+        and encode it once into every log in use."""
+        now = self.clock()
+        arrivals = self._arrivals
+        arrivals.append((start, now))
+        tail = self.ring.tail
+        while len(arrivals) > MAX_ARRIVALS or (len(arrivals) > 1 and arrivals[1][0] <= tail):
+            arrivals.popleft()
+        if self.logs:
+            chunk = bytes(data)
+            for log in self.logs.values():
+                log.append(start, chunk, now)
+
+    def log(self, fmt: Format) -> FramedLog:
+        log = self.logs.get(fmt)
+        if log is None:
+            log = self.logs[fmt] = FramedLog(fmt, self.port, self.capacity)
+            self._replay(log)
+        return log
+
+    def unused(self, log: FramedLog) -> None:
+        """No reader reads this log any more: drop it unless the config keeps it."""
+        if log.format not in self.kept and self.logs.get(log.format) is log:
+            del self.logs[log.format]
+
+    def _replay(self, log: FramedLog) -> None:
+        """Encode what the ring holds into a new framed log, chunk by chunk,
+        with the times the chunks arrived."""
+        ring = self.ring
+        tail, head = ring.tail, ring.head
+        arrivals = list(self._arrivals)
+        if arrivals and arrivals[0][0] > tail:  # older times were merged away
+            arrivals[0] = (tail, arrivals[0][1])
+        for i, (off, t) in enumerate(arrivals):
+            start = max(off, tail)
+            end = arrivals[i + 1][0] if i + 1 < len(arrivals) else head
+            if end > start:
+                log.append(start, ring.read(start, end), t)
+        log.raw_head = head

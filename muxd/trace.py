@@ -98,7 +98,7 @@ class Trace:
         if self.reader.log is not None:
             self._framed_mark = self.reader.log.ring.head
         if spec.input and spec.format != "raw":
-            hub.input_observers.append(self._on_input)
+            hub.writes.observers.append(self._on_input)
 
     def start(self) -> None:
         self._open()
@@ -112,7 +112,7 @@ class Trace:
             self._timer.cancel()
             self._timer = None
         with contextlib.suppress(ValueError):
-            self.hub.input_observers.remove(self._on_input)
+            self.hub.writes.observers.remove(self._on_input)
         self.hub.detach(self.reader, "stopped")
         self._close_fd()
 

@@ -610,9 +610,9 @@ def test_a_format_only_a_connection_asked_for_is_encoded_while_it_reads() -> Non
     taker, reader = _attach(hub, "jsonl", history_lines=1)
     taker.take_all(hub)
     assert json.loads(taker.got)["data"] == "before\n"  # the past, replayed for the new format
-    assert set(hub.framed) == {"text", "jsonl"}
+    assert set(hub.records.logs) == {"text", "jsonl"}
     hub.detach(reader, "peer closed")
-    assert set(hub.framed) == {"text"}  # the configured one stays
+    assert set(hub.records.logs) == {"text"}  # the configured one stays
 
 
 def test_record_times_never_go_back_when_the_clock_is_stepped_back(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -448,6 +448,7 @@ PARTIAL = 400
 # before the fix the released lines were all queued within milliseconds).
 LEAVE_WINDOW = 1.0
 
+
 def _partial_line(i: int) -> bytes:
     return (f"w{i:03d}-".encode() + b"abcdefghij" * (PARTIAL // 10))[:PARTIAL]
 

@@ -77,11 +77,11 @@ def device_hub(reactor: Reactor, line_timeout: float) -> tuple[Hub, list[bytes]]
     units: list[bytes] = []
 
     def take() -> None:
-        while (unit := hub.queue.peek()) is not None:
+        while (unit := hub.writes.queue.peek()) is not None:
             units.append(bytes(unit))
-            hub.consumed(len(unit))
+            hub.writes.consumed(len(unit))
 
-    hub.on_write_ready = take
+    hub.writes.on_ready = take
     return hub, units
 
 
@@ -95,13 +95,13 @@ def test_ctrl_c_passes_a_partial_line_another_writer_holds() -> None:
     hub, units = device_hub(reactor, line_timeout=5.0)
     a = hub.attach(Owner(), lines_policy(), "a")
     b = hub.attach(Owner(), lines_policy(), "b")
-    hub.submit(a, b"ls -l /va")
-    hub.submit(b, b"\x03")  # at once, inside submit: no turn of the loop, no timeout
+    hub.writes.submit(a, b"ls -l /va")
+    hub.writes.submit(b, b"\x03")  # at once, inside submit: no turn of the loop, no timeout
     assert units == [b"\x03"]
-    hub.submit(b, b"top\x03")  # b's own partial line goes first, then its Ctrl-C
-    hub.submit(a, b"r\n")
+    hub.writes.submit(b, b"top\x03")  # b's own partial line goes first, then its Ctrl-C
+    hub.writes.submit(a, b"r\n")
     assert units == [b"\x03", b"top", b"\x03", b"ls -l /var\n"]
-    assert hub.queue.held == 0
+    assert hub.writes.queue.held == 0
 
 
 def test_idle_partial_line_goes_out_after_line_timeout_from_one_timer() -> None:
@@ -110,19 +110,19 @@ def test_idle_partial_line_goes_out_after_line_timeout_from_one_timer() -> None:
     hub, units = device_hub(reactor, line_timeout=timeout)
     a = hub.attach(Owner(), lines_policy(), "a")
     b = hub.attach(Owner(), lines_policy(), "b")
-    hub.submit(a, b"y")
+    hub.writes.submit(a, b"y")
     first = a.line_timer
     assert first is not None
     started = time.monotonic()
-    hub.submit(a, b"e")  # input restarts the idle clock: still one timer
+    hub.writes.submit(a, b"e")  # input restarts the idle clock: still one timer
     assert first.cancelled and a.line_timer is not None and a.line_timer is not first
-    hub.submit(b, b"whole line\n")  # a whole line arms nothing
+    hub.writes.submit(b, b"whole line\n")  # a whole line arms nothing
     assert b.line_timer is None and units == [b"whole line\n"]
     run_until(reactor, lambda: len(units) == 2, "the idle partial line", timeout=5.0)
     assert time.monotonic() - started >= timeout
     assert units == [b"whole line\n", b"ye"]  # one unit, not a key per unit
-    assert timer_of(a) is None and hub.queue.held == 0  # the timer that fired is gone too
-    hub.submit(a, b"s\n")  # the rest of the line is a unit of its own afterwards
+    assert timer_of(a) is None and hub.writes.queue.held == 0  # the timer that fired is gone too
+    hub.writes.submit(a, b"s\n")  # the rest of the line is a unit of its own afterwards
     assert units[-1] == b"s\n" and timer_of(a) is None
 
 
@@ -130,9 +130,9 @@ def test_line_timeout_zero_holds_until_the_line_ends() -> None:
     reactor = Reactor()
     hub, units = device_hub(reactor, line_timeout=0)
     a = hub.attach(Owner(), lines_policy(), "a")
-    hub.submit(a, b"partial")
-    assert a.line_timer is None and units == [] and hub.queue.held == 7
-    hub.submit(a, b"\r")
+    hub.writes.submit(a, b"partial")
+    assert a.line_timer is None and units == [] and hub.writes.queue.held == 7
+    hub.writes.submit(a, b"\r")
     assert units == [b"partial\r"]
 
 
@@ -142,7 +142,7 @@ def test_detach_cancels_the_timer_and_lets_go_of_the_reader() -> None:
     owner = Owner()
     reader: Reader | None = hub.attach(owner, lines_policy(), "a")
     assert reader is not None
-    hub.submit(reader, b"half a com")
+    hub.writes.submit(reader, b"half a com")
     timer = reader.line_timer
     assert timer is not None
     gone = weakref.ref(owner)

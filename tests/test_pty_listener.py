@@ -218,7 +218,7 @@ def test_a_program_that_closes_while_input_is_paused_does_not_spin_the_loop(
         sent = os.urandom(4096)
         os.write(fd, sent)
         os.close(fd)
-        run_until(reactor, lambda: hub.queue.room() == 0, "the write queue full")
+        run_until(reactor, lambda: hub.writes.queue.room() == 0, "the write queue full")
         turns, deadline = 0, time.monotonic() + 0.3
         while time.monotonic() < deadline and turns < 1000:
             reactor.run_once(0.05)
@@ -228,8 +228,8 @@ def test_a_program_that_closes_while_input_is_paused_does_not_spin_the_loop(
         got = bytearray()
 
         def drain() -> bool:
-            got.extend(b"".join(bytes(u) for u in hub.queue.units))
-            hub.consumed(hub.queue.bytes)
+            got.extend(b"".join(bytes(u) for u in hub.writes.queue.units))
+            hub.writes.consumed(hub.writes.queue.bytes)
             return not listener.clients
 
         run_until(reactor, drain, "the session to end")

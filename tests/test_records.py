@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from muxd.hub import Hub, PortBounds, Reader, ReaderPolicy
 from muxd.reactor import Reactor
-from muxd.records import FramedLog, JsonlEncoder, TextEncoder, stamp
+from muxd.records import Format, FramedLog, JsonlEncoder, TextEncoder, stamp
 
 STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 
@@ -111,8 +111,8 @@ def _hub(history: int = 4096, capacity: int = 4096) -> Hub:
     return Hub("p", PortBounds(capacity, 1024, 64, history, formats=("jsonl",)), Reactor())
 
 
-def _policy(fmt: str = "jsonl", capacity: int = 4096) -> ReaderPolicy:
-    return ReaderPolicy("l", capacity, True, writable=False, lines=False, notices=False, format=fmt)  # type: ignore[arg-type]
+def _policy(fmt: Format = "jsonl", capacity: int = 4096) -> ReaderPolicy:
+    return ReaderPolicy("l", capacity, True, writable=False, lines=False, notices=False, format=fmt)
 
 
 def test_history_then_live_has_no_gap_and_no_duplicate_at_the_seam() -> None:

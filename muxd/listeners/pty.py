@@ -170,7 +170,7 @@ class PtySession(Connection):
     def _received(self, packet: bytes) -> None:
         # Packet mode: a status byte first (muxd.transport.PtyTransport).
         if packet[0] == termios.TIOCPKT_DATA:
-            self.hub.submit(self.reader, packet[1:])
+            self.hub.writes.submit(self.reader, packet[1:])
         elif packet[0] & TIOCPKT_IOCTL:
             self._termios_changed()
         # Other statuses (the program flushed or stopped its queues) need nothing.

@@ -170,7 +170,7 @@ class Rfc2217Connection(Connection):
     def _handle(self, event: Event) -> None:
         codec = self.codec
         if isinstance(event, Data):
-            self.hub.submit(self.reader, event.data)
+            self.hub.writes.submit(self.reader, event.data)
         elif isinstance(event, ConnectionClosed):
             self.close("peer closed")
         elif isinstance(event, ComPortOption):

@@ -34,7 +34,7 @@ Output
 
 Input
     Text and binary messages go to the hub like a TCP client's bytes: to the
-    device if the listener is rw, through input_budget()/submit(), so a full
+    device if the listener is rw, through the hub's writes (muxd.writes), so a full
     write queue stops this socket being read (backpressure); discarded and
     counted if it is ro. A message over MAX_MESSAGE closes with 1009.
 
@@ -342,9 +342,9 @@ class WebSocketClient(Connection):
                 if event.message_finished:
                     self._message_size = 0
                 if self.read_only:
-                    self.hub.input_discarded += len(payload)  # as hub.submit does for a ro reader
+                    self.hub.writes.discarded += len(payload)  # as hub.submit does for a ro reader
                 else:
-                    self.hub.submit(self.reader, payload)
+                    self.hub.writes.submit(self.reader, payload)
             elif isinstance(event, Ping):
                 self._out += self.ws.send(event.response())
             elif isinstance(event, Pong):

@@ -143,7 +143,7 @@ class FdUpstream(ABC):
         # Bytes handed to the device that it may never have got (a TCP link that
         # died with them unacknowledged: muxd.upstream.tcp); counted, never silent.
         self.bytes_unacked_lost = 0
-        hub.on_write_ready = self._on_write_ready
+        hub.writes.on_ready = self._on_write_ready
 
     # -- subclass hooks -------------------------------------------------------
 
@@ -298,7 +298,7 @@ class FdUpstream(ABC):
     # -- data -------------------------------------------------------------------
 
     def _out_mask(self) -> int:
-        return OUT if self.hub.queue.bytes else 0
+        return OUT if self.hub.writes.queue.bytes else 0
 
     def _on_events(self, mask: int) -> None:
         if mask & OUT:
@@ -323,7 +323,7 @@ class FdUpstream(ABC):
             self._drain()  # try at once; EPOLLOUT only if the device is slower
 
     def _drain(self) -> None:
-        queue = self.hub.queue
+        queue = self.hub.writes.queue
         while self.fd is not None and (unit := queue.peek()) is not None:
             try:
                 n = self._write(unit)
@@ -332,7 +332,7 @@ class FdUpstream(ABC):
             except OSError as exc:
                 self._lost(self._loss_reason(exc))
                 return
-            self.hub.consumed(n)
+            self.hub.writes.consumed(n)
             if n < len(unit):
                 break
         if self.fd is not None:

@@ -69,7 +69,7 @@ class SimDevice:
         # (monotonic time, line, level) of every change: what a test asserts on.
         # Bounded: the newest CONTROL_LOG entries.
         self.control_log: list[tuple[float, str, bool]] = []
-        hub.on_write_ready = self._on_input
+        hub.writes.on_ready = self._on_input
 
     def describe(self) -> str:
         return self.cfg.describe()
@@ -159,10 +159,10 @@ class SimDevice:
 
     def _on_input(self) -> None:
         """Clients wrote to the device: take everything (a UART is always ready)."""
-        queue = self.hub.queue
+        queue = self.hub.writes.queue
         while (unit := queue.peek()) is not None:
             data = bytes(unit)
-            self.hub.consumed(len(data))
+            self.hub.writes.consumed(len(data))
             for byte in data:
                 self._key(byte)
 

@@ -290,7 +290,7 @@ class TcpPort(FdUpstream):
             self._drain()
 
     def _out_mask(self) -> int:
-        return OUT if self._out or self.hub.queue.bytes else 0
+        return OUT if self._out or self.hub.writes.queue.bytes else 0
 
     def _drain(self) -> None:
         try:

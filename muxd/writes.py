@@ -1,0 +1,208 @@
+"""The way back to the device: what writers send, arbitrated into one bounded queue.
+
+Bytes from rw readers enter a bounded FIFO of units. A unit is one read from
+one client (``write: chunks``) or one whole line (``write: lines``), and is
+never split by another client's bytes. Under ``write: lines`` a control
+character (Ctrl-C) or a key's escape sequence is a unit of its own, released
+at once after the writer's partial line (muxd.protocol.framing), and a partial
+line idle for ``line_timeout`` is released as a unit by a timer, one per
+reader at most, so a lone key reaches the device without a newline.
+
+When the queue is full, writers are not read (the connection core switches
+their EPOLLIN off) until the device has drained it below half: backpressure,
+never a silent drop. Input from ro readers is read and discarded, and counted.
+The bound counts the partial lines readers hold, so the queue never exceeds it,
+even when many writers leave at once; and when held lines alone fill it they
+are released, so the device drains them and the writers resume.
+
+The upstream takes units with ``queue.peek()`` and reports what the device
+took with ``consumed(n)``; ``on_ready`` tells it the queue became non-empty.
+Observers (traces with ``input: true``) see each writer's bytes as accepted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from muxd.protocol.framing import LineAssembler
+from muxd.reactor import Reactor
+
+if TYPE_CHECKING:
+    from muxd.hub import Reader, ReaderPolicy
+
+# A reader reads at most this much per wake-up: enough for any burst of typed
+# or scripted commands, small enough that one flooding writer cannot starve
+# the loop.
+READ_CHUNK = 16 * 1024
+
+
+class WriteQueue:
+    """Bounded FIFO of write units on their way to the device.
+
+    The bound counts what writers have sent and muxd has accepted: the queued
+    units and the partial lines readers hold (``held``), which join the queue
+    when their line ends or their writer leaves. A writer is read only while
+    there is room for everything it may send in one read, so the queue never
+    holds more than ``limit`` bytes, even when many writers leave at once and
+    their partial lines are released together.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.units: deque[memoryview] = deque()
+        self.bytes = 0
+        self.held = 0  # partial lines held by readers' assemblers
+
+    def room(self) -> int:
+        return max(0, self.limit - self.bytes - self.held)
+
+    def push(self, unit: bytes) -> None:
+        if unit:
+            self.units.append(memoryview(unit))
+            self.bytes += len(unit)
+
+    def peek(self) -> memoryview | None:
+        return self.units[0] if self.units else None
+
+    def consume(self, n: int) -> None:
+        self.bytes -= n
+        while n:
+            head = self.units[0]
+            if n >= len(head):
+                n -= len(head)
+                self.units.popleft()
+            else:
+                self.units[0] = head[n:]
+                n = 0
+
+
+class Writes:
+    """One port's writers and its device write queue."""
+
+    def __init__(self, limit: int, max_line: int, line_timeout: float, reactor: Reactor) -> None:
+        self.queue = WriteQueue(limit)
+        self.max_line = max_line
+        self.line_timeout = line_timeout  # seconds; 0: a partial line waits for its end
+        self.reactor = reactor
+        self._paused: set[Reader] = set()  # writers not read until the queue drains
+        self._holding: set[Reader] = set()  # writers with a partial line held
+        # Called with what a writer's input put on the way to the device.
+        self.observers: list[Callable[[Reader, bytes], None]] = []
+        # Set by the upstream: called when the queue goes from empty to non-empty.
+        self.on_ready: Callable[[], None] = lambda: None
+        self.bytes_out = 0
+        self.discarded = 0  # bytes from ro readers
+
+    def assembler_for(self, policy: ReaderPolicy) -> LineAssembler | None:
+        return LineAssembler(self.max_line) if policy.writable and policy.lines else None
+
+    def budget(self, reader: Reader) -> int:
+        """How many bytes this reader may read now; 0 means pause its input."""
+        if not reader.policy.writable:
+            return READ_CHUNK  # read to notice EOF, discard
+        room = self.queue.room()
+        if room == 0:
+            if not self.queue.bytes:
+                # Held partial lines alone fill the bound: nothing would ever
+                # drain and resume anyone. They go out as they are (each still
+                # one unit), so the device drains them and consumed() resumes
+                # the writers.
+                for held in list(self._holding):
+                    self.release(held)
+            reader.input_paused = True
+            self._paused.add(reader)
+            return 0
+        return min(READ_CHUNK, room)
+
+    def submit(self, reader: Reader, data: bytes) -> None:
+        """Bytes a reader sent, already limited by budget()."""
+        if not reader.policy.writable:
+            self.discarded += len(data)
+            return
+        for observe in self.observers:
+            observe(reader, data)
+        assembler = reader.assembler
+        if assembler is None:
+            self.queue.push(data)
+        else:
+            self.queue.held -= assembler.held
+            for line in assembler.feed(data):
+                self.queue.push(line)
+            self.queue.held += assembler.held
+            self._restart_line_timer(reader)
+        self._queued()
+
+    def input_ended(self, reader: Reader) -> None:
+        """The reader will send no more (it half-closed): release its held partial line."""
+        self.release(reader)
+
+    def leave(self, reader: Reader) -> None:
+        """The reader is gone: a partial last line still goes out."""
+        self._paused.discard(reader)
+        self.release(reader)
+
+    def retarget(self, reader: Reader, policy: ReaderPolicy) -> None:
+        """A reloaded listener's write mode applies to a connected reader."""
+        lines = policy.writable and policy.lines
+        if lines and reader.assembler is None:
+            reader.assembler = LineAssembler(self.max_line)
+        elif not lines and reader.assembler is not None:
+            self.release(reader)
+            reader.assembler = None
+
+    def _restart_line_timer(self, reader: Reader) -> None:
+        """Input arrived: the idle clock of the reader's partial line starts again.
+        Cancel and re-arm rather than keep one timer and move its deadline: the
+        reactor's heap has no "move", and its sweep keeps cancelled timers cheap."""
+        if reader.line_timer is not None:
+            reader.line_timer.cancel()
+            reader.line_timer = None
+        if reader.held:
+            self._holding.add(reader)
+            if self.line_timeout > 0:
+                reader.line_timer = self.reactor.call_later(
+                    self.line_timeout, lambda: self._line_idle(reader)
+                )
+        else:
+            self._holding.discard(reader)
+
+    def _line_idle(self, reader: Reader) -> None:
+        """The partial line idled for line_timeout: it goes out as a unit of its
+        own (a lone key, a prompt's answer typed without Enter)."""
+        reader.line_timer = None
+        self.release(reader)
+
+    def release(self, reader: Reader) -> None:
+        """The reader's held partial line goes into the queue as one unit."""
+        # The timer holds the reader through its callback: cancelling drops that
+        # reference, so a detached reader is not kept alive until the deadline.
+        if reader.line_timer is not None:
+            reader.line_timer.cancel()
+            reader.line_timer = None
+        self._holding.discard(reader)
+        if reader.assembler is not None:
+            self.queue.held -= reader.assembler.held
+            self.queue.push(reader.assembler.flush())
+            self._queued()
+
+    def _queued(self) -> None:
+        if self.queue.bytes:
+            self.on_ready()
+
+    def consumed(self, n: int) -> None:
+        """The upstream wrote n bytes of the queue to the device."""
+        self.queue.consume(n)
+        self.bytes_out += n
+        if self._paused and self.queue.bytes <= self.queue.limit // 2:
+            paused, self._paused = self._paused, set()
+            for reader in paused:
+                reader.input_paused = False
+                reader.owner.on_write_room()
+
+    def resize(self, limit: int, max_line: int, line_timeout: float) -> None:
+        """A reloaded port's bounds; held lines keep their assemblers."""
+        self.queue.limit = limit
+        self.max_line = max_line
+        self.line_timeout = line_timeout
