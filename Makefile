@@ -15,12 +15,13 @@ DEMO_ARGS ?=
 
 # Debian packages the test suite drives as real peers: chromium (web console),
 # promtool (metrics lint), systemd tools (socket activation, unit checks), the
-# .deb toolchain, and libsystemd-dev/pkg-config to build systemd-python.
+# .deb toolchain, libsystemd-dev/pkg-config to build systemd-python, and
+# openssl (s_client reads a TLS listener).
 SYSTEM_PACKAGES := chromium prometheus systemd dpkg-dev debhelper dh-python \
 	pybuild-plugin-pyproject python3-all python3-setuptools lintian \
-	libsystemd-dev pkg-config netcat-openbsd
+	libsystemd-dev pkg-config netcat-openbsd openssl
 SYSTEM_COMMANDS := chromium promtool systemd-socket-activate systemd-analyze \
-	dpkg-buildpackage dh_python3 lintian pkg-config nc
+	dpkg-buildpackage dh_python3 lintian pkg-config nc openssl
 
 .PHONY: run demo test lint system-deps venv bench bench-deps bench-smoke deb clean
 
