@@ -386,17 +386,26 @@ def _ports() -> int:
     return EXIT_OK
 
 
+def _api_url(args: argparse.Namespace) -> str | None:
+    """The base URL of the daemon to ask: --url, or the config's first http
+    server; None (said on stderr) for a bad --url."""
+    from muxd import client
+
+    if not args.url:
+        return client.status_url(configmod.load(args.config))
+    try:
+        return client.normalize_url(args.url)
+    except ValueError as exc:
+        print(f"muxd: --url: {exc}", file=sys.stderr)
+        return None
+
+
 def _status(args: argparse.Namespace) -> int:
     from muxd import client
 
-    if args.url:
-        try:
-            url = client.normalize_url(args.url)
-        except ValueError as exc:
-            print(f"muxd: --url: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-    else:
-        url = client.status_url(configmod.load(args.config))
+    url = _api_url(args)
+    if url is None:
+        return EXIT_CONFIG
     try:
         status = client.fetch_status(url)
     except (OSError, ValueError) as exc:  # unreachable, an HTTP error, or not muxd's JSON
@@ -419,14 +428,9 @@ def _ctl(args: argparse.Namespace) -> int:
     if (args.sequence is None) == (not signals):
         print("muxd: ctl: give a SEQUENCE, or --dtr/--rts/--break (not both)", file=sys.stderr)
         return EXIT_CONFIG
-    if args.url:
-        try:
-            url = client.normalize_url(args.url)
-        except ValueError as exc:
-            print(f"muxd: --url: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-    else:
-        url = client.status_url(configmod.load(args.config))
+    url = _api_url(args)
+    if url is None:
+        return EXIT_CONFIG
     token = args.token or os.environ.get("MUXD_TOKEN") or None
     try:
         answer = client.control(url, args.port, args.sequence, signals or None, token)

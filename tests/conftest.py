@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -25,6 +26,9 @@ from tests.helpers import (
     write_config,
 )
 
+if TYPE_CHECKING:
+    import serial
+
 __all__ = [
     "ROOT",
     "Muxd",
@@ -37,6 +41,7 @@ __all__ = [
     "pty_device",
     "recv_exactly",
     "recv_until",
+    "serial_ports",
     "wait_for",
     "write_config",
 ]
@@ -75,3 +80,12 @@ def k2() -> Iterator[FakeK2]:
     fake = FakeK2()
     yield fake
     fake.stop()
+
+
+@pytest.fixture
+def serial_ports() -> Iterator[list[serial.Serial]]:
+    """pyserial ports the test opens (it appends them here), closed at the end."""
+    opened: list[serial.Serial] = []
+    yield opened
+    for s in opened:
+        s.close()

@@ -6,12 +6,16 @@
   AssertionError that says what was received.
 - Codec tests: ``splits`` / ``cut`` / ``merge_data`` feed a wire whole, byte by
   byte and cut anywhere, and compare events up to how data was chunked.
+  ``feeds`` adds TRAILING bytes; ``settled`` / ``sent`` collect a codec's outbox.
 - The device: ``PtyDevice``, a pty whose slave muxd opens as its serial port.
 - The daemon: ``Muxd`` (a real subprocess, stopped by PID) and ``start_muxd``
   (write a config, start, wait until ready). Tests synchronise on state read
   from the JSON API (``/api/v1/ports``: each port's state and clients), not on
   the wording of log lines: ``start_muxd`` adds an http server to a config that
   has none. ``Muxd.wait_log`` stays for tests whose assertion is a log line.
+- In-process: ``make_front`` (an HttpFront on its own reactor), ``running_front``
+  and the fuzz drivers ``fuzz_settings`` / ``fuzz_seeds``; ``IdleOwner``, a hub
+  reader's owner that does nothing. ``run_muxd`` runs the command line.
 - Addresses: when muxd binds port 0 and writes ``--ready-file``, the harness
   asks for port 0 and reads the bound addresses from the ready file (no
   bind-close-reuse race). On a muxd without them it falls back to
@@ -39,9 +43,16 @@ import time
 import tty
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    import pytest
+    from hypothesis import settings
+
+    from muxd.listeners.http import HttpFront, HttpTimeouts
+    from muxd.reactor import Reactor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,6 +195,18 @@ def cut(wire: bytes, points: Sequence[int]) -> list[bytes]:
     return [wire[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
+# Valid telnet bytes after an input: data, a negotiation, an escaped 0xFF.
+TRAILING = b"more\xff\xfb\x00\xff\xff"
+
+
+def feeds(wire: bytes) -> Iterator[list[bytes]]:
+    """``wire`` whole, byte by byte, cut anywhere, and each of those with trailing bytes."""
+    yield from splits(wire)
+    yield [wire + TRAILING]
+    yield [bytes((b,)) for b in wire + TRAILING]
+    yield [wire, TRAILING]
+
+
 E = TypeVar("E")
 
 
@@ -197,6 +220,39 @@ def merge_data(events: Sequence[E], data_type: type[Any]) -> list[E]:
         else:
             merged.append(event)
     return merged
+
+
+class _Codec(Protocol):
+    def send(self, event: Any) -> None: ...
+    def data_to_send(self) -> bytes: ...
+
+
+C = TypeVar("C", bound=_Codec)
+
+
+def settled(codec: C) -> C:
+    """The codec with its initial negotiation collected: its outbox is empty."""
+    codec.data_to_send()
+    return codec
+
+
+def sent(codec: _Codec, event: Any) -> bytes:
+    """What send() queues for one event, collected at once."""
+    codec.send(event)
+    return codec.data_to_send()
+
+
+class IdleOwner:
+    """A hub reader's owner that never has anything to do (subclass it for one that does)."""
+
+    def on_data(self) -> None:
+        pass
+
+    def on_write_room(self) -> None:
+        pass
+
+    def close(self, reason: str) -> None:
+        pass
 
 
 # -- the device: a pty ----------------------------------------------------------------------------
@@ -331,6 +387,21 @@ def metric(addr: str, name: str, **labels: str) -> float:
             if sample.name == name and labels.items() <= sample.labels.items():
                 total += sample.value
     return total
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def muxd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "muxd", *args]
+
+
+def run_muxd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m muxd ARGS`` in the tree, to its end, output captured as text.
+    subprocess.run kills the child by its PID if it overruns the timeout."""
+    return subprocess.run(
+        muxd_cmd(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 # -- what the muxd under test can do -------------------------------------------------------------
@@ -705,6 +776,102 @@ def start_http(
     return m, m.http
 
 
+# -- the HTTP front in-process, and fuzzing it --------------------------------------------------
+
+
+def make_front(timeouts: HttpTimeouts | None = None, **http: Any) -> tuple[Reactor, HttpFront]:
+    """An HttpFront on its own reactor, on 127.0.0.1, serving port "p" (a
+    simulated device, with an rw websocket listener); started."""
+    from muxd import config as configmod
+    from muxd.listeners.http import HttpFront, HttpTimeouts
+    from muxd.port import PortRuntime
+    from muxd.reactor import Reactor
+
+    cfg = configmod.from_data(
+        {
+            "ports": [
+                {"name": "p", "upstream": {"sim": True}, "listeners": [{"websocket": True, "mode": "rw"}]}
+            ],
+            "http": {"listen": f"127.0.0.1:{free_port()}", **http},
+        }
+    )
+    reactor = Reactor()
+    ports = {p.name: PortRuntime.build(p, reactor) for p in cfg.ports}
+    srv = HttpFront(cfg.http[0], lambda: ports, reactor, timeouts=timeouts or HttpTimeouts())
+    srv.start()
+    return reactor, srv
+
+
+def stop_front(reactor: Reactor, srv: HttpFront) -> None:
+    for client in list(srv.clients):
+        client.close("shutdown")
+    srv.stop()
+    reactor.close()
+
+
+def running_front() -> Iterator[tuple[Reactor, HttpFront]]:
+    """For a module-scoped fixture: make_front with port "p"'s simulated device
+    started (it echoes rw input, so both paths run); all stopped after."""
+    reactor, srv = make_front()
+    srv.ports()["p"].upstream.start()
+    yield reactor, srv
+    srv.ports()["p"].upstream.stop()
+    stop_front(reactor, srv)
+
+
+def drain_front(reactor: Reactor, srv: HttpFront, turns: int = 100) -> None:
+    """Turn the loop until the front holds no connection and no client (or turns run out)."""
+    for _ in range(turns):
+        if not srv.connections and not srv.clients:
+            break
+        reactor.run_once(0.01)
+
+
+def fuzz_settings(default_examples: int) -> settings:
+    """Hypothesis settings for a fuzz test: ``MUXD_FUZZ_EXAMPLES`` examples (else
+    the default), no deadline, no database (the tree is shared), no health checks."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=int(os.environ.get("MUXD_FUZZ_EXAMPLES", str(default_examples))),
+        deadline=None,
+        database=None,  # the tree is shared: nothing written under .hypothesis/
+        suppress_health_check=list(HealthCheck),
+    )
+
+
+def fuzz_seeds(fuzz: settings, one: Callable[[int], None]) -> tuple[int, float]:
+    """Run one(seed) on the seeds Hypothesis draws under these settings; return
+    (how many inputs, seconds taken)."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    count = 0
+    started = time.monotonic()
+
+    @fuzz
+    @given(seed=st.integers(0, 2**64))
+    def run(seed: int) -> None:
+        nonlocal count
+        count += 1
+        one(seed)
+
+    run()
+    return count, time.monotonic() - started
+
+
+def print_fuzz_figures(
+    capsys: pytest.CaptureFixture[str], what: str, count: int, elapsed: float, internal_errors: int
+) -> None:
+    """The run's figures, printed when MUXD_FUZZ_EXAMPLES is set (a long run)."""
+    if "MUXD_FUZZ_EXAMPLES" in os.environ:
+        with capsys.disabled():
+            print(
+                f"\nfuzz {what}: {count} inputs in {elapsed:.1f}s ({count / elapsed:.0f}/s),"
+                f" internal errors {internal_errors}"
+            )
+
+
 # -- a process's descriptors, from /proc -----------------------------------------------------------
 
 
@@ -713,10 +880,8 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def tcp_links(pid: int, port: int, local: bool = False) -> int:
-    """TCP sockets the process holds (IPv4) whose peer port is ``port`` (with
-    ``local``: whose own port is, as the connections its server accepted), in
-    any state but TIME_WAIT and LISTEN."""
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the process's open sockets (an fd closed while listed is skipped)."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -725,11 +890,28 @@ def tcp_links(pid: int, port: int, local: bool = False) -> int:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    count = 0
+    return inodes
+
+
+def tcp_sockets(pid: int) -> list[list[str]]:
+    """The columns of the /proc/PID/net/tcp rows (IPv4) that are the process's own sockets."""
+    inodes = socket_inodes(pid)
     with open(f"/proc/{pid}/net/tcp") as f:
-        for row in f.read().splitlines()[1:]:
-            cols = row.split()
-            end = cols[1] if local else cols[2]
-            if int(end.split(":")[1], 16) == port and cols[3] not in ("06", "0A") and cols[9] in inodes:
-                count += 1
-    return count
+        rows = [row.split() for row in f.read().splitlines()[1:]]
+    return [cols for cols in rows if cols[9] in inodes]
+
+
+def hex_field(column: str) -> int:
+    """The number after the colon of a /proc/net/tcp column ("0100007F:1F90" -> 8080)."""
+    return int(column.split(":")[1], 16)
+
+
+def tcp_links(pid: int, port: int, local: bool = False) -> int:
+    """TCP sockets the process holds (IPv4) whose peer port is ``port`` (with
+    ``local``: whose own port is, as the connections its server accepted), in
+    any state but TIME_WAIT and LISTEN."""
+    return sum(
+        1
+        for cols in tcp_sockets(pid)
+        if hex_field(cols[1] if local else cols[2]) == port and cols[3] not in ("06", "0A")
+    )

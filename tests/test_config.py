@@ -31,7 +31,7 @@ from muxd.config import (
     parse_hostport,
 )
 from muxd.errors import ConfigError
-from tests.conftest import ROOT
+from tests.helpers import ROOT, run_muxd
 
 GOOD = """\
 ports:
@@ -171,30 +171,12 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     good.write_text(GOOD)
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("buffer: 1MiB", "buffer: 1TiB"))
-    ok = subprocess.run(
-        [sys.executable, "-m", "muxd", "check", "-c", str(good)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    ok = run_muxd("check", "-c", str(good))
     assert ok.returncode == 0, ok.stderr
-    res = subprocess.run(
-        [sys.executable, "-m", "muxd", "check", "-c", str(bad)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    res = run_muxd("check", "-c", str(bad))
     assert res.returncode == 2
     assert f"{bad}:11: ports[0].listeners[0].buffer:" in res.stderr
-    run = subprocess.run(
-        [sys.executable, "-m", "muxd", "run", "-c", str(bad)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    run = run_muxd("run", "-c", str(bad))
     assert run.returncode == 2 and "buffer" in run.stderr
 
 
@@ -377,14 +359,7 @@ def test_plain_values_that_look_like_other_types_stay_strings() -> None:
 def test_check_exits_2_with_one_line_on_a_former_crash(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(sim_with("serial: /dev/ttyUSB0\nbackoff_min: 30s"))
-    res = subprocess.run(
-        [sys.executable, "-m", "muxd", "check", "-c", str(bad)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    res = run_muxd("check", "-c", str(bad))
     assert res.returncode == 2
     assert res.stdout == ""
     assert res.stderr.splitlines() == [

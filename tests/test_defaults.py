@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
-import sys
 import termios
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +39,7 @@ from tests.helpers import (
     wait_for,
     write_config,
 )
+from tests.helpers import run_muxd as muxd_cli
 
 
 class Idle:
@@ -183,17 +182,6 @@ def test_ro_clients_of_every_kind_cannot_write_or_change_the_line(
 
 
 # -- the packaged config and `muxd check` ------------------------------------------------------
-
-
-def muxd_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "muxd", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_the_packaged_config_passes_check_and_binds_loopback_only() -> None:

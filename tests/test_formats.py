@@ -17,7 +17,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from muxd.reactor import Reactor
 from muxd.records import Format
 from tests.helpers import (
     AUTO,
+    IdleOwner,
     Muxd,
     PtyDevice,
     StartMuxd,
@@ -282,14 +283,6 @@ HISTORY_LINES = 40
 HISTORY_SIZE = 1500  # not a multiple of a line: the replay starts mid-line
 
 
-@pytest.fixture
-def serial_ports() -> Iterator[list[serial.Serial]]:
-    opened: list[serial.Serial] = []
-    yield opened
-    for s in opened:
-        s.close()
-
-
 def test_history_then_live_has_no_gap_and_no_duplicate_at_the_seam(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, serial_ports: list[serial.Serial]
 ) -> None:
@@ -504,7 +497,7 @@ def test_websocket_text_format_is_binary_frames_of_stamped_lines(
 # -- in process: the hub's record readers at the edges ---------------------------------------------
 
 
-class Taker:
+class Taker(IdleOwner):
     """A record reader that takes everything it is offered, when asked."""
 
     def __init__(self) -> None:
@@ -521,15 +514,6 @@ class Taker:
             self.got += data
             hub.advance(self.reader, len(data))
         raise AssertionError("never caught up")
-
-    def on_data(self) -> None:
-        pass
-
-    def on_write_room(self) -> None:
-        pass
-
-    def close(self, reason: str) -> None:
-        pass
 
 
 def _hub(formats: tuple[Format, ...] = ("text", "jsonl")) -> Hub:

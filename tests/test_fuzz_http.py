@@ -18,7 +18,6 @@ seconds; ``make fuzz`` runs 10^6). The run's figures are printed when it is set.
 
 from __future__ import annotations
 
-import os
 import random
 import select
 import socket
@@ -28,20 +27,13 @@ import urllib.parse
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from muxd.listeners.http import HttpFront
 from muxd.reactor import Reactor
-from tests.test_http import make_front, statuses, stop_front
+from tests.helpers import drain_front, fuzz_seeds, fuzz_settings, print_fuzz_figures, running_front
+from tests.test_http import statuses
 
-EXAMPLES = int(os.environ.get("MUXD_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,  # the tree is shared: nothing written under .hypothesis/
-    suppress_health_check=list(HealthCheck),
-)
+FUZZ = fuzz_settings(200)
 # Statuses the front may choose: 501 is h11's for a transfer coding it lacks,
 # 503 is max_clients. Any other 5xx would be a failure of ours.
 SERVER_STATUSES = {501, 503}
@@ -190,11 +182,7 @@ def http_input(seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Reactor, HttpFront]]:
-    reactor, srv = make_front()
-    srv.ports()["p"].upstream.start()  # the device takes rw input and speaks: both paths run
-    yield reactor, srv
-    srv.ports()["p"].upstream.stop()
-    stop_front(reactor, srv)
+    yield from running_front()
 
 
 def exchange(reactor: Reactor, srv: HttpFront, data: bytes) -> bytes:
@@ -237,28 +225,9 @@ def check(reactor: Reactor, srv: HttpFront, data: bytes) -> None:
 
 def test_fuzz_http_requests(served: tuple[Reactor, HttpFront], capsys: pytest.CaptureFixture[str]) -> None:
     reactor, srv = served
-    count = 0
-    started = time.monotonic()
-
-    @FUZZ
-    @given(seed=st.integers(0, 2**64))
-    def one(seed: int) -> None:
-        nonlocal count
-        count += 1
-        check(reactor, srv, http_input(seed))
-
-    one()
-    elapsed = time.monotonic() - started
+    count, elapsed = fuzz_seeds(FUZZ, lambda seed: check(reactor, srv, http_input(seed)))
     assert reactor.internal_errors == 0
     # The front leaked nothing: every connection was closed and forgotten.
-    for _ in range(100):
-        if not srv.connections and not srv.clients:
-            break
-        reactor.run_once(0.01)
+    drain_front(reactor, srv)
     assert not srv.connections and not srv.clients
-    if "MUXD_FUZZ_EXAMPLES" in os.environ:
-        with capsys.disabled():
-            print(
-                f"\nfuzz http: {count} inputs in {elapsed:.1f}s ({count / elapsed:.0f}/s),"
-                f" internal errors {reactor.internal_errors}"
-            )
+    print_fuzz_figures(capsys, "http", count, elapsed, reactor.internal_errors)

@@ -72,6 +72,7 @@ from muxd.protocol.telnet import (
     encode_subnegotiation,
     escape,
 )
+from tests.helpers import sent, settled
 
 EXAMPLES = int(os.environ.get("MUXD_FUZZ_EXAMPLES", "300"))
 # pytest-timeout's 120 s (pyproject) fits the CI size; a long run gets time in
@@ -147,9 +148,7 @@ server_answers = st.one_of(
 def _command_wire(command: ComPortCommand, receiver: type[Codec]) -> bytes:
     """The command as the receiver's peer puts it on the wire."""
     sender: Codec = Rfc2217Client() if receiver is Rfc2217Server else Rfc2217Server()
-    sender.data_to_send()  # its initial negotiation is not part of this token
-    sender.send(command)
-    return sender.data_to_send()
+    return sent(settled(sender), command)  # its initial negotiation is not part of this token
 
 
 data_tokens = st.binary(min_size=1, max_size=64).map(escape)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import random
 import select
 import socket
@@ -33,24 +32,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.frame_protocol import FrameProtocol, ParseFailed
 
 from muxd.listeners.http import HttpFront
 from muxd.reactor import Reactor
+from tests.helpers import drain_front, fuzz_seeds, fuzz_settings, print_fuzz_figures, running_front
 from tests.test_fuzz_http import mutate
-from tests.test_http import make_front, stop_front
 
-EXAMPLES = int(os.environ.get("MUXD_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,  # the tree is shared: nothing written under .hypothesis/
-    suppress_health_check=list(HealthCheck),
-)
+FUZZ = fuzz_settings(200)
 # One exchange: the loop answers from memory in milliseconds.
 EXCHANGE_TIMEOUT = 5.0
 CLOSE_CODES = [
@@ -157,11 +148,7 @@ def ws_input(rng: random.Random) -> tuple[str, list[bytes]]:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[Reactor, HttpFront]]:
-    reactor, srv = make_front()
-    srv.ports()["p"].upstream.start()  # echoes rw input, so frames flow both ways
-    yield reactor, srv
-    srv.ports()["p"].upstream.stop()
-    stop_front(reactor, srv)
+    yield from running_front()
 
 
 def check(reactor: Reactor, srv: HttpFront, target: str, writes: list[bytes]) -> None:
@@ -219,27 +206,8 @@ def check(reactor: Reactor, srv: HttpFront, target: str, writes: list[bytes]) ->
 
 def test_fuzz_websocket_frames(served: tuple[Reactor, HttpFront], capsys: pytest.CaptureFixture[str]) -> None:
     reactor, srv = served
-    count = 0
-    started = time.monotonic()
-
-    @FUZZ
-    @given(seed=st.integers(0, 2**64))
-    def one(seed: int) -> None:
-        nonlocal count
-        count += 1
-        check(reactor, srv, *ws_input(random.Random(seed)))
-
-    one()
-    elapsed = time.monotonic() - started
+    count, elapsed = fuzz_seeds(FUZZ, lambda seed: check(reactor, srv, *ws_input(random.Random(seed))))
     assert reactor.internal_errors == 0
-    for _ in range(100):
-        if not srv.connections and not srv.clients:
-            break
-        reactor.run_once(0.01)
+    drain_front(reactor, srv)
     assert not srv.connections and not srv.clients
-    if "MUXD_FUZZ_EXAMPLES" in os.environ:
-        with capsys.disabled():
-            print(
-                f"\nfuzz websocket: {count} inputs in {elapsed:.1f}s ({count / elapsed:.0f}/s),"
-                f" internal errors {reactor.internal_errors}"
-            )
+    print_fuzz_figures(capsys, "websocket", count, elapsed, reactor.internal_errors)

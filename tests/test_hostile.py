@@ -22,7 +22,6 @@ window, fds, RSS growth with a wide margin) and print the figures; run with
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import itertools
 import os
@@ -33,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from wsproto import ConnectionType, WSConnection
@@ -46,10 +46,12 @@ from tests.helpers import (
     StartMuxd,
     connect,
     fd_count,
+    hex_field,
     recv_exactly,
     split_hostport,
     start_on_pty,
     tcp_links,
+    tcp_sockets,
     wait_for,
 )
 
@@ -93,19 +95,9 @@ def cpu_over(pid: int, seconds: float) -> float:
 def unread_input(pid: int, port: int) -> int:
     """Bytes clients sent that wait unread in the process's sockets accepted on
     ``port`` (the rx_queue column of /proc/PID/net/tcp)."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    total = 0
-    with open(f"/proc/{pid}/net/tcp") as f:
-        for row in f.read().splitlines()[1:]:
-            cols = row.split()
-            if int(cols[1].split(":")[1], 16) == port and cols[3] != "0A" and cols[9] in inodes:
-                total += int(cols[4].split(":")[1], 16)
-    return total
+    return sum(
+        hex_field(cols[4]) for cols in tcp_sockets(pid) if hex_field(cols[1]) == port and cols[3] != "0A"
+    )
 
 
 # -- peers --------------------------------------------------------------------------------------------
@@ -453,6 +445,13 @@ def _partial_line(i: int) -> bytes:
     return (f"w{i:03d}-".encode() + b"abcdefghij" * (PARTIAL // 10))[:PARTIAL]
 
 
+def _start_line_writers(muxd: StartMuxd, tmp_path: Path, dev: PtyDevice, **opts: Any) -> Muxd:
+    """muxd on the pty with one rw TCP listener that writes whole lines; by default
+    a QUEUE_LIMIT write queue and info logging."""
+    port_opts = {"write_queue": QUEUE_LIMIT, "log_level": "info", **opts}
+    return start_on_pty(muxd, tmp_path, dev, [{"tcp": AUTO, "mode": "rw", "write": "lines"}], **port_opts)
+
+
 def _writers_leave_at_once(m: Muxd, dev: PtyDevice) -> tuple[int, list[int]]:
     """Unplug; WRITERS writers each send a partial line, then all close at once.
     Returns what muxd read, and the queue's samples while they left."""
@@ -481,14 +480,7 @@ def _writers_leave_at_once(m: Muxd, dev: PtyDevice) -> tuple[int, list[int]]:
 def test_the_write_queue_stays_within_its_bound_when_writers_leave_at_once(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    m = start_on_pty(
-        muxd,
-        tmp_path,
-        pty_device,
-        [{"tcp": AUTO, "mode": "rw", "write": "lines"}],
-        write_queue=QUEUE_LIMIT,
-        log_level="info",
-    )
+    m = _start_line_writers(muxd, tmp_path, pty_device)
     read, samples = _writers_leave_at_once(m, pty_device)
     peak = max(samples)
     print(
@@ -503,14 +495,7 @@ def test_the_write_queue_stays_within_its_bound_when_writers_leave_at_once(
 def test_every_partial_line_reaches_the_device_once_it_returns(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    m = start_on_pty(
-        muxd,
-        tmp_path,
-        pty_device,
-        [{"tcp": AUTO, "mode": "rw", "write": "lines"}],
-        write_queue=QUEUE_LIMIT,
-        log_level="info",
-    )
+    m = _start_line_writers(muxd, tmp_path, pty_device)
     _writers_leave_at_once(m, pty_device)
     # The device returns: every writer's bytes arrive, none lost, none twice; the queue stays
     # within its bound while the writers that were paused are read again. (A partial line
@@ -554,15 +539,8 @@ def test_writers_holding_partial_lines_do_not_stall_the_port(
     """The device is up. Five writers type 250 B without a newline into a 1 KiB
     queue: 1,250 B of partial lines against the bound. Another writer's command,
     and their own newlines, must still reach the device."""
-    m = start_on_pty(
-        muxd,
-        tmp_path,
-        pty_device,
-        [{"tcp": AUTO, "mode": "rw", "write": "lines"}],
-        write_queue=1024,
-        max_line=256,
-        line_timeout=line_timeout,
-        log_level="info",
+    m = _start_line_writers(
+        muxd, tmp_path, pty_device, write_queue=1024, max_line=256, line_timeout=line_timeout
     )
     port = m.port()
     typists = [connect(port) for _ in range(5)]

@@ -22,80 +22,33 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import h11
 import pytest
 
-from muxd import config as configmod
 from muxd.listeners import http as httpmod
 from muxd.listeners.http import HttpFront, HttpTimeouts
-from muxd.port import PortRuntime
 from muxd.reactor import Reactor
-from tests.conftest import Muxd, PtyDevice, connect, free_port, wait_for, write_config
+from tests.helpers import (
+    ROOT,
+    PtyDevice,
+    StartMuxd,
+    connect,
+    free_port,
+    get_json,
+    make_front,
+    read_to_eof,
+    request,
+    start_http,
+    stop_front,
+    wait_for,
+    write_config,
+)
 
-StartMuxd = Callable[..., Muxd]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-# -- helpers shared by the HTTP-side test modules --------------------------------
-
-
-def start_http(
-    muxd: StartMuxd,
-    tmp_path: Path,
-    dev: PtyDevice,
-    listeners: list[dict[str, Any]] | None = None,
-    http: dict[str, Any] | None = None,
-    **port_opts: Any,
-) -> tuple[Muxd, str]:
-    """muxd on the pty as port "dut", with an http server; returns (muxd, "host:port")."""
-    port = free_port()
-    data = {
-        "ports": [
-            {
-                "name": "dut",
-                "upstream": {"serial": dev.path},
-                "listeners": listeners if listeners is not None else [{"websocket": True, "mode": "rw"}],
-                **port_opts,
-            }
-        ],
-        "http": {"listen": f"127.0.0.1:{port}", **(http or {})},
-    }
-    m = muxd("run", "-c", str(write_config(tmp_path, data)), "--log-level", "debug")
-    m.wait_log("dut upstream up")
-    m.wait_port(port)
-    return m, f"127.0.0.1:{port}"
-
-
-def request(
-    addr: str, method: str, path: str, headers: dict[str, str] | None = None, body: bytes | None = None
-) -> tuple[int, http.client.HTTPResponse, bytes]:
-    host, port = addr.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=5)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp, resp.read()
-    finally:
-        conn.close()
-
-
-def get_json(addr: str, path: str) -> Any:
-    status, _, body = request(addr, "GET", path)
-    assert status == 200, body
-    return json.loads(body)
-
-
-def port_info(addr: str) -> dict[str, Any]:
-    ports: list[dict[str, Any]] = get_json(addr, "/api/v1/ports")["ports"]
-    return ports[0]
-
-
-def wait_clients(addr: str, n: int, timeout: float = 10.0) -> None:
-    wait_for(lambda: port_info(addr)["clients"] == n, timeout, f"{n} clients in the API")
+# -- helpers for this module and the HTTP-side test modules that import them ---------
 
 
 def read_responses(sock: socket.socket, n: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
@@ -128,23 +81,6 @@ def read_responses(sock: socket.socket, n: int, timeout: float = 5.0) -> list[tu
         else:
             raise AssertionError(f"unexpected {event!r}")
     return out
-
-
-def read_to_eof(sock: socket.socket, timeout: float = 5.0, limit: int = 1 << 20) -> bytes:
-    buf = bytearray()
-    deadline = time.monotonic() + timeout
-    while len(buf) < limit:
-        left = deadline - time.monotonic()
-        assert left > 0, f"no EOF before the deadline; got {bytes(buf[:200])!r}"
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
 
 
 # -- routes and files ----------------------------------------------------------------
@@ -274,31 +210,6 @@ def test_limits_and_garbage_close_only_that_peer(
 
 
 # -- idle time, in-process with a short timeout ------------------------------------------
-
-
-def make_front(timeouts: HttpTimeouts | None = None, **http: Any) -> tuple[Reactor, HttpFront]:
-    """An HttpFront on its own reactor, on 127.0.0.1, serving port "p" (a
-    simulated device, with an rw websocket listener); started."""
-    cfg = configmod.from_data(
-        {
-            "ports": [
-                {"name": "p", "upstream": {"sim": True}, "listeners": [{"websocket": True, "mode": "rw"}]}
-            ],
-            "http": {"listen": f"127.0.0.1:{free_port()}", **http},
-        }
-    )
-    reactor = Reactor()
-    ports = {p.name: PortRuntime.build(p, reactor) for p in cfg.ports}
-    srv = HttpFront(cfg.http[0], lambda: ports, reactor, timeouts=timeouts or HttpTimeouts())
-    srv.start()
-    return reactor, srv
-
-
-def stop_front(reactor: Reactor, srv: HttpFront) -> None:
-    for client in list(srv.clients):
-        client.close("shutdown")
-    srv.stop()
-    reactor.close()
 
 
 @pytest.fixture

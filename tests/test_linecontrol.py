@@ -19,25 +19,13 @@ from muxd.port import PortRuntime, bounds_for, make_upstream
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
 from muxd.upstream.sim import SimDevice
+from tests.helpers import IdleOwner
 
 RW = Listener("rfc2217", "rw-listener", mode="rw")
 RO = Listener("rfc2217", "ro-listener", mode="ro")
 BASE = LineSettings()
 SLOW = LineSettings(baudrate=9600)
 SLOWER = LineSettings(baudrate=4800, parity="E")
-
-
-class Idle:
-    """A hub reader's owner that never has anything to do."""
-
-    def on_data(self) -> None:
-        pass
-
-    def on_write_room(self) -> None:
-        pass
-
-    def close(self, reason: str) -> None:
-        pass
 
 
 class Recording:
@@ -83,7 +71,7 @@ def setup(reactor: Reactor, policy: str) -> tuple[Hub, LineControl, SimDevice]:
 
 
 def reader(hub: Hub, listener: Listener, peer: str) -> Reader:
-    return hub.attach(Idle(), policy_for(listener), peer)
+    return hub.attach(IdleOwner(), policy_for(listener), peer)
 
 
 def stats(lc: LineControl, listener: str) -> SettingsCounts:

@@ -11,7 +11,6 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Sequence
-from typing import TypeVar
 
 import pytest
 import serial
@@ -43,35 +42,15 @@ from muxd.protocol.rfc2217 import (
     SetStopSize,
     Signature,
 )
-from tests.test_protocol_telnet import TRAILING, cut, feeds, splits
+from tests import helpers
+from tests.helpers import TRAILING, cut, feeds, sent, settled, splits
 
 IAC_SB_COM = b"\xff\xfa\x2c"
 IAC_SE = b"\xff\xf0"
 
 
 def merge_data(events: Sequence[Event]) -> list[Event]:
-    merged: list[Event] = []
-    for event in events:
-        if isinstance(event, Data) and merged and isinstance(merged[-1], Data):
-            merged[-1] = Data(merged[-1].data + event.data)
-        else:
-            merged.append(event)
-    return merged
-
-
-Codec = TypeVar("Codec", bound=Rfc2217Server | Rfc2217Client)
-
-
-def settled(codec: Codec) -> Codec:
-    """The codec with its initial negotiation collected: its outbox is empty."""
-    codec.data_to_send()
-    return codec
-
-
-def sent(codec: Rfc2217Server | Rfc2217Client, event: Data | ComPortCommand) -> bytes:
-    """What send() queues for one event, collected at once."""
-    codec.send(event)
-    return codec.data_to_send()
+    return helpers.merge_data(events, Data)
 
 
 def replied(server: Rfc2217Server, request: ComPortCommand, settings: LineSettings) -> bytes:

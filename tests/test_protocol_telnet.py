@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -36,30 +35,13 @@ from muxd.protocol.telnet import (
     encode_subnegotiation,
     escape,
 )
-
-
-def splits(wire: bytes) -> Iterator[list[bytes]]:
-    """The stream whole, one byte at a time, and cut in two at every point."""
-    yield [wire]
-    yield [wire[i : i + 1] for i in range(len(wire))]
-    for i in range(1, len(wire)):
-        yield [wire[:i], wire[i:]]
-
-
-def cut(wire: bytes, points: Sequence[int]) -> list[bytes]:
-    bounds = [0, *sorted(points), len(wire)]
-    return [wire[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+from tests import helpers
+from tests.helpers import TRAILING, cut, feeds, splits
 
 
 def merge_data(events: Sequence[TelnetEvent]) -> list[TelnetEvent]:
     """Data may come in any number of pieces; only its concatenation is defined."""
-    merged: list[TelnetEvent] = []
-    for event in events:
-        if isinstance(event, Data) and merged and isinstance(merged[-1], Data):
-            merged[-1] = Data(merged[-1].data + event.data)
-        else:
-            merged.append(event)
-    return merged
+    return helpers.merge_data(events, Data)
 
 
 def parse(chunks: Sequence[bytes]) -> list[TelnetEvent]:
@@ -262,17 +244,6 @@ def test_two_negotiators_settle_and_agree(
 
 
 # -- broken after a peer error, and option 255 (issues 10 and 15) ---------------------
-
-TRAILING = b"more\xff\xfb\x00\xff\xff"  # valid bytes after the input: data, a negotiation, an escaped 0xFF
-
-
-def feeds(wire: bytes) -> Iterator[list[bytes]]:
-    """``wire`` whole, byte by byte, cut anywhere, and each of those with trailing bytes."""
-    yield from splits(wire)
-    yield [wire + TRAILING]
-    yield [bytes((b,)) for b in wire + TRAILING]
-    yield [wire, TRAILING]
-
 
 MALFORMED = [
     b"\xff\xf0",

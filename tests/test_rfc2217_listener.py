@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import socket
 import termios
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,11 +48,9 @@ def open_rfc2217(port: int, baudrate: int = 115200) -> serial.Serial:
 
 
 @pytest.fixture
-def clients() -> Iterator[list[serial.Serial]]:
-    opened: list[serial.Serial] = []
-    yield opened
-    for s in opened:
-        s.close()
+def clients(serial_ports: list[serial.Serial]) -> list[serial.Serial]:
+    """The pyserial clients the test opens, closed at the end (conftest's serial_ports)."""
+    return serial_ports
 
 
 def test_pyserial_reads_writes_and_the_owner_sets_the_baud_rate(

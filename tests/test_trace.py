@@ -38,6 +38,22 @@ DROPPED = "muxd_trace_dropped_bytes_total"
 WRITTEN = "muxd_trace_written_bytes_total"
 
 
+def start_traced(
+    muxd: StartMuxd,
+    tmp_path: Path,
+    dev: PtyDevice,
+    *traces: dict[str, Any],
+    listener: dict[str, Any] | None = None,
+    **opts: Any,
+) -> tuple[Muxd, socket.socket]:
+    """muxd on the pty with these traces and one TCP listener (plain by default),
+    and a client of that listener, connected."""
+    m = start_on_pty(muxd, tmp_path, dev, [listener or {"tcp": AUTO}], trace=list(traces), **opts)
+    client = connect(m.port())
+    m.wait_connected(1)
+    return m, client
+
+
 def read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -120,19 +136,14 @@ def test_text_jsonl_and_raw_traces_of_one_port(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
     text, jl, raw = tmp_path / "dut.log", tmp_path / "dut.jsonl", tmp_path / "dut.raw"
-    m = start_on_pty(
+    m, reader = start_traced(
         muxd,
         tmp_path,
         pty_device,
-        [{"tcp": AUTO}],
-        trace=[
-            {"path": str(text), "format": "text"},
-            {"path": str(jl), "format": "jsonl"},
-            {"path": str(raw), "format": "raw"},
-        ],
+        {"path": str(text), "format": "text"},
+        {"path": str(jl), "format": "jsonl"},
+        {"path": str(raw), "format": "raw"},
     )
-    reader = connect(m.port())
-    m.wait_connected(1)
     before = time.time()
     chunks = [
         b"U-Boot 2024.01\r\n",
@@ -194,16 +205,15 @@ def test_a_burst_bigger_than_the_ring_is_traced_whole(
 ) -> None:
     """The device outruns a quarter-second timer: the trace keeps up anyway."""
     raw, jl = tmp_path / "dut.raw", tmp_path / "dut.jsonl"
-    m = start_on_pty(
+    m, reader = start_traced(
         muxd,
         tmp_path,
         pty_device,
-        [{"tcp": AUTO, "buffer": "16MiB"}],
-        trace=[{"path": str(raw), "format": "raw"}, {"path": str(jl), "format": "jsonl"}],
+        {"path": str(raw), "format": "raw"},
+        {"path": str(jl), "format": "jsonl"},
+        listener={"tcp": AUTO, "buffer": "16MiB"},
         history="64KiB",
     )
-    reader = connect(m.port())
-    m.wait_connected(1)
     burst = b"".join(b"%08d the quick brown fox jumps over the lazy dog\n" % i for i in range(40_000))
     assert len(burst) > 2 * 1024 * KiB
     pty_device.write(burst, timeout=30)
@@ -258,18 +268,14 @@ def test_upstream_down_and_up_are_marked(muxd: StartMuxd, tmp_path: Path, pty_de
 
 def test_input_is_recorded_with_its_writer(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
     text, jl = tmp_path / "dut.log", tmp_path / "dut.jsonl"
-    m = start_on_pty(
+    m, writer = start_traced(
         muxd,
         tmp_path,
         pty_device,
-        [{"tcp": AUTO, "mode": "rw"}],
-        trace=[
-            {"path": str(text), "format": "text", "input": True},
-            {"path": str(jl), "format": "jsonl", "input": True},
-        ],
+        {"path": str(text), "format": "text", "input": True},
+        {"path": str(jl), "format": "jsonl", "input": True},
+        listener={"tcp": AUTO, "mode": "rw"},
     )
-    writer = connect(m.port())
-    m.wait_connected(1)
     [client] = m.clients()
     send(pty_device, writer, b"login: ")
     writer.sendall(b"root\n")
@@ -313,15 +319,9 @@ def test_rotation_keeps_n_files_and_loses_nothing(
 ) -> None:
     path = tmp_path / "dut.log"
     keep, size = 3, 64 * KiB
-    m = start_on_pty(
-        muxd,
-        tmp_path,
-        pty_device,
-        [{"tcp": AUTO}],
-        trace=[{"path": str(path), "format": "raw", "rotate": "64KiB", "keep": keep}],
+    m, reader = start_traced(
+        muxd, tmp_path, pty_device, {"path": str(path), "format": "raw", "rotate": "64KiB", "keep": keep}
     )
-    reader = connect(m.port())
-    m.wait_connected(1)
     sent = b""
     for i in range(9000):  # about 6 rotations' worth, in bursts
         sent += b"line %06d of the sequence-numbered stream\n" % i
@@ -342,15 +342,9 @@ def test_rotation_keeps_n_files_and_loses_nothing(
 
 def test_rotation_of_text_cuts_between_lines(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
     path = tmp_path / "dut.log"
-    m = start_on_pty(
-        muxd,
-        tmp_path,
-        pty_device,
-        [{"tcp": AUTO}],
-        trace=[{"path": str(path), "format": "text", "rotate": "64KiB", "keep": 2}],
+    m, reader = start_traced(
+        muxd, tmp_path, pty_device, {"path": str(path), "format": "text", "rotate": "64KiB", "keep": 2}
     )
-    reader = connect(m.port())
-    m.wait_connected(1)
     sent = b"".join(b"line %06d\n" % i for i in range(12_000))
     send(pty_device, reader, sent)
     info = wait_caught_up(m, path)
@@ -369,15 +363,9 @@ def test_reopen_after_logrotate_on_sighup_and_through_the_api(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
     path, jl = tmp_path / "dut.log", tmp_path / "dut.jsonl"
-    m = start_on_pty(
-        muxd,
-        tmp_path,
-        pty_device,
-        [{"tcp": AUTO}],
-        trace=[{"path": str(path), "format": "raw"}, {"path": str(jl), "format": "jsonl"}],
+    m, reader = start_traced(
+        muxd, tmp_path, pty_device, {"path": str(path), "format": "raw"}, {"path": str(jl), "format": "jsonl"}
     )
-    reader = connect(m.port())
-    m.wait_connected(1)
     send(pty_device, reader, b"one\n")
     wait_file(path, lambda b: b == b"one\n", "one in the trace")
     wait_contains(jl, b"one")
@@ -417,11 +405,7 @@ def test_reopen_after_logrotate_on_sighup_and_through_the_api(
 
 def test_a_full_disk_costs_trace_bytes_only(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
     full = Path("/dev/full")
-    m = start_on_pty(
-        muxd, tmp_path, pty_device, [{"tcp": AUTO}], trace=[{"path": str(full), "format": "raw"}]
-    )
-    reader = connect(m.port())
-    m.wait_connected(1)
+    m, reader = start_traced(muxd, tmp_path, pty_device, {"path": str(full), "format": "raw"})
     total = 0
     for i in range(3):
         data = b"%d" % i * (16 * KiB)
@@ -444,11 +428,7 @@ def test_writing_recovers_when_the_directory_returns(
     logs = tmp_path / "logs"
     logs.mkdir()
     path = logs / "dut.log"
-    m = start_on_pty(
-        muxd, tmp_path, pty_device, [{"tcp": AUTO}], trace=[{"path": str(path), "format": "raw"}]
-    )
-    reader = connect(m.port())
-    m.wait_connected(1)
+    m, reader = start_traced(muxd, tmp_path, pty_device, {"path": str(path), "format": "raw"})
     send(pty_device, reader, b"before\n")
     wait_file(path, lambda b: b == b"before\n", "before in the trace")
 
@@ -490,11 +470,7 @@ def test_a_fifo_with_no_reader_neither_blocks_nor_stops_the_trace(
     counts the loss, and writes once a reader comes."""
     path = tmp_path / "dut.fifo"
     os.mkfifo(path)
-    m = start_on_pty(
-        muxd, tmp_path, pty_device, [{"tcp": AUTO}], trace=[{"path": str(path), "format": "raw"}]
-    )
-    reader = connect(m.port())
-    m.wait_connected(1)
+    m, reader = start_traced(muxd, tmp_path, pty_device, {"path": str(path), "format": "raw"})
     send(pty_device, reader, b"nobody reads\n")
     m.wait_metric(DROPPED, 13, port="dut", trace=str(path), reason="disk")
 
@@ -526,19 +502,14 @@ def test_new_files_get_the_configured_mode(muxd: StartMuxd, tmp_path: Path, pty_
     default, private = tmp_path / "default.log", tmp_path / "private.log"
     rotated = tmp_path / "rotated.log"
     with umask(0o077):  # the mode is the config's, whatever the umask muxd inherits
-        m = start_on_pty(
+        m, reader = start_traced(
             muxd,
             tmp_path,
             pty_device,
-            [{"tcp": AUTO}],
-            trace=[
-                {"path": str(default)},
-                {"path": str(private), "mode": 0o600, "group": OTHER_GID},
-                {"path": str(rotated), "format": "raw", "rotate": "64KiB", "keep": 1, "mode": "0644"},
-            ],
+            {"path": str(default)},
+            {"path": str(private), "mode": 0o600, "group": OTHER_GID},
+            {"path": str(rotated), "format": "raw", "rotate": "64KiB", "keep": 1, "mode": "0644"},
         )
-    reader = connect(m.port())
-    m.wait_connected(1)
     send(pty_device, reader, b"x" * (80 * KiB))
     wait_caught_up(m, rotated)
     assert trace_info(m, rotated)["rotations"] >= 1
@@ -554,11 +525,7 @@ def test_an_existing_file_is_appended_to(muxd: StartMuxd, tmp_path: Path, pty_de
     path = tmp_path / "dut.log"
     path.write_bytes(b"from the last run\n")
     path.chmod(0o600)
-    m = start_on_pty(
-        muxd, tmp_path, pty_device, [{"tcp": AUTO}], trace=[{"path": str(path), "format": "raw"}]
-    )
-    reader = connect(m.port())
-    m.wait_connected(1)
+    _, reader = start_traced(muxd, tmp_path, pty_device, {"path": str(path), "format": "raw"})
     send(pty_device, reader, b"this run\n")
     wait_file(path, lambda b: b == b"from the last run\nthis run\n", "appended")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # an operator's chmod stays
@@ -571,11 +538,7 @@ def test_what_came_before_a_stop_is_in_the_trace(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
     path = tmp_path / "dut.jsonl"
-    m = start_on_pty(
-        muxd, tmp_path, pty_device, [{"tcp": AUTO}], trace=[{"path": str(path), "format": "jsonl"}]
-    )
-    reader = connect(m.port())
-    m.wait_connected(1)
+    m, reader = start_traced(muxd, tmp_path, pty_device, {"path": str(path), "format": "jsonl"})
     send(pty_device, reader, b"last words\n")  # muxd has it: a reader got it
     m.signal(signal.SIGTERM)  # sooner than the trace's timer
     assert m.wait_exit() == 0
@@ -586,11 +549,7 @@ def test_what_came_before_a_stop_is_in_the_trace(
 
 def test_a_reload_adds_and_removes_traces(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
     first, second = tmp_path / "first.log", tmp_path / "second.log"
-    m = start_on_pty(
-        muxd, tmp_path, pty_device, [{"tcp": AUTO}], trace=[{"path": str(first), "format": "raw"}]
-    )
-    reader = connect(m.port())
-    m.wait_connected(1)
+    m, reader = start_traced(muxd, tmp_path, pty_device, {"path": str(first), "format": "raw"})
     send(pty_device, reader, b"one\n")
     port = dict(m.data["ports"][0])
     port["trace"] = [{"path": str(second), "format": "raw"}]

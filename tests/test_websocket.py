@@ -28,10 +28,19 @@ from muxd.listeners import websocket as wsmod
 from muxd.listeners.http import HttpFront, HttpTimeouts
 from muxd.port import PortRuntime
 from muxd.reactor import Reactor
-from tests.conftest import Muxd, PtyDevice, free_port, wait_for, write_config
-from tests.test_http import get_json, port_info, read_to_eof, request, start_http, wait_clients
-
-StartMuxd = Callable[..., Muxd]
+from tests.helpers import (
+    PtyDevice,
+    StartMuxd,
+    free_port,
+    get_json,
+    port_info,
+    read_to_eof,
+    request,
+    start_http,
+    wait_clients,
+    wait_for,
+    write_config,
+)
 
 
 def ws(addr: str, path: str = "/ws/dut", origin: str | None = None) -> ClientConnection:
