@@ -53,6 +53,7 @@ import logging
 from collections.abc import Callable
 
 from muxd.config import Listener
+from muxd.errors import LocalProtocolError
 from muxd.hub import Hub, Reader, ReaderPolicy
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer, is_disconnect
 from muxd.records import Format
@@ -162,7 +163,7 @@ class Connection:
             cfg.history if history is None else history,
             history_lines or cfg.history_lines,
         )
-        if not self.encoding and transport.plain:
+        if not self.encoding:
             self.reader.transport = self
             # The hub's fan-out pass calls these directly (see Hub._flush).
             self.write = transport.write
@@ -179,7 +180,7 @@ class Connection:
 
     def _enter(self, state: State) -> None:
         if state not in _NEXT[self.state]:
-            raise RuntimeError(f"connection state {self.state.value} -> {state.value} is not allowed")
+            raise LocalProtocolError(f"connection state {self.state.value} -> {state.value} is not allowed")
         self.state = state
 
     def _set_timer(self, name: str, delay: float, callback: Callable[[], None]) -> None:

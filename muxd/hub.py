@@ -517,10 +517,6 @@ class Hub:
     def lag(self, reader: Reader) -> int:
         return self.head - reader.cursor
 
-    def max_lag(self) -> int:
-        head = self.head
-        return max((head - r.cursor for r in self.readers.values()), default=0)
-
     # -- notices ----------------------------------------------------------------
 
     def notice(self, text: str, **fields: Any) -> None:
