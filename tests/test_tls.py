@@ -756,3 +756,45 @@ def test_data_sent_with_the_last_handshake_flight_is_read_at_once(
     with sock:
         assert read_plain(sock, obj, incoming, b'"dut"').startswith(b"HTTP/1.1 200")
     assert time.monotonic() - started < 2  # answered at once, not after the 5 s request timeout
+
+
+def test_handshakes_in_flight_are_limited_per_host_and_others_still_get_in(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    """One host that opens many connections and never completes a handshake
+    holds at most MAX_HANDSHAKES_PER_PEER of them; more are refused at once and
+    counted as busy, and a client on another address is served meanwhile."""
+    from muxd.tls import MAX_HANDSHAKES_PER_PEER
+
+    m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "tls": pki.tls(handshake_timeout="30s")}])
+    host, port = "127.0.0.1", m.port("l0")
+    silent = [socket.create_connection((host, port)) for _ in range(MAX_HANDSHAKES_PER_PEER + 4)]
+    try:
+        m.wait_metric("muxd_tls_handshake_failures_total", 4, listener="l0", reason="busy")
+        outsider = socket.create_connection((host, port), source_address=("127.0.0.2", 0))
+        with pki.client_context().wrap_socket(outsider, server_hostname="localhost") as s:
+            m.wait_connected(1)
+            pty_device.write(b"served\n")
+            assert recv_until(s, b"\n") == b"served\n"
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_https_with_a_client_ca_serves_only_certificate_holders(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    tls = pki.tls(client_ca=str(pki.ca_path))
+    m = start_tls(muxd, tmp_path, pty_device, [{"websocket": True}], https={"tls": tls})
+    url = f"https://{m.addresses['https']}/api/v1/ports"
+
+    def fetch(ctx: ssl.SSLContext) -> int:
+        with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
+            return int(resp.status)
+
+    assert fetch(pki.client_context(with_cert=True)) == 200
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        fetch(pki.client_context())
