@@ -15,13 +15,14 @@ DEMO_ARGS ?=
 
 # Debian packages the test suite drives as real peers: chromium (web console),
 # promtool (metrics lint), systemd tools (socket activation, unit checks), the
-# .deb toolchain, libsystemd-dev/pkg-config to build systemd-python, and
-# openssl (s_client reads a TLS listener).
+# .deb toolchain, libsystemd-dev/pkg-config to build systemd-python,
+# openssl (s_client reads a TLS listener) and mosquitto (the MQTT bridge's
+# broker in tests/test_mqtt.py and bench/mqtt.py).
 SYSTEM_PACKAGES := chromium prometheus systemd dpkg-dev debhelper dh-python \
 	pybuild-plugin-pyproject python3-all python3-setuptools lintian \
-	libsystemd-dev pkg-config netcat-openbsd openssl
+	libsystemd-dev pkg-config netcat-openbsd openssl mosquitto
 SYSTEM_COMMANDS := chromium promtool systemd-socket-activate systemd-analyze \
-	dpkg-buildpackage dh_python3 lintian pkg-config nc openssl
+	dpkg-buildpackage dh_python3 lintian pkg-config nc openssl mosquitto
 
 .PHONY: run demo test lint system-deps venv bench bench-deps bench-smoke deb clean
 

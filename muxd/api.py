@@ -140,6 +140,8 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
             }
             for t in rt.traces
         ],
+        # The port's MQTT bridge feed (muxd.mqtt), null when the port is not published.
+        "mqtt": rt.mqtt.view() if rt.mqtt is not None else None,
     }
 
 

@@ -144,6 +144,18 @@ def describe_line(line: dict[str, Any], now: float) -> str:
     return text
 
 
+def describe_mqtt(m: dict[str, Any]) -> str:
+    """The port's MQTT bridge in one line: state, broker, topic, what it published and lost."""
+    state = m["state"] if m["state"] == "up" else f"{m['state']} ({m['reason']})"
+    text = (
+        f"mqtt {state} {m['broker']} {m['rx']} qos {m['qos']}: {m['published']} messages "
+        f"({_size(m['published_bytes'])}) published, {_size(m['dropped'])} dropped, lag {_size(m['lag'])}"
+    )
+    if m.get("tx"):
+        text += f", tx {m['tx_accepted']} written {m['tx_refused']} refused"
+    return text + f", {m['reconnects']} reconnects"
+
+
 def fetch_status(base: str) -> dict[str, Any]:
     """Ports, and each port's clients: {"ports": [...], "clients": {port: [...]}}.
 
@@ -241,6 +253,8 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
         lines += ["", f"{p['name']}: {len(clients)} client{'' if len(clients) == 1 else 's'}"]
         if isinstance(p.get("line"), dict):
             lines.append(f"  {describe_line(p['line'], now)}")
+        if isinstance(p.get("mqtt"), dict):
+            lines.append(f"  {describe_mqtt(p['mqtt'])}")
         if clients:
             lines += _table(
                 ["ID", "PEER", "LISTENER", "MODE", "FOR", "DELIVERED", "DROPPED", "LAG"],

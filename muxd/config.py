@@ -194,6 +194,7 @@ class Port:
     trace: tuple[TraceFile, ...] = ()
     # Named control-line sequences (muxd.sequences), (name, steps) in config order.
     sequences: tuple[tuple[str, tuple[Step, ...]], ...] = ()
+    mqtt: PortMqtt | None = None  # published on the broker of the top-level mqtt: section
 
     @property
     def history_bound(self) -> int:
@@ -203,12 +204,15 @@ class Port:
     @property
     def log_capacity(self) -> int:
         """The shared log must hold the largest backlog or history any reader may have."""
-        return max([self.history_bound, *(lst.buffer for lst in self.listeners)])
+        bridge = [self.mqtt.buffer] if self.mqtt is not None else []
+        return max([self.history_bound, *(lst.buffer for lst in self.listeners), *bridge])
 
     @property
     def formats(self) -> tuple[Format, ...]:
         """The record formats the port's listeners and traces use, kept from the start."""
         used = {lst.format for lst in self.listeners} | {t.format for t in self.trace}
+        if self.mqtt is not None:
+            used.add(self.mqtt.format)
         return tuple(sorted(f for f in used if f != "raw"))
 
 
@@ -223,6 +227,52 @@ class TraceFile:
     input: bool = False  # also record what clients wrote, and who
     file_mode: int = 0o640  # the log of a board may hold secrets typed at it
     group: str | int | None = None
+
+
+@dataclass(frozen=True)
+class MqttTls:
+    """TLS to the MQTT broker (muxd.mqtt): the CA its certificate must chain
+    to (the system's CAs without it), and a client certificate if it asks."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The top-level ``mqtt:`` section: the daemon's one broker connection (muxd.mqtt)."""
+
+    host: str  # a numeric IP: name lookups would block the loop
+    port: int
+    client_id: str = ""  # "": muxd-<hostname>
+    prefix: str = "muxd"
+    tls: MqttTls | None = None
+    username: str | None = None
+    password_file: str | None = None
+    # 30 s: a dead link is noticed within 45 s (1.5 keepalives, MQTT's rule),
+    # at the cost of one PINGREQ per half minute on a quiet link.
+    keepalive: int = 30
+    # TCP connect, TLS handshake and CONNACK together: a LAN broker answers in
+    # milliseconds; 10 s covers a loaded one, and bounds a black hole.
+    connect_timeout: float = 10.0
+    backoff_min: float = 0.2  # as an upstream's: doubling up to 10 s
+    backoff_max: float = 10.0
+
+    @property
+    def broker(self) -> str:
+        return format_hostport(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class PortMqtt:
+    """A port's ``mqtt:`` section: publish it on the broker (muxd.mqtt)."""
+
+    format: Format = "text"
+    qos: int = 1
+    write: bool = False  # subscribe <prefix>/<port>/tx and write it to the device
+    # The feed's backlog: 90 s of a 115200-baud console, a broker restart or failover.
+    buffer: int = 1 * MiB
 
 
 @dataclass(frozen=True)
@@ -248,6 +298,7 @@ class Config:
     ports: tuple[Port, ...]
     http: tuple[HttpServer, ...] = ()
     log_level: LogLevel = "info"
+    mqtt: MqttConfig | None = None
     source: str = field(default="<config>", compare=False)
     # The line of each key path ("ports[0].listeners[1].group"), for checks
     # made after loading (muxd.checks) to say where the problem is written.
@@ -261,7 +312,7 @@ def format_hostport(host: str, port: int) -> str:
 # --------------------------------------------------------------------------
 # Schema: the keys each mapping accepts (also what the man page must document)
 
-TOP_KEYS = {"ports", "http", "log_level"}
+TOP_KEYS = {"ports", "http", "log_level", "mqtt"}
 PORT_KEYS = {
     "name",
     "upstream",
@@ -273,6 +324,7 @@ PORT_KEYS = {
     "line_control",
     "trace",
     "sequences",
+    "mqtt",
 }
 # line_timeout, when not 0: under 10 ms a line a script sends in two TCP
 # segments could be cut in two by scheduling noise alone; over a minute a
@@ -305,6 +357,10 @@ TOKEN_KEYS = {"name", "file", "scope"}
 TLS_KEYS = {"cert", "key", "client_ca", "handshake_timeout"}  # of a listener's or http server's tls:
 HTTP_KEYS |= {"tls"}
 UPSTREAM_KINDS = ("serial", "tcp", "sim")
+MQTT_KEYS = {"broker", "client_id", "prefix", "tls", "username", "password_file", "keepalive"}
+MQTT_KEYS |= {"connect_timeout"} | BACKOFF_KEYS
+MQTT_TLS_KEYS = {"ca", "cert", "key"}
+PORT_MQTT_KEYS = {"format", "qos", "write", "buffer"}
 
 
 def schema_keys() -> set[str]:
@@ -312,6 +368,7 @@ def schema_keys() -> set[str]:
     keys = TOP_KEYS | PORT_KEYS | SERIAL_KEYS | TCP_KEYS | {"sim"} | SIM_KEYS | LISTENER_COMMON | HTTP_KEYS
     keys |= TRACE_KEYS | TOKEN_KEYS
     keys |= TLS_KEYS | {"tls"}
+    keys |= MQTT_KEYS | MQTT_TLS_KEYS | PORT_MQTT_KEYS | {"mqtt"}
     keys |= set(LISTENER_KINDS)
     for extra in LISTENER_EXTRA.values():
         keys |= extra
@@ -1001,6 +1058,7 @@ def _port(node: _Node) -> Port:
         line_control=_get(m, "line_control", lambda n: n.choice(LINE_CONTROL_POLICIES), d.line_control),
         trace=tuple(_trace(n) for n in m["trace"].sequence()) if "trace" in m else (),
         sequences=_sequences(m["sequences"]) if "sequences" in m else (),
+        mqtt=_port_mqtt(m["mqtt"]) if "mqtt" in m else None,
     )
     if port.max_line > port.write_queue:
         raise m.get("max_line", node).error(
@@ -1073,6 +1131,110 @@ def _tls(node: _Node) -> TlsConfig:
     )
 
 
+def _readable(node: _Node) -> str:
+    # Checked here, so that `muxd check` and a reload name the key and line.
+    path = node.file_path(absolute=True)
+    if not os.path.isfile(path):
+        raise node.error(f"no such file: {path}")
+    if not os.access(path, os.R_OK):
+        raise node.error(f"cannot read {path}: permission denied")
+    return path
+
+
+# An MQTT client id: 23 characters is what every broker must accept (MQTT
+# 3.1.1, 3.1.3.1); longer ones are refused, not cut, since a cut id could clash.
+_CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,23}")
+# A topic prefix: levels of printable characters, no wildcards, no empty level.
+_PREFIX_RE = re.compile(r"[^/#+\s\x00]{1,64}(/[^/#+\s\x00]{1,64}){0,7}")
+
+
+# The MQTT bridge drives paho through the callback API of version 2.
+PAHO_MIN = (2, 1)
+
+
+def _paho_version() -> tuple[int, ...] | None:
+    """paho-mqtt's version, or None when it is not installed."""
+    try:
+        import paho.mqtt  # only a config with mqtt: needs it
+    except ImportError:
+        return None
+    return tuple(int(x) for x in re.findall(r"[0-9]+", paho.mqtt.__version__)[:2])
+
+
+def _mqtt(node: _Node) -> MqttConfig:
+    m = node.mapping(MQTT_KEYS, required=("broker",))
+    version = _paho_version()
+    if version is None or version < PAHO_MIN:
+        found = "it is not installed" if version is None else f"found {'.'.join(map(str, version))}"
+        raise node.error(
+            f"the MQTT bridge needs paho-mqtt {'.'.join(map(str, PAHO_MIN))} or later ({found}): "
+            "pip install 'paho-mqtt>=2.1', or Debian's python3-paho-mqtt from trixie on"
+        )
+    host, port = m["broker"].hostport(allow_any_port=False)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        # The stdlib resolver blocks: a dead DNS server would freeze every reader.
+        raise m["broker"].error(
+            f"give a numeric IP address, not {_show(host)} (name lookups would block)"
+        ) from None
+    d = MqttConfig("", 0)
+    client_id = _get(m, "client_id", _Node.text, d.client_id)
+    if "client_id" in m and not _CLIENT_ID_RE.fullmatch(client_id):
+        raise m["client_id"].error(
+            f"must be 1 to 23 of A-Z a-z 0-9 _ . - (what every broker accepts), got {_show(client_id)}"
+        )
+    prefix = _get(m, "prefix", _Node.text, d.prefix)
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise m["prefix"].error(
+            f"a topic prefix such as muxd or lab/muxd: no +, #, spaces, or empty levels; got {_show(prefix)}"
+        )
+    tls = None
+    if "tls" in m:
+        t = m["tls"].mapping(MQTT_TLS_KEYS)
+        tls = MqttTls(
+            ca=_readable(t["ca"]) if "ca" in t else None,
+            cert=_readable(t["cert"]) if "cert" in t else None,
+            key=_readable(t["key"]) if "key" in t else None,
+        )
+        if (tls.cert is None) != (tls.key is None):
+            raise m["tls"].error("cert and key go together: give both, or neither")
+    username = _get(m, "username", _Node.text, None)
+    password_file = _readable(m["password_file"]) if "password_file" in m else None
+    if password_file is not None and username is None:
+        raise m["password_file"].error("a password needs a username: set username too")
+    lo, hi = _backoff(m)
+    return MqttConfig(
+        host=host,
+        port=port,
+        client_id=client_id,
+        prefix=prefix,
+        tls=tls,
+        username=username,
+        password_file=password_file,
+        keepalive=_get(m, "keepalive", lambda n: n.integer(5, 3600), d.keepalive),
+        connect_timeout=_get(
+            m, "connect_timeout", lambda n: n.duration(0.1, 300, off=False), d.connect_timeout
+        ),
+        backoff_min=lo,
+        backoff_max=hi,
+    )
+
+
+def _port_mqtt(node: _Node) -> PortMqtt:
+    d = PortMqtt()
+    if isinstance(node.node, yaml.ScalarNode) and node.value() is True:
+        return d
+    m = node.mapping(PORT_MQTT_KEYS)
+    qos = _get(m, "qos", lambda n: n.integer(0, 1), d.qos)
+    return PortMqtt(
+        format=_get(m, "format", lambda n: n.choice(FORMATS), d.format),
+        qos=qos,
+        write=_get(m, "write", _Node.flag, d.write),
+        buffer=_get(m, "buffer", lambda n: n.size(4 * KiB, 64 * MiB), d.buffer),
+    )
+
+
 def _check_unique(items: list[tuple[str, _Node]], what: str) -> None:
     seen: dict[str, _Node] = {}
     for key, node in items:
@@ -1137,7 +1299,14 @@ def build(root: _Node) -> Config:
     _check_unique(names, "listener name")
     default_level: LogLevel = "info"
     level = _get(m, "log_level", lambda n: n.choice(LOG_LEVELS), default_level)
-    return Config(ports=ports, http=http, log_level=level, source=root.file, lines=root.lines)
+    mqtt = _mqtt(m["mqtt"]) if "mqtt" in m else None
+    if mqtt is None:
+        for port, pnode in port_pairs:
+            if port.mqtt is not None:
+                raise pnode.mapping(PORT_KEYS)["mqtt"].error(
+                    "publishing a port needs the broker: add a top-level mqtt: section with broker:"
+                )
+    return Config(ports=ports, http=http, log_level=level, source=root.file, lines=root.lines, mqtt=mqtt)
 
 
 def loads(text: str, file: str = "<config>") -> Config:

@@ -30,6 +30,7 @@ import signal
 import socket
 from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from muxd import config as configmod
 from muxd import systemd as sd
@@ -43,6 +44,9 @@ from muxd.listeners.stream import StreamListener
 from muxd.port import Connection, ListenerRuntime, PortRuntime, bounds_for, make_upstream
 from muxd.reactor import Reactor
 from muxd.trace import Trace
+
+if TYPE_CHECKING:
+    from muxd.mqtt.bridge import MqttBridge
 
 log = logging.getLogger("muxd")
 
@@ -112,6 +116,15 @@ def start_cause(exc: BaseException, path: str = "") -> str:
     return str(exc)
 
 
+def _bridge(cfg: configmod.MqttConfig, reactor: Reactor) -> MqttBridge:
+    # Imported here: paho-mqtt is needed only where a broker is configured
+    # (config.py has checked that it is installed), so a Debian install
+    # without python3-paho-mqtt runs every other part of muxd.
+    from muxd.mqtt.bridge import MqttBridge
+
+    return MqttBridge(cfg, reactor)
+
+
 def _rebind_needed(old: Listener, new: Listener) -> bool:
     return (old.kind, old.host, old.port, old.path, old.file_mode, old.group) != (
         new.kind,
@@ -138,12 +151,17 @@ class Daemon:
         self._stopping = False
         self.exit_code = 0
         self.log_level_override: str | None = None  # --log-level outlives reloads
+        self.mqtt: MqttBridge | None = None  # the broker connection (muxd.mqtt), with mqtt:
 
     # -- start ---------------------------------------------------------------
 
     def start(self) -> None:
+        if self.config.mqtt is not None:
+            self.mqtt = _bridge(self.config.mqtt, self.reactor)
         for port in self.config.ports:
             self._start_port(port)
+        if self.mqtt is not None:
+            self.mqtt.start()  # connects on the reactor: never waits here
         for srv in self.config.http:
             self._start_http(srv)
         if self._activated:
@@ -186,6 +204,8 @@ class Daemon:
         rt = PortRuntime.build(port, self.reactor)
         self.ports[port.name] = rt
         self._start_traces(rt, port)
+        if self.mqtt is not None:
+            self.mqtt.add_port(rt)  # before the upstream, as the traces
         for cfg in port.listeners:
             self._start_listener(rt, cfg)
         rt.upstream.start()
@@ -279,6 +299,8 @@ class Daemon:
                 listener.stop()
             rt.upstream.stop()  # its last bytes reach the traces before they close
             self._stop_traces(rt)
+        if self.mqtt is not None:
+            self.mqtt.stop()  # pending lines, the final states and "offline", then DISCONNECT
         for front in self.http.values():
             front.stop()
         for client in self._connections():
@@ -287,7 +309,7 @@ class Daemon:
         self._stop_when_flushed()
 
     def _stop_when_flushed(self) -> None:
-        if self.client_count() == 0:
+        if self.client_count() == 0 and (self.mqtt is None or self.mqtt.finished):
             self.reactor.stop()
         else:
             self.reactor.call_later(0.02, self._stop_when_flushed)
@@ -298,6 +320,9 @@ class Daemon:
             log.warning("stopping: %d clients still owed data after %.1fs; closing", left, SHUTDOWN_FLUSH)
         for client in self._connections():
             client.close("shutdown")
+        if self.mqtt is not None and not self.mqtt.finished:
+            log.warning("stopping: the mqtt bridge had not flushed after %.1fs; closing", SHUTDOWN_FLUSH)
+            self.mqtt.close()
         self.reactor.stop()
 
     # -- reload --------------------------------------------------------------
@@ -330,6 +355,25 @@ class Daemon:
             else:
                 self._update_port(rt, port)
         self._apply_http(new.http)
+        self._apply_mqtt(new)
+
+    def _apply_mqtt(self, new: Config) -> None:
+        """A changed broker section, or a port's mqtt: changed, added or removed:
+        the bridge is made anew (its feeds start at the head; the old link ends
+        with a DISCONNECT, so no will is published and ``online`` stays true).
+        Ports that are not published may come and go without touching it."""
+        old_specs = {p.name: p.mqtt for p in self.config.ports if p.mqtt is not None}
+        new_specs = {p.name: p.mqtt for p in new.ports if p.mqtt is not None}
+        if new.mqtt == self.config.mqtt and old_specs == new_specs:
+            return
+        if self.mqtt is not None:
+            self.mqtt.close(clean=True)
+            self.mqtt = None
+        if new.mqtt is not None:
+            self.mqtt = _bridge(new.mqtt, self.reactor)
+            for rt in self.ports.values():
+                self.mqtt.add_port(rt)
+            self.mqtt.start()
 
     def _apply_http(self, servers: tuple[HttpServer, ...]) -> None:
         wanted = {srv.name: srv for srv in servers}

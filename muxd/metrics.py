@@ -146,6 +146,7 @@ class MuxdCollector:
             "reason backlog, device bytes it fell too far behind on.",
             labels=[*p, "trace", "reason"],
         )
+        mqtt = list(_mqtt_metrics(self._ports()))
         for rt in self._ports():
             hub, port, st = rt.hub, rt.name, rt.upstream.status
             for trace in rt.traces:
@@ -199,6 +200,7 @@ class MuxdCollector:
         yield from (read, written, queue, discarded, max_lag)
         yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
         yield from (trace_written, trace_dropped)
+        yield from mqtt
         yield from (line_info, control_changes, control_requests)
         yield from tls_metrics()
         yield CounterMetricFamily(
@@ -212,6 +214,67 @@ class MuxdCollector:
             value=self._reactor.internal_errors,
         )
         yield build_info()
+
+
+def _mqtt_metrics(ports: Iterable[PortRuntime]) -> Iterator[Metric]:
+    """The MQTT bridge (muxd.mqtt): its connection, once, and each published port's feed."""
+    p = ["port"]
+    up = GaugeMetricFamily("muxd_mqtt_up", "1 if the MQTT bridge is connected to its broker, else 0.")
+    state = GaugeMetricFamily(
+        "muxd_mqtt_state", "The bridge's state: 1 for the current one, 0 for the others.", labels=["state"]
+    )
+    connects = CounterMetricFamily("muxd_mqtt_connects", "Times the bridge connected to its broker.")
+    failures = CounterMetricFamily(
+        "muxd_mqtt_reconnects",
+        "Connection attempts that failed and links that were lost, each followed by a reconnect, by reason.",
+        labels=["reason"],
+    )
+    messages = CounterMetricFamily(
+        "muxd_mqtt_published_messages",
+        "rx messages the broker acknowledged (QoS 1) or that were written to it (QoS 0).",
+        labels=p,
+    )
+    nbytes = CounterMetricFamily("muxd_mqtt_published_bytes", "Payload bytes of those messages.", labels=p)
+    dropped = CounterMetricFamily(
+        "muxd_mqtt_dropped_bytes",
+        "Device bytes the bridge lost: its backlog overflowed while the broker was slow or gone.",
+        labels=p,
+    )
+    lost = CounterMetricFamily(
+        "muxd_mqtt_lost_messages",
+        "QoS 0 messages not yet written when the link to the broker went.",
+        labels=p,
+    )
+    lag = GaugeMetricFamily("muxd_mqtt_lag_bytes", "Device bytes the bridge has yet to publish.", labels=p)
+    tx = CounterMetricFamily(
+        "muxd_mqtt_tx_messages",
+        "Messages on the tx topic, by outcome: written (queued to the device) or refused (no room).",
+        labels=[*p, "outcome"],
+    )
+    bridge = None
+    for rt in ports:
+        feed = rt.mqtt
+        if feed is None:
+            continue
+        bridge = feed.bridge
+        port = rt.name
+        messages.add_metric([port], feed.published)
+        nbytes.add_metric([port], feed.published_bytes)
+        dropped.add_metric([port], feed.reader.dropped)
+        lost.add_metric([port], feed.lost)
+        lag.add_metric([port], rt.hub.lag(feed.reader))
+        if feed.spec.write:
+            tx.add_metric([port, "written"], feed.tx_accepted)
+            tx.add_metric([port, "refused"], feed.tx_refused)
+    if bridge is None:
+        return
+    up.add_metric([], 1.0 if bridge.state == "up" else 0.0)
+    for name in bridge.STATES:
+        state.add_metric([name], 1.0 if bridge.state == name else 0.0)
+    connects.add_metric([], bridge.connects)
+    for reason, n in sorted(bridge.failures.items()):
+        failures.add_metric([reason], n)
+    yield from (up, state, connects, failures, messages, nbytes, dropped, lost, lag, tx)
 
 
 def tls_metrics() -> Iterator[Metric]:

@@ -8,7 +8,7 @@ state, the line control's settings) without owning any of it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from muxd.config import Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
 from muxd.hub import Hub, PortBounds, Reader
@@ -19,6 +19,9 @@ from muxd.upstream.base import Upstream
 from muxd.upstream.serial import SerialPort
 from muxd.upstream.sim import SimDevice
 from muxd.upstream.tcp import TcpPort
+
+if TYPE_CHECKING:
+    from muxd.mqtt.feed import Feed
 
 
 class Connection(Protocol):
@@ -65,14 +68,17 @@ class PortRuntime:
     line_control: LineControl  # shared by the port's rfc2217 and pty listeners
     listeners: dict[str, ListenerRuntime] = field(default_factory=dict)
     traces: list[Trace] = field(default_factory=list)
+    mqtt: Feed | None = None  # the port's MQTT bridge feed (muxd.mqtt), when published
 
     @property
     def name(self) -> str:
         return self.config.name
 
     def clients(self) -> list[Reader]:
-        """The hub's readers that are clients: all but the trace files."""
+        """The hub's readers that are clients: all but the trace files and the MQTT feed."""
         traces = {trace.reader.id for trace in self.traces}
+        if self.mqtt is not None:
+            traces.add(self.mqtt.reader.id)
         return [r for r in self.hub.readers.values() if r.id not in traces]
 
     @classmethod

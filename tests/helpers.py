@@ -678,6 +678,7 @@ def start_muxd(
     log_level: str | None = "debug",
     env: dict[str, str] | None = None,
     nofile: int | None = None,
+    top: dict[str, Any] | None = None,
     **port_opts: Any,
 ) -> Muxd:
     """Start muxd on one port and wait until it is ready; return it.
@@ -712,6 +713,7 @@ def start_muxd(
     data = {
         "ports": [{"name": name, "upstream": upstream, "listeners": filled, **port_opts}],
         "http": http_cfg,
+        **(top or {}),  # other top-level sections (mqtt:)
     }
     cfg = write_config(tmp_path, data)
     args = ["run", "-c", str(cfg)]

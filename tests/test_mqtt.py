@@ -1,0 +1,644 @@
+"""The MQTT bridge end to end, against a real broker: Debian's mosquitto,
+started on a free loopback port with a generated config and stopped by PID.
+
+muxd runs as a subprocess on a pty device; a paho subscriber (its own network
+thread) collects what the broker delivers. Tests synchronise on what the
+subscriber received, on the device's bytes and on the API, never on time
+alone. Config checks at the end need no broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from muxd import config
+from muxd.errors import ConfigError
+from tests.helpers import (
+    AUTO,
+    LOCAL,
+    Muxd,
+    PtyDevice,
+    StartMuxd,
+    connect,
+    free_port,
+    recv_until,
+    run_muxd,
+    start_on_pty,
+    wait_for,
+)
+
+MOSQUITTO = shutil.which("mosquitto") or (
+    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+)
+needs_broker = pytest.mark.skipif(
+    MOSQUITTO is None, reason="mosquitto is not installed (make test installs Debian's mosquitto)"
+)
+
+
+class Broker:
+    """mosquitto on 127.0.0.1:port, persistent (a restart keeps sessions and
+    queued QoS 1 messages, as a production broker does), stopped by PID."""
+
+    def __init__(self, tmp_path: Path, extra: tuple[str, ...] = ()) -> None:
+        self.dir = tmp_path / "broker"
+        self.dir.mkdir(exist_ok=True)
+        self.port = free_port()
+        self.conf = self.dir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} {LOCAL}",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {self.dir}/",
+            "autosave_interval 1",
+            *extra,
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it switches to user mosquitto, who cannot write here
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{LOCAL}:{self.port}"
+
+    def start(self) -> None:
+        assert MOSQUITTO is not None
+        log = open(self.dir / "mosquitto.log", "ab")  # noqa: SIM115 - the child holds it
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=log)
+        log.close()
+
+        def listening() -> bool:
+            assert self.proc is not None
+            assert self.proc.poll() is None, (self.dir / "mosquitto.log").read_text()
+            try:
+                socket.create_connection((LOCAL, self.port), timeout=0.2).close()
+            except OSError:
+                return False
+            return True
+
+        wait_for(listening, 10, f"mosquitto on {self.address}")
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path)
+    b.start()
+    yield b
+    b.stop()
+
+
+class Subscriber:
+    """A paho client on its own thread, collecting (topic, payload) in order."""
+
+    def __init__(self, broker: Broker, topics: list[str], client_id: str = "test-sub", clean: bool = False):
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.topics = topics
+        self.connected = threading.Event()
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean)
+        c.reconnect_delay_set(1, 1)
+        c.on_connect = self._on_connect
+        c.on_message = lambda _c, _u, msg: self.messages.append((msg.topic, bytes(msg.payload), msg.retain))
+        c.connect(LOCAL, broker.port, keepalive=10)
+        c.loop_start()
+        self.client = c
+        assert self.connected.wait(10), "subscriber did not connect"
+
+    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        for topic in self.topics:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+
+    def payloads(self, topic: str) -> list[bytes]:
+        return [p for t, p, _r in list(self.messages) if t == topic]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def retained(broker: Broker, topics: list[str], expect: int) -> dict[str, bytes]:
+    """The retained messages of these topics, read by a fresh subscriber."""
+    sub = Subscriber(broker, topics, client_id=f"retained-{time.monotonic_ns() % 10**9}", clean=True)
+    try:
+        wait_for(lambda: len(sub.messages) >= expect, 10, f"{expect} retained messages")
+        return {t: p for t, p, r in sub.messages if r}
+    finally:
+        sub.close()
+
+
+def start_bridged(  # noqa: PLR0917 - the harness's own (muxd, tmp_path, dev) first
+    muxd: StartMuxd,
+    tmp_path: Path,
+    dev: PtyDevice,
+    broker_address: str,
+    port_mqtt: dict[str, Any] | None = None,
+    listeners: list[dict[str, Any]] | None = None,
+    **mqtt: Any,
+) -> Muxd:
+    section = {"broker": broker_address, "backoff_max": "500ms", "client_id": "muxd-test", **mqtt}
+    return start_on_pty(
+        muxd,
+        tmp_path,
+        dev,
+        listeners if listeners is not None else [],
+        mqtt=port_mqtt if port_mqtt is not None else {"format": "jsonl", "qos": 1},
+        top={"mqtt": section},
+    )
+
+
+def mqtt_view(m: Muxd) -> dict[str, Any]:
+    view: dict[str, Any] = m.port_info()["mqtt"]
+    return view
+
+
+def wait_bridge(m: Muxd, state: str = "up", timeout: float = 10.0) -> None:
+    wait_for(lambda: mqtt_view(m)["state"] == state, timeout, f"bridge {state}: {mqtt_view(m)}")
+
+
+def data_records(payloads: list[bytes]) -> list[dict[str, Any]]:
+    return [json.loads(p) for p in payloads]
+
+
+def joined(records: list[dict[str, Any]]) -> bytes:
+    return "".join(r["data"] for r in records if "data" in r).encode("utf-8", "surrogateescape")
+
+
+def lines_of(n: int, start: int = 0, width: int = 40) -> list[bytes]:
+    return [f"line {i:06d} ".ljust(width, "x").encode() + b"\n" for i in range(start, start + n)]
+
+
+# -- rx, tx ------------------------------------------------------------------------------
+
+
+@needs_broker
+def test_every_line_reaches_a_subscriber_in_order_at_qos1(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    """No listener at all: the bridge is the port's only reader."""
+    sub = Subscriber(broker, ["muxd/dut/rx"])
+    try:
+        m = start_bridged(muxd, tmp_path, pty_device, broker.address)
+        wait_bridge(m)
+        sent = lines_of(500)
+        for i in range(0, len(sent), 25):
+            pty_device.write(b"".join(sent[i : i + 25]))
+        want = b"".join(sent)
+        wait_for(lambda: joined(data_records(sub.payloads("muxd/dut/rx"))) == want, 15, "every line")
+        records = data_records(sub.payloads("muxd/dut/rx"))
+        assert all(r["port"] == "dut" and r.get("dir", "rx") == "rx" for r in records)
+        assert not [r for r in records if r.get("event") == "gap"]
+        # Counted at PUBACK, which may come after the subscriber has the message.
+        wait_for(lambda: mqtt_view(m)["published"] >= len(records), 5, "every message acknowledged")
+        view = mqtt_view(m)
+        assert view["dropped"] == 0 and view["qos"] == 1 and view["lag"] == 0
+        assert m.metric("muxd_mqtt_published_messages_total", port="dut") >= len(records)
+        assert m.metric("muxd_mqtt_up") == 1
+        status = run_muxd("status", "--url", m.http)
+        assert status.returncode == 0, status.stderr
+        assert "mqtt up" in status.stdout and "muxd/dut/rx" in status.stdout, status.stdout
+    finally:
+        sub.close()
+
+
+@needs_broker
+def test_text_format_gives_one_stamped_line_per_message(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    sub = Subscriber(broker, ["muxd/dut/rx"])
+    try:
+        m = start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "text", "qos": 0})
+        wait_bridge(m)
+        pty_device.write(b"alpha\nbeta\ngam")
+        pty_device.write(b"ma\n")
+
+        def lines() -> list[bytes]:
+            return [p for p in sub.payloads("muxd/dut/rx") if b" -- muxd: " not in p]  # events
+
+        wait_for(lambda: len(lines()) >= 3, 10, "three lines")
+        got = lines()
+        assert [p.split(b" ", 1)[1] for p in got] == [b"alpha\n", b"beta\n", b"gamma\n"]
+        assert all(p[:2] == b"20" and p.index(b"Z ") == 23 for p in got)
+        pty_device.write(b"login: ")  # a line still open goes out after LINE_HOLD
+        wait_for(lambda: lines()[-1].endswith(b" login: "), 5, "the prompt")
+    finally:
+        sub.close()
+
+
+@needs_broker
+def test_raw_format_gives_bounded_chunks_of_the_exact_bytes(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    sub = Subscriber(broker, ["muxd/dut/rx"])
+    try:
+        m = start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "raw", "qos": 0})
+        wait_bridge(m)
+        sent = bytes(range(256)) * 80  # binary, no lines: 20 KiB
+        pty_device.write(sent)
+        pty_device.write(b"prompt> ")  # a chunk that ends nowhere still goes out (RAW_DELAY)
+        want = sent + b"prompt> "
+        wait_for(lambda: b"".join(sub.payloads("muxd/dut/rx")) == want, 10, "the exact bytes")
+        assert max(map(len, sub.payloads("muxd/dut/rx"))) <= 4096
+    finally:
+        sub.close()
+
+
+@needs_broker
+def test_tx_reaches_the_device_only_with_write_true(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    sub = Subscriber(broker, ["muxd/dut/rx"])
+    try:
+        m = start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "jsonl", "write": True})
+        wait_bridge(m)
+        sub.client.publish("muxd/dut/tx", b"reboot\n", qos=1)
+        assert pty_device.read(7) == b"reboot\n"
+        wait_for(lambda: mqtt_view(m)["tx_accepted"] == 1, 5, "the write counted")
+        assert m.metric("muxd_mqtt_tx_messages_total", port="dut", outcome="written") == 1
+        m.stop()
+
+        m = start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "jsonl", "write": False})
+        wait_bridge(m)
+        assert mqtt_view(m)["tx"] is None
+        sub.client.publish("muxd/dut/tx", b"reboot\n", qos=1)
+        # A round trip through muxd after the publish: the broker had it first.
+        pty_device.write(b"marker\n")
+        wait_for(lambda: b"marker" in joined(data_records(sub.payloads("muxd/dut/rx"))), 10, "marker")
+        time.sleep(0.3)
+        with pytest.raises(AssertionError):
+            pty_device.read(1, timeout=0.3)
+    finally:
+        sub.close()
+
+
+@needs_broker
+def test_tx_the_queue_cannot_take_is_refused_and_counted(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    """The device does not read (nobody drains the pty): the 1 KiB write queue
+    fills, and what it cannot take is refused, counted, never half-written."""
+    sub = Subscriber(broker, [])
+    try:
+        section = {"broker": broker.address, "client_id": "muxd-test"}
+        m = start_on_pty(
+            muxd,
+            tmp_path,
+            pty_device,
+            [],
+            mqtt={"format": "jsonl", "write": True},
+            write_queue="1KiB",
+            max_line=512,
+            top={"mqtt": section},
+        )
+        wait_bridge(m)
+        msgs = [f"msg {i:04d} ".ljust(199, "x").encode() + b"\n" for i in range(300)]
+        for msg in msgs:
+            sub.client.publish("muxd/dut/tx", msg, qos=1)
+
+        def settled() -> bool:
+            v = mqtt_view(m)
+            return bool(v["tx_accepted"] + v["tx_refused"] == len(msgs))
+
+        wait_for(settled, 10, "every message judged")
+        view = mqtt_view(m)
+        assert view["tx_refused"] > 0 and view["tx_accepted"] > 0
+        assert m.metric("muxd_mqtt_tx_messages_total", port="dut", outcome="refused") == view["tx_refused"]
+        got = pty_device.read(200 * view["tx_accepted"])
+        lines = got.splitlines(keepends=True)
+        assert all(line in msgs for line in lines), "whole messages only"
+        assert lines == sorted(lines), "in order"
+        with pytest.raises(AssertionError):
+            pty_device.read(1, timeout=0.3)
+    finally:
+        sub.close()
+
+
+# -- outages ----------------------------------------------------------------------------
+
+
+@needs_broker
+def test_broker_restart_resumes_in_order_with_counted_announced_loss(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    """While the broker is gone the feed is a stuck reader with a 4 KiB bound:
+    what passes it is skipped, counted and marked with a gap record; the
+    rest comes in order once the broker is back."""
+    sub = Subscriber(broker, ["muxd/dut/rx"])  # a persistent session: the broker queues for it
+    try:
+        m = start_bridged(
+            muxd, tmp_path, pty_device, broker.address, {"format": "jsonl", "qos": 1, "buffer": "4KiB"}
+        )
+        wait_bridge(m)
+        before, during, after = lines_of(50), lines_of(400, 50), lines_of(50, 450)
+        pty_device.write(b"".join(before))
+        wait_for(lambda: joined(data_records(sub.payloads("muxd/dut/rx"))) == b"".join(before), 10, "before")
+        broker.stop()
+        wait_for(lambda: mqtt_view(m)["state"] != "up", 10, "the bridge notices")
+        for i in range(0, len(during), 20):
+            pty_device.write(b"".join(during[i : i + 20]))
+        wait_for(lambda: mqtt_view(m)["dropped"] > 0, 10, "the bound applied")
+        broker.start()
+        wait_bridge(m, timeout=15)
+        pty_device.write(b"".join(after))
+        last = after[-1]
+        wait_for(lambda: last in joined(data_records(sub.payloads("muxd/dut/rx"))), 20, "the last line")
+
+        records = data_records(sub.payloads("muxd/dut/rx"))
+        unique = [json.loads(p) for p in dict.fromkeys(sub.payloads("muxd/dut/rx"))]  # QoS 1: maybe twice
+        gaps = [r["bytes"] for r in unique if r.get("event") == "gap"]
+        assert gaps, "the loss is announced"
+        text = joined(unique)
+        numbers = [int(line.split()[1]) for line in text.splitlines() if line.startswith(b"line ")]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), "in order, none twice"
+        assert numbers[:50] == list(range(50)) and numbers[-50:] == list(range(450, 500))
+        total = len(b"".join(before + during + after))
+        view = mqtt_view(m)
+        assert len(text) + sum(gaps) == total, "every byte delivered or counted in a gap"
+        assert view["dropped"] == sum(gaps) == m.metric("muxd_mqtt_dropped_bytes_total", port="dut")
+        # Bounded: what was lost is what passed the 4 KiB bound, no more.
+        assert sum(gaps) >= len(b"".join(during)) - 4096 - 2048
+        assert len(records) >= len(unique)
+        assert view["reconnects"] >= 1 and view["connects"] >= 2
+    finally:
+        sub.close()
+
+
+class BlackHole:
+    """A listener that completes TCP handshakes (the kernel's backlog) and never
+    answers: a broker that accepts and hangs."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind((LOCAL, 0))
+        self.sock.listen(16)
+        self.address = f"{LOCAL}:{self.sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@needs_broker
+@pytest.mark.parametrize("outage", ["black-hole", "killed"])
+def test_a_dead_or_black_holed_broker_adds_no_latency_to_tcp_readers(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker, outage: str
+) -> None:
+    hole = BlackHole()
+    try:
+        address = hole.address if outage == "black-hole" else broker.address
+        m = start_bridged(
+            muxd,
+            tmp_path,
+            pty_device,
+            address,
+            {"format": "text", "qos": 1},
+            listeners=[{"tcp": AUTO}],
+            connect_timeout="500ms",
+        )
+        client = connect(m.port())
+        m.wait_connected(1)
+        if outage == "killed":
+            wait_bridge(m)
+            broker.stop(signal.SIGKILL)
+        worst = 0.0
+        deadline = time.monotonic() + 3.0
+        i = 0
+        while time.monotonic() < deadline:  # several connect timeouts and retries
+            line = f"tick {i}\n".encode()
+            t0 = time.monotonic()
+            pty_device.write(line)
+            recv_until(client, line, timeout=2.0)
+            worst = max(worst, time.monotonic() - t0)
+            i += 1
+            time.sleep(0.02)
+        assert worst < 0.5, f"a TCP reader waited {worst:.3f}s for a line"
+        view = mqtt_view(m)
+        assert view["state"] != "up" and view["reconnects"] >= 2, view
+        if outage == "black-hole":
+            assert m.metric("muxd_mqtt_reconnects_total", reason="connect timeout") >= 2
+        # The loop is not stalled: the API answers at once.
+        t0 = time.monotonic()
+        m.port_info()
+        assert time.monotonic() - t0 < 0.5
+        client.close()
+    finally:
+        hole.close()
+
+
+@needs_broker
+def test_tls_and_password(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
+    """A broker on TLS (a throwaway CA) that wants a user name and password:
+    the bridge's own non-blocking handshake, then paho's CONNECT with them;
+    a wrong password is refused, counted and retried, never a stall."""
+    trustme = pytest.importorskip("trustme")
+    passwd = shutil.which("mosquitto_passwd")
+    if passwd is None:
+        pytest.skip("mosquitto_passwd is not installed (Debian's mosquitto package has it)")
+    ca = trustme.CA()
+    cert = ca.issue_cert(LOCAL)
+    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    users = tmp_path / "passwd"
+    subprocess.run([passwd, "-c", "-b", str(users), "muxd", "s3cret"], check=True, capture_output=True)
+    os.chmod(users, 0o600)
+    broker = Broker(
+        tmp_path,
+        (
+            f"cafile {ca_pem}",
+            f"certfile {cert_pem}",
+            f"keyfile {key_pem}",
+            "allow_anonymous false",
+            f"password_file {users}",
+        ),
+    )
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true\n", ""))
+    broker.start()
+    try:
+        good, bad = tmp_path / "good", tmp_path / "bad"
+        good.write_text("s3cret\n")
+        bad.write_text("wrong\n")
+        m = start_bridged(
+            muxd,
+            tmp_path,
+            pty_device,
+            broker.address,
+            username="muxd",
+            password_file=str(bad),
+            tls={"ca": str(ca_pem)},
+        )
+        wait_for(lambda: mqtt_view(m)["reconnects"] >= 2, 10, "refused and retried")
+        view = mqtt_view(m)
+        assert view["state"] != "up" and view["connects"] == 0, view
+        assert m.metric("muxd_mqtt_reconnects_total", reason="refused") >= 2
+        m.stop()
+
+        m = start_bridged(
+            muxd,
+            tmp_path,
+            pty_device,
+            broker.address,
+            username="muxd",
+            password_file=str(good),
+            tls={"ca": str(ca_pem)},
+        )
+        wait_bridge(m)
+        pty_device.write(b"over tls\n")
+        wait_for(lambda: mqtt_view(m)["published"] >= 2, 10, "published over TLS")  # the up event, the line
+    finally:
+        broker.stop()
+
+
+@needs_broker
+def test_reload_rebuilds_the_bridge(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    """A port's mqtt: changed by SIGHUP: a clean DISCONNECT (no will: online
+    stays true) and a new bridge with the new settings; removed: not published."""
+    sub = Subscriber(broker, ["muxd/dut/rx"])
+    online = f"muxd/{socket.gethostname()}/online"
+    try:
+        m = start_bridged(muxd, tmp_path, pty_device, broker.address)
+        wait_bridge(m)
+        assert mqtt_view(m)["tx"] is None
+        ports = m.data["ports"]
+        ports[0]["mqtt"] = {"format": "jsonl", "write": True}
+        m.rewrite(ports)
+        m.signal(signal.SIGHUP)
+        wait_for(
+            lambda: mqtt_view(m)["tx"] == "muxd/dut/tx" and mqtt_view(m)["state"] == "up", 10, "new bridge"
+        )
+        sub.client.publish("muxd/dut/tx", b"hi\n", qos=1)
+        assert pty_device.read(3) == b"hi\n"
+        pty_device.write(b"after reload\n")
+        wait_for(
+            lambda: b"after reload" in joined(data_records(sub.payloads("muxd/dut/rx"))), 10, "published"
+        )
+        assert retained(broker, [online], 1)[online] == b"online"
+        ports[0].pop("mqtt")
+        m.rewrite(ports)
+        m.signal(signal.SIGHUP)
+        wait_for(lambda: m.port_info()["mqtt"] is None, 10, "not published")
+    finally:
+        sub.close()
+
+
+# -- retained state and availability ------------------------------------------------------
+
+
+@needs_broker
+def test_retained_state_and_last_will_after_clean_stop_and_sigkill(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    host = socket.gethostname()
+    online, state = f"muxd/{host}/online", "muxd/dut/state"
+    m = start_bridged(muxd, tmp_path, pty_device, broker.address)
+    wait_bridge(m)
+    wait_for(lambda: retained(broker, [online, state], 2).get(online) == b"online", 10, "online")
+    doc = json.loads(retained(broker, [online, state], 2)[state])
+    assert doc["state"] == "up" and doc["line"]["baudrate"] == 115200 and "since" in doc
+
+    m.stop()  # SIGTERM: a clean stop
+    got = retained(broker, [online, state], 2)
+    assert got[online] == b"offline"
+    doc = json.loads(got[state])
+    assert doc["state"] == "down" and doc["reason"] == "stopped"
+
+    m = start_bridged(muxd, tmp_path, pty_device, broker.address)
+    wait_bridge(m)
+    wait_for(lambda: retained(broker, [online, state], 2).get(online) == b"online", 10, "online again")
+    m.signal(signal.SIGKILL)
+    m.wait_exit()
+    m.stop()
+    # The broker publishes the will when the socket closes (the kernel closes it).
+    wait_for(lambda: retained(broker, [online, state], 2).get(online) == b"offline", 10, "the last will")
+    assert json.loads(retained(broker, [online, state], 2)[state])["state"] == "up"  # as last published
+
+
+@needs_broker
+def test_clean_stop_publishes_what_was_read_then_offline(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    online = f"muxd/{socket.gethostname()}/online"
+    sub = Subscriber(broker, ["muxd/dut/rx", online])
+    try:
+        m = start_bridged(muxd, tmp_path, pty_device, broker.address)
+        wait_bridge(m)
+        sent = b"".join(lines_of(2000))
+        pty_device.write(sent)
+        wait_for(lambda: m.port_info()["bytes_in"] == len(sent), 10, "muxd read it all")
+        m.stop()  # SIGTERM at once: the bridge may still hold a backlog
+        wait_for(lambda: sent in joined(data_records(sub.payloads("muxd/dut/rx"))), 10, "every line")
+        assert sub.payloads(online)[-1] == b"offline"
+    finally:
+        sub.close()
+
+
+# -- config -----------------------------------------------------------------------------
+
+
+def test_config_without_paho_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """paho-mqtt is needed only with mqtt: (muxd.mqtt is imported only then):
+    a Debian install without it runs every other part of muxd."""
+    monkeypatch.setitem(sys.modules, "paho", None)
+    monkeypatch.setitem(sys.modules, "paho.mqtt", None)
+    with pytest.raises(ConfigError, match=r"mqtt: the MQTT bridge needs paho-mqtt 2\.1 or later \(it is not"):
+        config.loads("mqtt: {broker: '127.0.0.1:1883'}\nports: [{name: a, upstream: {sim: true}}]")
+    assert config.loads("ports: [{name: a, upstream: {sim: true}}]").mqtt is None
+    code = "import sys; sys.modules['paho'] = None; import muxd.daemon, muxd.metrics, muxd.api, muxd.cli"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_config_keys_and_errors() -> None:
+    cfg = config.loads(
+        "mqtt: {broker: '127.0.0.1:1883', prefix: lab/muxd, keepalive: 20}\n"
+        "ports:\n"
+        "- {name: a, upstream: {sim: true}, mqtt: {format: raw, qos: 0, write: true, buffer: 64KiB}}\n"
+        "- {name: b, upstream: {sim: true}}\n"
+    )
+    assert cfg.mqtt is not None and cfg.mqtt.prefix == "lab/muxd" and cfg.mqtt.keepalive == 20
+    a, b = cfg.ports
+    assert a.mqtt is not None and (a.mqtt.format, a.mqtt.qos, a.mqtt.write, a.mqtt.buffer) == (
+        "raw",
+        0,
+        True,
+        65536,
+    )
+    assert a.listeners == () and b.mqtt is None
+    bad = {
+        "mqtt: {broker: 'broker.lab:1883'}": "mqtt.broker: give a numeric IP",
+        "mqtt: {broker: '127.0.0.1:1883', prefix: 'a/+/b'}": "mqtt.prefix",
+        "mqtt: {broker: '127.0.0.1:1883', client_id: 'x y'}": "mqtt.client_id",
+        "mqtt: {broker: '127.0.0.1:1883', password_file: /etc/hostname}": "needs a username",
+        "mqtt: {broker: '127.0.0.1:1883', tls: {cert: /etc/hostname}}": "cert and key go together",
+        "mqtt: {keepalive: 20}": "missing required key 'broker'",
+    }
+    for text, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            config.loads(text + "\nports: [{name: a, upstream: {sim: true}}]")
+    with pytest.raises(ConfigError, match=r"ports\[0\]\.mqtt: publishing a port needs the broker"):
+        config.loads("ports: [{name: a, upstream: {sim: true}, mqtt: true}]")
+    with pytest.raises(ConfigError, match=r"ports\[0\]\.mqtt\.qos: must be 0\.\.1"):
+        config.loads(
+            "mqtt: {broker: '127.0.0.1:1'}\nports: [{name: a, upstream: {sim: true}, mqtt: {qos: 2}}]"
+        )
