@@ -137,15 +137,18 @@ class Subscriber:
         self.client.loop_stop()
         self.client.disconnect()
 
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
 
 def retained(broker: Broker, topics: list[str], expect: int) -> dict[str, bytes]:
     """The retained messages of these topics, read by a fresh subscriber."""
-    sub = Subscriber(broker, topics, client_id=f"retained-{time.monotonic_ns() % 10**9}", clean=True)
-    try:
+    with Subscriber(broker, topics, client_id=f"retained-{time.monotonic_ns() % 10**9}", clean=True) as sub:
         wait_for(lambda: len(sub.messages) >= expect, 10, f"{expect} retained messages")
         return {t: p for t, p, r in sub.messages if r}
-    finally:
-        sub.close()
 
 
 def start_bridged(  # noqa: PLR0917 - the harness's own (muxd, tmp_path, dev) first
@@ -155,10 +158,12 @@ def start_bridged(  # noqa: PLR0917 - the harness's own (muxd, tmp_path, dev) fi
     broker_address: str,
     port_mqtt: dict[str, Any] | None = None,
     listeners: list[dict[str, Any]] | None = None,
+    wait_up: bool = True,
     **mqtt: Any,
 ) -> Muxd:
+    """muxd on the pty with the bridge; with wait_up, once the bridge is connected."""
     section = {"broker": broker_address, "backoff_max": "500ms", "client_id": "muxd-test", **mqtt}
-    return start_on_pty(
+    m = start_on_pty(
         muxd,
         tmp_path,
         dev,
@@ -166,6 +171,9 @@ def start_bridged(  # noqa: PLR0917 - the harness's own (muxd, tmp_path, dev) fi
         mqtt=port_mqtt if port_mqtt is not None else {"format": "jsonl", "qos": 1},
         top={"mqtt": section},
     )
+    if wait_up:
+        wait_bridge(m)
+    return m
 
 
 def mqtt_view(m: Muxd) -> dict[str, Any]:
@@ -197,10 +205,8 @@ def test_every_line_reaches_a_subscriber_in_order_at_qos1(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
 ) -> None:
     """No listener at all: the bridge is the port's only reader."""
-    sub = Subscriber(broker, ["muxd/dut/rx"])
-    try:
+    with Subscriber(broker, ["muxd/dut/rx"]) as sub:
         m = start_bridged(muxd, tmp_path, pty_device, broker.address)
-        wait_bridge(m)
         sent = lines_of(500)
         for i in range(0, len(sent), 25):
             pty_device.write(b"".join(sent[i : i + 25]))
@@ -218,18 +224,14 @@ def test_every_line_reaches_a_subscriber_in_order_at_qos1(
         status = run_muxd("status", "--url", m.http)
         assert status.returncode == 0, status.stderr
         assert "mqtt up" in status.stdout and "muxd/dut/rx" in status.stdout, status.stdout
-    finally:
-        sub.close()
 
 
 @needs_broker
 def test_text_format_gives_one_stamped_line_per_message(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
 ) -> None:
-    sub = Subscriber(broker, ["muxd/dut/rx"])
-    try:
-        m = start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "text", "qos": 0})
-        wait_bridge(m)
+    with Subscriber(broker, ["muxd/dut/rx"]) as sub:
+        start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "text", "qos": 0})
         pty_device.write(b"alpha\nbeta\ngam")
         pty_device.write(b"ma\n")
 
@@ -242,36 +244,28 @@ def test_text_format_gives_one_stamped_line_per_message(
         assert all(p[:2] == b"20" and p.index(b"Z ") == 23 for p in got)
         pty_device.write(b"login: ")  # a line still open goes out after LINE_HOLD
         wait_for(lambda: lines()[-1].endswith(b" login: "), 5, "the prompt")
-    finally:
-        sub.close()
 
 
 @needs_broker
 def test_raw_format_gives_bounded_chunks_of_the_exact_bytes(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
 ) -> None:
-    sub = Subscriber(broker, ["muxd/dut/rx"])
-    try:
-        m = start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "raw", "qos": 0})
-        wait_bridge(m)
+    with Subscriber(broker, ["muxd/dut/rx"]) as sub:
+        start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "raw", "qos": 0})
         sent = bytes(range(256)) * 80  # binary, no lines: 20 KiB
         pty_device.write(sent)
         pty_device.write(b"prompt> ")  # a chunk that ends nowhere still goes out (RAW_DELAY)
         want = sent + b"prompt> "
         wait_for(lambda: b"".join(sub.payloads("muxd/dut/rx")) == want, 10, "the exact bytes")
         assert max(map(len, sub.payloads("muxd/dut/rx"))) <= 4096
-    finally:
-        sub.close()
 
 
 @needs_broker
 def test_tx_reaches_the_device_only_with_write_true(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
 ) -> None:
-    sub = Subscriber(broker, ["muxd/dut/rx"])
-    try:
+    with Subscriber(broker, ["muxd/dut/rx"]) as sub:
         m = start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "jsonl", "write": True})
-        wait_bridge(m)
         sub.client.publish("muxd/dut/tx", b"reboot\n", qos=1)
         assert pty_device.read(7) == b"reboot\n"
         wait_for(lambda: mqtt_view(m)["tx_accepted"] == 1, 5, "the write counted")
@@ -279,7 +273,6 @@ def test_tx_reaches_the_device_only_with_write_true(
         m.stop()
 
         m = start_bridged(muxd, tmp_path, pty_device, broker.address, {"format": "jsonl", "write": False})
-        wait_bridge(m)
         assert mqtt_view(m)["tx"] is None
         sub.client.publish("muxd/dut/tx", b"reboot\n", qos=1)
         # A round trip through muxd after the publish: the broker had it first.
@@ -288,8 +281,6 @@ def test_tx_reaches_the_device_only_with_write_true(
         # Nothing may arrive: a window on the device, not a synchronisation.
         with pytest.raises(AssertionError):
             pty_device.read(1, timeout=0.6)
-    finally:
-        sub.close()
 
 
 @needs_broker
@@ -298,8 +289,7 @@ def test_tx_the_queue_cannot_take_is_refused_and_counted(
 ) -> None:
     """The device does not read (nobody drains the pty): the 1 KiB write queue
     fills, and what it cannot take is refused, counted, never half-written."""
-    sub = Subscriber(broker, [])
-    try:
+    with Subscriber(broker, []) as sub:
         section = {"broker": broker.address, "client_id": "muxd-test"}
         m = start_on_pty(
             muxd,
@@ -330,8 +320,6 @@ def test_tx_the_queue_cannot_take_is_refused_and_counted(
         assert lines == sorted(lines), "in order"
         with pytest.raises(AssertionError):
             pty_device.read(1, timeout=0.3)
-    finally:
-        sub.close()
 
 
 # -- outages ----------------------------------------------------------------------------
@@ -344,12 +332,10 @@ def test_broker_restart_resumes_in_order_with_counted_announced_loss(
     """While the broker is gone the feed is a stuck reader with a 4 KiB bound:
     what passes it is skipped, counted and marked with a gap record; the
     rest comes in order once the broker is back."""
-    sub = Subscriber(broker, ["muxd/dut/rx"])  # a persistent session: the broker queues for it
-    try:
+    with Subscriber(broker, ["muxd/dut/rx"]) as sub:  # a persistent session: the broker queues for it
         m = start_bridged(
             muxd, tmp_path, pty_device, broker.address, {"format": "jsonl", "qos": 1, "buffer": "4KiB"}
         )
-        wait_bridge(m)
         before, during, after = lines_of(50), lines_of(400, 50), lines_of(50, 450)
         pty_device.write(b"".join(before))
         wait_for(lambda: joined(data_records(sub.payloads("muxd/dut/rx"))) == b"".join(before), 10, "before")
@@ -380,8 +366,6 @@ def test_broker_restart_resumes_in_order_with_counted_announced_loss(
         assert sum(gaps) >= len(b"".join(during)) - 4096 - 2048
         assert len(records) >= len(unique)
         assert view["reconnects"] >= 1 and view["connects"] >= 2
-    finally:
-        sub.close()
 
 
 class BlackHole:
@@ -413,6 +397,7 @@ def test_a_dead_or_black_holed_broker_adds_no_latency_to_tcp_readers(
             address,
             {"format": "text", "qos": 1},
             listeners=[{"tcp": AUTO}],
+            wait_up=False,
             connect_timeout="500ms",
         )
         client = connect(m.port())
@@ -484,6 +469,7 @@ def test_tls_and_password(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
             tmp_path,
             pty_device,
             broker.address,
+            wait_up=False,
             username="muxd",
             password_file=str(bad),
             tls={"ca": str(ca_pem)},
@@ -503,7 +489,6 @@ def test_tls_and_password(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
             password_file=str(good),
             tls={"ca": str(ca_pem)},
         )
-        wait_bridge(m)
         pty_device.write(b"over tls\n")
         wait_for(lambda: mqtt_view(m)["published"] >= 2, 10, "published over TLS")  # the up event, the line
     finally:
@@ -516,11 +501,9 @@ def test_reload_rebuilds_the_bridge(
 ) -> None:
     """A port's mqtt: changed by SIGHUP: a clean DISCONNECT (no will: online
     stays true) and a new bridge with the new settings; removed: not published."""
-    sub = Subscriber(broker, ["muxd/dut/rx"])
     online = f"muxd/{socket.gethostname()}/online"
-    try:
+    with Subscriber(broker, ["muxd/dut/rx"]) as sub:
         m = start_bridged(muxd, tmp_path, pty_device, broker.address)
-        wait_bridge(m)
         assert mqtt_view(m)["tx"] is None
         ports = m.data["ports"]
         ports[0]["mqtt"] = {"format": "jsonl", "write": True}
@@ -540,8 +523,6 @@ def test_reload_rebuilds_the_bridge(
         m.rewrite(ports)
         m.signal(signal.SIGHUP)
         wait_for(lambda: m.port_info()["mqtt"] is None, 10, "not published")
-    finally:
-        sub.close()
 
 
 # -- retained state and availability ------------------------------------------------------
@@ -554,7 +535,6 @@ def test_retained_state_and_last_will_after_clean_stop_and_sigkill(
     host = socket.gethostname()
     online, state = f"muxd/{host}/online", "muxd/dut/state"
     m = start_bridged(muxd, tmp_path, pty_device, broker.address)
-    wait_bridge(m)
     wait_for(lambda: retained(broker, [online, state], 2).get(online) == b"online", 10, "online")
     doc = json.loads(retained(broker, [online, state], 2)[state])
     assert doc["state"] == "up" and doc["line"]["baudrate"] == 115200 and "since" in doc
@@ -566,7 +546,6 @@ def test_retained_state_and_last_will_after_clean_stop_and_sigkill(
     assert doc["state"] == "down" and doc["reason"] == "stopped"
 
     m = start_bridged(muxd, tmp_path, pty_device, broker.address)
-    wait_bridge(m)
     wait_for(lambda: retained(broker, [online, state], 2).get(online) == b"online", 10, "online again")
     m.signal(signal.SIGKILL)
     m.wait_exit()
@@ -581,18 +560,14 @@ def test_clean_stop_publishes_what_was_read_then_offline(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
 ) -> None:
     online = f"muxd/{socket.gethostname()}/online"
-    sub = Subscriber(broker, ["muxd/dut/rx", online])
-    try:
+    with Subscriber(broker, ["muxd/dut/rx", online]) as sub:
         m = start_bridged(muxd, tmp_path, pty_device, broker.address)
-        wait_bridge(m)
         sent = b"".join(lines_of(2000))
         pty_device.write(sent)
         wait_for(lambda: m.port_info()["bytes_in"] == len(sent), 10, "muxd read it all")
         m.stop()  # SIGTERM at once: the bridge may still hold a backlog
         wait_for(lambda: sent in joined(data_records(sub.payloads("muxd/dut/rx"))), 10, "every line")
         assert sub.payloads(online)[-1] == b"offline"
-    finally:
-        sub.close()
 
 
 # -- config -----------------------------------------------------------------------------
