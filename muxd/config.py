@@ -666,6 +666,19 @@ class _Node:
         except ValueError as exc:
             raise self.error(str(exc)) from None
 
+    def peer_address(self) -> tuple[str, int]:
+        """A HOST:PORT muxd connects to (the K2, the MQTT broker): a real port,
+        and a numeric IP, since the stdlib resolver blocks and a dead DNS server
+        would freeze every reader."""
+        host, port = self.hostport(allow_any_port=False)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise self.error(
+                f"give a numeric IP address, not {_show(host)} (name lookups would block)"
+            ) from None
+        return host, port
+
     def file_mode(self) -> int:
         v = self.value()
         shown = _show(v)
@@ -831,15 +844,7 @@ def _upstream(node: _Node) -> Upstream:
         return SerialUpstream(m["serial"].file_path(absolute=False), _line_settings(m), lo, hi)
     if kind == "tcp":
         m = node.mapping(TCP_KEYS)
-        # A port to connect to: 0 is no wildcard here, so 1..65535.
-        host, port = m["tcp"].hostport(allow_any_port=False)
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            # The stdlib resolver blocks: a dead DNS server would freeze every reader.
-            raise m["tcp"].error(
-                f"give a numeric IP address, not {_show(host)} (name lookups would block)"
-            ) from None
+        host, port = m["tcp"].peer_address()
         lo, hi = _backoff(m)
         d = TcpUpstream(host, port)
         settings = _line_settings(m)
@@ -1170,14 +1175,7 @@ def _mqtt(node: _Node) -> MqttConfig:
             f"the MQTT bridge needs paho-mqtt {'.'.join(map(str, PAHO_MIN))} or later ({found}): "
             "pip install 'paho-mqtt>=2.1', or Debian's python3-paho-mqtt from trixie on"
         )
-    host, port = m["broker"].hostport(allow_any_port=False)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        # The stdlib resolver blocks: a dead DNS server would freeze every reader.
-        raise m["broker"].error(
-            f"give a numeric IP address, not {_show(host)} (name lookups would block)"
-        ) from None
+    host, port = m["broker"].peer_address()
     d = MqttConfig("", 0)
     client_id = _get(m, "client_id", _Node.text, d.client_id)
     if "client_id" in m and not _CLIENT_ID_RE.fullmatch(client_id):
