@@ -47,6 +47,12 @@ class Problems:
     warnings: list[ConfigError]
 
 
+def group_id(group: str | int) -> int:
+    """The gid of a group as the config names it (a name or a gid); KeyError
+    when this machine has no group of that name."""
+    return group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether a listen address is loopback only ("localhost" is; a name or
     a wildcard such as 0.0.0.0 or :: is not)."""
@@ -89,9 +95,9 @@ class _Checker:
             self.errors.append(self.at(key, f"{what}: directory {parent} does not exist"))
 
     def _group(self, group: str | int | None, key: str, what: str) -> None:
-        if isinstance(group, str):
+        if group is not None:
             try:
-                grp.getgrnam(group)
+                group_id(group)
             except KeyError:
                 self.errors.append(self.at(key, f"{what}: no group {group!r} on this machine"))
 

@@ -23,7 +23,6 @@ stops the pings), RELOADING=1 around a reload and STOPPING=1 on the way out.
 from __future__ import annotations
 
 import errno
-import grp
 import logging
 import os
 import signal
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from muxd import config as configmod
 from muxd import systemd as sd
+from muxd.checks import group_id
 from muxd.config import Config, HttpServer, Listener, Port
 from muxd.connection import policy_for
 from muxd.errors import ConfigError, MuxdError
@@ -93,9 +93,9 @@ class StartError(MuxdError):
 
 
 def _check_group(group: str | int | None) -> None:
-    if isinstance(group, str):
+    if group is not None:
         try:
-            grp.getgrnam(group)
+            group_id(group)
         except KeyError:
             raise MuxdError(f"no group {group!r} on this machine") from None
 

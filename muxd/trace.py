@@ -34,11 +34,11 @@ umask) and, where given, ``group``; an existing file is appended to as it is.
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
 import time
 
+from muxd.checks import group_id
 from muxd.config import TraceFile
 from muxd.hub import MAX_NOTICES, Hub, Reader, ReaderPolicy
 from muxd.reactor import Reactor, Timer
@@ -301,8 +301,7 @@ class Trace:
             )
         if spec.group is not None:
             try:
-                gid = spec.group if isinstance(spec.group, int) else grp.getgrnam(spec.group).gr_gid
-                os.fchown(fd, -1, gid)
+                os.fchown(fd, -1, group_id(spec.group))
             except (KeyError, OSError) as exc:
                 log.warning(
                     "%s: trace %s: cannot set group %s: %s", self.hub.name, spec.path, spec.group, exc

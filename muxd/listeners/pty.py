@@ -57,7 +57,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import grp
 import logging
 import os
 import select
@@ -67,6 +66,7 @@ import termios
 import tty
 from typing import Any
 
+from muxd.checks import group_id
 from muxd.config import Listener
 from muxd.connection import Connection, State
 from muxd.hub import Hub
@@ -276,8 +276,7 @@ class PtyListener:
         if cfg.group is None:
             return
         try:
-            gid = cfg.group if isinstance(cfg.group, int) else grp.getgrnam(cfg.group).gr_gid
-            os.chown(name, -1, gid)
+            os.chown(name, -1, group_id(cfg.group))
         except KeyError:
             log.error("%s: cannot chgrp %s: no group %r", cfg.name, name, cfg.group)
         except OSError as exc:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import grp
 import logging
 import os
 import socket
 import stat
 
 from muxd.access import permitted
+from muxd.checks import group_id
 from muxd.config import Listener
 from muxd.connection import Connection
 from muxd.errors import MuxdError
@@ -80,10 +80,7 @@ class StreamListener:
             self._owns_path = True
             os.chmod(path, self.cfg.file_mode)
             if self.cfg.group is not None:
-                gid = (
-                    self.cfg.group if isinstance(self.cfg.group, int) else grp.getgrnam(self.cfg.group).gr_gid
-                )
-                os.chown(path, -1, gid)
+                os.chown(path, -1, group_id(self.cfg.group))
             sock.listen(socket.SOMAXCONN)
         except (OSError, KeyError):
             sock.close()
