@@ -224,12 +224,6 @@ class Daemon:
             trace.stop()
         rt.traces.clear()
 
-    def reopen_traces(self) -> None:
-        """Close and reopen every trace file (logrotate moved them away)."""
-        for rt in self.ports.values():
-            for trace in rt.traces:
-                trace.reopen()
-
     def _start_listener(self, rt: PortRuntime, cfg: Listener) -> None:
         factory = LISTENER_FACTORIES.get(cfg.kind)
         if factory is None:
