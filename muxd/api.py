@@ -27,6 +27,7 @@ from typing import Any
 from muxd import sequences
 from muxd.config import Listener, Port
 from muxd.errors import SettingsRefused
+from muxd.hub import Reader
 from muxd.port import PortRuntime
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor
@@ -57,8 +58,8 @@ def websocket_listener(port: Port) -> Listener | None:
     return next((lst for lst in port.listeners if lst.kind == "websocket"), None)
 
 
-def port_dropped(rt: PortRuntime) -> int:
-    live = sum(r.dropped for r in rt.clients())
+def port_dropped(rt: PortRuntime, clients: list[Reader]) -> int:
+    live = sum(r.dropped for r in clients)
     listeners = {lst.name for lst in rt.config.listeners}
     return live + sum(s.closed_dropped for name, s in rt.hub.listener_stats.items() if name in listeners)
 
@@ -99,6 +100,7 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
     hub, st = rt.hub, rt.upstream.status
     clients = rt.clients()
     per_listener = Counter(r.policy.listener for r in clients)
+    bound = bound_addresses(rt)
     ws = websocket_listener(rt.config)
     return {
         "name": hub.name,
@@ -115,14 +117,14 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
         "bytes_out": hub.writes.bytes_out,
         "clients": len(clients),
         "max_lag": max((hub.lag(r) for r in clients), default=0),
-        "dropped": port_dropped(rt),
+        "dropped": port_dropped(rt, clients),
         "write_queue_bytes": hub.writes.queue.bytes,
         "line": line_view(rt),
         "listeners": [
             {
                 "name": lst.name,
                 "kind": lst.kind,
-                "address": listener_address(lst, hub.name, bound_addresses(rt)),
+                "address": listener_address(lst, hub.name, bound),
                 "mode": lst.mode,
                 "clients": per_listener[lst.name],
             }
