@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-
-from muxd.config import HttpServer
+from collections.abc import Collection
+from typing import Protocol
 
 # Names and ids echoed in an error body are cut to this: the answer to a
 # 16 KiB path need not repeat it.
@@ -40,6 +40,18 @@ DEFAULT_PORT = 80
 _REG_NAME = re.compile(r"[a-z0-9._-]{1,253}")
 
 KnownHosts = frozenset[tuple[str, int | None]]
+
+
+class ServerAddress(Protocol):
+    """What host_names() reads of an HTTP server's config (config.HttpServer):
+    a protocol, so this sans-I/O module imports nothing above protocol/."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def server_names(self) -> Collection[str]: ...
 
 
 def echo(text: str) -> str:
@@ -107,7 +119,7 @@ def parse_host(value: str) -> tuple[str, int | None] | None:
     return host, int(digits)
 
 
-def host_names(cfg: HttpServer, bound: tuple[str, int] | None) -> KnownHosts:
+def host_names(cfg: ServerAddress, bound: tuple[str, int] | None) -> KnownHosts:
     """The (host, port) pairs a Host may name; port None: any port."""
     ports = {cfg.port} | ({bound[1]} if bound else set())
     hosts = {*LOCAL_NAMES, normal_host(cfg.host)} | ({normal_host(bound[0])} if bound else set())
