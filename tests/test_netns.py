@@ -23,6 +23,7 @@ Needs root and iproute2's ``ip``; skipped otherwise, with the reason.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import secrets
 import shutil
@@ -74,10 +75,15 @@ T = TypeVar("T")
 # -- the namespaces ---------------------------------------------------------------------------
 
 
+def ip_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """``ip ARGS`` to its end, its output captured."""
+    assert IP is not None
+    return subprocess.run([IP, *args], capture_output=True, text=True, timeout=10, check=False)
+
+
 def ip(*args: str) -> None:
     """Run ``ip ARGS``; fail with its message."""
-    assert IP is not None
-    done = subprocess.run([IP, *args], capture_output=True, text=True, timeout=10, check=False)
+    done = ip_run(*args)
     if done.returncode != 0:
         raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
@@ -115,14 +121,13 @@ class Hosts:
 
 @pytest.fixture(scope="module")
 def hosts() -> Iterator[Hosts]:
-    assert IP is not None
     tag = f"{os.getpid():x}{secrets.token_hex(2)}"  # unique per run; veth names stay <= 15 chars
     names = (f"muxd-{tag}-a", f"muxd-{tag}-b")
     veth_a, veth_b = f"mx{tag}a", f"mx{tag}b"
     made: list[str] = []
     try:
         for name in names:
-            done = subprocess.run([IP, "netns", "add", name], capture_output=True, text=True, timeout=10)
+            done = ip_run("netns", "add", name)
             if done.returncode != 0:
                 pytest.skip(f"cannot create a network namespace: {done.stderr.strip()}")
             made.append(name)
@@ -137,7 +142,7 @@ def hosts() -> Iterator[Hosts]:
                 ip("-n", ns, "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad")
             ip("-n", ns, "link", "set", dev, "up")
         for ns, dev in ((a, veth_a), (b, veth_b)):
-            wait_for(lambda ns=ns, dev=dev: carrier(ns, dev), 10, f"{dev} up in {ns}")
+            wait_for(functools.partial(carrier, ns, dev), 10, f"{dev} up in {ns}")
         pair = Hosts(Netns(a), Netns(b))
         try:
             yield pair
@@ -150,11 +155,7 @@ def hosts() -> Iterator[Hosts]:
 
 
 def carrier(ns: str, dev: str) -> bool:
-    assert IP is not None
-    done = subprocess.run(
-        [IP, "-n", ns, "-o", "link", "show", "dev", dev], capture_output=True, text=True, timeout=10
-    )
-    return "LOWER_UP" in done.stdout
+    return "LOWER_UP" in ip_run("-n", ns, "-o", "link", "show", "dev", dev).stdout
 
 
 def connect_from(source: str, server: str, port: int) -> socket.socket:
@@ -235,8 +236,9 @@ def test_tls_certificate_for_the_servers_ip_verifies_from_the_other_host(
     # And a client that is not Python: openssl, run inside B.
     cmd = ["openssl", "s_client", "-connect", f"{SERVER4}:{port}", "-CAfile", str(ca_path)]
     cmd += ["-verify_ip", SERVER4, "-verify_return_error", "-brief"]
-    done = hosts.b.call(subprocess.run, cmd, input=b"", capture_output=True, timeout=10, check=False)
-    assert done.returncode == 0 and b"Verification: OK" in done.stderr, done.stderr
+    opts: dict[str, Any] = {"input": "", "capture_output": True, "text": True, "timeout": 10}
+    done = hosts.b.call(subprocess.run, cmd, check=False, **opts)
+    assert done.returncode == 0 and "Verification: OK" in done.stderr, done.stderr
 
 
 # -- [::] is IPv6 only ----------------------------------------------------------------------------
