@@ -12,10 +12,11 @@ end, also when a test fails.
 Each namespace has a worker thread that entered it with setns(2). A socket
 belongs to the namespace of the thread that created it, and a child process
 to that of the thread that forked it, so the harness runs unchanged there:
-``in_a(start_on_pty, ...)`` starts muxd inside A (and reads its API on A's
-loopback), ``in_b(connect_from, ...)`` opens a client socket from B, which
-the test then reads from any thread. Every process is stopped by PID by its
-fixture, before the namespaces go.
+``hosts.a.call(start_on_pty, ...)`` starts muxd inside A (and reads its API
+on A's loopback), ``hosts.b.call(connect_from, ...)`` opens a client socket
+from B, which the test then reads from any thread; mosquitto and its paho
+subscriber (tests/test_mqtt.py's) are started from B's thread the same way.
+Every process is stopped by PID by its fixture, before the namespaces go.
 
 Needs root and iproute2's ``ip``; skipped otherwise, with the reason.
 """
