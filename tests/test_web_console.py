@@ -179,3 +179,21 @@ def test_console_terminal_takes_no_keys_on_a_read_only_port(
     page.keyboard.press("Control+c")
     assert page.evaluate("window.sentFrames") == 0
     assert m.metric("muxd_input_discarded_bytes_total") == 0
+
+
+def test_console_shows_device_text_on_a_jsonl_websocket_listener(
+    browser: Any, muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    """The listener's `format: jsonl` is for scripts: the console asks for the raw
+    stream (?format=raw) and shows the device's text, never the JSON records."""
+    _, addr = start_http(muxd, tmp_path, pty_device, listeners=[{"websocket": True, "format": "jsonl"}])
+    pty_device.write(b"history line before the page\r\n")
+    page = browser.new_page()
+    page.goto(f"http://{addr}/")
+    page.wait_for_selector("[data-testid=ws-status]:has-text('connected')", timeout=TIMEOUT_MS)
+    terminal_has(page, "history line before the page")
+    pty_device.write(b"live line after the page\r\n")
+    # The device's CR LF as a line break: in a record it is the two escapes \r\n.
+    terminal_has(page, "history line before the page\nlive line after the page")
+    text = page.evaluate("window.muxdConsole.text()")
+    assert '"data"' not in text and '"dir"' not in text, text

@@ -34,6 +34,9 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         # A restarted daemon must bind at once, not after TIME_WAIT.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
+            # IPv6 only, whatever net.ipv6.bindv6only says: "[::]:P" then leaves
+            # IPv4 to a "0.0.0.0:P" listener beside it, with its own allow-list
+            # (muxd.yaml(5), address; tests/test_netns.py).
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             sock.bind((host, port))

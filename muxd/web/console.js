@@ -8,9 +8,10 @@
  *    so keyboard focus survives a refresh. The next poll is scheduled only
  *    after the previous one finished, so a slow daemon never piles requests up.
  *
- * 2. One WebSocket, ws/<port>?history=N, for the selected port. Binary frames
- *    are raw device bytes and go straight into xterm.js, which parses ANSI and
- *    UTF-8 itself. When the socket closes it is reopened after a backoff
+ * 2. One WebSocket, ws/<port>?history=N&format=raw, for the selected port:
+ *    raw whatever the listener's `format`. Binary frames are raw device bytes
+ *    and go straight into xterm.js, which parses ANSI and UTF-8 itself. When
+ *    the socket closes it is reopened after a backoff
  *    (doubling, capped); a reopen writes a marked separator and replays muxd's
  *    history again, so nothing already shown is thrown away and the repeat is
  *    visibly labelled. Lines typed in the input are sent as one binary frame of
@@ -304,7 +305,10 @@
   function wsUrl(port) {
     var url = new URL('ws/' + encodeURIComponent(port), location.href);
     url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    url.search = '?history=' + HISTORY_BYTES;
+    // Always the raw bytes, whatever the listener's `format` (a `jsonl` or
+    // `text` listener would otherwise send records, and xterm.js would show
+    // the JSON): the terminal parses the device's own escapes and UTF-8.
+    url.search = '?history=' + HISTORY_BYTES + '&format=raw';
     url.hash = '';
     return url.href;
   }
