@@ -561,6 +561,10 @@ def test_tls_and_password(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
         )
         pty_device.write(b"over tls\n")
         wait_for(lambda: mqtt_view(m)["published"] >= 2, 10, "published over TLS")  # the up event, the line
+        # Many records at once: TLS records the socket takes in part, and PUBACKs read in batches.
+        pty_device.write(b"".join(lines_of(2000)))
+        wait_for(lambda: mqtt_view(m)["published"] >= 2002, 20, "2000 lines published over TLS")
+        assert mqtt_view(m)["reconnects"] == 0
     finally:
         broker.stop()
 

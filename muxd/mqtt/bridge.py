@@ -261,6 +261,7 @@ class MqttBridge:
             return
         self._link += 1
         self._live = True
+        self._wire = None
         self.status.set(CONNECTING, "connecting")
         self._timer = self.reactor.call_later(self.cfg.connect_timeout, lambda: self._fail("connect timeout"))
         family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
@@ -269,6 +270,8 @@ class MqttBridge:
         except OSError as exc:  # EMFILE, ENOBUFS: the environment, retried like any failure
             self._fail(f"connect: {_cause(exc)}")
             return
+        # A PUBACK, a PINGREQ or a line of console should not wait for Nagle.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             transport = self._transport(sock)
         except (OSError, ValueError) as exc:  # the TLS files (ssl.SSLError is an OSError)
