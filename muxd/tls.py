@@ -134,12 +134,17 @@ class TlsTransport:
 
     plain = False
 
-    def __init__(self, raw: Wire, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, raw: Wire, context: ssl.SSLContext, server_side: bool = True, server_hostname: str | None = None
+    ) -> None:
         self.raw = raw
         self.fd = raw.fileno()
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        # A client (the MQTT bridge, muxd.mqtt.wire) names the server whose certificate it checks.
+        self._ssl = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
         # Ciphertext the socket has not taken yet: at most a handshake flight,
         # or one record (send() encrypts only when this is empty), plus alerts.
         self._cipher = bytearray()

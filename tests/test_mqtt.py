@@ -4,7 +4,10 @@ started on a free loopback port with a generated config and stopped by PID.
 muxd runs as a subprocess on a pty device; a paho subscriber (its own network
 thread) collects what the broker delivers. Tests synchronise on what the
 subscriber received, on the device's bytes and on the API, never on time
-alone. Config checks at the end need no broker.
+alone. The inbound packet bound (muxd.mqtt.packet) is tested byte by byte
+without a socket; the bridge's backoff and its error reporting in process,
+on a reactor against a loopback socket that plays the broker. Config checks
+at the end need no broker.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,13 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from muxd import config
-from muxd.errors import ConfigError
+from muxd.config import MqttConfig
+from muxd.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from muxd.mqtt.bridge import MqttBridge
+from muxd.mqtt.packet import InboundLimit, PacketTooLarge
+from muxd.mqtt.wire import READ_SIZE, PahoSocket, PlainTransport
+from muxd.reactor import Reactor
+from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, UP
 from tests.helpers import (
     AUTO,
     LOCAL,
@@ -39,9 +49,12 @@ from tests.helpers import (
     free_port,
     recv_until,
     run_muxd,
+    run_until,
+    splits,
     start_on_pty,
     wait_for,
 )
+from tests.test_hostile import status_kb
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
@@ -322,6 +335,63 @@ def test_tx_the_queue_cannot_take_is_refused_and_counted(
             pty_device.read(1, timeout=0.3)
 
 
+@needs_broker
+def test_a_100mb_tx_message_is_refused_unread(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, broker: Broker
+) -> None:
+    """100 MB on /tx, where the device write queue holds 64 KiB: the bridge
+    refuses the packet from its header (closes the link, counts it, logs it)
+    and reconnects. muxd's peak RSS hardly moves, a TCP reader of the same
+    port sees its lines on time meanwhile, the device gets none of it, and the
+    bridge carries on: a small message after it goes through."""
+    with Subscriber(broker, ["muxd/dut/state"]) as sub:
+        m = start_bridged(
+            muxd,
+            tmp_path,
+            pty_device,
+            broker.address,
+            {"format": "text", "qos": 1, "write": True},
+            listeners=[{"tcp": AUTO}],
+        )
+        client = connect(m.port())
+        m.wait_connected(1)
+        wait_for(lambda: sub.payloads("muxd/dut/state"), 10, "the state at connect")
+        peak_before = status_kb(m.pid, "VmHWM") * 1024
+        connects = mqtt_view(m)["connects"]
+        sub.client.publish("muxd/dut/tx", b"x" * 100_000_000 + b"\n", qos=1)  # sent by its thread
+
+        def refused() -> float:
+            return m.metric("muxd_mqtt_reconnects_total", reason="packet too large")
+
+        worst, i = 0.0, 0
+        deadline = time.monotonic() + 60
+        # Until the message is judged: refused unread, or (without the bound) read and refused whole.
+        while not (refused() or mqtt_view(m)["tx_refused"]):
+            assert time.monotonic() < deadline, "the message was never judged"
+            line = f"tick {i}\n".encode()
+            t0 = time.monotonic()
+            pty_device.write(line)
+            recv_until(client, line, timeout=10.0)
+            worst = max(worst, time.monotonic() - t0)
+            i += 1
+            select.select([], [], [], 0.01)  # pacing the device's lines, not a synchronisation
+        growth = status_kb(m.pid, "VmHWM") * 1024 - peak_before
+        print(f"100 MB on /tx: peak RSS +{growth / 2**20:.1f} MiB, a TCP reader's worst line {worst:.3f} s")
+        assert refused() == 1
+        assert mqtt_view(m)["tx_refused"] == 0, "refused before it was read, not after"
+        assert growth < 16 * 2**20, f"peak RSS grew {growth / 2**20:.1f} MiB"
+        assert worst < 0.25, f"a TCP reader waited {worst:.3f}s for a line"
+        assert "packet too large" in m.log()
+
+        states = len(sub.payloads("muxd/dut/state"))
+        wait_for(lambda: mqtt_view(m)["connects"] > connects and mqtt_view(m)["state"] == "up", 15, "back up")
+        # The states follow the tx SUBSCRIBE on the new link: once the broker has them, it has that too.
+        wait_for(lambda: len(sub.payloads("muxd/dut/state")) > states, 10, "the state at reconnect")
+        sub.client.publish("muxd/dut/tx", b"after\n", qos=1)
+        assert pty_device.read(6) == b"after\n", "nothing of the big message reached the device"
+        client.close()
+
+
 # -- outages ----------------------------------------------------------------------------
 
 
@@ -491,6 +561,10 @@ def test_tls_and_password(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
         )
         pty_device.write(b"over tls\n")
         wait_for(lambda: mqtt_view(m)["published"] >= 2, 10, "published over TLS")  # the up event, the line
+        # Many records at once: TLS records the socket takes in part, and PUBACKs read in batches.
+        pty_device.write(b"".join(lines_of(2000)))
+        wait_for(lambda: mqtt_view(m)["published"] >= 2002, 20, "2000 lines published over TLS")
+        assert mqtt_view(m)["reconnects"] == 0
     finally:
         broker.stop()
 
@@ -618,3 +692,206 @@ def test_config_keys_and_errors() -> None:
         config.loads(
             "mqtt: {broker: '127.0.0.1:1'}\nports: [{name: a, upstream: {sim: true}, mqtt: {qos: 2}}]"
         )
+
+
+def test_config_with_paho_1_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """paho-mqtt 1.x has another callback API: refused by the config, not failing at run time."""
+    old = types.ModuleType("paho.mqtt")
+    old.__version__ = "1.6.1"  # type: ignore[attr-defined]
+    package = types.ModuleType("paho")
+    package.mqtt = old  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "paho", package)
+    monkeypatch.setitem(sys.modules, "paho.mqtt", old)
+    with pytest.raises(
+        ConfigError, match=r"mqtt: the MQTT bridge needs paho-mqtt 2\.1 or later \(found 1\.6\)"
+    ):
+        config.loads("mqtt: {broker: '127.0.0.1:1883'}\nports: [{name: a, upstream: {sim: true}}]")
+
+
+# -- the inbound packet bound, sans I/O ----------------------------------------------------
+
+
+def fixed_header(first: int, length: int) -> bytes:
+    """An MQTT fixed header: the type byte, then the Remaining Length in base 128."""
+    out = bytearray([first])
+    while True:
+        length, digit = divmod(length, 128)
+        out.append(digit | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
+def packet(first: int, body: bytes) -> bytes:
+    return fixed_header(first, len(body)) + body
+
+
+def test_packets_within_the_limit_pass_however_the_bytes_are_cut() -> None:
+    stream = (
+        packet(0x20, b"\x00\x00")  # CONNACK
+        + packet(0x30, b"\x00\x0bmuxd/dut/tx" + b"hi\n")  # a PUBLISH
+        + packet(0xD0, b"")  # PINGRESP: no body
+        + packet(0x30, b"\x00\x0bmuxd/dut/tx" + b"y" * 187)  # a 2-byte length, exactly the limit
+        + packet(0x90, b"\x00\x01\x01")  # SUBACK
+    )
+    for chunks in splits(stream):
+        limit = InboundLimit(200)
+        for chunk in chunks:
+            limit.feed(chunk)
+        assert limit.packets == 5
+
+
+def test_a_packet_over_the_limit_is_refused_at_its_last_length_byte() -> None:
+    """Refused when the Remaining Length is complete: before any byte of the body."""
+    before = packet(0x20, b"\x00\x00") + packet(0xD0, b"")
+    for size, limit in ((201, 200), (100_000_021, 65536 + 4096), (268_435_455, 1 << 20)):
+        big = fixed_header(0x32, size)
+        stream = before + big + b"x" * 1000
+        last = len(before) + len(big) - 1  # the length's last byte
+        guard = InboundLimit(limit)
+        for i, byte in enumerate(stream):
+            try:
+                guard.feed(bytes((byte,)))
+            except PacketTooLarge as exc:
+                assert i == last and exc.size == size and exc.limit == limit
+                break
+        else:
+            raise AssertionError(f"{size} bytes over {limit} passed")
+        for chunks in splits(before + big):
+            guard = InboundLimit(limit)
+            with pytest.raises(PacketTooLarge):
+                for chunk in chunks:
+                    guard.feed(chunk)
+            assert guard.packets == 2
+
+
+def test_a_fifth_length_byte_is_a_protocol_error() -> None:
+    guard = InboundLimit(1 << 28)
+    guard.feed(b"\x30\xff\xff\xff")
+    with pytest.raises(RemoteProtocolError) as info:
+        guard.feed(b"\xff")
+    assert not isinstance(info.value, PacketTooLarge)
+
+
+def test_paho_socket_reads_bounded_chunks_through_the_bound() -> None:
+    """paho asks recv() for a whole body at once: it gets at most READ_SIZE, and
+    a header over the limit raises out of recv() (not an OSError, so paho does
+    not take it for a lost link) before the body is read."""
+    ours, theirs = socket.socketpair()
+    try:
+        wire = PahoSocket(PlainTransport(ours), InboundLimit(1 << 20))
+        body = b"\x00\x0bmuxd/dut/tx" + b"z" * (3 * READ_SIZE)
+        theirs.sendall(packet(0x30, body))
+        got = bytearray(wire.recv(1) + wire.recv(1) + wire.recv(1) + wire.recv(1))
+        select.select([ours], [], [], 5)
+        chunk = wire.recv(len(body))
+        assert 0 < len(chunk) <= READ_SIZE
+        while len(got) + len(chunk) < 4 + len(body):
+            got += chunk
+            select.select([ours], [], [], 5)
+            chunk = wire.recv(len(body))
+        theirs.sendall(fixed_header(0x30, 2 << 20) + b"unread")
+        select.select([ours], [], [], 5)
+        with pytest.raises(PacketTooLarge):
+            for _ in range(5):
+                wire.recv(1)
+        assert not issubclass(PacketTooLarge, OSError)
+        with pytest.raises(PacketTooLarge):  # refused for good: the framing is lost
+            wire.recv(8)
+        theirs.close()
+        wire = PahoSocket(PlainTransport(ours), InboundLimit(1 << 20))
+        assert wire.recv(8) == b"" and wire.eof
+    finally:
+        ours.close()
+        theirs.close()
+
+
+# -- the connection in process: states, backoff, errors --------------------------------------
+
+
+def test_the_bridge_backs_off_with_jitter_through_the_upstream_table() -> None:
+    """Nothing listens: every attempt fails, each followed by a jittered wait
+    under the doubling ceiling, and the states follow the upstream's table."""
+    cfg = MqttConfig(LOCAL, free_port(), backoff_min=0.02, backoff_max=0.16, connect_timeout=2.0)
+    reactor = Reactor()
+    bridge = MqttBridge(cfg, reactor, hostname="test")
+    seen: list[tuple[str, float | None]] = []
+    set_state = bridge.status.set
+
+    def record(state: Any, reason: str, retry_in: float | None = None) -> None:
+        seen.append((state, retry_in))
+        set_state(state, reason, retry_in)
+
+    bridge.status.set = record  # type: ignore[method-assign]
+    bridge.start()
+    try:
+        run_until(reactor, lambda: bridge.reconnects >= 8, "eight failed attempts")
+        waits = [delay for state, delay in seen if state == BACKING_OFF]
+        assert [state for state, _ in seen[:4]] == [CONNECTING, BACKING_OFF, CONNECTING, BACKING_OFF]
+        for i, wait in enumerate(waits):
+            ceiling = min(cfg.backoff_max, cfg.backoff_min * 2**i)
+            assert wait is not None and ceiling / 2 <= wait <= ceiling, (i, wait)
+        assert len({round(w or 0, 6) for w in waits[4:]}) > 1, "no jitter at the cap"
+        assert bridge.failures == {"connect": bridge.reconnects}
+        assert bridge.state == BACKING_OFF and "ECONNREFUSED" in bridge.reason
+        with pytest.raises(LocalProtocolError):
+            bridge.status.set(UP, "backing-off to up skips the attempt")
+    finally:
+        bridge.close()
+    assert bridge.state == DOWN and bridge.reason == "stopped" and bridge.finished
+
+
+class LoopbackBroker:
+    """A listening socket that plays the broker, driven by the test in its own thread of control."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server((LOCAL, 0))
+        self.port = self.server.getsockname()[1]
+        self.conn: socket.socket | None = None
+
+    def accept(self, reactor: Reactor) -> socket.socket:
+        self.server.setblocking(False)
+
+        def accepted() -> bool:
+            try:
+                self.conn, _ = self.server.accept()
+            except BlockingIOError:
+                return False
+            return True
+
+        run_until(reactor, accepted, "the bridge connects")
+        assert self.conn is not None
+        self.conn.setblocking(False)
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.close()
+
+
+def test_a_failed_disconnect_is_logged_with_its_cause_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    """The broker resets the link just before a reload's clean close: paho's
+    DISCONNECT cannot be sent. That is reported (why, once) and counted, not
+    swallowed; the bridge closes all the same."""
+    broker = LoopbackBroker()
+    reactor = Reactor()
+    bridge = MqttBridge(MqttConfig(LOCAL, broker.port), reactor, hostname="test")
+    try:
+        bridge.start()
+        conn = broker.accept(reactor)
+        run_until(reactor, lambda: conn in select.select([conn], [], [], 0)[0], "CONNECT")
+        assert conn.recv(1024)[:1] == b"\x10"
+        conn.sendall(packet(0x20, b"\x00\x00"))  # CONNACK: accepted
+        run_until(reactor, lambda: bridge.state == UP, "up")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()  # an RST, which the bridge has not read yet
+        broker.conn = None
+        with caplog.at_level("WARNING", logger="muxd.mqtt"):
+            bridge.close(clean=True)
+        assert bridge.failures == {"disconnect": 1}, bridge.failures
+        lines = [r.getMessage() for r in caplog.records if "disconnect:" in r.getMessage()]
+        assert len(lines) == 1 and "reset" in lines[0].lower(), lines
+        assert bridge.finished and bridge.state == DOWN
+    finally:
+        bridge.close()
+        broker.close()

@@ -34,16 +34,29 @@ the socket callbacks (on_socket_open / close / register_write /
 unregister_write) put its socket in the reactor, ``loop_read`` /
 ``loop_write`` run on its events and ``loop_misc`` on a timer. paho's own
 connect (``reconnect()``) is a blocking ``socket.create_connection`` and a
-blocking TLS handshake, so the bridge does that part itself: a non-blocking
-connect and TLS handshake on the reactor, then the connected socket is handed
-to paho (``_Client._create_socket``), which sends CONNECT. The whole attempt,
-CONNACK included, must finish within ``connect_timeout`` (10 s), so a broker that is
-unreachable, black-holed (accepts TCP and never answers) or hangs costs a
-timer, never a stalled loop. Then reconnect with backoff (``backoff_min``
-doubling to ``backoff_max``). The broker is a numeric IP: no DNS lookup.
+blocking TLS handshake, so the bridge does that part itself, on the reactor,
+over the transports every listener uses (muxd.mqtt.wire: plain TCP, or
+muxd.tls's TlsTransport as a client: an SSLObject over memory BIOs); then the
+transport, in a small socket-like adapter, is handed to paho
+(``_Client._create_socket``), which sends CONNECT. The whole attempt,
+CONNACK included, must finish within ``connect_timeout`` (10 s), so a
+broker that is unreachable, black-holed (accepts TCP and never answers) or
+hangs costs a timer, never a stalled loop. The link's states are an upstream's
+(muxd.upstream.state: connecting, up, down, backing-off, with its transition
+table), and so is the reconnect backoff: doubling from ``backoff_min`` to
+``backoff_max`` with jitter, reset once a link has stayed up 10 s. The broker
+is a numeric IP: no DNS lookup.
 
-Bounds. A feed is a hub reader with a cursor and a bound (``buffer``, by
-default 1 MiB). At most MAX_INFLIGHT messages (all ports together) are
+Bounds. What the broker sends is bounded before it is read
+(muxd.mqtt.packet): a packet longer than the largest write queue of a port
+with ``write: true`` (plus 4 KiB of header room) could never be written to a
+device, so its fixed header is enough to refuse it: the link is closed
+unread, the refusal counted (muxd_mqtt_reconnects_total{reason="packet too
+large"}) and logged, and the bridge reconnects (with a clean session the
+broker does not send it again).
+
+A feed is a hub reader with a cursor and a bound (``buffer``, by default
+1 MiB). At most MAX_INFLIGHT messages (all ports together) are
 handed to paho and not yet acknowledged (QoS 1) or written (QoS 0): paho's
 queue is that bounded, and the rest waits in the hub's ring, costing no
 memory of its own. While the broker is slow or gone a feed is a blocked

@@ -1,16 +1,40 @@
 """The MQTT bridge's connection: paho-mqtt driven by the one reactor.
 
 See muxd.mqtt for the topics, the loop and the bounds. This module holds the
-connection: a non-blocking connect and TLS handshake done on the reactor,
-then the connected socket handed to paho, which is then driven through its
+connection: a non-blocking connect and handshake done on the reactor over a
+muxd transport (muxd.mqtt.wire: plain, or TLS over memory BIOs), then the
+transport handed to paho as its socket, which is then driven through its
 external-loop API; reconnect with backoff; the round-robin hand-over of the
 feeds' staged messages to paho, at most MAX_INFLIGHT at a time; the retained
 state and availability topics.
+
+State. The link's life is an upstream's (muxd.upstream.state): DOWN (not
+started, stopped) -> CONNECTING -> UP -> DOWN -> BACKING_OFF -> CONNECTING,
+an attempt that fails goes straight to BACKING_OFF, and the table there
+refuses anything else. The wait before the next attempt is the upstream's
+jittered exponential backoff, reset once a link has stayed up STABLE_UP (a
+broker that accepts and then drops us, or two bridges with one client id
+taking the session from each other, back off rather than spin).
+
+Errors. paho reports failures as return codes (documented) and raises
+ValueError only for a caller's mistake (a bad topic or QoS: a bug of ours,
+which propagates). Every return code is checked (``_check``): a failure ends
+the link with its cause as the reason, which the status logs once per outage
+and ``failures`` counts by its label (muxd_mqtt_reconnects_total{reason}).
+An exception from our own callbacks comes out of paho's loop calls to the
+reactor, which logs and counts it, and the link is dropped and retried.
+
+Inbound bound. The broker's packets are checked as they arrive
+(muxd.mqtt.packet): one whose Remaining Length exceeds ``inbound_limit()``
+is refused before its body is read: the link is closed, the refusal counted
+(``refused_packets``, reason ``packet too large``) and logged, and the bridge
+reconnects with backoff. MQTT 3.1.1, which the bridge speaks, has no way to
+tell the broker that limit (5.0's Maximum Packet Size does), and with a clean
+session the broker does not send the refused message again.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import socket
@@ -21,8 +45,23 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from muxd.config import MqttConfig, MqttTls
+from muxd.errors import RemoteProtocolError
 from muxd.mqtt.feed import Feed
+from muxd.mqtt.packet import InboundLimit, PacketTooLarge
+from muxd.mqtt.wire import ClientTransport, PahoSocket, PlainTransport
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
+from muxd.tls import TlsTransport
+from muxd.upstream.base import STABLE_UP
+from muxd.upstream.state import (
+    BACKING_OFF,
+    CONNECTING,
+    DOWN,
+    STATES,
+    UP,
+    UpstreamState,
+    UpstreamStatus,
+    backoff_delay,
+)
 
 if TYPE_CHECKING:
     from muxd.port import PortRuntime
@@ -37,15 +76,18 @@ MAX_INFLIGHT = 64
 MISC_INTERVAL = 1.0
 # How often the state topic's facts are compared with what was published.
 STATE_INTERVAL = 1.0
-
-STATES = ("connecting", "up", "backing-off", "stopped")
+# The inbound bound beyond the largest tx message: a PUBLISH's topic (a prefix
+# of at most 8 levels of 64 characters, the port's name, "/tx"), its packet id,
+# and every other packet a broker sends (CONNACK, SUBACK, PUBACK, PINGRESP: a
+# few bytes each).
+HEADER_ROOM = 4 * 1024
 
 
 class _Client(paho.Client):
-    """paho's client with a connect that does not block: the socket it gets is
-    already connected (and TLS-wrapped) by the bridge on the reactor."""
+    """paho's client with a connect that does not block: the socket it gets
+    (a PahoSocket) is already connected, handshake done, by the bridge."""
 
-    ready_sock: socket.socket | None = None
+    ready_sock: PahoSocket | None = None
 
     def _create_socket(self) -> Any:
         sock, self.ready_sock = self.ready_sock, None
@@ -70,23 +112,27 @@ class MqttBridge:
         self.host = hostname or socket.gethostname()
         self.online_topic = f"{cfg.prefix}/{self.host}/online"
         self.feeds: dict[str, Feed] = {}
-        self.state = "stopped"
-        self.reason = "not started"
-        self.connects = 0
+        self.status = UpstreamStatus("", lambda *_a, **_k: None, subject=f"mqtt {cfg.broker}", logger=log)
         self.reconnects = 0  # attempts that failed, and links that were lost
-        self.failures: dict[str, int] = {}
+        self.failures: dict[str, int] = {}  # the same, by the reason's label
+        self.refused_packets = 0  # packets over inbound_limit(), refused unread
         self.finished = False  # a clean stop has disconnected (or had nothing to say)
         self._stopping = False
-        self._backoff = cfg.backoff_min
-        self._sock: socket.socket | None = None  # connecting, not yet paho's
+        self._live = False  # an attempt or a link is in progress (not yet failed)
+        self._link = 0  # numbers the attempts: a deferred failure names the one it ends
+        self._failing: str | None = None  # why, as a paho callback said, until _fail runs
+        self._backoff_failures = 0  # failures since a link last stayed up STABLE_UP
+        self._connecting: ClientTransport | None = None  # connecting, not yet paho's
+        self._wire: PahoSocket | None = None  # paho's socket, the last one handed over
         self._fd = -1  # the fd registered with the reactor
+        self._read_soon = False  # a read of the transport's buffered input is scheduled
         self._timer: Timer | None = None  # connect timeout, or the next attempt
+        self._stable: Timer | None = None
         self._misc: Timer | None = None
         self._state_timer: Timer | None = None
         self._unacked: dict[int, tuple[Feed | None, int, int]] = {}  # mid -> (feed, bytes, qos)
         self._pumping = False
         self._offline_mid: int | None = None
-        self._failing: str | None = None  # why, as a paho callback said, until _fail runs
         client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id or f"muxd-{self.host}",
@@ -99,14 +145,35 @@ class MqttBridge:
             client.username_pw_set(cfg.username, _read_password(cfg.password_file))
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        client.on_socket_register_write = self._on_write_wanted
+        client.on_socket_unregister_write = self._on_write_wanted
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive)  # stores; no I/O
         self.client = client
+
+    @property
+    def state(self) -> UpstreamState:
+        return self.status.state
+
+    @property
+    def reason(self) -> str:
+        return self.status.reason
+
+    @property
+    def connects(self) -> int:
+        return self.status.connects
+
+    def inbound_limit(self) -> int:
+        """The largest packet body taken from the broker. A tx message longer
+        than its port's device write queue could never be queued (muxd.writes
+        refuses a unit whole), so reading one would only cost memory and time:
+        the largest write queue of a port with ``write: true``, plus room for
+        the packet's header. Computed at each connect."""
+        queues = [f.hub.writes.queue.limit for f in self.feeds.values() if f.spec.write]
+        return HEADER_ROOM + max(queues, default=0)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -132,8 +199,8 @@ class MqttBridge:
         for timer in (self._misc, self._state_timer):
             if timer is not None:
                 timer.cancel()
-        if self.state != "up":
-            self.close()
+        if not self._usable:
+            self._end()
             return
         for feed in self.feeds.values():
             feed._due()  # a held partial line goes too
@@ -144,13 +211,15 @@ class MqttBridge:
         """Publish what the feeds hold; once all is acknowledged, ``offline``."""
         self.pump()
         if (
-            self._offline_mid is None
+            self._usable
+            and self._offline_mid is None
             and not self._unacked
             and not any(f.has_pending() for f in self.feeds.values())
         ):
             info = self.client.publish(self.online_topic, b"offline", qos=1, retain=True)
             self._offline_mid = info.mid
             self._unacked[info.mid] = (None, 0, 1)
+            self._check(info.rc, "publish")
 
     def close(self, clean: bool = False) -> None:
         """Now, whatever is pending: the daemon's stop window ran out (the
@@ -158,139 +227,183 @@ class MqttBridge:
         the bridge (a DISCONNECT first: the will is not published and the
         retained ``online`` stays true for the bridge that follows)."""
         self._stopping = True
-        if clean and self.state == "up" and self.client.socket() is not None:
-            with contextlib.suppress(Exception):
-                self.client.disconnect()
-                self.client.loop_write()
-        self._cancel_timer()
+        if clean and self._usable:
+            self._send_disconnect()
+        self._end()
+
+    def _end(self) -> None:
+        """Closed for good: no link, no timers, no feeds. Safe twice."""
+        self._live = False
+        self._cancel_timers()
         for timer in (self._misc, self._state_timer):
             if timer is not None:
                 timer.cancel()
-        self._drop_connecting()
-        with contextlib.suppress(Exception):
-            self.client.drop()
+        self._drop_link()
         for feed in self.feeds.values():
             feed.detach()
             feed.rt.mqtt = None
         self.feeds.clear()
-        self.state, self.reason = "stopped", "stopped"
+        self.status.set(DOWN, "stopped")
         self.finished = True
 
     # -- connecting: non-blocking, on the reactor ----------------------------------------
+
+    def _transport(self, sock: socket.socket) -> ClientTransport:
+        """The one place that knows about TLS: which transport carries the link."""
+        if self.cfg.tls is None:
+            return PlainTransport(sock)
+        context = tls_context(self.cfg.tls)
+        return TlsTransport(sock, context, server_side=False, server_hostname=self.cfg.host)
 
     def _attempt(self) -> None:
         self._timer = None
         if self._stopping:
             return
-        self.state, self.reason = "connecting", "connecting"
-        family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
+        self._link += 1
+        self._live = True
+        self._wire = None
+        self.status.set(CONNECTING, "connecting")
         self._timer = self.reactor.call_later(self.cfg.connect_timeout, lambda: self._fail("connect timeout"))
+        family = socket.AF_INET6 if ":" in self.cfg.host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:  # EMFILE, ENOBUFS: the environment, retried like any failure
+            self._fail(f"connect: {_cause(exc)}")
+            return
+        # A PUBACK, a PINGREQ or a line of console should not wait for Nagle.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            transport = self._transport(sock)
+        except (OSError, ValueError) as exc:  # the TLS files (ssl.SSLError is an OSError)
+            sock.close()
+            self._fail(f"tls: {_cause(exc)}")
+            return
+        self._connecting = transport
         err = sock.connect_ex((self.cfg.host, self.cfg.port))
         if err not in (0, errno.EINPROGRESS):
             self._fail(f"connect: {errno.errorcode.get(err, err)}")
             return
-        self._fd = sock.fileno()
-        self.reactor.add(self._fd, OUT, self._on_connecting, lambda _exc: self._fail("internal error"))
+        self._fd = transport.fd
+        self.reactor.add(self._fd, OUT, self._on_connected, self._on_internal_error)
 
-    def _on_connecting(self, _mask: int) -> None:
-        sock = self._sock
-        assert sock is not None
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    def _on_connected(self, _mask: int) -> None:
+        transport = self._connecting
+        assert transport is not None
+        err = transport.pending_error()
         if err:
             self._fail(f"connect: {errno.errorcode.get(err, err)}")
             return
-        if self.cfg.tls is None:
-            self._hand_over(sock)
-            return
         self.reactor.remove(self._fd)
-        try:
-            tls = tls_context(self.cfg.tls).wrap_socket(
-                sock, server_hostname=self.cfg.host, do_handshake_on_connect=False
-            )
-        except (OSError, ValueError) as exc:
-            self._fail(f"tls: {exc}")
-            return
-        self._sock = tls
-        self.reactor.add(self._fd, IN | OUT, self._on_handshake, lambda _exc: self._fail("internal error"))
-        self._on_handshake(OUT)
+        self.reactor.add(self._fd, IN, self._on_handshake, self._on_internal_error)
+        self._on_handshake(IN)
 
-    def _on_handshake(self, _mask: int) -> None:
-        sock = self._sock
-        assert isinstance(sock, ssl.SSLSocket)
+    def _on_handshake(self, mask: int) -> None:
+        transport = self._connecting
+        assert transport is not None
         try:
-            sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self.reactor.modify(self._fd, IN)
+            if mask & OUT:
+                transport.flush()
+            done = transport.handshake()
+        except OSError as exc:  # ssl.SSLError is one: a bad certificate, a TLS alert
+            self._fail(f"handshake: {_cause(exc)}")
             return
-        except ssl.SSLWantWriteError:
-            self.reactor.modify(self._fd, OUT)
+        if not done:
+            self.reactor.modify(self._fd, IN | (OUT if transport.unsent else 0))
             return
-        except (OSError, ValueError) as exc:
-            self._fail(f"tls: {getattr(exc, 'reason', None) or exc}")
-            return
-        self._hand_over(sock)
-
-    def _hand_over(self, sock: socket.socket) -> None:
-        """Connected (and TLS done): paho takes the socket and sends CONNECT."""
+        # paho takes the transport as its socket and sends CONNECT.
         self.reactor.remove(self._fd)
         self._fd = -1
-        self._sock = None
-        self.client.ready_sock = sock
-        self.client.reconnect()  # on_socket_open puts it back in the reactor
+        self._connecting = None
+        self._wire = PahoSocket(transport, InboundLimit(self.inbound_limit()))
+        self.client.ready_sock = self._wire
+        self._check(self.client.reconnect(), "connect")  # on_socket_open puts it back in the reactor
 
-    def _drop_connecting(self) -> None:
-        if self._sock is not None:
-            self.reactor.remove(self._fd)
+    def _drop_link(self) -> None:
+        """Close whatever is open: the transport being connected, or paho's socket."""
+        transport, self._connecting = self._connecting, None
+        if transport is not None:
+            self.reactor.remove(transport.fd)
             self._fd = -1
-            with contextlib.suppress(OSError):
-                self._sock.close()
-            self._sock = None
+            transport.close()
+        if self.client.socket() is not None:
+            self.client.drop()  # on_socket_close forgets the fd; on_disconnect is not called
 
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _cancel_timers(self) -> None:
+        for timer in (self._timer, self._stable):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._stable = None
+
+    def _on_stable(self) -> None:
+        self._stable = None
+        self._backoff_failures = 0
+
+    def _check(self, rc: int, what: str, soon: bool = False) -> bool:
+        """paho's answer to a call: True for success; otherwise the link fails,
+        with the best cause known (``soon``: from inside a paho callback)."""
+        if rc == paho.MQTT_ERR_SUCCESS:
+            return True
+        reason = self._cause_of(what, rc)
+        if soon:
+            self._fail_soon(reason)
+        else:
+            self._fail(reason)
+        return False
+
+    def _cause_of(self, what: str, rc: int) -> str:
+        """Why paho said rc: what the transport said, else what paho's callback said."""
+        wire = self._wire
+        if wire is not None and wire.error is not None:
+            return f"{what}: {_cause(wire.error)}"
+        if wire is not None and wire.eof:
+            return "closed by the broker"
+        return self._failing or f"{what}: {paho.error_string(rc)}"
 
     def _fail_soon(self, reason: str) -> None:
         """_fail from inside a paho callback: paho holds a plain Lock while it
         calls one, and closing the socket there would call on_socket_close
-        under that Lock again (a deadlock). Not up from now on."""
-        was_up = self.state == "up"
-        self.state = "connecting"
+        under that Lock again (a deadlock). Nothing is published from now on
+        (``_usable``); when paho's loop call returns, its caller may fail the
+        link first with a better cause (what the transport said)."""
+        if not self._live:
+            return
         self._failing = self._failing or reason  # the first reason paho gave is the one
-        self.reactor.call_soon(lambda: self._fail(reason, was_up))
+        link = self._link
+        self.reactor.call_soon(lambda: self._fail(self._failing or reason) if self._link == link else None)
 
-    def _fail(self, reason: str, was_up: bool | None = None) -> None:
+    @property
+    def _usable(self) -> bool:
+        """Up, and no paho callback has said otherwise."""
+        return self.state == UP and self._failing is None
+
+    def _fail(self, reason: str) -> None:
         """This attempt or this link is over: drop it, retry after the backoff."""
-        if self.state in ("backing-off", "stopped"):
-            return  # already failed (a deferred failure after a direct one)
-        reason, self._failing = self._failing or reason, None
-        self._cancel_timer()
-        self._drop_connecting()
-        if self.client.socket() is not None:
-            self.client.drop()  # on_disconnect is not called for a drop
-        if was_up is None:
-            was_up = self.state == "up"
-        if was_up:
-            log.warning("mqtt: lost %s (%s)", self.cfg.broker, reason)
-        elif self.reason != reason:
-            log.warning("mqtt: cannot connect to %s (%s)", self.cfg.broker, reason)
+        if not self._live:
+            return  # already failed (a deferred failure after a direct one), or stopped
+        self._live = False
+        self._failing = None
+        self._cancel_timers()
+        self._drop_link()
         self.reconnects += 1
         label = reason.split(":", 1)[0]
         self.failures[label] = self.failures.get(label, 0) + 1
         self._forget_unwritten()
         for feed in self.feeds.values():
             feed.block(feed.has_pending())
+        if self.state == UP:
+            self.status.set(DOWN, reason)
         if self._stopping:
-            self.close()
+            self._end()
             return
-        delay = self.cfg.backoff_min if was_up else self._backoff
-        self._backoff = min(self.cfg.backoff_max, max(delay, self.cfg.backoff_min) * 2)
-        self.state, self.reason = "backing-off", reason
+        # Scheduled first, reported second, as an upstream's retry.
+        delay = backoff_delay(self._backoff_failures, self.cfg.backoff_min, self.cfg.backoff_max)
+        self._backoff_failures += 1
         self._timer = self.reactor.call_later(delay, self._attempt)
+        self.status.set(BACKING_OFF, reason, retry_in=delay)
+
+    def _on_internal_error(self, _exc: BaseException) -> None:
+        # The reactor has logged the traceback and counted it; end this link and retry.
+        self._fail("internal error")
 
     def _forget_unwritten(self) -> None:
         """QoS 0 messages paho had not written are gone with the link: count them."""
@@ -304,37 +417,72 @@ class MqttBridge:
 
     def _on_socket_open(self, _client: Any, _userdata: Any, sock: Any) -> None:
         self._fd = sock.fileno()
-        self.reactor.add(self._fd, IN, self._on_io, lambda _exc: self._fail("internal error"))
+        self.reactor.add(self._fd, IN, self._on_io, self._on_internal_error)
 
     def _on_socket_close(self, _client: Any, _userdata: Any, sock: Any) -> None:
         self.reactor.remove(sock.fileno())
         self._fd = -1
 
-    def _on_register_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(KeyError):
-            self.reactor.modify(sock.fileno(), IN | OUT)
+    def _on_write_wanted(self, _client: Any, _userdata: Any, _sock: Any) -> None:
+        self._watch()
 
-    def _on_unregister_write(self, _client: Any, _userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(KeyError):
-            self.reactor.modify(sock.fileno(), IN)
+    def _watch(self) -> None:
+        """EPOLLOUT while paho has packets to write or the transport holds bytes
+        the socket has not taken (a TLS record)."""
+        wire = self._wire
+        if self._fd < 0 or wire is None:
+            return
+        out = self.client.want_write() or wire.transport.unsent
+        self.reactor.modify(self._fd, IN | (OUT if out else 0))
 
     def _on_io(self, mask: int) -> None:
-        client = self.client
-        if mask & (IN | ERRMASK):
-            rc = client.loop_read()
-            sock = client.socket()
-            while rc == paho.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket) and sock.pending():
-                rc = client.loop_read()  # TLS may hold decrypted bytes epoll cannot see
-            if rc != paho.MQTT_ERR_SUCCESS and client.socket() is None:
-                self._fail(f"read: {paho.error_string(rc)}")  # once: _fail ignores a second
+        wire = self._wire
+        assert wire is not None
+        if mask & OUT:
+            try:
+                wire.transport.flush()
+            except OSError as exc:
+                self._fail(f"write: {_cause(exc)}")
                 return
-        if mask & OUT and client.socket() is not None:
-            client.loop_write()
+        if mask & (IN | ERRMASK) and not self._read():
+            return
+        if (
+            mask & OUT
+            and self.client.socket() is not None
+            and not self._check(self.client.loop_write(), "write")
+        ):
+            return
+        self._watch()
+
+    def _read(self) -> bool:
+        """paho reads what the socket has; False if the link ended."""
+        try:
+            rc = self.client.loop_read()
+        except PacketTooLarge as exc:
+            self.refused_packets += 1
+            self._fail(f"packet too large: {exc}")
+            return False
+        except RemoteProtocolError as exc:
+            self._fail(f"protocol: {exc}")
+            return False
+        if not self._check(rc, "read"):
+            return False
+        wire = self._wire
+        if wire is not None and wire.transport.buffered and not self._read_soon:
+            # Input already off the socket (a TLS record) that epoll cannot see.
+            self._read_soon = True
+            self.reactor.call_soon(self._read_buffered)
+        return True
+
+    def _read_buffered(self) -> None:
+        self._read_soon = False
+        if self._live and self.client.socket() is not None and self._read():
+            self._watch()
 
     def _tick_misc(self) -> None:
         self._misc = self.reactor.call_later(MISC_INTERVAL, self._tick_misc)
         if self.client.socket() is not None:
-            self.client.loop_misc()
+            self._check(self.client.loop_misc(), "keepalive")
 
     # -- paho's protocol callbacks ----------------------------------------------------------
 
@@ -342,24 +490,28 @@ class MqttBridge:
         if reason.is_failure:
             self._fail_soon(f"refused: {reason}")
             return
-        self._cancel_timer()
-        self.state, self.reason = "up", "connected"
-        self.connects += 1
-        self._backoff = self.cfg.backoff_min
-        log.info("mqtt: connected to %s", self.cfg.broker)
+        if self._timer is not None:  # the connect timeout
+            self._timer.cancel()
+            self._timer = None
+        self.status.set(UP, "connected")
+        self._stable = self.reactor.call_later(STABLE_UP, self._on_stable)
         # QoS 1 messages paho held are sent again by paho; forget none of them.
-        client.publish(self.online_topic, b"online", qos=1, retain=True)
+        info = client.publish(self.online_topic, b"online", qos=1, retain=True)
+        if not self._check(info.rc, "publish", soon=True):
+            return
         for feed in self.feeds.values():
             if feed.spec.write:
-                client.subscribe(feed.tx_topic, qos=feed.spec.qos)
-        self._publish_states(force=True)
+                rc, _mid = client.subscribe(feed.tx_topic, qos=feed.spec.qos)
+                if not self._check(rc, "subscribe", soon=True):
+                    return
+        self._publish_states(force=True, soon=True)
         for feed in self.feeds.values():
             feed.block(False)
         self.reactor.call_soon(self.pump)
 
     def _on_disconnect(self, _client: Any, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if self._stopping and self._offline_mid is not None and self._offline_mid not in self._unacked:
-            self.reactor.call_soon(self.close)
+            self.reactor.call_soon(self._end)
             return
         self._fail_soon(f"disconnected: {reason}")
 
@@ -381,10 +533,17 @@ class MqttBridge:
 
     def _disconnect(self) -> None:
         """The clean stop's end: DISCONNECT (the broker then forgets the will), close."""
-        if self.client.socket() is not None:
-            self.client.disconnect()
-            self.client.loop_write()  # the 2-byte packet goes out now, before the close
-        self.close()
+        self._send_disconnect()
+        self._end()
+
+    def _send_disconnect(self) -> None:
+        if self.client.socket() is None or not self._check(self.client.disconnect(), "disconnect"):
+            return
+        rc = self.client.loop_write()  # the 2 bytes go now, before the close
+        if self._wire is not None and self._wire.error is not None:
+            # paho reports success for a write that failed while it is "disconnecting".
+            rc = paho.MQTT_ERR_CONN_LOST
+        self._check(rc, "disconnect")
 
     def _on_message(self, _client: Any, _userdata: Any, msg: Any) -> None:
         for feed in self.feeds.values():
@@ -396,7 +555,7 @@ class MqttBridge:
 
     def pump(self) -> None:
         """Hand paho what the feeds have, round robin, up to MAX_INFLIGHT."""
-        if self.state != "up":
+        if not self._usable:
             for feed in self.feeds.values():
                 feed.block(feed.has_pending())  # a stuck reader: the hub bounds its backlog
             return
@@ -416,7 +575,7 @@ class MqttBridge:
                         continue
                     info = self.client.publish(feed.rx_topic, message, qos=feed.spec.qos, retain=False)
                     self._unacked[info.mid] = (feed, len(message), feed.spec.qos)
-                    if self.client.socket() is None:  # the write failed: the link is gone
+                    if not self._check(info.rc, "publish"):
                         return
             for feed in feeds:
                 feed.block(feed.has_pending())
@@ -427,14 +586,16 @@ class MqttBridge:
         self._state_timer = self.reactor.call_later(STATE_INTERVAL, self._tick_state)
         self._publish_states()
 
-    def _publish_states(self, force: bool = False) -> None:
-        if self.state != "up":
+    def _publish_states(self, force: bool = False, soon: bool = False) -> None:
+        if not self._usable:
             return
         for feed in self.feeds.values():
             key, payload = feed.state_payload()
             if force or key != feed._last_state:
                 feed._last_state = key
-                self.client.publish(feed.state_topic, payload, qos=1, retain=True)
+                info = self.client.publish(feed.state_topic, payload, qos=1, retain=True)
+                if not self._check(info.rc, "publish", soon=soon):
+                    return
 
 
 def tls_context(tls: MqttTls) -> ssl.SSLContext:
@@ -445,6 +606,11 @@ def tls_context(tls: MqttTls) -> ssl.SSLContext:
     if tls.cert is not None:
         ctx.load_cert_chain(tls.cert, tls.key)
     return ctx
+
+
+def _cause(exc: BaseException) -> str:
+    """An error as one short phrase: a TLS error's reason, an OSError's strerror."""
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
 
 
 def _read_password(path: str | None) -> str | None:

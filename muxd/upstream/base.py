@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from typing import Protocol
 from muxd.hub import Hub
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
-from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, UP, UpstreamStatus
+from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, UP, UpstreamStatus, backoff_delay
 
 log = logging.getLogger("muxd.upstream")
 
@@ -275,10 +274,8 @@ class FdUpstream(ABC):
         self._failed(reason)
 
     def backoff_delay(self) -> float:
-        """Exponential from backoff_min, capped at backoff_max, with "equal jitter"
-        so that a lab full of muxd instances does not reconnect in lockstep."""
-        ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(self.failures, 30))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        """Capped, jittered exponential backoff (muxd.upstream.state.backoff_delay)."""
+        return backoff_delay(self.failures, self.backoff_min, self.backoff_max)
 
     def _drop_fd(self) -> None:
         if self._stable is not None:

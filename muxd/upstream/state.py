@@ -30,12 +30,17 @@ Logging is throttled per outage: each failure reason is logged once (the
 outage's first at WARNING), retries at DEBUG, and the state is logged at INFO
 again when the device comes back. ``first_in_outage`` offers the same
 once-per-outage rule to the upstream for its own messages (tracebacks).
+
+The MQTT bridge's broker link (muxd.mqtt.bridge) has the same life, so it
+uses the same enum, table and status (with its own ``subject`` in the logs),
+and the same ``backoff_delay``.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -78,10 +83,28 @@ TRANSITIONS: dict[UpstreamState, frozenset[UpstreamState]] = {
 }
 
 
+def backoff_delay(failures: int, backoff_min: float, backoff_max: float) -> float:
+    """The wait before the next attempt after ``failures`` failed ones: exponential
+    from backoff_min, capped at backoff_max, with "equal jitter" (half fixed,
+    half random) so that a lab full of muxd instances does not reconnect in
+    lockstep after a switch or a broker restarts."""
+    ceiling = min(backoff_max, backoff_min * 2.0 ** min(failures, 30))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
 class UpstreamStatus:
-    def __init__(self, port: str, notify: Callable[..., None]) -> None:
+    def __init__(
+        self,
+        port: str,
+        notify: Callable[..., None],
+        subject: str | None = None,
+        logger: logging.Logger = log,
+    ) -> None:
         self.port = port
         self.notify = notify
+        # What the log lines and errors call it: "<port> upstream" by default.
+        self.subject = subject if subject is not None else f"{port} upstream"
+        self.log = logger
         self.state = DOWN
         self.reason = "not started"
         self.since = time.time()  # wall clock of the last up/down change
@@ -124,9 +147,7 @@ class UpstreamStatus:
         if self.state == state and self.reason == reason:
             return
         if state not in TRANSITIONS[self.state]:
-            raise LocalProtocolError(
-                f"{self.port}: upstream cannot go from {self.state} to {state} ({reason})"
-            )
+            raise LocalProtocolError(f"{self.subject} cannot go from {self.state} to {state} ({reason})")
         now = time.monotonic()
         self.next_attempt_at = now + retry_in if state == BACKING_OFF and retry_in is not None else None
         if state == CONNECTING:
@@ -150,7 +171,14 @@ class UpstreamStatus:
             # Each failure reason is news once per outage, the outage's first loudly.
             level = logging.INFO if self._failures_logged else logging.WARNING
             self._failures_logged.add(reason)
-        log.log(level, "%s upstream %s (%s)", self.port, state, reason, extra={"MUXD_PORT": self.port})
+        self.log.log(
+            level,
+            "%s %s (%s)",
+            self.subject,
+            state,
+            reason,
+            extra={"MUXD_PORT": self.port} if self.port else None,
+        )
         if state in (UP, DOWN):
             self.notify(
                 f"{self.port} upstream {state.value} ({reason})",
