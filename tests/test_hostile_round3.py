@@ -1,0 +1,166 @@
+"""The hostile run of round 3, kept in the suite: each finding with the attack
+that showed it, against a real muxd.
+
+- TLS lockout: 8 loopback addresses x 16 silent connections filled every
+  handshake slot of a TLS listener (and of the HTTPS server), and no client
+  got in until they timed out. Now a silent handshake is closed after
+  FIRST_BYTES_TIMEOUT, a full table evicts the oldest silent handshakes of
+  the host holding the most, and 40 handshakes from another address all
+  succeed while the attacker keeps the table full.
+
+Figures are printed; run with ``-s`` to see them.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import LOCAL, Muxd, PtyDevice, StartMuxd, read_to_eof, recv_until
+from tests.test_tls import Pki, start_tls
+
+pytest.importorskip("trustme")
+
+TLS_FAILURES = "muxd_tls_handshake_failures_total"
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+# -- 1. TLS handshake slots ------------------------------------------------------------------------
+
+ATTACKERS = [f"127.0.0.{i}" for i in range(2, 10)]  # 8 addresses, none the legitimate client's
+PER_ATTACKER = 16  # muxd.tls.MAX_HANDSHAKES_PER_PEER: 8 x 16 fill MAX_HANDSHAKES
+LEGITIMATE = 40
+LEGIT_DEADLINE = 20.0  # for all 40; each one alone takes milliseconds
+
+
+def silent_from(source: str, port: int) -> socket.socket:
+    """A TCP connection that will never send a byte."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((source, 0))
+    s.settimeout(5)
+    s.connect((LOCAL, port))
+    return s
+
+
+def lockout_attack(m: Muxd, port: int, legit: object, listener: str) -> None:
+    """Fill the table with silent handshakes from 8 addresses, then, before
+    each of 40 legitimate handshakes from 127.0.0.1, open one more silent
+    connection per attacking address (so the table stays full): every
+    legitimate one must get in."""
+    held: list[socket.socket] = []
+    try:
+        for source in ATTACKERS:
+            held += [silent_from(source, port) for _ in range(PER_ATTACKER)]
+        # Accepted (muxd holds a socket for each) before the first legitimate one.
+        # No wait here: the kernel's accept queue is FIFO, so muxd takes every
+        # one of these before the first legitimate connection.
+        ok = 0
+        started = time.monotonic()
+        for _ in range(LEGITIMATE):
+            held += [silent_from(source, port) for source in ATTACKERS]
+            if time.monotonic() - started > LEGIT_DEADLINE:
+                break
+            try:
+                legit(port)  # type: ignore[operator]
+            except (OSError, ssl.SSLError) as exc:
+                print(f"legitimate handshake failed: {exc!r}")
+            else:
+                ok += 1
+        took = time.monotonic() - started
+        print(
+            f"\n{listener}: {ok} of {LEGITIMATE} legitimate TLS handshakes from 127.0.0.1 in {took:.2f}s "
+            f"against {len(ATTACKERS)} x {PER_ATTACKER} silent connections (topped up before each); "
+            f"evicted {m.metric(TLS_FAILURES, listener=listener, reason='evicted'):g}, "
+            f"busy {m.metric(TLS_FAILURES, listener=listener, reason='busy'):g}"
+        )
+        assert ok == LEGITIMATE, f"{ok} of {LEGITIMATE} got in"
+        assert took < LEGIT_DEADLINE
+        assert m.metric(TLS_FAILURES, listener=listener, reason="evicted") >= 1
+        assert m.metric("muxd_internal_errors_total") == 0
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_silent_connections_from_8_addresses_do_not_lock_out_a_tls_listener(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "tls": pki.tls()}])
+    ctx = pki.client_context()
+
+    def legit(port: int) -> None:
+        raw = socket.create_connection((LOCAL, port), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname=LOCAL) as s:
+            assert s.version() is not None
+
+    lockout_attack(m, m.port("l0"), legit, "l0")
+    # Served, not only handshaken: a client still reads the device.
+    raw = socket.create_connection((LOCAL, m.port("l0")), timeout=5)
+    with ctx.wrap_socket(raw, server_hostname=LOCAL) as s:
+        m.wait_connected(1)
+        pty_device.write(b"served\n")
+        assert recv_until(s, b"\n") == b"served\n"
+
+
+def test_silent_connections_from_8_addresses_do_not_lock_out_the_https_server(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    m = start_tls(muxd, tmp_path, pty_device, [{"websocket": True}], https={"tls": pki.tls()})
+    port = int(m.addresses["https"].rpartition(":")[2])
+    ctx = pki.client_context()
+
+    def legit(port: int) -> None:
+        raw = socket.create_connection((LOCAL, port), timeout=5)
+        with ctx.wrap_socket(raw, server_hostname=LOCAL) as s:
+            s.sendall(
+                f"GET /api/v1/ports HTTP/1.1\r\nHost: {LOCAL}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            answer = read_to_eof(s, timeout=5)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:80]
+
+    lockout_attack(m, port, legit, "https")
+
+
+def test_a_silent_tls_connection_is_closed_after_the_first_bytes_timeout(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    """Not after the whole handshake_timeout (10 s by default): a client that
+    says nothing holds its slot for muxd.tls.FIRST_BYTES_TIMEOUT (3 s) only,
+    counted as silent."""
+    m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "tls": pki.tls()}])
+    started = time.monotonic()
+    with silent_from("127.0.0.2", m.port("l0")) as s:
+        assert read_to_eof(s, timeout=9) == b""
+    took = time.monotonic() - started
+    print(f"\nsilent connection closed after {took:.2f}s (handshake_timeout 10s)")
+    assert 2.7 <= took < 6, took
+    m.wait_metric(TLS_FAILURES, 1, listener="l0", reason="silent")
+    assert "nothing sent within 3s of connecting" in m.log()
+
+
+def test_silent_handshakes_do_not_hold_max_clients(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    """Handshakes in flight count against a listener's max_clients: silent
+    ones there are evicted for a client that speaks, as in a full table."""
+    m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "max_clients": 4, "tls": pki.tls()}])
+    port = m.port("l0")
+    held = [silent_from("127.0.0.2", port) for _ in range(4)]
+    try:
+        raw = socket.create_connection((LOCAL, port), timeout=5)
+        with pki.client_context().wrap_socket(raw, server_hostname=LOCAL) as client:
+            m.wait_connected(1)
+            pty_device.write(b"in\n")
+            assert recv_until(client, b"\n") == b"in\n"
+        assert m.metric(TLS_FAILURES, listener="l0", reason="evicted") >= 1
+    finally:
+        for s in held:
+            s.close()
