@@ -328,7 +328,7 @@ class Daemon:
             return
         sd.notify("RELOADING=1")
         try:
-            new = configmod.load(self.config.source)
+            new = configmod.load(self.config.source, in_loop=True)
         except ConfigError as exc:
             log.error("reload rejected, the running config stays: %s", exc)
         else:

@@ -75,6 +75,7 @@ from typing import Protocol
 
 from muxd.config import TlsConfig
 from muxd.errors import MuxdError
+from muxd.files import checked_paths
 from muxd.ratelimit import LogLimiter, peer_key
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
 from muxd.transport import SEND_BUFFER, graceful_close
@@ -100,6 +101,9 @@ MAX_HANDSHAKES_PER_PEER = 16
 # third of the default handshake_timeout, so a silent socket holds a slot a
 # third as long. Never longer than the configured handshake_timeout.
 FIRST_BYTES_TIMEOUT = 3.0
+# Certificate, key and CA files, at most: a chain is a few KiB and the whole
+# Mozilla CA bundle about 220 KB; more is not a PEM file, and the loop reads it.
+MAX_PEM_BYTES = 1024 * 1024
 # Plaintext encrypted per send(): one TLS record's worth (RFC 8446: 2^14), so
 # the ciphertext held back when the socket is full is at most one record.
 RECORD = 16 * 1024
@@ -126,10 +130,14 @@ def make_context(spec: TlsConfig, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # Client-initiated renegotiation is a CPU lever for a peer and no client needs it.
     ctx.options |= ssl.OP_NO_RENEGOTIATION
-    ctx.load_cert_chain(spec.cert, spec.key)
-    if spec.client_ca is not None:
-        ctx.load_verify_locations(cafile=spec.client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
+    # Opened by us first (muxd.files): a FIFO or a device planted at a path
+    # would otherwise block OpenSSL's fopen(), and the loop with it, on reload.
+    paths = [spec.cert, spec.key] + ([spec.client_ca] if spec.client_ca is not None else [])
+    with checked_paths(paths, MAX_PEM_BYTES) as checked:
+        ctx.load_cert_chain(checked[0], checked[1])
+        if spec.client_ca is not None:
+            ctx.load_verify_locations(cafile=checked[2])
+            ctx.verify_mode = ssl.CERT_REQUIRED
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx

@@ -13,9 +13,14 @@ Figures are printed; run with ``-s`` to see them.
 
 from __future__ import annotations
 
+import http.client
+import os
+import signal
 import socket
 import ssl
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -164,3 +169,133 @@ def test_silent_handshakes_do_not_hold_max_clients(
     finally:
         for s in held:
             s.close()
+
+
+# -- 3. files read in the loop on reload: a FIFO planted there ----------------------------------------
+
+SECRET = "engineer-secret-0123456789abcd"
+
+
+def token_file(tmp_path: Path, secret: str = SECRET) -> Path:
+    path = tmp_path / "engineer.token"
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def start_with_token(muxd: StartMuxd, tmp_path: Path, dev: PtyDevice, token: Path) -> tuple[Muxd, str]:
+    """muxd on the pty with a rw websocket and a tcp listener (l1); the http
+    server "web" has one write-scoped token (the harness reads the API from
+    its own plain server)."""
+    tokens = [{"name": "engineer", "file": str(token), "scope": "write"}]
+    # start_tls's second http entry: with no tls: in it, a plain server with tokens.
+    m = start_tls(
+        muxd, tmp_path, dev, [{"websocket": True, "mode": "rw"}, {"tcp": "auto"}], https={"tokens": tokens}
+    )
+    return m, m.addresses["https"]
+
+
+def api_status(web: str, secret: str) -> int:
+    host, _, port = web.rpartition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/api/v1/ports", headers={"Authorization": f"Bearer {secret}"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def still_serving(m: Muxd, dev: PtyDevice, reader: socket.socket, marker: bytes) -> None:
+    dev.write(marker)
+    assert recv_until(reader, marker, timeout=5).endswith(marker)
+    assert m.proc.poll() is None
+
+
+def test_a_token_file_replaced_by_a_fifo_does_not_hang_the_reload(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    token = token_file(tmp_path)
+    m, web = start_with_token(muxd, tmp_path, pty_device, token)
+    with socket.create_connection((LOCAL, m.port("l1")), timeout=5) as reader:
+        m.wait_connected(1)
+        token.unlink()
+        os.mkfifo(token, 0o600)
+        m.signal(signal.SIGHUP)
+        m.wait_log(f"cannot read token file {token}: it is a FIFO, not a regular file", timeout=10)
+        assert "its previous settings stay" in m.log()
+        still_serving(m, pty_device, reader, b"after the reload\n")
+        assert api_status(web, SECRET) == 200  # the previous tokens stay
+        # A symlink is refused too (not followed), the same way.
+        token.unlink()
+        real = tmp_path / "real.token"
+        real.write_text("other-secret-0123456789abcdef\n")
+        real.chmod(0o600)
+        token.symlink_to(real)
+        m.signal(signal.SIGHUP)
+        m.wait_log(f"cannot read token file {token}: it is a symbolic link", timeout=10)
+        still_serving(m, pty_device, reader, b"after the second reload\n")
+        assert api_status(web, SECRET) == 200
+
+
+def test_a_config_file_replaced_by_a_fifo_does_not_hang_the_reload(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto"}])
+    assert m.config_path is not None
+    with socket.create_connection((LOCAL, m.port("l0")), timeout=5) as reader:
+        m.wait_connected(1)
+        m.config_path.unlink()
+        os.mkfifo(m.config_path, 0o600)
+        m.signal(signal.SIGHUP)
+        m.wait_log("reload rejected, the running config stays", timeout=10)
+        assert "it is a FIFO, not a regular file" in m.log()
+        still_serving(m, pty_device, reader, b"after the reload\n")
+
+
+def bounded(call: Callable[[], object], unblock: Path, seconds: float = 5.0) -> BaseException | None:
+    """Run call in a thread; what it raised (None if it returned). If it is
+    still blocked after ``seconds`` (in open() of the FIFO at ``unblock``),
+    a writer opens that FIFO to free it, and the test fails."""
+    raised: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            raised.append(exc)
+        else:
+            raised.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        fd = os.open(unblock, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(seconds)
+        raise AssertionError(f"blocked for {seconds}s opening the FIFO {unblock}")
+    return raised[0]
+
+
+def test_tls_files_replaced_by_a_fifo_are_refused_without_blocking(pki: Pki, tmp_path: Path) -> None:
+    """ssl opens files by name: make_context checks them first, so a FIFO
+    swapped in after the config's check refuses the reload instead of
+    blocking the loop in OpenSSL's fopen()."""
+    from muxd.config import TlsConfig
+    from muxd.tls import make_context
+
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo, 0o600)
+    spec = TlsConfig(cert=str(pki.cert_path), key=str(fifo))
+    exc = bounded(lambda: make_context(spec), fifo)
+    assert isinstance(exc, OSError) and "it is a FIFO, not a regular file" in str(exc), exc
+    make_context(TlsConfig(cert=str(pki.cert_path), key=str(pki.key_path)))  # the real files still load
+
+
+def test_a_token_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    from muxd.access import AccessError, read_token_file
+
+    fifo = tmp_path / "token.fifo"
+    os.mkfifo(fifo, 0o600)
+    exc = bounded(lambda: read_token_file(str(fifo)), fifo)
+    assert isinstance(exc, AccessError) and "it is a FIFO, not a regular file" in str(exc), exc
