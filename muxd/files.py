@@ -39,8 +39,9 @@ _KINDS = {
 }
 
 
-def _kind(mode: int) -> str:
-    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, in words: "a FIFO", "a directory"..."""
+    return _KINDS.get(stat.S_IFMT(mode), "an unknown kind of file")
 
 
 @contextlib.contextmanager
@@ -58,7 +59,7 @@ def opened(path: str, limit: int, *, follow: bool = True) -> Iterator[tuple[int,
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"it is {_kind(st.st_mode)}, not a regular file", path)
+            raise OSError(errno.EINVAL, f"it is {kind_of(st.st_mode)}, not a regular file", path)
         if st.st_size > limit:
             raise OSError(errno.EFBIG, f"it is {st.st_size} bytes, over the {limit} expected", path)
         yield fd, st
