@@ -222,6 +222,13 @@ def ws_bearer(protocols: Iterable[str]) -> str | None:
     return None
 
 
+def presented(authorization: str | None, ws_offered: Iterable[str] = ()) -> str | None:
+    """The secret a request presents: ``Authorization: Bearer``, else (a
+    browser's WebSocket) the ``bearer.<base64url>`` subprotocol offered."""
+    secret = bearer(authorization)
+    return secret if secret is not None else ws_bearer(ws_offered)
+
+
 def ws_offer(secret: str) -> list[str]:
     """What a browser-like client offers to present ``secret`` (tests, tools)."""
     encoded = base64.urlsafe_b64encode(secret.encode()).decode().rstrip("=")

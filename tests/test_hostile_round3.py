@@ -13,6 +13,7 @@ Figures are printed; run with ``-s`` to see them.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -299,3 +301,61 @@ def test_a_token_file_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path)
     os.mkfifo(fifo, 0o600)
     exc = bounded(lambda: read_token_file(str(fifo)), fifo)
     assert isinstance(exc, AccessError) and "it is a FIFO, not a regular file" in str(exc), exc
+
+
+# -- 4. a revoked token ends the WebSockets that used it ------------------------------------------------
+
+
+def device_until(dev: PtyDevice, marker: bytes, timeout: float = 10.0) -> bytes:
+    """What the device received, up to and including marker."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while not got.endswith(marker):  # bounded: each read waits at most what is left
+        got += dev.read(1, timeout=max(0.01, deadline - time.monotonic()))
+    return got
+
+
+@pytest.mark.parametrize("presented", ["header", "subprotocol"])
+def test_a_revoked_token_closes_the_websockets_that_used_it(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, presented: str
+) -> None:
+    """A write-scoped session is open; the token file is rotated and SIGHUP
+    sent: the session is closed with 1008 and a reason, and nothing it sends
+    afterwards reaches the device, while a session with the new token writes."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect as ws_connect
+
+    from muxd.access import ws_offer
+
+    token = token_file(tmp_path)
+    m, web = start_with_token(muxd, tmp_path, pty_device, token)
+
+    def session(secret: str) -> Any:
+        if presented == "header":
+            return ws_connect(
+                f"ws://{web}/ws/dut", additional_headers={"Authorization": f"Bearer {secret}"}, open_timeout=5
+            )
+        return ws_connect(f"ws://{web}/ws/dut", subprotocols=ws_offer(secret), open_timeout=5)  # type: ignore[arg-type]
+
+    with session(SECRET) as old:
+        old.send(b"before\r")
+        assert device_until(pty_device, b"before\r") == b"before\r"
+
+        fresh = "rotated-secret-0123456789abcdef"
+        token_file(tmp_path, fresh)  # the rotation, then the signal
+        m.signal(signal.SIGHUP)
+        m.wait_log("reloaded", timeout=10)
+        with contextlib.suppress(ConnectionClosed):
+            old.send(b"after revocation\r")
+        with pytest.raises(ConnectionClosed) as closed:
+            old.recv(timeout=5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008 and closed.value.rcvd.reason == "token revoked"
+    assert "WebSocket closed after a reload: token revoked" in m.log()
+
+    # The new token writes; the old session's line never reached the device.
+    with session(fresh) as new:
+        new.send(b"marker\r")
+        assert device_until(pty_device, b"marker\r") == b"marker\r"
+    assert api_status(web, SECRET) == 401
+    assert m.metric("muxd_internal_errors_total") == 0
