@@ -47,8 +47,10 @@ that is doing its part:
 - a full table makes room for a newcomer by evicting the oldest handshake
   of the host that holds the most, if that host holds more than the
   newcomer's would (each address keeps a fair share), else the oldest
-  silent handshake of anyone (reason ``evicted``). Only a table of
-  handshakes in progress, evenly shared, refuses a newcomer (``busy``).
+  silent handshake of anyone, else the oldest one if it has been in flight
+  longer than FIRST_BYTES_TIMEOUT (a real handshake takes two round trips:
+  one that old has stalled, a byte at a time) (reason ``evicted``). Only a
+  table of young handshakes, evenly shared, refuses a newcomer (``busy``).
 
 Reload. ``TlsServer.reload`` builds a new SSLContext from the files; new
 handshakes use it, while established connections keep the context they were
@@ -411,13 +413,19 @@ class TlsServer:
     def victim_for(self, key: str) -> _Handshake | None:
         """The handshake to evict for a newcomer from host ``key``: the oldest
         (silent first) of the host holding the most, if it holds more than
-        the newcomer's would; else the oldest silent one; None: nobody."""
+        the newcomer's would; else the oldest silent one; else the oldest if
+        it has stalled; None: nobody."""
         if not self.per_peer:
             return None
         busiest = max(self.per_peer.values(), key=len)
         if len(busiest) > len(self.per_peer.get(key, ())) + 1:
             return _oldest_silent(busiest) or next(iter(busiest))
-        return _oldest_silent(self.handshakes)
+        victim = _oldest_silent(self.handshakes)
+        if victim is None:
+            oldest = next(iter(self.handshakes))
+            if self.reactor.now() - oldest.started > FIRST_BYTES_TIMEOUT:
+                victim = oldest  # stalled: a real handshake is done in two round trips
+        return victim
 
     def make_room(self, peer: str) -> bool:
         """For a listener at its max_clients that counts handshakes in flight:
@@ -470,6 +478,7 @@ class _Handshake:
         self.reactor = server.reactor
         self._timer = self.reactor.call_later(server.handshake_timeout, self._timed_out)
         self.heard = False  # the peer has sent something (or closed): not silent
+        self.started = self.reactor.now()
         # A handshake_timeout shorter than this (tests) is the only deadline.
         self._silence: Timer | None = None
         if server.handshake_timeout > FIRST_BYTES_TIMEOUT:

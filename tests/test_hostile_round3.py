@@ -1,12 +1,20 @@
 """The hostile run of round 3, kept in the suite: each finding with the attack
 that showed it, against a real muxd.
 
-- TLS lockout: 8 loopback addresses x 16 silent connections filled every
-  handshake slot of a TLS listener (and of the HTTPS server), and no client
-  got in until they timed out. Now a silent handshake is closed after
-  FIRST_BYTES_TIMEOUT, a full table evicts the oldest silent handshakes of
-  the host holding the most, and 40 handshakes from another address all
-  succeed while the attacker keeps the table full.
+1. TLS lockout: 8 loopback addresses x 16 silent connections filled every
+   handshake slot of a TLS listener (and of the HTTPS server), and no client
+   got in until they timed out. Now a silent handshake is closed after
+   FIRST_BYTES_TIMEOUT, a full table evicts the oldest silent handshakes of
+   the host holding the most (or of anyone, or a stalled one), and 40
+   handshakes from another address all succeed while the attacker keeps the
+   table full; also against 128 addresses of one silent or stalled socket
+   each, and under a listener's max_clients.
+2. (tests/test_trace.py) A trace file replaced by a symlink is not written
+   through on reopen.
+3. A FIFO planted in place of a token file, the config file or a TLS key
+   hung the loop on SIGHUP: now refused at once, the previous settings stay.
+4. An open WebSocket kept a token that a reload revoked: now it is closed
+   with 1008 and nothing it sends afterwards reaches the device.
 
 Figures are printed; run with ``-s`` to see them.
 """
@@ -27,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LOCAL, Muxd, PtyDevice, StartMuxd, read_to_eof, recv_until
+from tests.helpers import LOCAL, Muxd, PtyDevice, StartMuxd, read_to_eof, recv_until, wait_for
 from tests.test_tls import Pki, start_tls
 
 pytest.importorskip("trustme")
@@ -167,6 +175,69 @@ def test_silent_handshakes_do_not_hold_max_clients(
             m.wait_connected(1)
             pty_device.write(b"in\n")
             assert recv_until(client, b"\n") == b"in\n"
+        assert m.metric(TLS_FAILURES, listener="l0", reason="evicted") >= 1
+    finally:
+        for s in held:
+            s.close()
+
+
+MANY = [f"127.0.1.{i}" for i in range(1, 129)]  # 128 addresses, one socket each: fills the table
+
+
+def legit_tls(port: int, ctx: ssl.SSLContext) -> None:
+    raw = socket.create_connection((LOCAL, port), timeout=5)
+    with ctx.wrap_socket(raw, server_hostname=LOCAL) as s:
+        assert s.version() is not None
+
+
+def test_silent_connections_from_128_addresses_do_not_lock_out_a_tls_listener(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    """One silent socket per address: no address holds more than another, so
+    the oldest silent handshake makes room."""
+    m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "tls": pki.tls()}])
+    port, ctx = m.port("l0"), pki.client_context()
+    held = [silent_from(source, port) for source in MANY]
+    try:
+        started = time.monotonic()
+        for _ in range(10):
+            legit_tls(port, ctx)
+        print(f"\n10 handshakes in {time.monotonic() - started:.2f}s against 128 addresses x 1 silent socket")
+        assert m.metric(TLS_FAILURES, listener="l0", reason="evicted") >= 1
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_stalled_handshakes_from_128_addresses_give_way_after_the_first_bytes_timeout(
+    muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
+) -> None:
+    """Each of 128 addresses sends one byte of a ClientHello and stalls (not
+    silent, evenly shared): a legitimate client gets in once the oldest has
+    been in flight past FIRST_BYTES_TIMEOUT (3 s), not after the whole
+    handshake_timeout (10 s)."""
+    m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "tls": pki.tls()}])
+    port, ctx = m.port("l0"), pki.client_context()
+    held = [silent_from(source, port) for source in MANY]
+    for s in held:
+        s.sendall(b"\x16")  # the first byte of a TLS record: a handshake
+    started = time.monotonic()
+    # A barrier: answering a request takes muxd's loop several turns, by which
+    # it has read the byte of each (ready before the request was sent).
+    m.api("/api/v1/ports")
+    try:
+
+        def gets_in() -> bool:
+            try:
+                legit_tls(port, ctx)
+            except (OSError, ssl.SSLError):
+                return False
+            return True
+
+        wait_for(gets_in, 9, "a legitimate handshake among 128 stalled ones")
+        took = time.monotonic() - started
+        print(f"\nin after {took:.2f}s against 128 addresses x 1 stalled handshake (handshake_timeout 10s)")
+        assert took < 8, took
         assert m.metric(TLS_FAILURES, listener="l0", reason="evicted") >= 1
     finally:
         for s in held:
