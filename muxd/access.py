@@ -39,15 +39,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hmac
 import ipaddress
-import os
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 from muxd.errors import MuxdError
+from muxd.files import opened, read_fd
 
 Scope = Literal["read", "write", "admin"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
@@ -58,7 +59,8 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # 16 characters of a random base64 text are 96 bits: beyond guessing over a
 # network; `openssl rand -base64 24` (the documented recipe) gives 32.
 MIN_TOKEN_CHARS = 16
-# A token file holds one line; anything much longer is not a token file.
+# A token file holds one line; anything much longer is not a token file, and
+# the loop reads it (on every SIGHUP): a bounded read.
 MAX_TOKEN_BYTES = 4096
 # Texts that are never real secrets: the old example config's placeholder
 # and its obvious variants (compared in lower case, as prefixes).
@@ -121,26 +123,21 @@ def scope_allows(have: Scope | None, need: Scope) -> bool:
 
 def read_token_file(path: str) -> str:
     """The secret in a token file, checked; AccessError says what is wrong."""
+    # muxd.files: a FIFO or device planted there must not block the loop on
+    # SIGHUP, nor a symlink redirect the read; the previous tokens then stay.
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        with opened(path, MAX_TOKEN_BYTES, follow=False) as (fd, st):
+            if st.st_mode & 0o004:
+                raise AccessError(
+                    f"token file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                    f"chmod o-r {path}"
+                )
+            data = read_fd(fd, MAX_TOKEN_BYTES, path)
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            why = f"token file {path} is over {MAX_TOKEN_BYTES} bytes: one token expected"
+            raise AccessError(why) from None
         raise AccessError(f"cannot read token file {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise AccessError(f"token file {path} is not a regular file")
-        if st.st_mode & 0o004:
-            raise AccessError(
-                f"token file {path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-                f"chmod o-r {path}"
-            )
-        data = os.read(fd, MAX_TOKEN_BYTES + 1)
-    except OSError as exc:
-        raise AccessError(f"cannot read token file {path}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_TOKEN_BYTES:
-        raise AccessError(f"token file {path} is over {MAX_TOKEN_BYTES} bytes: one token expected")
     # A trailing newline is what `echo` and editors add; it is not part of the token.
     text = data.decode("ascii", "replace").strip()
     if not text or any(not (0x21 <= ord(c) <= 0x7E) for c in text):
@@ -223,6 +220,13 @@ def ws_bearer(protocols: Iterable[str]) -> str | None:
                 return None
             return raw.decode("utf-8", "surrogateescape")
     return None
+
+
+def presented(authorization: str | None, ws_offered: Iterable[str] = ()) -> str | None:
+    """The secret a request presents: ``Authorization: Bearer``, else (a
+    browser's WebSocket) the ``bearer.<base64url>`` subprotocol offered."""
+    secret = bearer(authorization)
+    return secret if secret is not None else ws_bearer(ws_offered)
 
 
 def ws_offer(secret: str) -> list[str]:

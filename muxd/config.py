@@ -33,6 +33,7 @@ import yaml
 
 from muxd.access import SCOPES, Network, Scope, TokenSpec, parse_network
 from muxd.errors import ConfigError
+from muxd.files import read_regular
 from muxd.protocol.line_settings import BYTESIZES, FLOWS, STOPBITS, LineSettings
 from muxd.records import FORMATS, Format
 from muxd.sequences import MAX_STEPS, Step, parse_step
@@ -1314,10 +1315,20 @@ def loads(text: str, file: str = "<config>") -> Config:
     return build(_Node(node, "", file, None))
 
 
-def load(path: str) -> Config:
+# A config of a thousand ports is about 1 MB; the loop reads it on SIGHUP.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def load(path: str, *, in_loop: bool = False) -> Config:
+    """The config in the file at path. ``in_loop`` (a reload): a regular file
+    only (muxd.files), as a FIFO put there would block the loop; at start a
+    pipe (``-c <(...)``) may be read."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        if in_loop:
+            text = read_regular(path, MAX_CONFIG_BYTES).decode("utf-8")
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", "", None, path) from None
     except UnicodeDecodeError:

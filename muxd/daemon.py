@@ -41,6 +41,7 @@ from muxd.listeners.http import HttpFront
 from muxd.listeners.pty import PtyListener
 from muxd.listeners.rfc2217 import Rfc2217Listener
 from muxd.listeners.stream import StreamListener
+from muxd.listeners.websocket import reauthorize
 from muxd.port import Connection, ListenerRuntime, PortRuntime, bounds_for, make_upstream
 from muxd.reactor import Reactor
 from muxd.trace import Trace
@@ -328,7 +329,7 @@ class Daemon:
             return
         sd.notify("RELOADING=1")
         try:
-            new = configmod.load(self.config.source)
+            new = configmod.load(self.config.source, in_loop=True)
         except ConfigError as exc:
             log.error("reload rejected, the running config stays: %s", exc)
         else:
@@ -386,6 +387,7 @@ class Daemon:
                     log.error("reload: http server %s: %s; its previous settings stay", name, exc)
                 front.set_tls(srv)  # certificates re-read: new handshakes use them, nobody is dropped
                 front.finish_orphans()  # WebSockets of a port or listener now gone
+                reauthorize(front.clients, front.tokens)  # a revoked token ends its WebSockets
         for srv in servers:
             if srv.name not in self.http:
                 self._guarded(f"http server {srv.name}", partial(self._start_http, srv))

@@ -279,12 +279,13 @@ def _mqtt_metrics(ports: Iterable[PortRuntime]) -> Iterator[Metric]:
 
 def tls_metrics() -> Iterator[Metric]:
     """TLS handshakes of every TLS listener and http server, by listener name
-    (muxd.tls.TLS_STATS; the reasons are a fixed set: timeout, error, closed, busy)."""
+    (muxd.tls.TLS_STATS; the reasons are a fixed set: timeout, error, closed, silent, evicted, busy)."""
     done = CounterMetricFamily("muxd_tls_handshakes", "TLS handshakes completed.", labels=["listener"])
     failed = CounterMetricFamily(
         "muxd_tls_handshake_failures",
         "TLS handshakes that failed, by reason: timeout, error (TLS or certificate), "
-        "closed (the peer left), busy (too many in flight).",
+        "closed (the peer left), silent (nothing sent within 3 s), "
+        "evicted (made room for another), busy (too many in flight).",
         labels=["listener", "reason"],
     )
     for name, stats in sorted(TLS_STATS.items()):

@@ -32,7 +32,25 @@ HANDSHAKE_TIMEOUT); a timeout, a TLS error (a bad or missing client
 certificate with ``client_ca``), or a peer that leaves closes that socket
 only, is logged once per peer a minute, and is counted in TLS_STATS, which
 /metrics exports as ``muxd_tls_handshake_failures_total{listener,reason}``.
-At most MAX_HANDSHAKES may be in flight per server.
+
+Handshake slots. At most MAX_HANDSHAKES may be in flight per server, and
+MAX_HANDSHAKES_PER_PEER per host. Slots that are only ever filled, first
+come first kept, let a few hosts of silent sockets lock every client out
+for a handshake timeout, again and again (8 hosts x 16 sockets fill 128).
+So, as nginx and HAProxy treat slowloris, a slot is held only by a peer
+that is doing its part:
+
+- a client that sends nothing within FIRST_BYTES_TIMEOUT is closed (reason
+  ``silent``): a real client sends its ClientHello the moment it connects;
+- a host at its own share makes room by replacing its own oldest silent
+  handshake, never someone else's;
+- a full table makes room for a newcomer by evicting the oldest handshake
+  of the host that holds the most, if that host holds more than the
+  newcomer's would (each address keeps a fair share), else the oldest
+  silent handshake of anyone, else the oldest one if it has been in flight
+  longer than FIRST_BYTES_TIMEOUT (a real handshake takes two round trips:
+  one that old has stalled, a byte at a time) (reason ``evicted``). Only a
+  table of young handshakes, evenly shared, refuses a newcomer (``busy``).
 
 Reload. ``TlsServer.reload`` builds a new SSLContext from the files; new
 handshakes use it, while established connections keep the context they were
@@ -59,8 +77,9 @@ from typing import Protocol
 
 from muxd.config import TlsConfig
 from muxd.errors import MuxdError
+from muxd.files import checked_paths
 from muxd.ratelimit import LogLimiter, peer_key
-from muxd.reactor import ERRMASK, IN, OUT, Reactor
+from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
 from muxd.transport import SEND_BUFFER, graceful_close
 
 log = logging.getLogger("muxd.tls")
@@ -77,6 +96,16 @@ MAX_HANDSHAKES = 128
 # ...and per peer host (muxd.ratelimit.peer_key: an IPv4 address, an IPv6
 # /64): one host's stalled handshakes cannot take every slot from the others.
 MAX_HANDSHAKES_PER_PEER = 16
+# The first bytes of a handshake (the ClientHello) must come within this. A
+# client sends them as soon as connect() returns, so they arrive within one
+# trip; 3 s covers a slow link and the TCP retransmission of a lost first
+# segment (initial RTO 1 s, RFC 6298: resent at 1 s, then 3 s), and is a
+# third of the default handshake_timeout, so a silent socket holds a slot a
+# third as long. Never longer than the configured handshake_timeout.
+FIRST_BYTES_TIMEOUT = 3.0
+# Certificate, key and CA files, at most: a chain is a few KiB and the whole
+# Mozilla CA bundle about 220 KB; more is not a PEM file, and the loop reads it.
+MAX_PEM_BYTES = 1024 * 1024
 # Plaintext encrypted per send(): one TLS record's worth (RFC 8446: 2^14), so
 # the ciphertext held back when the socket is full is at most one record.
 RECORD = 16 * 1024
@@ -103,10 +132,14 @@ def make_context(spec: TlsConfig, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # Client-initiated renegotiation is a CPU lever for a peer and no client needs it.
     ctx.options |= ssl.OP_NO_RENEGOTIATION
-    ctx.load_cert_chain(spec.cert, spec.key)
-    if spec.client_ca is not None:
-        ctx.load_verify_locations(cafile=spec.client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
+    # Opened by us first (muxd.files): a FIFO or a device planted at a path
+    # would otherwise block OpenSSL's fopen(), and the loop with it, on reload.
+    paths = [spec.cert, spec.key] + ([spec.client_ca] if spec.client_ca is not None else [])
+    with checked_paths(paths, MAX_PEM_BYTES) as checked:
+        ctx.load_cert_chain(checked[0], checked[1])
+        if spec.client_ca is not None:
+            ctx.load_verify_locations(cafile=checked[2])
+            ctx.verify_mode = ssl.CERT_REQUIRED
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
@@ -331,8 +364,10 @@ class TlsServer:
                 f"{name}: cannot use TLS certificate {spec.cert} and key {spec.key}: {exc}"
             ) from exc
         self.stats = TLS_STATS.setdefault(name, TlsStats())
-        self.handshakes: set[_Handshake] = set()
-        self.per_peer: dict[str, int] = {}  # handshakes in flight by peer_key
+        # In flight, oldest first (a dict keeps insertion order): the order
+        # eviction takes them in. Both bounded by max_handshakes.
+        self.handshakes: dict[_Handshake, None] = {}
+        self.per_peer: dict[str, dict[_Handshake, None]] = {}  # by peer_key, oldest first
         self.refusals = LogLimiter(log)  # one line per peer a minute
 
     @property
@@ -353,38 +388,78 @@ class TlsServer:
     def accept(self, sock: socket.socket, peer: str, on_ready: Callable[[TlsTransport], None]) -> None:
         """Run the handshake of an accepted socket; on_ready(transport) once done."""
         key = peer_key(peer)
-        mine = self.per_peer.get(key, 0)
-        if len(self.handshakes) >= self.max_handshakes or mine >= MAX_HANDSHAKES_PER_PEER:
+        mine = self.per_peer.get(key, {})
+        if len(mine) >= MAX_HANDSHAKES_PER_PEER:
+            victim = _oldest_silent(mine)  # only its own: a host at its share takes nobody else's slot
+        elif len(self.handshakes) >= self.max_handshakes:
+            victim = self.victim_for(key)
+        else:
+            victim = None
+        if victim is not None:
+            victim.evict(peer)
+        elif len(mine) >= MAX_HANDSHAKES_PER_PEER or len(self.handshakes) >= self.max_handshakes:
             self.stats.failed("busy")
             self.refusals.warning(
                 peer,
                 "tls-busy",
-                "%s: %s refused: %d TLS handshakes in flight (%d from this host)",
+                "%s: %s refused: %d TLS handshakes in flight (%d from this host), all in progress",
                 self.name,
                 peer,
                 len(self.handshakes),
-                mine,
+                len(mine),
             )
             sock.close()
             return
         hs = _Handshake(self, sock, peer, on_ready)
-        self.handshakes.add(hs)
-        self.per_peer[key] = mine + 1
+        self.handshakes[hs] = None
+        self.per_peer.setdefault(key, {})[hs] = None
         hs.start()
 
+    def victim_for(self, key: str) -> _Handshake | None:
+        """The handshake to evict for a newcomer from host ``key``: the oldest
+        (silent first) of the host holding the most, if it holds more than
+        the newcomer's would; else the oldest silent one; else the oldest if
+        it has stalled; None: nobody."""
+        if not self.per_peer:
+            return None
+        busiest = max(self.per_peer.values(), key=len)
+        if len(busiest) > len(self.per_peer.get(key, ())) + 1:
+            return _oldest_silent(busiest) or next(iter(busiest))
+        victim = _oldest_silent(self.handshakes)
+        if victim is None:
+            oldest = next(iter(self.handshakes))
+            if self.reactor.now() - oldest.started > FIRST_BYTES_TIMEOUT:
+                victim = oldest  # stalled: a real handshake is done in two round trips
+        return victim
+
+    def make_room(self, peer: str) -> bool:
+        """For a listener at its max_clients that counts handshakes in flight:
+        evict one (as a full table does) so the newcomer gets in; False if none
+        may go."""
+        victim = self.victim_for(peer_key(peer))
+        if victim is None:
+            return False
+        victim.evict(peer)
+        return True
+
     def _ended(self, hs: _Handshake) -> None:
-        self.handshakes.discard(hs)
+        self.handshakes.pop(hs, None)
         key = peer_key(hs.peer)
-        left = self.per_peer.get(key, 1) - 1
-        if left > 0:
-            self.per_peer[key] = left
-        else:
-            self.per_peer.pop(key, None)
+        mine = self.per_peer.get(key)
+        if mine is not None:
+            mine.pop(hs, None)
+            if not mine:
+                del self.per_peer[key]
 
     def stop(self) -> None:
         """Abandon the handshakes in flight (the listener stops)."""
         for hs in list(self.handshakes):
             hs.abandon()
+
+
+def _oldest_silent(handshakes: dict[_Handshake, None]) -> _Handshake | None:
+    # At most max_handshakes to look at, oldest first.
+    return next((hs for hs in handshakes if not hs.heard), None)
 
 
 class _Handshake:
@@ -407,12 +482,23 @@ class _Handshake:
         self.fd = self.transport.fd
         self.reactor = server.reactor
         self._timer = self.reactor.call_later(server.handshake_timeout, self._timed_out)
+        self.heard = False  # the peer has sent something (or closed): not silent
+        self.started = self.reactor.now()
+        # A handshake_timeout shorter than this (tests) is the only deadline.
+        self._silence: Timer | None = None
+        if server.handshake_timeout > FIRST_BYTES_TIMEOUT:
+            self._silence = self.reactor.call_later(FIRST_BYTES_TIMEOUT, self._silent)
         self._done = False
 
     def start(self) -> None:
         self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
 
     def _on_events(self, mask: int) -> None:
+        if mask & (IN | ERRMASK) and not self.heard:
+            # Level-triggered: IN means bytes (or an EOF, which ends it below).
+            self.heard = True
+            if self._silence is not None:
+                self._silence.cancel()
         try:
             if mask & OUT:
                 self.transport.flush()
@@ -437,6 +523,14 @@ class _Handshake:
     def _timed_out(self) -> None:
         self._fail("timeout", f"no TLS handshake within {self.server.handshake_timeout:g}s")
 
+    def _silent(self) -> None:
+        self._fail("silent", f"nothing sent within {FIRST_BYTES_TIMEOUT:g}s of connecting")
+
+    def evict(self, newcomer: str) -> None:
+        """Closed to make room for ``newcomer`` (TlsServer.accept)."""
+        why = f"evicted for {newcomer}: {len(self.server.handshakes)} handshakes in flight"
+        self._fail("evicted", why + ("" if self.heard else ", this one silent"))
+
     def _fail(self, reason: str, why: str) -> None:
         if self._done:
             return
@@ -456,6 +550,8 @@ class _Handshake:
             return
         self._done = True
         self._timer.cancel()
+        if self._silence is not None:
+            self._silence.cancel()
         self.reactor.remove(self.fd)
         self.server._ended(self)
 

@@ -29,17 +29,24 @@ and a new one begun. ``reopen()`` (SIGHUP, or POST
 /api/v1/ports/NAME/trace/reopen) closes and reopens PATH, so logrotate's
 move-then-signal works too. New files get ``mode`` (default 0640, whatever the
 umask) and, where given, ``group``; an existing file is appended to as it is.
+PATH is never followed if it is a symbolic link, nor written if it is a block
+device: that is refused like a failing disk (logged, bytes counted as dropped)
+until PATH is a file again. A FIFO or a character device is written, without
+blocking.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import stat
 import time
 
 from muxd.checks import group_id
 from muxd.config import TraceFile
+from muxd.files import kind_of
 from muxd.hub import MAX_NOTICES, Hub, Reader, ReaderPolicy
 from muxd.reactor import Reactor, Timer
 from muxd.records import TextEncoder, stamp
@@ -278,7 +285,11 @@ class Trace:
         spec = self.spec
         # O_NONBLOCK: a FIFO with no reader must not hold the loop in open() (it
         # fails with ENXIO, and is tried again), nor a full one in write().
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK
+        # O_NOFOLLOW: a symlink put at PATH (after a rotation, before a reopen)
+        # must not make muxd append console lines to whatever it names; it is
+        # refused like a failing disk (logged once, bytes counted as dropped)
+        # until PATH is a file again.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
         try:
             try:
                 fd = os.open(spec.path, flags | os.O_CREAT | os.O_EXCL, spec.file_mode)
@@ -286,10 +297,23 @@ class Trace:
             except FileExistsError:  # appended to as it is: an operator's chmod stays
                 fd = os.open(spec.path, flags)
                 created = False
-            self.size = os.fstat(fd).st_size
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                exc = OSError(errno.ELOOP, "it is a symbolic link, which is not followed")
             self._failed(0, exc)
             return
+        try:
+            st = os.fstat(fd)
+            # A regular file; or what a config may name on purpose and O_NONBLOCK
+            # keeps from blocking: a FIFO (a reader's pipe), a character device
+            # (/dev/null, a tty). Never a block device (a disk's raw bytes).
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+                raise OSError(errno.EINVAL, f"it is {kind_of(st.st_mode)}, not a regular file")
+        except OSError as exc:
+            os.close(fd)
+            self._failed(0, exc)
+            return
+        self.size = st.st_size
         self.fd = fd
         if not created:
             return

@@ -762,20 +762,24 @@ def test_handshakes_in_flight_are_limited_per_host_and_others_still_get_in(
     muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
 ) -> None:
     """One host that opens many connections and never completes a handshake
-    holds at most MAX_HANDSHAKES_PER_PEER of them; more are refused at once and
-    counted as busy, and a client on another address is served meanwhile."""
+    holds at most MAX_HANDSHAKES_PER_PEER of them: each one more replaces its
+    own oldest silent one (counted as evicted), and a client on another
+    address is served meanwhile."""
     from muxd.tls import MAX_HANDSHAKES_PER_PEER
 
     m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "tls": pki.tls(handshake_timeout="30s")}])
     host, port = "127.0.0.1", m.port("l0")
     silent = [socket.create_connection((host, port)) for _ in range(MAX_HANDSHAKES_PER_PEER + 4)]
     try:
-        m.wait_metric("muxd_tls_handshake_failures_total", 4, listener="l0", reason="busy")
+        m.wait_metric("muxd_tls_handshake_failures_total", 4, listener="l0", reason="evicted")
+        for oldest in silent[:4]:
+            assert read_to_eof(oldest, timeout=5) == b""
         outsider = socket.create_connection((host, port), source_address=("127.0.0.2", 0))
         with pki.client_context().wrap_socket(outsider, server_hostname="localhost") as s:
             m.wait_connected(1)
             pty_device.write(b"served\n")
             assert recv_until(s, b"\n") == b"served\n"
+        assert m.metric("muxd_tls_handshake_failures_total", listener="l0", reason="busy") == 0
     finally:
         for sock in silent:
             sock.close()

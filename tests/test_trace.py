@@ -20,6 +20,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import (
     AUTO,
     Muxd,
@@ -398,6 +400,48 @@ def test_reopen_after_logrotate_on_sighup_and_through_the_api(
     marks = [(r.get("event"), r.get("reason")) for r in records if "event" in r]
     assert marks == [("reopen", "reload"), ("reopen", "admin request")], records
     assert rx_data(records) == b"two\nthree\n"
+
+
+@pytest.mark.parametrize("how", ["sighup", "api"])
+def test_a_trace_replaced_by_a_symlink_is_not_followed_on_reopen(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, how: str
+) -> None:
+    """Someone replaces the trace file by a symlink to another file, then the
+    trace is reopened (SIGHUP, or the API): muxd must not append the console
+    to the link's target. It traces nothing (logged once, bytes counted as
+    dropped) until PATH is a file again, and readers are unaffected."""
+    path, victim = tmp_path / "dut.log", tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    m, reader = start_traced(muxd, tmp_path, pty_device, {"path": str(path), "format": "raw"})
+    send(pty_device, reader, b"one\n")
+    wait_file(path, lambda b: b == b"one\n", "one in the trace")
+
+    path.unlink()
+    path.symlink_to(victim)
+    if how == "sighup":
+        m.signal(signal.SIGHUP)
+        m.wait_log("reloaded", timeout=10)
+    else:
+        reopen(m)
+    send(pty_device, reader, b"secret console line\n")  # the reader still gets it (send checks)
+    wait_for(
+        lambda: (
+            m.metric(DROPPED, port="dut", trace=str(path), reason="disk") >= 20
+            or victim.read_bytes() != b"precious\n"
+        ),
+        10,
+        "the line dropped, or written through the link",
+    )
+    assert victim.read_bytes() == b"precious\n"
+    assert path.is_symlink()
+    assert f"trace {path}: it is a symbolic link, which is not followed" in m.log()
+
+    # A file again at PATH: tracing resumes by itself.
+    path.unlink()
+    path.write_bytes(b"")
+    send(pty_device, reader, b"two\n")
+    wait_file(path, lambda b: b == b"two\n", "two in the file that came back")
+    assert victim.read_bytes() == b"precious\n"
 
 
 # -- failing disks ------------------------------------------------------------------------------

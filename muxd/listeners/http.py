@@ -57,15 +57,7 @@ from dataclasses import dataclass
 import h11
 
 from muxd import api, metrics
-from muxd.access import (
-    Scope,
-    Tokens,
-    bearer,
-    permitted,
-    scope_allows,
-    ws_bearer,
-    ws_protocols,
-)
+from muxd.access import Scope, Tokens, permitted, presented, scope_allows
 from muxd.config import HttpServer, format_hostport
 from muxd.connection import Connection
 from muxd.errors import MuxdError
@@ -77,6 +69,7 @@ from muxd.listeners.websocket import (
     Upgrade,
     ascii_int,
     header,
+    offered,
     origin_allowed,
     upgrade,
 )
@@ -360,14 +353,9 @@ class HttpFront:
     def _scope(self, request: h11.Request, websocket: bool) -> tuple[bool, Scope | None]:
         """(credentials presented, the scope they carry or None): from
         Authorization, or for a WebSocket from Sec-WebSocket-Protocol."""
-        presented = bearer(header(request, b"authorization"))
-        if presented is None and websocket:
-            offered = ws_protocols(
-                v.decode("latin-1") for k, v in request.headers if k == b"sec-websocket-protocol"
-            )
-            presented = ws_bearer(offered)
-        found = self.tokens.match(presented)
-        return presented is not None, (found[1] if found is not None else None)
+        secret = presented(header(request, b"authorization"), offered(request) if websocket else ())
+        found = self.tokens.match(secret)
+        return secret is not None, (found[1] if found is not None else None)
 
     def _token_refusal(
         self, request: h11.Request, need: Scope, api_path: bool, websocket: bool = False

@@ -122,7 +122,9 @@ class StreamListener:
 
     def _accepted(self, conn: socket.socket, peer: str) -> None:
         handshaking = len(self.tls.handshakes) if self.tls is not None else 0
-        if len(self.clients) + handshaking >= self.cfg.max_clients:
+        full = len(self.clients) + handshaking >= self.cfg.max_clients
+        # Silent handshakes must not hold max_clients either (muxd.tls: slots).
+        if full and not (handshaking and self.tls is not None and self.tls.make_room(peer)):
             self.hub.stats_for(self.cfg.name).rejected += 1
             self.refusals.warning(
                 peer,

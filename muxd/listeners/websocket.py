@@ -63,7 +63,8 @@ import logging
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import h11
 from wsproto.connection import Connection as WsConnection
@@ -82,9 +83,9 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from muxd.access import WS_PROTOCOL, ws_protocols
+from muxd.access import WS_PROTOCOL, Tokens, presented, scope_allows, ws_protocols
 from muxd.config import Listener
-from muxd.connection import Connection
+from muxd.connection import Connection, State
 from muxd.errors import RemoteProtocolError
 from muxd.hub import Hub
 from muxd.reactor import Reactor
@@ -150,6 +151,8 @@ class Upgrade:
     listener: Listener
     options: WsOptions
     read_only: bool = False  # a read-scoped token on a rw listener: input discarded
+    # The secret presented, checked again on reload (reauthorize); never shown.
+    secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -239,11 +242,25 @@ def upgrade(
         status = hint.status_code if isinstance(hint, RejectConnection) else 400
         headers = tuple(hint.headers) if isinstance(hint, RejectConnection) else ()
         raise HandshakeError(str(exc), status, headers) from None
-    offered = ws_protocols(v.decode("latin-1") for k, v in request.headers if k == b"sec-websocket-protocol")
-    subprotocol = WS_PROTOCOL if WS_PROTOCOL in offered else None
+    protocols = offered(request)
+    subprotocol = WS_PROTOCOL if WS_PROTOCOL in protocols else None
     response = handshake.send(AcceptConnection(subprotocol=subprotocol))
     assert handshake.connection is not None
-    return Upgrade(response, handshake.connection, hub, cfg, options, read_only)
+    secret = presented(header(request, b"authorization"), protocols)
+    return Upgrade(response, handshake.connection, hub, cfg, options, read_only, secret)
+
+
+def offered(request: h11.Request) -> list[str]:
+    """The subprotocols a WebSocket request offers, in order."""
+    return ws_protocols(v.decode("latin-1") for k, v in request.headers if k == b"sec-websocket-protocol")
+
+
+def reauthorize(clients: Iterable[Connection], tokens: Tokens) -> None:
+    """After a reload re-read the token files: each WebSocket's token checked
+    again (WebSocketClient.reauthorize), so a revoked one ends its sessions."""
+    for client in list(clients):
+        if isinstance(client, WebSocketClient):
+            client.reauthorize(tokens)
 
 
 class WebSocketClient(Connection):
@@ -271,6 +288,8 @@ class WebSocketClient(Connection):
         self._awaiting_pong = False
         self._trailing = trailing
         self.read_only = accepted.read_only
+        self._secret = accepted.secret
+        self._revoked = False  # closing for a token a reload revoked
         super().__init__(
             as_transport(sock),
             accepted.hub,
@@ -313,11 +332,34 @@ class WebSocketClient(Connection):
             return b""
         return self.ws.send(CloseConnection(CLOSE_CODES.get(reason, CloseReason.NORMAL_CLOSURE)))
 
-    def _start_close(self, code: int, reason: str) -> None:
-        """Queue our close frame after what is buffered; close once it is sent."""
+    def _start_close(self, code: int, reason: str, notice: str | None = None) -> None:
+        """Queue our close frame (with ``notice``, the reason the peer reads)
+        after what is buffered; close once it is sent."""
         if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            self._out += self.ws.send(CloseConnection(code))
+            self._out += self.ws.send(CloseConnection(code, notice))
         self._close_after_flush(reason, CLOSE_TIMEOUT)
+
+    # -- access -------------------------------------------------------------
+
+    def reauthorize(self, tokens: Tokens) -> None:
+        """The token files were read again (a reload): this session keeps its
+        rights only if the token it opened with still grants them. If it no
+        longer matches (revoked, rotated), or no longer allows writing to a
+        session that writes, the session loses its write right at once (what
+        it sends from now on is discarded and counted) and is closed with 1008
+        and a reason; it may reconnect with a valid token."""
+        if not tokens.configured or self.state is State.CLOSED or self._revoked:
+            return
+        found = tokens.match(self._secret)
+        if found is None:
+            why = "token revoked"
+        elif not self.read_only and self.cfg.writable and not scope_allows(found[1], "write"):
+            why = "token no longer allows writing"
+        else:
+            return
+        self.read_only = self._revoked = True
+        log.warning("%s: %s: WebSocket closed after a reload: %s", self.cfg.name, self.peer, why)
+        self._start_close(CloseReason.POLICY_VIOLATION, why, why)
 
     def _ping(self) -> None:
         if self._awaiting_pong:

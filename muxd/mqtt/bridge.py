@@ -46,11 +46,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from muxd.config import MqttConfig, MqttTls
 from muxd.errors import RemoteProtocolError
+from muxd.files import checked_paths, read_regular
 from muxd.mqtt.feed import Feed
 from muxd.mqtt.packet import InboundLimit, PacketTooLarge
 from muxd.mqtt.wire import ClientTransport, PahoSocket, PlainTransport
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
-from muxd.tls import TlsTransport
+from muxd.tls import MAX_PEM_BYTES, TlsTransport
 from muxd.upstream.base import STABLE_UP
 from muxd.upstream.state import (
     BACKING_OFF,
@@ -72,6 +73,8 @@ log = logging.getLogger("muxd.mqtt")
 # all ports together: 64 keeps a LAN broker's round trips busy (64 lines per
 # millisecond of RTT) while paho's own queue stays small and bounded.
 MAX_INFLIGHT = 64
+# A password file holds one line; the loop reads it, so the read is bounded.
+MAX_PASSWORD_BYTES = 4096
 # paho's loop_misc (keepalive pings, their timeout) runs this often.
 MISC_INTERVAL = 1.0
 # How often the state topic's facts are compared with what was published.
@@ -602,9 +605,13 @@ def tls_context(tls: MqttTls) -> ssl.SSLContext:
     """A client context: the broker's certificate checked against ``ca`` (the
     system's CAs without it) and its name or IP against the ``broker`` host;
     ``cert`` and ``key`` for a broker that asks for a client certificate."""
-    ctx = ssl.create_default_context(cafile=tls.ca)
-    if tls.cert is not None:
-        ctx.load_cert_chain(tls.cert, tls.key)
+    # Opened and checked first (muxd.files): this runs in the loop, at each connect.
+    paths = [p for p in (tls.ca, tls.cert, tls.key) if p is not None]
+    with checked_paths(paths, MAX_PEM_BYTES) as checked:
+        named = dict(zip(paths, checked, strict=True))
+        ctx = ssl.create_default_context(cafile=named.get(tls.ca) if tls.ca is not None else None)
+        if tls.cert is not None:
+            ctx.load_cert_chain(named[tls.cert], named.get(tls.key) if tls.key is not None else None)
     return ctx
 
 
@@ -616,5 +623,6 @@ def _cause(exc: BaseException) -> str:
 def _read_password(path: str | None) -> str | None:
     if path is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        return f.readline().rstrip("\r\n")
+    # A regular file of one line (muxd.files): a FIFO there must not block the loop on reload.
+    data = read_regular(path, MAX_PASSWORD_BYTES)
+    return data.decode("utf-8").partition("\n")[0].rstrip("\r")
