@@ -42,6 +42,9 @@ MAX_DEPTH = 20
 # Every number muxd accepts fits in 11 digits; 64 characters allows underscores and
 # floats in exponent form, and stays far below Python's 4,300-digit int() limit.
 MAX_NUMBER_CHARS = 64
+# An error message from a grammar, cut to what fits a terminal line or two: the
+# key path and line say where, the start of the message says what.
+MAX_MESSAGE_CHARS = 200
 
 _constructor = yaml.constructor.SafeConstructor()
 _TAG = "tag:yaml.org,2002:"
@@ -346,7 +349,11 @@ class Node:
         try:
             return parse(v)
         except ValueError as exc:
-            raise self.error(str(exc)) from None
+            message = _one_line(str(exc))
+            if len(message) > MAX_MESSAGE_CHARS:
+                # A grammar of another module (a step, a network) may quote a long value whole.
+                message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+            raise self.error(message) from None
 
     def text(self, what: str = "a string") -> str:
         v = self.value()
