@@ -11,6 +11,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 
+from muxd import sequences
 from muxd.config import (
     LISTENER_KINDS,
     Config,
@@ -31,9 +32,11 @@ from muxd.config import (
     from_data,
     load,
     loads,
+    parse_duration,
     parse_hostport,
 )
 from muxd.errors import ConfigError
+from muxd.sequences import Step, parse_step
 from tests.helpers import ROOT, StartMuxd, run_muxd, start_muxd
 
 GOOD = """\
@@ -727,3 +730,18 @@ def test_a_reload_with_a_nul_in_a_group_is_rejected_and_named(muxd: StartMuxd, t
     assert NUL_MESSAGE in m.log()
     assert "internal error" not in m.log().lower() and "Traceback" not in m.log()
     assert m.proc.poll() is None
+
+
+def test_one_duration_grammar_for_the_config_the_sequences_and_ctl() -> None:
+    # The superset of the two grammars there were: the config's (a number is
+    # seconds; ms, s, m, h) and the sequences' (ms, s; a unit required).
+    assert sequences.parse_duration is parse_duration
+    good = [("100ms", 0.1), ("0.5s", 0.5), (" 250 ms ", 0.25), ("1m", 60.0), ("2h", 7200.0), ("30", 30.0)]
+    for value, seconds in [*good, (5, 5.0), (0.25, 0.25)]:
+        assert parse_duration(value) == seconds, value
+    for bad in ("", "ms", "5 MS", "-1s", "1e3s", "\u0663s", True, None, -1, float("nan")):
+        assert parse_duration(bad) is None, bad
+    assert parse_step("1.5") == Step("wait", seconds=1.5)
+    assert parse_step("break=0.25") == Step("break", seconds=0.25)
+    with pytest.raises(ValueError, match="at most 60s"):
+        parse_step("100")  # seconds, then: longer than any wait may be
