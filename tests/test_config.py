@@ -735,7 +735,7 @@ def test_a_reload_with_a_nul_in_a_group_is_rejected_and_named(muxd: StartMuxd, t
 def test_one_duration_grammar_for_the_config_the_sequences_and_ctl() -> None:
     # The superset of the two grammars there were: the config's (a number is
     # seconds; ms, s, m, h) and the sequences' (ms, s; a unit required).
-    assert sequences.parse_duration is parse_duration
+    assert vars(sequences)["parse_duration"] is parse_duration
     good = [("100ms", 0.1), ("0.5s", 0.5), (" 250 ms ", 0.25), ("1m", 60.0), ("2h", 7200.0), ("30", 30.0)]
     for value, seconds in [*good, (5, 5.0), (0.25, 0.25)]:
         assert parse_duration(value) == seconds, value
