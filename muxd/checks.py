@@ -1,17 +1,16 @@
 """Checks of a loaded config against the machine it is to run on.
 
-The loader (muxd.config) checks what the text alone decides, and stops at the
-first error: a file that does not parse has no structure to check further.
-What depends on the machine is checked here, on the loaded Config, and every
-problem is reported, each located at the line of the key it concerns
+The loader (muxd.config) checks what the text alone decides, every error of
+the file in one pass. What depends on the machine is checked here, on what
+the loader could read (muxd.config.load_all leaves out a port, listener or
+http server with an error), and every problem is reported, each located at the line of the key it concerns
 (``Config.lines``) and naming its port and listener:
 
 errors (``muxd check`` exits 2; ``muxd run`` finds the same at start)
     - the directory of a Unix socket, pty link or trace file does not exist;
     - a ``group:`` names no group on this machine;
     - a token file cannot be read, is readable by others, or holds a
-      placeholder or a too-short token (muxd.access.read_token_file);
-    - a TLS certificate, key or CA file cannot be read.
+      placeholder or a too-short token (muxd.access.read_token_file).
 
 warnings (reported, exit status unchanged)
     - a rw listener reachable from the network (a non-loopback address)
@@ -22,6 +21,12 @@ warnings (reported, exit status unchanged)
       (SYSTEMD_DIRECTORIES): ``muxd check`` run before the first start would
       otherwise cry wolf.
 
+Two machine checks are made by the loader itself (muxd.config.schema), at the
+key they concern, because without them the config cannot be used at all and a
+reload must refuse it: a TLS, CA or password file that cannot be read
+(``file_problem``), and an ``mqtt:`` section without paho-mqtt
+(``paho_problem``). They are written here, once, with the others.
+
 Nothing here binds, connects or writes: binding is what only a start can
 try, and a busy address is reported then (muxd.daemon.StartError).
 """
@@ -31,10 +36,11 @@ from __future__ import annotations
 import grp
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 
 from muxd.access import AccessError, read_token_file
-from muxd.config import Config, HttpServer, Listener
+from muxd.config.model import Config, HttpServer, Listener
 from muxd.errors import ConfigError
 
 # Made by muxd.service (RuntimeDirectory=muxd, LogsDirectory=muxd) at each start.
@@ -45,6 +51,40 @@ SYSTEMD_DIRECTORIES = ("/run/muxd", "/var/log/muxd")
 class Problems:
     errors: list[ConfigError]
     warnings: list[ConfigError]
+
+
+# The MQTT bridge drives paho through the callback API of version 2.
+PAHO_MIN = (2, 1)
+
+
+def paho_version() -> tuple[int, ...] | None:
+    """paho-mqtt's version, or None when it is not installed."""
+    try:
+        import paho.mqtt  # only a config with mqtt: needs it
+    except ImportError:
+        return None
+    return tuple(int(x) for x in re.findall(r"[0-9]+", paho.mqtt.__version__)[:2])
+
+
+def paho_problem() -> str | None:
+    """Why the MQTT bridge cannot run here, or None."""
+    version = paho_version()
+    if version is not None and version >= PAHO_MIN:
+        return None
+    found = "it is not installed" if version is None else f"found {'.'.join(map(str, version))}"
+    return (
+        f"the MQTT bridge needs paho-mqtt {'.'.join(map(str, PAHO_MIN))} or later ({found}): "
+        "pip install 'paho-mqtt>=2.1', or Debian's python3-paho-mqtt from trixie on"
+    )
+
+
+def file_problem(path: str) -> str | None:
+    """Why the file `path` cannot be read by this process, or None."""
+    if not os.path.isfile(path):
+        return f"no such file: {path}"
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied"
+    return None
 
 
 def group_id(group: str | int) -> int:
@@ -101,22 +141,12 @@ class _Checker:
             except KeyError:
                 self.errors.append(self.at(key, f"{what}: no group {group!r} on this machine"))
 
-    def _tls(self, entry: object, key: str, what: str) -> None:
-        tls = getattr(entry, "tls", None)
-        if tls is None:
-            return
-        for name in ("cert", "key", "client_ca"):
-            path = getattr(tls, name, None)
-            if isinstance(path, str) and path and not os.access(path, os.R_OK):
-                self.errors.append(self.at(f"{key}.tls.{name}", f"{what}: cannot read {name} file {path}"))
-
     def listener(self, p: int, port: str, i: int, lst: Listener) -> None:
         key = f"ports[{p}].listeners[{i}]"
         what = f"port {port}, listener {lst.name}"
         if lst.kind in ("unix", "pty"):
             self._directory(lst.path, f"{key}.{lst.kind}", what)
             self._group(lst.group, f"{key}.group", what)
-        self._tls(lst, key, what)
         exposed = lst.kind in ("tcp", "rfc2217") and not is_loopback_host(lst.host)
         if exposed and lst.writable and not has_tls(lst) and not lst.allow:
             self.warnings.append(
@@ -140,7 +170,6 @@ class _Checker:
     def http(self, k: int, srv: HttpServer) -> None:
         key = f"http[{k}]" if f"http[{k}]" in self.cfg.lines else "http"
         what = f"http server {srv.name}"
-        self._tls(srv, key, what)
         if srv.metrics_token and not srv.tokens:
             self.warnings.append(
                 self.at(f"{key}.metrics_token", f"{what}: metrics_token: true has no effect without tokens:")

@@ -165,7 +165,8 @@ def _level(text: str) -> bool:
 
 
 def _seconds(text: str) -> float:
-    from muxd.sequences import MAX_BREAK, parse_duration
+    from muxd.config.values import parse_duration
+    from muxd.sequences import MAX_BREAK
 
     seconds = parse_duration(text)
     if seconds is None or not 0.001 <= seconds <= MAX_BREAK:
@@ -532,6 +533,7 @@ def _main(argv: list[str] | None) -> int:
             raise ConfigError("give either -c FILE or a one-port form, not both", "", None, "<command line>")
         cfg = configmod.load(args.config) if args.config else quick_config(args)
     except ConfigError as exc:
-        print(f"muxd: {exc}", file=sys.stderr)
+        for error in configmod.each_error(exc):  # every error of the file, in line order
+            print(f"muxd: {error}", file=sys.stderr)
         return EXIT_CONFIG
     return _serve(cfg, args.log_level, args.ready_file)

@@ -26,8 +26,9 @@ upstream refuses (SettingsRefused: the device went away, a K2 without
 ``control: rfc2217``) ends the sequence there, with a warning; a BREAK left on
 is turned off on the way out if the upstream still can.
 
-Parsing is here too (``parse_step``), with no import of the config module,
-which calls it for located errors.
+Parsing is here too (``parse_step``), with the duration grammar every
+duration of muxd shares (muxd.config.values, which loads no YAML); the config
+schema calls it for located errors.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from muxd.config.values import parse_duration
 from muxd.errors import MuxdError, SettingsRefused
 
 if TYPE_CHECKING:
@@ -60,7 +62,6 @@ MAX_STEPS = 64
 
 _LEVEL_RE = re.compile(r"\s*(dtr|rts)\s*=\s*([01])\s*", re.IGNORECASE)
 _BREAK_RE = re.compile(r"\s*break\s*=\s*(.+)", re.IGNORECASE)
-_DURATION_RE = re.compile(r"\s*([0-9]{1,6}(?:\.[0-9]{1,6})?)\s*(ms|s)\s*")
 
 
 class Busy(MuxdError):
@@ -80,15 +81,6 @@ class Step:
             return f"{self.kind}={int(self.level)}"
         ms = f"{self.seconds * 1000:g}ms"
         return f"break={ms}" if self.kind == "break" else ms
-
-
-def parse_duration(text: str) -> float | None:
-    """``100ms`` or ``0.5s`` in seconds; None if it is not one (a unit is required:
-    a bare ``100`` would be read as seconds by some, milliseconds by others)."""
-    m = _DURATION_RE.fullmatch(text)
-    if m is None:
-        return None
-    return float(m.group(1)) * (0.001 if m.group(2).lower() == "ms" else 1.0)
 
 
 def parse_step(value: object) -> Step:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 
+from muxd import sequences
 from muxd.config import (
     LISTENER_KINDS,
     Config,
@@ -26,12 +28,16 @@ from muxd.config import (
     TcpUpstream,
     UpstreamControl,
     WriteMode,
+    each_error,
     from_data,
+    load,
     loads,
+    parse_duration,
     parse_hostport,
 )
 from muxd.errors import ConfigError
-from tests.helpers import ROOT, run_muxd
+from muxd.sequences import Step, parse_step
+from tests.helpers import ROOT, StartMuxd, run_muxd, start_muxd
 
 GOOD = """\
 ports:
@@ -572,3 +578,170 @@ def test_server_names() -> None:
 def test_bad_server_names(names: str, expected: str) -> None:
     text = GOOD + f"http:\n  listen: 8020\n  server_names: {names}\n"
     assert error_of(text).startswith(expected)
+
+
+# --------------------------------------------------------------------------
+# Issue 20 item 2: the dataclasses load no YAML; every error in one pass; NUL
+
+
+@pytest.mark.parametrize(
+    "module", ["muxd.protocol.http_names", "muxd.config", "muxd.sequences", "muxd.checks"]
+)
+def test_importing_the_dataclasses_loads_no_yaml(module: str) -> None:
+    # A subprocess: this test process has loaded YAML long ago.
+    code = f"import sys, {module}; print('yaml' in sys.modules)"
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert res.stdout == "False\n"
+    assert not [line for line in res.stderr.splitlines() if line.split("|")[-1].strip() == "yaml"]
+
+
+def twenty_mistakes() -> tuple[str, list[tuple[int, str]]]:
+    """A config with 20 mistakes over four ports (two listeners each) and the
+    http section, and the (line, key path) of each, in line order."""
+    lines: list[str] = ["ports:"]
+    expected: list[tuple[int, str]] = []
+
+    def add(text: str, path: str | None = None) -> None:
+        lines.append(text)
+        if path is not None:
+            expected.append((len(lines), path))
+
+    port_mistakes = ["write_queue: lots", "line_control: maybe", "history: -1", "max_line: 1GiB"]
+    first_mistakes = [
+        ("mode: rwx", "buffer: 1TiB"),
+        ("max_clients: 0", "bufer: 1MiB"),
+        ("notices: maybe", "history_lines: lots"),
+        ("overflow: sometimes", "write: words"),
+    ]
+    second_mistakes = ["tcp: 127.0.0.1:70000", "unix: relative.sock", "format: xml", "socket_mode: '0999'"]
+    for p in range(4):
+        add(f"  - name: p{p}")
+        add("    upstream: {sim: true}")
+        key = port_mistakes[p].split(":")[0]
+        add(f"    {port_mistakes[p]}", f"ports[{p}].{key}")
+        add("    listeners:")
+        add("      - tcp: 127.0.0.1:0")
+        for mistake in first_mistakes[p]:
+            add(f"        {mistake}", f"ports[{p}].listeners[0].{mistake.split(':')[0]}")
+        second = second_mistakes[p]
+        if second.startswith(("tcp", "unix")):
+            add(f"      - {second}", f"ports[{p}].listeners[1].{second.split(':')[0]}")
+        else:
+            add("      - unix: /run/muxd/x.sock")
+            add(f"        {second}", f"ports[{p}].listeners[1].{second.split(':')[0]}")
+    add("http:")
+    add("  listen: 127.0.0.1:99999", "http.listen")
+    add("  origins: not-a-list", "http.origins")
+    add("  metrics_token: perhaps", "http.metrics_token")
+    add("  server_names: ['*.lab']", "http.server_names[0]")
+    return "\n".join(lines) + "\n", expected
+
+
+def test_check_and_run_report_all_twenty_mistakes_in_line_order(tmp_path: Path) -> None:
+    text, expected = twenty_mistakes()
+    assert len(expected) == 20
+    path = tmp_path / "muxd.yaml"
+    path.write_text(text)
+    check = run_muxd("check", "-c", str(path))
+    assert check.returncode == 2 and check.stdout == "", check.stderr
+    found = check.stderr.splitlines()
+    assert len(found) == 20, check.stderr
+    prefix = f"muxd: {path}:"
+    located = [line.removeprefix(prefix).split(": ")[:2] for line in found]
+    assert [(int(n), key) for n, key in located] == expected, check.stderr
+    assert all(line.startswith(prefix) for line in found)
+    run = run_muxd("run", "-c", str(path))
+    assert run.returncode == 2 and run.stderr.splitlines() == found
+    # As a ConfigError the whole is the first error; each_error gives them all.
+    with pytest.raises(ConfigError) as info:
+        loads(text, "m.yaml")
+    assert (info.value.line, info.value.path) == expected[0]
+    assert [(e.line, e.path) for e in each_error(info.value)] == expected
+
+
+NUL_GROUP = """\
+ports:
+  - name: dut
+    upstream: {{sim: true}}
+    listeners:
+      - unix: {sock}
+        group: "dial\\0out"
+"""
+NUL_MESSAGE = "ports[0].listeners[0].group: a group name cannot hold a NUL character, got 'dial\\x00out'"
+
+
+def test_a_nul_in_a_group_is_a_located_error_for_check_and_run(tmp_path: Path) -> None:
+    path = tmp_path / "muxd.yaml"
+    path.write_text(NUL_GROUP.format(sock=tmp_path / "dut.sock"))
+    for command in ("check", "run"):
+        res = run_muxd(command, "-c", str(path))
+        assert (res.returncode, res.stdout) == (2, ""), res.stderr
+        assert res.stderr.splitlines() == [f"muxd: {path}:6: {NUL_MESSAGE}"], res.stderr
+    # What a reload validates the new file with (muxd.daemon.Daemon.reload).
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value) == f"{path}:6: {NUL_MESSAGE}"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            (
+                "    upstream: {sim: true}",
+                '    upstream: {sim: true}\n    trace: [{path: /tmp/t, group: "a\\0"}]',
+            ),
+            "muxd.yaml:4: ports[0].trace[0].group: a group name cannot hold a NUL character",
+        ),
+        (
+            ('        group: "dial\\0out"', '        name: "u\\0"'),
+            "muxd.yaml:6: ports[0].listeners[0].name: a name cannot hold a NUL character",
+        ),
+        (
+            ('        group: "dial\\0out"', '        group: dialout\nhttp: {listen: 0, name: "web\\0"}'),
+            "muxd.yaml:7: http.name: a name cannot hold a NUL character",
+        ),
+        (
+            ("  - name: dut", '  - name: "dut\\0"'),
+            "muxd.yaml:2: ports[0].name: a name cannot hold a NUL character",
+        ),
+    ],
+    ids=["trace-group", "listener-name", "http-name", "port-name"],
+)
+def test_a_nul_in_a_name_or_group_is_a_located_error(change: tuple[str, str], expected: str) -> None:
+    old, new = change
+    text = NUL_GROUP.format(sock="/run/muxd/dut.sock")
+    assert old in text
+    assert error_of(text.replace(old, new, 1)).startswith(expected)
+
+
+def test_a_reload_with_a_nul_in_a_group_is_rejected_and_named(muxd: StartMuxd, tmp_path: Path) -> None:
+    m = start_muxd(muxd, tmp_path, {"sim": True}, [{"unix": str(tmp_path / "u.sock"), "name": "u"}])
+    m.rewrite([{**m.data["ports"][0], "listeners": [{**m.listener(0), "group": "dial\x00out"}]}])
+    m.signal(signal.SIGHUP)
+    m.wait_log("reload rejected")
+    assert NUL_MESSAGE in m.log()
+    assert "internal error" not in m.log().lower() and "Traceback" not in m.log()
+    assert m.proc.poll() is None
+
+
+def test_one_duration_grammar_for_the_config_the_sequences_and_ctl() -> None:
+    # The superset of the two grammars there were: the config's (a number is
+    # seconds; ms, s, m, h) and the sequences' (ms, s; a unit required).
+    assert vars(sequences)["parse_duration"] is parse_duration
+    good = [("100ms", 0.1), ("0.5s", 0.5), (" 250 ms ", 0.25), ("1m", 60.0), ("2h", 7200.0), ("30", 30.0)]
+    for value, seconds in [*good, (5, 5.0), (0.25, 0.25)]:
+        assert parse_duration(value) == seconds, value
+    for bad in ("", "ms", "5 MS", "-1s", "1e3s", "\u0663s", True, None, -1, float("nan")):
+        assert parse_duration(bad) is None, bad
+    assert parse_step("1.5") == Step("wait", seconds=1.5)
+    assert parse_step("break=0.25") == Step("break", seconds=0.25)
+    with pytest.raises(ValueError, match="at most 60s"):
+        parse_step("100")  # seconds, then: longer than any wait may be

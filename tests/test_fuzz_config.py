@@ -14,9 +14,10 @@ layers:
   keys, thousands of brackets, lines duplicated, dropped or swapped, and random
   bytes (decoded as Latin-1, so control characters and NUL get through).
 
-The only property: ``loads()`` returns a Config or raises ConfigError, and the
-error is one line. Any other exception is a loader crash, which the CLI would
-turn into exit status 1 and a traceback instead of 2.
+The only property: ``loads()`` returns a Config or raises ConfigError, and
+each error it holds (every error of the file, in line order) is one line. Any
+other exception is a loader crash, which the CLI would turn into exit status 1
+and a traceback instead of 2.
 
 Size: ``MUXD_FUZZ_EXAMPLES`` examples per test, 300 by default so CI takes
 seconds; ``make fuzz`` may set 10^6. ``deadline=None`` because a shared CI core
@@ -34,7 +35,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from muxd.config import Config, loads, schema_keys
+from muxd.config import Config, each_error, loads, schema_keys
 from muxd.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -275,13 +276,19 @@ def text_mutant(draw: st.DrawFn, base: st.SearchStrategy[str]) -> str:
 
 
 def check(text: str) -> None:
-    """The property: a Config, or a one-line ConfigError; anything else propagates."""
+    """The property: a Config, or ConfigErrors in line order, each one line, the
+    first of them the error's own text; anything else propagates."""
     try:
         cfg = loads(text, "fuzz.yaml")
     except ConfigError as exc:
-        message = str(exc)
-        assert message.startswith("fuzz.yaml")
-        assert "\n" not in message and len(message) < 2000, message
+        errors = each_error(exc)
+        assert errors and str(errors[0]) == str(exc)
+        lines = [e.line for e in errors]
+        assert lines == sorted(lines, key=lambda n: (n is None, n or 0)), lines
+        for error in errors:
+            message = str(error)
+            assert message.startswith("fuzz.yaml")
+            assert "\n" not in message and len(message) < 2000, message
     else:
         assert isinstance(cfg, Config)
 
