@@ -25,7 +25,8 @@ import pytest
 from muxd import config as configmod
 from muxd import metrics
 from muxd.cli import demo_config
-from muxd.client import format_status, normalize_url
+from muxd.apiclient import normalize_url
+from muxd.client import format_status
 from muxd.errors import ConfigError
 from muxd.reactor import Reactor
 from tests.helpers import (
@@ -200,7 +201,7 @@ def test_status_usage_and_unreachable_codes() -> None:
     done = run_muxd("status", "--url", "ftp://127.0.0.1:21")
     assert done.returncode == 2
     done = run_muxd("status", "--url", f"127.0.0.1:{free_port()}")
-    assert done.returncode == 3 and "cannot get the status" in done.stderr
+    assert done.returncode == 3 and "cannot reach" in done.stderr
     no_traceback(done.stderr)
 
 

@@ -486,6 +486,7 @@ def test_a_sequence_runs_on_the_reactor_and_refuses_clients_meanwhile(reactor: R
     port = Port("dut", SimUpstream(boot=False, status_interval=3600))
     assert isinstance(port.upstream, SimUpstream)
     sim = SimDevice(port.upstream, Hub(port.name, bounds_for(port), reactor), reactor)
+    sim.start()  # a sequence needs the device up
     lc = LineControl(port, sim)
     steps = [parse_step(s) for s in RESET]
     started = run(lc, reactor, "reset", steps, by="test")
@@ -500,6 +501,7 @@ def test_a_sequence_runs_on_the_reactor_and_refuses_clients_meanwhile(reactor: R
     assert [round(t - t0, 1) for t, _, _ in sim.control_log] == [0.0, 0.0, 0.1, 0.2]
     assert lc.control_changes == {"dtr": 2, "rts": 2, "break": 0}
     assert lc.changed_by == "sequence reset (test)"
+    sim.stop()
 
 
 def test_parse_step() -> None:

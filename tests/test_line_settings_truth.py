@@ -172,7 +172,8 @@ def test_a_k2_answer_is_the_value_clients_are_told(muxd: StartMuxd, tmp_path: Pa
         client.sendall(set_baudrate(9600))
         assert baud_answer(client, codec) == 9600  # as asked: the K2's answer comes later
         assert k2.wait_uart(set_baudrate(9600))
-        k2.feed(set_baudrate(19200, answer=True))  # it kept 19200
+        # Each request answered in turn: the opening 115200 as asked; 9600 not: it kept 19200.
+        k2.feed(set_baudrate(115200, answer=True) + set_baudrate(19200, answer=True))
 
         def told() -> bool:
             client.sendall(set_baudrate(0))
@@ -288,7 +289,8 @@ def test_a_k2_that_answers_another_baud_rate_has_that_one_in_force(
         run_until(reactor, lambda: set_baudrate(115200) in k2.uart_received(), "the settings sent")
         assert up.apply_settings(LineSettings(baudrate=9600)) == LineSettings(baudrate=9600)
         run_until(reactor, lambda: set_baudrate(9600) in k2.uart_received(), "the change sent")
-        k2.feed(set_baudrate(19200, answer=True))  # it could not do 9600: 19200 stays
+        # Answers in turn: to the opening 115200 (as asked), then to 9600, which it could not do.
+        k2.feed(set_baudrate(115200, answer=True) + set_baudrate(19200, answer=True))
         run_until(reactor, lambda: up.settings.baudrate == 19200, "the answer")
         assert lc.settings == LineSettings(baudrate=19200)
         assert "the K2 has line settings 19200 8N1 in force where 9600 8N1 was asked" in caplog.text

@@ -391,7 +391,6 @@ def test_an_unknown_port_exits_3_with_the_servers_reason(
         ["dut", "--url", "127.0.0.1:8020", "--history", "lots"],
         ["dut", "--url", "127.0.0.1:8020", "--lines", "-1"],
         ["dut", "--url", "127.0.0.1:8020", "--format", "xml"],
-        ["dut", "--url", "https://127.0.0.1:8020"],
         ["dut", "--url", "no-port"],
     ],
 )
@@ -418,8 +417,10 @@ def test_target_builds_the_websocket_request() -> None:
     # Behind a proxy: the prefix stays; IPv6 keeps its brackets in Host; no options, no query.
     where = tail.target("http://[::1]:8020/muxd/", "dut")
     assert (where.host, where.host_header, where.path) == ("::1", "[::1]:8020", "/muxd/ws/dut")
-    with pytest.raises(ValueError, match="http://"):
-        tail.target("https://127.0.0.1:8020", "dut")
+    where = tail.target("https://127.0.0.1:8020", "dut")  # wss://, checked as any https client does
+    assert where.context is not None and where.context.check_hostname and where.url.startswith("wss://")
+    with pytest.raises(ValueError, match="http"):
+        tail.target("ftp://127.0.0.1:8020", "dut")
 
 
 # -- the WebSocket client against a wsproto server --------------------------------------------------
