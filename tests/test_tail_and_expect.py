@@ -409,6 +409,29 @@ def test_a_config_without_http_is_a_config_error(tmp_path: Path) -> None:
     assert "http" in done.stderr
 
 
+def test_tail_stays_light() -> None:
+    """`muxd tail` with --url, --help or not, loads neither PyYAML nor the
+    daemon's HTTP side (it starts in a pipeline: it should start at once)."""
+    probe = (
+        "import sys; from muxd import cli; "
+        "codes = [cli.main(['tail', '--help']), cli.main(['tail', 'dut', '--url', sys.argv[1]])]; "
+        "print(codes, [m for m in ('yaml', 'muxd.listeners.http', 'muxd.hub') if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, f"127.0.0.1:{free_port()}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert done.stdout.splitlines()[-1] == "[0, 3] []", (done.stdout, done.stderr)
+    # The idle timeout is written in tail.py rather than imported: it must follow the server's pings.
+    from muxd.listeners.http import HttpTimeouts
+
+    assert HttpTimeouts.ping == tail.SERVER_PING
+
+
 def test_target_builds_the_websocket_request() -> None:
     where = tail.target("http://127.0.0.1:8020", "dut 1/a", "jsonl", 65536, 20)
     assert (where.host, where.port, where.host_header) == ("127.0.0.1", 8020, "127.0.0.1:8020")
