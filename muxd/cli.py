@@ -467,7 +467,10 @@ def _status(args: argparse.Namespace) -> int:
         status = client.fetch_status(ep)
     except apiclient.ApiError as exc:
         return _failed(args, exc)
-    print(json.dumps(status, indent=2) if args.json else client.format_status(status))
+    # One write, newline included (print() makes two): what fits in the pipe is
+    # then written before a reader such as `head -1` can go, so the exit
+    # status says what the daemon said, never a race with the reader (141).
+    sys.stdout.write((json.dumps(status, indent=2) if args.json else client.format_status(status)) + "\n")
     # A health check or cron job reads the answer from the status alone.
     return EXIT_PORT_DOWN if client.ports_not_up(status) else EXIT_OK
 

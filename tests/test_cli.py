@@ -105,8 +105,8 @@ def test_status_into_head_prints_the_header_without_a_traceback(sim_muxd: tuple[
     )
     assert done.stdout.split() == HEADER
     no_traceback(done.stderr)
-    # 0 when head had not yet gone when muxd wrote, 141 when it had: both quiet.
-    assert re.search(r"muxd=(0|141)$", done.stderr.strip()), done.stderr
+    # The status fits in the pipe and goes in one write, before head can go: 0, every time.
+    assert re.search(r"muxd=0$", done.stderr.strip()), done.stderr
 
 
 def test_status_into_a_closed_pipe_exits_141_quietly(sim_muxd: tuple[Muxd, str]) -> None:
