@@ -571,7 +571,7 @@ def tail_some(env: dict[str, str] | None, *args: str) -> tuple[int, str, str]:
         out = b""
         # Each read returns what the sim sent (a line a second) or b"" at the end; bounded by the count.
         for _ in range(100):
-            chunk = proc.stdout.read1(4096)
+            chunk = os.read(proc.stdout.fileno(), 4096)
             out += chunk
             if not chunk or b"status: counter=" in out:
                 break
