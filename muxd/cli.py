@@ -44,6 +44,8 @@ else:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         loader.exec_module(module)
+        parent, _, child = name.rpartition(".")
+        setattr(sys.modules[parent], child, module)  # as `import` would: muxd.config works too
         return module
 
     configmod = _lazy("muxd.config")

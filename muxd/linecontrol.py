@@ -242,7 +242,7 @@ class LineControl:
         if not isinstance(up, ControlOwner) or up.status.state is UP:
             return None
         st = up.status
-        return f"{self.port}: the device is not up ({st.state.value}: {st.reason})"
+        return f"the device is not up ({st.state.value}: {st.reason})"
 
     def modem_state(self) -> ModemLines | None:
         up = self.upstream
