@@ -568,6 +568,22 @@ def test_a_sequence_runs_on_the_reactor_and_refuses_clients_meanwhile(reactor: R
     sim.stop()
 
 
+def test_a_sequence_ends_where_the_device_goes(reactor: Reactor) -> None:
+    """The rest of a reset is not applied to (nor kept for) a device that went
+    away meanwhile: the sequence stops there, saying why."""
+    port = Port("dut", SimUpstream(boot=False, status_interval=3600))
+    assert isinstance(port.upstream, SimUpstream)
+    sim = SimDevice(port.upstream, Hub(port.name, bounds_for(port), reactor), reactor)
+    sim.start()
+    lc = LineControl(port, sim)
+    started = run(lc, reactor, "reset", [parse_step(s) for s in RESET], by="test")
+    sim.stop()  # during the first wait
+    run_until(reactor, lambda: started.done, "the sequence's end")
+    assert started.error is not None and "the device is not up" in started.error, started.error
+    assert [e[1:] for e in sim.control_log] == [("dtr", False), ("rts", True)]
+    assert lc.busy is None
+
+
 def test_parse_step() -> None:
     assert parse_step("dtr=0") == Step("dtr", level=False)
     assert parse_step(" RTS = 1 ") == Step("rts", level=True)
