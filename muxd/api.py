@@ -83,8 +83,11 @@ def line_view(rt: PortRuntime) -> dict[str, Any]:
         "stopbits": s.stopbits,
         "flow": s.flow,
         "format": line_format(s),
-        "dtr": lines.dtr,
-        "rts": lines.rts,
+        # False where the upstream has no DTR/RTS (a pty, a K2 without control:
+        # rfc2217); dtr and rts are then null, never a level nobody can set.
+        "control_lines": lc.control_lines,
+        "dtr": lines.dtr if lc.control_lines else None,
+        "rts": lines.rts if lc.control_lines else None,
         "break": lines.brk,
         "modem": None if modem is None else dataclasses.asdict(modem),
         "owner": None if owner is None else f"{owner.policy.listener} {owner.peer}",
@@ -192,11 +195,22 @@ def _lines_arg(body: dict[str, Any], key: str) -> bool | None:
     raise ValueError(f"{key} must be true or false (or 1 or 0), got {json.dumps(value)[:40]}")
 
 
+def _absent(rt: PortRuntime) -> tuple[int, dict[str, Any]] | None:
+    """503 while the device is not up: an operator's action is done now or
+    refused, never answered "ok" and left for a later open."""
+    why = rt.line_control.unavailable()
+    if why is None:
+        return None
+    return 503, {"error": f"{why}: nothing was sent", "state": rt.upstream.status.state.value}
+
+
 def set_signals(rt: PortRuntime, reactor: Reactor, body: bytes, by: str) -> tuple[int, dict[str, Any]]:
     """``{"dtr": false, "rts": true, "break": 0.25}``: set DTR/RTS now, and send
     a BREAK of that many seconds (run as a one-step sequence, on the reactor's
-    timers). 400 for a bad body, 409 while a sequence runs, 502 when the
-    upstream refuses (the message says why)."""
+    timers; the answer comes as it starts, with its ``seconds``). A level
+    already in force is not sent again: it is listed in ``unchanged``. 400
+    for a bad body, 409 while a sequence runs, 503 while the device is not
+    up (nothing is sent), 502 when the upstream refuses (the message says why)."""
     try:
         parsed = json.loads(body or b"{}")
         if not isinstance(parsed, dict) or not parsed or set(parsed) - {"dtr", "rts", "break"}:
@@ -212,26 +226,39 @@ def set_signals(rt: PortRuntime, reactor: Reactor, body: bytes, by: str) -> tupl
     lc = rt.line_control
     if lc.busy is not None:
         return 409, {"error": f"sequence {lc.busy} is running"}
+    if (absent := _absent(rt)) is not None:
+        return absent
+    # As for RFC 2217 clients: a level in force (where muxd knows it) is not sent again.
+    current = lc.control or ControlLines()
+    unchanged = [k for k, v in (("dtr", dtr), ("rts", rts)) if v is not None and getattr(current, k) is v]
+    dtr = None if "dtr" in unchanged else dtr
+    rts = None if "rts" in unchanged else rts
     if brk is None:
         try:
-            lc.apply_control(by, dtr=dtr, rts=rts)
+            if dtr is not None or rts is not None:
+                lc.apply_control(by, dtr=dtr, rts=rts)
         except SettingsRefused as exc:
             return 502, {"error": str(exc)}
-        return 200, {"ok": True, "line": line_view(rt)}
+        return 200, {"ok": True, "unchanged": unchanged, "line": line_view(rt)}
     steps = [Step("dtr", level=dtr)] if dtr is not None else []
     steps += [Step("rts", level=rts)] if rts is not None else []
-    return _started(
+    status, answer = _started(
         rt, sequences.run(lc, reactor, "signals", [*steps, Step("break", seconds=float(brk))], by=by)
     )
+    return status, {**answer, "unchanged": unchanged} if status == 200 else answer
 
 
 def run_sequence(rt: PortRuntime, reactor: Reactor, name: str, by: str) -> tuple[int, dict[str, Any]]:
     """Start the port's sequence ``name``: 404 if it has none, 409 while one
     runs (never queued: a second reset pressed meanwhile is a mistake, not a
-    wish to reset twice), 502 when the first steps are refused."""
+    wish to reset twice), 503 while the device is not up (nothing is sent:
+    a reset pressed during an outage is not kept for the next open), 502
+    when the first steps are refused."""
     steps = dict(rt.config.sequences).get(name)
     if steps is None:
         return 404, {"error": f"no sequence {name!r} on port {rt.name!r}"}
+    if rt.line_control.busy is None and (absent := _absent(rt)) is not None:
+        return absent
     try:
         started = sequences.run(rt.line_control, reactor, name, steps, by=by)
     except sequences.Busy as exc:

@@ -3,39 +3,57 @@
 Exit statuses (docs/man/muxd.8): 0 success; 1 a runtime failure, or for
 `status` a port that is not up; 2 a bad command line or configuration
 (including a demo port already in use: the fix is an option); for `ctl`, 1
-is an action refused (busy, unknown sequence, the device said no); 3 for
-`status`, `tail` and `ctl`, a daemon that cannot be reached (or, for `tail`, that refuses the
-port); 130 interrupted (Ctrl-C); 141 standard output closed early
-(`muxd status | head -1`).
-"""
+is an action refused (busy, unknown sequence, the device absent or saying
+no); 3 for `status`, `tail` and `ctl`, a daemon that cannot be reached (or,
+for `tail`, that refuses the port); 4 for those three, a daemon that wants a
+token (or one of a higher scope); 130 interrupted (Ctrl-C); 141 standard
+output closed before everything was written (`muxd tail PORT | head -3`; a
+`muxd status | head -1` whose output fits the pipe has written it all: 0)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
+import importlib.util
 import json
-import logging
 import os
-import resource
 import sys
-import time
 from collections.abc import Mapping
-from importlib import resources
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from muxd import __version__
-from muxd import config as configmod
-from muxd.config import Config
 from muxd.errors import ConfigError, MuxdError
 
-log = logging.getLogger("muxd")
+if TYPE_CHECKING:
+    import logging
+
+    from muxd import config as configmod
+    from muxd.apiclient import Endpoint
+    from muxd.config import Config
+else:
+
+    def _lazy(name: str) -> Any:
+        """The module, loaded at its first use: `muxd tail` and `status`
+        with --url never load the config module, nor PyYAML with it."""
+        if name in sys.modules:
+            return sys.modules[name]
+        spec = importlib.util.find_spec(name)
+        loader = importlib.util.LazyLoader(spec.loader)
+        spec.loader = loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        loader.exec_module(module)
+        parent, _, child = name.rpartition(".")
+        setattr(sys.modules[parent], child, module)  # as `import` would: muxd.config works too
+        return module
+
+    configmod = _lazy("muxd.config")
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 EXIT_PORT_DOWN = 1  # `status`: some port's device is not connected
-EXIT_UNREACHABLE = 3  # `status`: no muxd API answered
+# 3 (EXIT_UNREACHABLE): `status`, `tail`, `ctl`: no muxd answered;
+# 4 (EXIT_UNAUTHORISED): it answered 401 or 403 (muxd.apiclient).
 # What a shell reports for a command killed by SIGINT and by SIGPIPE (128 + the
 # signal): scripts and `set -o pipefail` read these as for any other tool.
 EXIT_INTERRUPTED = 130
@@ -116,19 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("ports", help="list serial devices")
 
-    status = sub.add_parser("status", help="ports and clients of a running muxd, from its HTTP API")
-    where = status.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", metavar="FILE", help="ask this config's first http server")
-    where.add_argument("--url", help="the HTTP server: a URL such as http://127.0.0.1:8020, or HOST:PORT")
+    reach = _reach_parser()
+    status = sub.add_parser(
+        "status", parents=[reach], help="ports and clients of a running muxd, from its HTTP API"
+    )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    tail = sub.add_parser("tail", help="follow a port's output from a running muxd, over its WebSocket")
-    tail.add_argument("port", metavar="PORT", help="the port's name")
-    where = tail.add_mutually_exclusive_group(required=True)
-    where.add_argument(
-        "-c", "--config", metavar="FILE", help="follow through this config's first http server"
+    tail = sub.add_parser(
+        "tail", parents=[reach], help="follow a port's output from a running muxd, over its WebSocket"
     )
-    where.add_argument("--url", help="the HTTP server: a URL such as http://127.0.0.1:8020, or HOST:PORT")
+    tail.add_argument("port", metavar="PORT", help="the port's name")
     tail.add_argument(
         "--format",
         choices=("raw", "text", "jsonl"),
@@ -140,22 +155,44 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("-n", "--lines", type=_count, metavar="N", help="first replay the last N lines")
 
     ctl = sub.add_parser(
-        "ctl", help="reset a board: run a port's sequence, or set DTR/RTS/BREAK, through the HTTP API"
+        "ctl",
+        parents=[reach],
+        help="reset a board: run a port's sequence, or set DTR/RTS/BREAK, through the HTTP API",
     )
     ctl.add_argument("port", metavar="PORT", help="the port's name")
     ctl.add_argument("sequence", metavar="SEQUENCE", nargs="?", help="a sequence of the port, e.g. reset")
-    where = ctl.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", metavar="FILE", help="through this config's first http server")
-    where.add_argument("--url", help="the HTTP server: a URL such as http://127.0.0.1:8020, or HOST:PORT")
     ctl.add_argument("--dtr", type=_level, metavar="0|1", help="set DTR (1 high/asserted, 0 low)")
     ctl.add_argument("--rts", type=_level, metavar="0|1", help="set RTS (1 high/asserted, 0 low)")
     ctl.add_argument(
-        "--break", dest="brk", type=_seconds, metavar="DURATION", help="send a BREAK, e.g. 250ms"
-    )
-    ctl.add_argument(
-        "--token", help="an admin token (default: $MUXD_TOKEN); loopback needs none without tokens"
+        "--break",
+        dest="brk",
+        type=_seconds,
+        metavar="DURATION",
+        help="send a BREAK, e.g. 250ms; done is printed once it is over",
     )
     return parser
+
+
+def _reach_parser() -> argparse.ArgumentParser:
+    """The options by which `status`, `tail` and `ctl` reach the daemon (muxd.apiclient)."""
+    reach = argparse.ArgumentParser(add_help=False)
+    group = reach.add_argument_group("reaching the daemon")
+    where = group.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "-c", "--config", metavar="FILE", help="through this config's first http server (https if it has tls)"
+    )
+    where.add_argument(
+        "--url", help="the HTTP server: http(s)://HOST:PORT, HOST:PORT or PORT, e.g. 127.0.0.1:8020"
+    )
+    group.add_argument(
+        "--cacert",
+        metavar="FILE",
+        help="CA certificates to check an https server against (default: the system's CAs; "
+        "with -c, the server's own certificate)",
+    )
+    group.add_argument("--token", help="a token (default: $MUXD_TOKEN); other users can see it in ps")
+    group.add_argument("--token-file", metavar="FILE", help="read the token from this file")
+    return reach
 
 
 def _level(text: str) -> bool:
@@ -212,6 +249,10 @@ def quick_config(args: argparse.Namespace) -> Config:
 def demo_config(tcp: int | None = None, http: int | None = None) -> Config:
     """The built-in demo, its TCP listeners at tcp and tcp+1 and its web
     console at http when given (to move them off ports already in use)."""
+    from importlib import resources
+
+    import yaml
+
     text = resources.files("muxd").joinpath("demo.yaml").read_text(encoding="utf-8")
     if tcp is None and http is None:
         return configmod.loads(text, "<built-in demo>")
@@ -293,7 +334,15 @@ def _demo_bind_error(config: Config, exc: OSError) -> str | None:
     return None
 
 
+def _log() -> logging.Logger:
+    import logging  # not at the top: `muxd tail` has no use for it
+
+    return logging.getLogger("muxd")
+
+
 def _raise_fd_limit() -> None:
+    import resource
+
     # Each reader is an fd; the usual soft limit of 1024 is far below what a
     # fan-out daemon may need, and the hard limit is ours to take.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -301,7 +350,7 @@ def _raise_fd_limit() -> None:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (OSError, ValueError) as exc:  # a sandbox may forbid it; run with what we have
-            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+            _log().warning("cannot raise the open-file limit from %d: %s", soft, exc)
 
 
 def _serve(config: Config, level: str | None, ready_file: str | None = None, demo: bool = False) -> int:
@@ -310,6 +359,7 @@ def _serve(config: Config, level: str | None, ready_file: str | None = None, dem
     from muxd.daemon import Daemon, StartError
 
     sd.setup_logging(level or config.log_level)
+    log = _log()
     for warning in checks.check(config).warnings:
         log.warning("%s", warning)
     _raise_fd_limit()
@@ -387,41 +437,54 @@ def _ports() -> int:
     return EXIT_OK
 
 
-def _api_url(args: argparse.Namespace) -> str | None:
-    """The base URL of the daemon to ask: --url, or the config's first http
-    server; None (said on stderr) for a bad --url."""
-    from muxd import client
+def _endpoint(args: argparse.Namespace) -> Endpoint | None:
+    """The daemon to ask (muxd.apiclient.endpoint); None, said on stderr, for a
+    bad --url, certificate or token file. A bad config raises ConfigError."""
+    from muxd import apiclient
 
-    if not args.url:
-        return client.status_url(configmod.load(args.config))
     try:
-        return client.normalize_url(args.url)
+        return apiclient.endpoint(
+            args.url, args.config, cacert=args.cacert, token=args.token, token_file=args.token_file
+        )
     except ValueError as exc:
-        print(f"muxd: --url: {exc}", file=sys.stderr)
+        print(f"muxd: {args.command}: {exc}", file=sys.stderr)
         return None
 
 
-def _status(args: argparse.Namespace) -> int:
-    from muxd import client
+def _failed(args: argparse.Namespace, exc: Exception) -> int:
+    """One line on stderr for a failed call; its exit status (muxd.apiclient)."""
+    from muxd import apiclient
 
-    url = _api_url(args)
-    if url is None:
+    where = f" {args.port}:" if getattr(args, "port", None) else ""
+    print(f"muxd: {args.command}:{where} {exc}", file=sys.stderr)
+    return exc.exit_status if isinstance(exc, apiclient.ApiError) else EXIT_FAILURE
+
+
+def _status(args: argparse.Namespace) -> int:
+    from muxd import apiclient, client
+
+    ep = _endpoint(args)
+    if ep is None:
         return EXIT_CONFIG
     try:
-        status = client.fetch_status(url)
-    except (OSError, ValueError) as exc:  # unreachable, an HTTP error, or not muxd's JSON
-        print(f"muxd: cannot get the status from {url}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    print(json.dumps(status, indent=2) if args.json else client.format_status(status))
+        status = client.fetch_status(ep)
+    except apiclient.ApiError as exc:
+        return _failed(args, exc)
+    # One write, newline included (print() makes two): what fits in the pipe is
+    # then written before a reader such as `head -1` can go, so the exit
+    # status says what the daemon said, never a race with the reader (141).
+    sys.stdout.write((json.dumps(status, indent=2) if args.json else client.format_status(status)) + "\n")
     # A health check or cron job reads the answer from the status alone.
     return EXIT_PORT_DOWN if client.ports_not_up(status) else EXIT_OK
 
 
 def _ctl(args: argparse.Namespace) -> int:
     """`muxd ctl PORT SEQUENCE` or `muxd ctl PORT --dtr 0 ...`: one admin POST.
-    Exit 0 done (a sequence started), 1 refused (busy, no such sequence, the
-    device said no), 2 usage, 3 unreachable."""
-    from muxd import client
+    Exit 0 done (a sequence started; a BREAK over), 1 refused (busy, no such
+    sequence, the device absent or saying no), 2 usage, 3 unreachable, 4 unauthorised."""
+    import time
+
+    from muxd import apiclient, client
 
     signals: dict[str, Any] = {
         k: v for k, v in (("dtr", args.dtr), ("rts", args.rts), ("break", args.brk)) if v is not None
@@ -429,36 +492,37 @@ def _ctl(args: argparse.Namespace) -> int:
     if (args.sequence is None) == (not signals):
         print("muxd: ctl: give a SEQUENCE, or --dtr/--rts/--break (not both)", file=sys.stderr)
         return EXIT_CONFIG
-    url = _api_url(args)
-    if url is None:
+    ep = _endpoint(args)
+    if ep is None:
         return EXIT_CONFIG
-    token = args.token or os.environ.get("MUXD_TOKEN") or None
     try:
-        answer = client.control(url, args.port, args.sequence, signals or None, token)
-    except client.ApiRefused as exc:
-        print(f"muxd: ctl: {args.port}: {exc.message} ({exc.status})", file=sys.stderr)
-        return EXIT_FAILURE
-    except (OSError, ValueError) as exc:
-        print(f"muxd: ctl: cannot reach {url}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    line = answer.get("line") if isinstance(answer, dict) else None
-    done = f"sequence {answer['sequence']} started" if args.sequence else "done"
+        answer = client.control(ep, args.port, args.sequence, signals or None)
+        if not isinstance(answer, dict):
+            raise apiclient.Unreachable(f"{ep.url} is not muxd's API (its answer is not an object)")
+        line = answer.get("line")
+        if args.sequence:
+            done = f"sequence {answer.get('sequence')} started"
+        elif "break" in signals:
+            # The daemon answers when the BREAK starts: "done" waits for its end.
+            line = client.wait_done(ep, args.port, float(signals["break"]))
+            done = "done"
+        else:
+            same = answer.get("unchanged") or []
+            done = "done" + (f" ({', '.join(s.upper() for s in same)} already in force)" if same else "")
+    except apiclient.ApiError as exc:
+        return _failed(args, exc)
     print(f"{args.port}: {done}" + (f"; {client.describe_line(line, time.time())}" if line else ""))
     return EXIT_OK
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from muxd import client, tail
+    from muxd import apiclient, tail
 
-    if args.url:
-        base = args.url
-    else:
-        cfg = configmod.load(args.config)
-        if not cfg.http:
-            raise ConfigError("no http server to follow the port through", "http", None, cfg.source)
-        base = client.status_url(cfg)
+    ep = _endpoint(args)
+    if ep is None:
+        return EXIT_CONFIG
     try:
-        where = tail.target(client.normalize_url(base), args.port, args.format, args.history, args.lines)
+        where = tail.target(ep, args.port, args.format, args.history, args.lines)
     except ValueError as exc:
         print(f"muxd: tail: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -470,12 +534,12 @@ def _tail(args: argparse.Namespace) -> int:
         out_fd = None
     try:
         ending = tail.follow(where, out, out_fd)
-    except tail.Unreachable as exc:
-        print(f"muxd: tail: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
     except tail.Lost as exc:
         print(f"muxd: tail: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except apiclient.ApiError as exc:  # Unreachable (3), Unauthorised (4)
+        print(f"muxd: tail: {exc}", file=sys.stderr)
+        return exc.exit_status
     if ending is not None:  # an overflow or admin disconnect, say: worth a line
         why = " ".join(str(x) for x in (int(ending.code), ending.reason) if x)
         print(f"muxd: tail: closed by the server ({why})", file=sys.stderr)

@@ -1,121 +1,78 @@
-"""`muxd status` and `muxd ctl`: clients of a running muxd's JSON API (/api/v1).
+"""`muxd status` and `muxd ctl`: what they ask a running muxd's JSON API
+(/api/v1), and how they print it.
 
 `status` reads the same views the web console does (their shapes are pinned
 in docs/contracts.md) and prints them for an operator or a script; `ctl`
 POSTs the board-control admin actions (a sequence, or DTR/RTS/BREAK), which
-the daemon allows from loopback, or with an admin token (``--token`` or
-MUXD_TOKEN). Nothing here runs inside the daemon: the server side of the API
-is muxd/api.py.
+the daemon allows from loopback, or with an admin token. Reaching the daemon
+(its address, TLS, the token, and what each failure means) is
+muxd/apiclient.py's; nothing here runs inside the daemon: the server side of
+the API is muxd/api.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+from collections.abc import Callable
 from typing import Any
 
-from muxd.config import Config, format_hostport
-from muxd.errors import ConfigError
+from muxd import apiclient
+from muxd.apiclient import Endpoint, quote
 
-# `muxd status` gives up on a daemon that does not answer within this: the
-# API is served from memory, so anything slower is a stuck daemon.
-STATUS_TIMEOUT = 5.0
-
-
-def normalize_url(text: str) -> str:
-    """`--url` as an operator types it: a full http(s) URL, HOST:PORT,
-    [V6]:PORT, or a bare PORT (on 127.0.0.1, as a bare listener port binds).
-
-    Raises ValueError for anything else, naming what was given.
-    """
-    url = text.strip()
-    if "://" not in url:
-        # urlsplit would read "host:8020" as a scheme and a path.
-        url = f"http://127.0.0.1:{url}" if url.isdigit() else f"http://{url}"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port  # a port that is not a number raises here
-    except ValueError as exc:
-        raise ValueError(f"not a URL or HOST:PORT: {text!r} ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http URL or HOST:PORT: {text!r}")
-    if port is None and "://" not in text:
-        raise ValueError(f"{text!r} has no port: give HOST:PORT, e.g. 127.0.0.1:8020")
-    return url
-
-
-def status_url(config: Config) -> str:
-    """The base URL of the config's first http server, as reached from this host."""
-    if not config.http:
-        raise ConfigError("no http server to ask; `muxd status` needs one", "http", None, config.source)
-    srv = config.http[0]
-    # A wildcard bind is reached on loopback.
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(srv.host, srv.host)
-    return f"http://{format_hostport(host, srv.port)}"
-
-
-def env_token() -> str | None:
-    """$MUXD_TOKEN: the token `status` and `tail` present to a daemon whose
-    http server has tokens (read scope is enough); never a command-line
-    argument, which other users could read in the process list."""
-    return os.environ.get("MUXD_TOKEN") or None
-
-
-def _get(base: str, path: str) -> Any:
-    request = urllib.request.Request(base.rstrip("/") + path)
-    token = env_token()
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=STATUS_TIMEOUT) as resp:
-        return json.load(resp)
-
-
-class ApiRefused(Exception):
-    """The daemon answered an action with an error: ``status`` and its ``error`` text."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status = status
-        self.message = message
-
-
-def post(base: str, path: str, body: dict[str, Any] | None = None, token: str | None = None) -> Any:
-    """POST JSON to the API; the answer's JSON. Raises ApiRefused for an HTTP
-    error with muxd's {"error": ...}, OSError when unreachable."""
-    data = json.dumps(body or {}).encode()
-    headers = {"content-type": "application/json"}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(base.rstrip("/") + path, data=data, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=STATUS_TIMEOUT) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = str(json.load(exc).get("error", exc.reason))
-        except (ValueError, AttributeError):  # not JSON, or not an object: not muxd's answer
-            message = str(exc.reason)
-        raise ApiRefused(exc.code, message) from None
+# How often `muxd ctl --break` asks whether the BREAK is over, and how long
+# past its length it waits for that: the daemon ends it on its own timers
+# within milliseconds, so a second of slack is only ever used by a stuck one.
+DONE_POLL = 0.02
+DONE_SLACK = 1.0
 
 
 def control(
-    base: str,
-    port: str,
-    sequence: str | None = None,
-    signals: dict[str, Any] | None = None,
-    token: str | None = None,
+    ep: Endpoint, port: str, sequence: str | None = None, signals: dict[str, Any] | None = None
 ) -> Any:
     """Run a port's sequence, or set signals ({"dtr": False, "break": 0.25}); the answer."""
-    name = urllib.parse.quote(port, safe="")
     if sequence is not None:
-        return post(
-            base, f"/api/v1/ports/{name}/sequences/{urllib.parse.quote(sequence, safe='')}", None, token
-        )
-    return post(base, f"/api/v1/ports/{name}/signals", signals, token)
+        return apiclient.post(ep, f"/api/v1/ports/{quote(port)}/sequences/{quote(sequence)}")
+    return apiclient.post(ep, f"/api/v1/ports/{quote(port)}/signals", signals)
+
+
+def wait_done(
+    ep: Endpoint,
+    port: str,
+    seconds: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Wait until the port's running sequence (a BREAK) is over, as the
+    daemon says: its ``line`` once nothing runs and no BREAK is on. Raises
+    apiclient.Unreachable if it is not over ``seconds`` + DONE_SLACK from now."""
+    deadline = clock() + seconds + DONE_SLACK
+    while True:  # bounded by the deadline
+        line = port_line(ep, port)
+        if line.get("running") is None and not line.get("break"):
+            return line
+        if clock() >= deadline:
+            raise apiclient.Unreachable(f"{port}: still running {line.get('running')} after {seconds:g}s")
+        sleep(DONE_POLL)
+
+
+def port_line(ep: Endpoint, port: str) -> dict[str, Any]:
+    """The port's line state now (its view's ``line``)."""
+    for p in _ports(ep):
+        if p.get("name") == port and isinstance(p.get("line"), dict):
+            line: dict[str, Any] = p["line"]
+            return line
+    raise apiclient.Unreachable(f"no port {port!r} with a line state in {ep.url}'s API")
+
+
+def _ports(ep: Endpoint) -> list[dict[str, Any]]:
+    try:
+        ports = apiclient.get(ep, "/api/v1/ports")["ports"]
+        if not isinstance(ports, list):
+            raise TypeError("ports")
+    except (KeyError, TypeError) as exc:  # JSON, but not the shape docs/contracts.md pins
+        raise apiclient.Unreachable(f"{ep.url} is not muxd's API (no {exc} in its answer)") from None
+    return ports
 
 
 def format_line(line: dict[str, Any] | None) -> str:
@@ -130,9 +87,13 @@ def _level(value: object, high: str = "high", low: str = "low") -> str:
 
 
 def describe_line(line: dict[str, Any], now: float) -> str:
-    """The line state of a port in one line: settings, flow, lines, owner, last change."""
+    """The line state of a port in one line: settings, flow, lines (n/a where
+    the upstream has none), owner, last change."""
     text = f"line {format_line(line)}, flow {line.get('flow')}"
-    text += f", DTR {_level(line.get('dtr'))}, RTS {_level(line.get('rts'))}"
+    if line.get("control_lines") is False:  # a pty, say: nothing to show, nothing to set
+        text += ", DTR/RTS n/a"
+    else:
+        text += f", DTR {_level(line.get('dtr'))}, RTS {_level(line.get('rts'))}"
     if line.get("break"):
         text += ", BREAK on"
     if line.get("running"):
@@ -156,20 +117,20 @@ def describe_mqtt(m: dict[str, Any]) -> str:
     return text + f", {m['reconnects']} reconnects"
 
 
-def fetch_status(base: str) -> dict[str, Any]:
+def fetch_status(ep: Endpoint) -> dict[str, Any]:
     """Ports, and each port's clients: {"ports": [...], "clients": {port: [...]}}.
 
-    Raises OSError (urllib.error.URLError is one) when the daemon cannot be
-    reached, ValueError when what answers is not muxd's API.
+    Raises apiclient.Unreachable (also for an answer that is not muxd's API),
+    Unauthorised or Refused.
     """
+    ports = _ports(ep)
     try:
-        ports = _get(base, "/api/v1/ports")["ports"]
         clients = {
-            p["name"]: _get(base, f"/api/v1/ports/{urllib.parse.quote(p['name'])}/clients")["clients"]
+            p["name"]: apiclient.get(ep, f"/api/v1/ports/{quote(p['name'])}/clients")["clients"]
             for p in ports
         }
-    except (KeyError, TypeError) as exc:  # JSON, but not the shape docs/contracts.md pins
-        raise ValueError(f"not muxd's API (no {exc} in its answer)") from None
+    except (KeyError, TypeError) as exc:
+        raise apiclient.Unreachable(f"{ep.url} is not muxd's API (no {exc} in its answer)") from None
     return {"ports": ports, "clients": clients}
 
 

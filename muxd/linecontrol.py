@@ -77,6 +77,7 @@ from muxd.errors import SettingsRefused
 from muxd.hub import Reader
 from muxd.protocol.line_settings import LineSettings
 from muxd.upstream.base import ControlLines, ModemLines
+from muxd.upstream.state import UP, UpstreamStatus
 
 log = logging.getLogger("muxd.linecontrol")
 
@@ -95,6 +96,7 @@ class ControlOwner(Protocol):
     """An upstream with control lines (every real one: muxd.upstream.base.Upstream)."""
 
     control: ControlLines
+    status: UpstreamStatus
 
     def set_control(
         self, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None
@@ -225,6 +227,22 @@ class LineControl:
         """The lines in force, read from the upstream; None if it has none."""
         up = self.upstream
         return up.control if isinstance(up, ControlOwner) else None
+
+    @property
+    def control_lines(self) -> bool:
+        """Whether the upstream has DTR and RTS to set: False for a pty (known
+        once opened) or a K2 that cannot be told (muxd.upstream.base)."""
+        up = self.upstream
+        # An upstream that does not say (the simulator) has them.
+        return isinstance(up, ControlOwner) and bool(getattr(up, "control_lines", True))
+
+    def unavailable(self) -> str | None:
+        """Why an operator's action cannot reach the device now (it is not up), or None."""
+        up = self.upstream
+        if not isinstance(up, ControlOwner) or up.status.state is UP:
+            return None
+        st = up.status
+        return f"the device is not up ({st.state.value}: {st.reason})"
 
     def modem_state(self) -> ModemLines | None:
         up = self.upstream

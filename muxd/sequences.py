@@ -22,8 +22,9 @@ A BREAK step is BREAK on, a wait, BREAK off.
 While a sequence runs, ``LineControl.busy`` names it: clients' requests for
 lines are refused (answered with the lines in force), and a second sequence,
 or a signal from the API, is refused with ``Busy`` (HTTP 409). A step the
-upstream refuses (SettingsRefused: the device went away, a K2 without
-``control: rfc2217``) ends the sequence there, with a warning; a BREAK left on
+upstream refuses (SettingsRefused: a K2 without ``control: rfc2217``), or a
+device that is not up (``LineControl.unavailable``: nothing is kept for the
+next open), ends the sequence there, with a warning; a BREAK left on
 is turned off on the way out if the upstream still can.
 
 Parsing is here too (``parse_step``), with the duration grammar every
@@ -136,6 +137,10 @@ class Run:
         self._break_on = False
 
     def _apply(self, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None) -> None:
+        # A device gone mid-sequence ends it: the rest of a reset kept for
+        # the next open would be a pulse nobody asked for then.
+        if (why := self.lc.unavailable()) is not None:
+            raise SettingsRefused(why)
         self.lc.apply_control(f"sequence {self.name} ({self.by})", dtr, rts, brk)
 
     def _advance(self) -> None:

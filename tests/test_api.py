@@ -246,7 +246,7 @@ def test_status_table_and_json(muxd: StartMuxd, tmp_path: Path, pty_device: PtyD
 def test_status_errors(tmp_path: Path) -> None:
     done = run_status("--url", f"http://127.0.0.1:{free_port()}")
     # 3: no daemon answered (1 is kept for "a port is not up"; see muxd(8)).
-    assert done.returncode == 3 and "cannot get the status" in done.stderr
+    assert done.returncode == 3 and "cannot reach" in done.stderr
     no_http = write_config(tmp_path, {"ports": [{"name": "x", "upstream": {"sim": True}}]})
     done = run_status("-c", str(no_http))
     assert done.returncode == 2 and "http" in done.stderr

@@ -18,6 +18,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from tests.helpers import (
     run_until,
     start_muxd,
     start_on_k2,
+    start_on_pty,
     wait_for,
 )
 
@@ -298,19 +300,22 @@ def test_a_k2_that_cannot_be_told_refuses_with_a_clear_reason(
         plain.stop()
 
 
+def muxd_command(m: Muxd, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`muxd COMMAND ARGS --url` the muxd's http server, to its end (killed by PID past 30 s)."""
+    return subprocess.run(
+        [sys.executable, "-m", "muxd", command, *args, "--url", m.http],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def test_ctl_and_status_commands(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
     m = on_k2(muxd, tmp_path, k2)
     wait_for(k2.commands, 10, "muxd's settings at the K2")
-
-    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "muxd", "ctl", *args, "--url", m.http],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+    ctl = functools.partial(muxd_command, m, "ctl")
 
     done = ctl("dut1", "reset")
     assert done.returncode == 0 and "sequence reset started" in done.stdout, (done.stdout, done.stderr)
@@ -332,6 +337,65 @@ def test_ctl_and_status_commands(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) ->
     )
     assert "115200 8N1" in status.stdout.splitlines()[1], status.stdout
     assert "DTR high, RTS high" in status.stdout and "changed by api 127.0.0.1" in status.stdout
+
+
+def test_an_action_while_the_device_is_absent_is_refused_not_reported_done(
+    muxd: StartMuxd, tmp_path: Path
+) -> None:
+    """Issue 19: a reset and a DTR change answered 200 "ok" while the device
+    was absent, and nothing reached the board (DTR was kept for the next
+    open, without the pulse). Now: 503, nothing sent or kept, and the CLI says so."""
+    gone = str(tmp_path / "ttyGONE")
+    m = start_muxd(
+        muxd, tmp_path, {"serial": gone}, [{"tcp": AUTO}], wait_up=False, sequences={"reset": RESET}
+    )
+    m.wait_state("backing-off", "device absent")
+    for path, body in (("sequences/reset", None), ("signals", {"dtr": False}), ("signals", {"break": 0.1})):
+        status, answer = post(m, f"/api/v1/ports/dut/{path}", body)
+        assert status == 503 and "not up" in answer["error"] and "nothing was sent" in answer["error"], answer
+    line = m.port_info("dut")["line"]
+    assert (line["dtr"], line["running"]) == (True, None), line  # nothing kept for the next open
+    for args in (("dut", "reset"), ("dut", "--dtr", "0")):
+        done = muxd_command(m, "ctl", *args)
+        assert done.returncode == 1 and "device absent" in done.stderr and "503" in done.stderr, done
+        assert done.stdout == ""
+
+
+def test_a_level_in_force_is_not_sent_again_from_the_api(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
+    """Issue 19: `muxd ctl PORT --dtr 0` twice sent DTR=0 to the K2 twice."""
+    m = on_k2(muxd, tmp_path, k2)
+    wait_for(k2.commands, 10, "muxd's settings at the K2")
+    first = muxd_command(m, "ctl", "dut1", "--dtr", "0")
+    assert first.returncode == 0 and first.stdout.startswith("dut1: done;"), first
+    again = muxd_command(m, "ctl", "dut1", "--dtr", "0")
+    status, answer = post(m, "/api/v1/ports/dut1/signals", {"dtr": False, "rts": True})
+    # RTS went after the second DTR request: once it is at the K2, so would that have been.
+    wait_for(lambda: "rts=1" in signals_at(k2), 5, "RTS at the K2")
+    assert signals_at(k2) == ["dtr=0", "rts=1"]
+    assert again.returncode == 0 and "done (DTR already in force)" in again.stdout, again
+    assert status == 200 and answer["unchanged"] == ["dtr"], answer
+
+
+def test_ctl_break_says_done_once_the_break_is_over(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
+    """Issue 19: `muxd ctl --break 250ms` printed "done" while the BREAK was still on."""
+    m = on_k2(muxd, tmp_path, k2)
+    wait_for(k2.commands, 10, "muxd's settings at the K2")
+    done = muxd_command(m, "ctl", "dut1", "--break", "250ms")
+    exited = time.monotonic()
+    assert done.returncode == 0 and done.stdout.startswith("dut1: done;"), done
+    assert "BREAK on" not in done.stdout, done.stdout
+    [on] = [t for t, c in k2.control_received() if c.value == SetControl.BREAK_ON]
+    assert exited - on >= 0.25 - TOLERANCE, exited - on
+
+
+def test_a_pty_shows_no_control_lines(muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice) -> None:
+    """Issue 19: `muxd status` showed "DTR high" for a pty, which has no DTR."""
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO}])
+    line = m.port_info("dut")["line"]
+    assert (line["control_lines"], line["dtr"], line["rts"]) == (False, None, None), line
+    done = muxd_command(m, "status")
+    assert done.returncode == 0 and "DTR/RTS n/a" in done.stdout, done
+    assert "DTR high" not in done.stdout and "DTR ?" not in done.stdout
 
 
 # -- the line state everywhere ------------------------------------------------------------------------
@@ -486,6 +550,7 @@ def test_a_sequence_runs_on_the_reactor_and_refuses_clients_meanwhile(reactor: R
     port = Port("dut", SimUpstream(boot=False, status_interval=3600))
     assert isinstance(port.upstream, SimUpstream)
     sim = SimDevice(port.upstream, Hub(port.name, bounds_for(port), reactor), reactor)
+    sim.start()  # a sequence needs the device up
     lc = LineControl(port, sim)
     steps = [parse_step(s) for s in RESET]
     started = run(lc, reactor, "reset", steps, by="test")
@@ -500,6 +565,23 @@ def test_a_sequence_runs_on_the_reactor_and_refuses_clients_meanwhile(reactor: R
     assert [round(t - t0, 1) for t, _, _ in sim.control_log] == [0.0, 0.0, 0.1, 0.2]
     assert lc.control_changes == {"dtr": 2, "rts": 2, "break": 0}
     assert lc.changed_by == "sequence reset (test)"
+    sim.stop()
+
+
+def test_a_sequence_ends_where_the_device_goes(reactor: Reactor) -> None:
+    """The rest of a reset is not applied to (nor kept for) a device that went
+    away meanwhile: the sequence stops there, saying why."""
+    port = Port("dut", SimUpstream(boot=False, status_interval=3600))
+    assert isinstance(port.upstream, SimUpstream)
+    sim = SimDevice(port.upstream, Hub(port.name, bounds_for(port), reactor), reactor)
+    sim.start()
+    lc = LineControl(port, sim)
+    started = run(lc, reactor, "reset", [parse_step(s) for s in RESET], by="test")
+    sim.stop()  # during the first wait
+    run_until(reactor, lambda: started.done, "the sequence's end")
+    assert started.error is not None and "the device is not up" in started.error, started.error
+    assert [e[1:] for e in sim.control_log] == [("dtr", False), ("rts", True)]
+    assert lc.busy is None
 
 
 def test_parse_step() -> None:

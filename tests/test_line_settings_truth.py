@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import serial
 from prometheus_client.parser import text_string_to_metric_families
 
 from muxd import config as configmod
@@ -28,7 +29,7 @@ from muxd.hub import Hub
 from muxd.linecontrol import LineControl
 from muxd.port import bounds_for
 from muxd.protocol.line_settings import LineSettings
-from muxd.protocol.rfc2217 import Rfc2217Client, SetBaudrate
+from muxd.protocol.rfc2217 import Rfc2217Client, SetBaudrate, setting_of
 from muxd.reactor import Reactor
 from muxd.upstream.serial import SerialPort
 from muxd.upstream.tcp import TcpPort
@@ -172,7 +173,8 @@ def test_a_k2_answer_is_the_value_clients_are_told(muxd: StartMuxd, tmp_path: Pa
         client.sendall(set_baudrate(9600))
         assert baud_answer(client, codec) == 9600  # as asked: the K2's answer comes later
         assert k2.wait_uart(set_baudrate(9600))
-        k2.feed(set_baudrate(19200, answer=True))  # it kept 19200
+        # Each request answered in turn: the opening 115200 as asked; 9600 not: it kept 19200.
+        k2.feed(set_baudrate(115200, answer=True) + set_baudrate(19200, answer=True))
 
         def told() -> bool:
             client.sendall(set_baudrate(0))
@@ -181,6 +183,36 @@ def test_a_k2_answer_is_the_value_clients_are_told(muxd: StartMuxd, tmp_path: Pa
         wait_for(told, 5, "muxd to tell the K2's value")
     finally:
         client.close()
+
+
+def test_a_k2_answering_field_by_field_gets_one_request_per_field_and_no_warning(
+    muxd: StartMuxd, tmp_path: Path
+) -> None:
+    """pyserial changes four fields at once; muxd's listener passes them on
+    one at a time, and a K2 answers each on its own, late: every answer is
+    matched to its own request, so nothing is sent twice and nothing is
+    taken for a refusal (issue 19: the full settings went out per field, and
+    "has 19200 8E2 in force where 19200 7E2 was asked" was logged six times)."""
+    with FakeK2(rfc2217=True) as k2:
+        k2.spread_answers(0.02)  # each answer in its own packet, 20 ms apart
+        m = start_rfc2217_on_k2(muxd, tmp_path, k2, "rfc2217")
+        wait_for(lambda: len(k2.commands()) >= 5 and not k2.answers_pending, 10, "the opening settings")
+        opening = len(k2.commands())
+        s = serial.serial_for_url(
+            f"rfc2217://127.0.0.1:{m.port(0)}", baudrate=19200, bytesize=7, parity="E", stopbits=2, timeout=5
+        )
+        try:
+            wait_for(lambda: len(k2.commands()) >= opening + 6 and not k2.answers_pending, 10, "the answers")
+            k2.feed(b"after the answers\n")  # in the stream behind them: once muxd has it, it has them all
+            wait_for(lambda: m.port_info("dut1")["bytes_in"] >= 18, 10, "the data behind the answers")
+        finally:
+            s.close()
+        # The line settings asked of the K2 since (pyserial's DTR and RTS went too: not counted here).
+        asked = [setting_of(c) for _, c in k2.commands()[opening:] if setting_of(c) is not None]
+        assert asked == [("baudrate", 19200), ("bytesize", 7), ("parity", "E"), ("stopbits", 2)]
+        line = m.port_info("dut1")["line"]
+        assert (line["baudrate"], line["format"]) == (19200, "7E2"), line
+        assert "in force where" not in m.log()
 
 
 # -- in process: SerialPort on a pty --------------------------------------------------------------
@@ -288,7 +320,8 @@ def test_a_k2_that_answers_another_baud_rate_has_that_one_in_force(
         run_until(reactor, lambda: set_baudrate(115200) in k2.uart_received(), "the settings sent")
         assert up.apply_settings(LineSettings(baudrate=9600)) == LineSettings(baudrate=9600)
         run_until(reactor, lambda: set_baudrate(9600) in k2.uart_received(), "the change sent")
-        k2.feed(set_baudrate(19200, answer=True))  # it could not do 9600: 19200 stays
+        # Answers in turn: to the opening 115200 (as asked), then to 9600, which it could not do.
+        k2.feed(set_baudrate(115200, answer=True) + set_baudrate(19200, answer=True))
         run_until(reactor, lambda: up.settings.baudrate == 19200, "the answer")
         assert lc.settings == LineSettings(baudrate=19200)
         assert "the K2 has line settings 19200 8N1 in force where 9600 8N1 was asked" in caplog.text

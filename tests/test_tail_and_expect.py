@@ -391,7 +391,6 @@ def test_an_unknown_port_exits_3_with_the_servers_reason(
         ["dut", "--url", "127.0.0.1:8020", "--history", "lots"],
         ["dut", "--url", "127.0.0.1:8020", "--lines", "-1"],
         ["dut", "--url", "127.0.0.1:8020", "--format", "xml"],
-        ["dut", "--url", "https://127.0.0.1:8020"],
         ["dut", "--url", "no-port"],
     ],
 )
@@ -410,6 +409,29 @@ def test_a_config_without_http_is_a_config_error(tmp_path: Path) -> None:
     assert "http" in done.stderr
 
 
+def test_tail_stays_light() -> None:
+    """`muxd tail` with --url, --help or not, loads neither PyYAML nor the
+    daemon's HTTP side (it starts in a pipeline: it should start at once)."""
+    probe = (
+        "import sys; from muxd import cli; "
+        "codes = [cli.main(['tail', '--help']), cli.main(['tail', 'dut', '--url', sys.argv[1]])]; "
+        "print(codes, [m for m in ('yaml', 'muxd.listeners.http', 'muxd.hub') if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, f"127.0.0.1:{free_port()}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert done.stdout.splitlines()[-1] == "[0, 3] []", (done.stdout, done.stderr)
+    # The idle timeout is written in tail.py rather than imported: it must follow the server's pings.
+    from muxd.listeners.http import HttpTimeouts
+
+    assert HttpTimeouts.ping == tail.SERVER_PING
+
+
 def test_target_builds_the_websocket_request() -> None:
     where = tail.target("http://127.0.0.1:8020", "dut 1/a", "jsonl", 65536, 20)
     assert (where.host, where.port, where.host_header) == ("127.0.0.1", 8020, "127.0.0.1:8020")
@@ -418,8 +440,10 @@ def test_target_builds_the_websocket_request() -> None:
     # Behind a proxy: the prefix stays; IPv6 keeps its brackets in Host; no options, no query.
     where = tail.target("http://[::1]:8020/muxd/", "dut")
     assert (where.host, where.host_header, where.path) == ("::1", "[::1]:8020", "/muxd/ws/dut")
-    with pytest.raises(ValueError, match="http://"):
-        tail.target("https://127.0.0.1:8020", "dut")
+    where = tail.target("https://127.0.0.1:8020", "dut")  # wss://, checked as any https client does
+    assert where.context is not None and where.context.check_hostname and where.url.startswith("wss://")
+    with pytest.raises(ValueError, match="http"):
+        tail.target("ftp://127.0.0.1:8020", "dut")
 
 
 # -- the WebSocket client against a wsproto server --------------------------------------------------

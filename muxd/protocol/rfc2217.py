@@ -54,9 +54,9 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from muxd.errors import LocalProtocolError, RemoteProtocolError
 from muxd.protocol.line_settings import LineSettings
@@ -303,6 +303,9 @@ class SetControl:
     def _decode(cls, payload: bytes) -> SetControl:
         return cls(_decode_byte(payload, "SET-CONTROL value", top=19))
 
+
+# The LineSettings fields RFC 2217 carries, in the order a client sends them.
+SETTING_FIELDS = ("baudrate", "bytesize", "parity", "stopbits", "flow")
 
 _OUTBOUND_FLOW = {
     "none": SetControl.FLOW_NONE,
@@ -637,22 +640,42 @@ class Rfc2217Client(_Connection):
             raise LocalProtocolError(f"a client's {type(event).__name__} is a poll: its value is None")
         return super()._encode(event)
 
-    def configure(self, settings: LineSettings) -> None:
-        """Queue requests for every line setting and the flow control, as pyserial sends on open.
+    def configure(self, settings: LineSettings, fields: Iterable[str] = SETTING_FIELDS) -> None:
+        """Queue requests for the line settings and the flow control named in
+        ``fields`` (all of them by default, as pyserial sends on open), in the
+        order of SETTING_FIELDS.
 
         All or nothing: settings RFC 2217 cannot express raise LocalProtocolError
         before anything is queued.
         """
+        wanted = set(fields)
         self._outbox += b"".join(
             self._encode(request)
-            for request in (
-                SetBaudrate(settings.baudrate),
-                SetDataSize(settings.bytesize),
-                SetParity(settings.parity),
-                SetStopSize(settings.stopbits),
-                SetControl(_OUTBOUND_FLOW[settings.flow]),
+            for name, request in (
+                ("baudrate", SetBaudrate(settings.baudrate)),
+                ("bytesize", SetDataSize(settings.bytesize)),
+                ("parity", SetParity(settings.parity)),
+                ("stopbits", SetStopSize(settings.stopbits)),
+                ("flow", SetControl(_OUTBOUND_FLOW[settings.flow])),
             )
+            if name in wanted
         )
+
+
+def setting_of(command: Event) -> tuple[str, Any] | None:
+    """The line setting a command carries, as (LineSettings field, value), or
+    None when it carries none (a query, a mask, BREAK/DTR/RTS, a purge, data)."""
+    if isinstance(command, SetBaudrate) and command.value is not None:
+        return "baudrate", command.value
+    if isinstance(command, SetDataSize) and command.value is not None:
+        return "bytesize", command.value
+    if isinstance(command, SetParity) and command.value is not None:
+        return "parity", command.value
+    if isinstance(command, SetStopSize) and command.value is not None:
+        return "stopbits", command.value
+    if isinstance(command, SetControl) and command.flow is not None:
+        return "flow", command.flow
+    return None
 
 
 def settings_with(settings: LineSettings, command: Event) -> LineSettings | None:
@@ -660,14 +683,7 @@ def settings_with(settings: LineSettings, command: Event) -> LineSettings | None
     carries none (a query, a mask, BREAK/DTR/RTS, a purge, data). Both sides
     use it: a server for what a client asks, a client for what the server says
     is in force."""
-    if isinstance(command, SetBaudrate) and command.value is not None:
-        return dataclasses.replace(settings, baudrate=command.value)
-    if isinstance(command, SetDataSize) and command.value is not None:
-        return dataclasses.replace(settings, bytesize=command.value)
-    if isinstance(command, SetParity) and command.value is not None:
-        return dataclasses.replace(settings, parity=command.value)
-    if isinstance(command, SetStopSize) and command.value is not None:
-        return dataclasses.replace(settings, stopbits=command.value)
-    if isinstance(command, SetControl) and command.flow is not None:
-        return dataclasses.replace(settings, flow=command.flow)
-    return None
+    carried = setting_of(command)
+    if carried is None:
+        return None
+    return dataclasses.replace(settings, **{carried[0]: carried[1]})

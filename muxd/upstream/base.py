@@ -24,7 +24,8 @@ backpressure on the writers) and go out in order once it is back up.
 Every upstream also owns what is in force on the line, as the one copy muxd
 keeps: the line settings (``settings``) and the control lines (``control``:
 DTR, RTS, BREAK; ``set_control`` changes them or raises SettingsRefused), and
-it reads the modem inputs when asked (``modem_state``). muxd.linecontrol
+it reads the modem inputs when asked (``modem_state``); ``control_lines``
+says whether it has DTR and RTS at all. muxd.linecontrol
 decides who may change them; the listeners, the API and the metrics read them
 here and keep no copy.
 """
@@ -142,6 +143,10 @@ class FdUpstream(ABC):
         # Bytes handed to the device that it may never have got (a TCP link that
         # died with them unacknowledged: muxd.upstream.tcp); counted, never silent.
         self.bytes_unacked_lost = 0
+        # Whether the device has DTR and RTS at all: a subclass says False where
+        # it has none (a pty, found at open; a K2 that cannot be told), so no
+        # view shows a level nobody can set (muxd.linecontrol.control_lines).
+        self.control_lines = True
         hub.writes.on_ready = self._on_write_ready
 
     # -- subclass hooks -------------------------------------------------------

@@ -34,9 +34,11 @@ first, as pyserial and the tty driver open a port) and whether a BREAK is on.
 A change goes to the open port through pyserial (TIOCMBIS/TIOCMBIC,
 TIOCSBRK/TIOCCBRK) and is stored only once the driver took it; a driver
 without modem lines (a pty, some USB bridges) refuses with OSError, and that
-is SettingsRefused. While the device is absent DTR and RTS are stored for the
-next open (pyserial applies them as it opens), so a board held in reset stays
-held across a replug; a BREAK needs a device. The modem inputs (CTS, DSR, RI,
+is SettingsRefused; such a port says so (``control_lines`` False, found
+with TIOCMGET at each open), and no view shows levels for it. While the
+device is absent DTR and RTS are stored for the next open (pyserial
+applies them as it opens), so a board held in reset stays held across a
+replug; a BREAK needs a device. The modem inputs (CTS, DSR, RI,
 CD) are read with TIOCMGET when asked (``modem_state``), None where the driver
 cannot say.
 """
@@ -159,6 +161,7 @@ class SerialPort(FdUpstream):
                 self._failed(f"cannot open: {exc}")
             return
         self._serial = port
+        self.control_lines = _has_modem_lines(port)
         fd = port.fileno()
         os.set_blocking(fd, False)
         self._opened(fd)
@@ -284,6 +287,16 @@ class SerialPort(FdUpstream):
             return ModemLines(cts=port.cts, dsr=port.dsr, ri=port.ri, cd=port.cd)
         except (OSError, termios.error):  # a pty: no modem lines to read
             return None
+
+
+def _has_modem_lines(port: serial.Serial) -> bool:
+    """Whether the open port has modem lines: TIOCMGET works (a pty and some
+    USB bridges refuse it, and then refuse DTR and RTS too)."""
+    try:
+        port.cts  # noqa: B018 - the read is the probe
+    except (OSError, termios.error):
+        return False
+    return True
 
 
 def _fields(s: LineSettings) -> list[tuple[str, object]]:

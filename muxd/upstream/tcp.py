@@ -52,6 +52,7 @@ import logging
 import os
 import socket
 import struct
+from collections import deque
 
 from muxd.config import TcpUpstream
 from muxd.errors import LocalProtocolError, RemoteProtocolError, SettingsRefused
@@ -59,6 +60,7 @@ from muxd.hub import Hub
 from muxd.protocol import usr
 from muxd.protocol.line_settings import LineSettings
 from muxd.protocol.rfc2217 import (
+    SETTING_FIELDS,
     ComPortCommand,
     ComPortOption,
     Data,
@@ -69,7 +71,7 @@ from muxd.protocol.rfc2217 import (
     SetDataSize,
     SetParity,
     SetStopSize,
-    settings_with,
+    setting_of,
 )
 from muxd.reactor import OUT, Reactor, Timer
 from muxd.upstream.base import READ_SIZE, ControlLines, FdUpstream, ModemLines
@@ -90,6 +92,11 @@ OUT_LIMIT = 64 * 1024
 # that a dead link throws away.
 SEND_BUFFER = 16 * 1024
 
+# Settings requests per field remembered until answered (``_asked``): a K2
+# answers within milliseconds, so this many in flight is one that does not
+# answer at all; the oldest are then forgotten, and the newest still decides.
+MAX_ASKED = 16
+
 # struct tcp_info (linux/tcp.h): tcpi_bytes_acked, a u64 at byte 120 since
 # Linux 4.1. It counts the SYN too, hence the 1 taken off where it is read.
 TCP_INFO_SIZE = 128
@@ -109,11 +116,16 @@ class TcpPort(FdUpstream):
         self.cfg = cfg
         self.settings = cfg.settings
         self.control = ControlLines()  # unknown until set: the K2 keeps its own levels
+        self.control_lines = cfg.control == "rfc2217"  # the one way to tell a K2 DTR and RTS
         self._modem: ModemLines | None = None  # the K2's last NOTIFY-MODEMSTATE
         # SET-CONTROL requests per line not answered yet on this link: only the
         # answer to the last one says what is in force (a pulse's first answer
         # comes after its second request went out).
         self._unanswered = {"dtr": 0, "rts": 0, "brk": 0}
+        # The same for line settings, per field and with the values asked, oldest
+        # first: the K2 answers each request in turn, so its next answer for a
+        # field is to the oldest request of that field still here.
+        self._asked: dict[str, deque[object]] = {f: deque(maxlen=MAX_ASKED) for f in SETTING_FIELDS}
         # config.py accepts only numeric hosts: a name lookup would block the loop.
         ip = ipaddress.ip_address(cfg.host)
         self._family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
@@ -206,6 +218,8 @@ class TcpPort(FdUpstream):
         self._codec = None
         self._com_port = False
         self._unanswered = dict.fromkeys(self._unanswered, 0)
+        for asked in self._asked.values():
+            asked.clear()
         self.control = dataclasses.replace(self.control, brk=False)  # a BREAK ends with the link
         self._sent = 0
         self._out.clear()
@@ -264,7 +278,7 @@ class TcpPort(FdUpstream):
             elif isinstance(event, ComPortOption):
                 self._com_port = event.enabled
                 if event.enabled:
-                    codec.configure(self.settings)  # collected with the answers below
+                    self._ask_settings(codec, self.settings)  # collected with the answers below
                     self._queue_control(codec, self.control.dtr, self.control.rts, None)
                 else:
                     log.warning(
@@ -357,7 +371,10 @@ class TcpPort(FdUpstream):
         except LocalProtocolError as exc:
             raise SettingsRefused(f"the K2 cannot be sent {wanted}: {exc}") from exc
         if control == "rfc2217" and self._codec is not None and self._com_port:
-            self._codec.configure(wanted)
+            # Only the fields that change: a client changing one at a time (pyserial
+            # sets each attribute on its own) costs one request each, not the lot.
+            changed = [f for f in SETTING_FIELDS if getattr(wanted, f) != getattr(self.settings, f)]
+            self._ask_settings(self._codec, wanted, changed)
             message = self._codec.data_to_send()
         # else (rfc2217): sent once the next link agrees to COM-PORT-OPTION (_received)
         self.settings = wanted
@@ -365,6 +382,15 @@ class TcpPort(FdUpstream):
             self._out += message
             self._drain()
         return wanted
+
+    def _ask_settings(
+        self, codec: Rfc2217Client, wanted: LineSettings, fields: tuple[str, ...] | list[str] = SETTING_FIELDS
+    ) -> None:
+        """Queue a request for each field given (the caller collects the bytes),
+        and remember what was asked until its answer comes (``_reconcile``)."""
+        codec.configure(wanted, fields)
+        for f in fields:
+            self._asked[f].append(getattr(wanted, f))
 
     # -- control lines -------------------------------------------------------------
 
@@ -422,8 +448,12 @@ class TcpPort(FdUpstream):
         has in force, which becomes ours. A K2 that cannot take a baud rate
         answers with the one it kept; that is what readers are told from now on.
 
-        Requests are answered in order, so when several changes are in flight
-        ``settings`` may briefly hold an earlier answer; the last answer wins.
+        Requests are answered in order, each field on its own (a K2 may answer
+        a change of four fields with four answers, spread out), so an answer is
+        matched to the oldest unanswered request of its field (``_asked``), as
+        SET-CONTROL answers are to theirs (``_unanswered``): only the answer to
+        the latest request of a field says what is in force, and an answer
+        that is what was asked changes nothing and logs nothing.
         """
         if isinstance(answer, SetControl) and answer.flow is None:
             line, level = next(
@@ -447,17 +477,28 @@ class TcpPort(FdUpstream):
                 log.info("%s: the K2 has %s %s in force, not what was asked", self.hub.name, name, word)
                 self.control = lines
             return
-        asked = self.settings
-        granted = settings_with(asked, answer)
-        if granted is None:  # no value (a query's form), or BREAK/DTR/RTS: not a line setting
+        carried = setting_of(answer)
+        if carried is None:  # no value (a query's form), or BREAK/DTR/RTS: not a line setting
             log.debug("%s: RFC 2217: %s", self.hub.name, answer)
             return
-        if granted != asked:
+        field, value = carried
+        asked = self._asked[field]
+        if asked:
+            wanted = asked.popleft()  # the request this answers
+            if asked:  # a later request of ours for this field is on its way: its answer decides
+                if value != wanted:
+                    log.debug(
+                        "%s: the K2 answered %s=%s to %s (superseded)", self.hub.name, field, value, wanted
+                    )
+                return
+        # The answer to the latest request for this field, or the K2's own news.
+        if value != getattr(self.settings, field):
+            granted = dataclasses.replace(self.settings, **{field: value})
             log.info(
                 "%s: the K2 has line settings %s in force where %s was asked",
                 self.hub.name,
                 granted,
-                asked,
+                self.settings,
             )
             self.settings = granted
 

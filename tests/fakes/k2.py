@@ -30,7 +30,9 @@ data is unescaped into the UART log (and escaped on the way out), and every
 COM-PORT command a client sends is recorded with its arrival time
 (``commands()``, ``control_received()``: what reached "the K2", in order)
 and answered as a K2 does, with the value in force. DTR/RTS/BREAK levels are
-kept (``lines``).
+kept (``lines``). ``spread_answers(interval)`` makes it answer as some K2s do,
+one field at a time: each answer in its own packet, one per interval, so the
+answers to a multi-field change trail behind the requests that follow it.
 
 Nothing is lost silently. ``lost`` counts fed bytes that reached no client (none
 connected, or black hole); ``dropped`` counts bytes queued for a client that
@@ -122,6 +124,8 @@ class _Client:
     events: int = 0
     # RFC 2217 mode: this connection's telnet/COM-PORT codec.
     codec: Rfc2217Server | None = None
+    # spread_answers(): answers not sent yet, one packet each, oldest first.
+    answers: deque[bytes] = field(default_factory=deque)
 
 
 class FakeK2:
@@ -151,6 +155,8 @@ class FakeK2:
         self._connect_mode = SERVE
         self._trickle: float | None = None  # seconds per byte per client; None: off
         self._trickle_at: float | None = None  # when the next trickled bytes go
+        self._spread: float | None = None  # seconds between answers; None: answer at once
+        self._spread_at: float | None = None  # when the next spread answers go
         # When set, a connection waits in the backlog and the listener is not watched.
         self._accept_at: float | None = None
         self._uart = bytearray()
@@ -308,6 +314,19 @@ class FakeK2:
             raise ValueError(f"trickle interval must be > 0, not {interval}")
         self._submit(partial(self._set_trickle, interval))
 
+    def spread_answers(self, interval: float | None) -> None:
+        """RFC 2217 mode: send each COM-PORT answer in its own packet, at most one
+        per client per ``interval`` seconds, in order (None: answer at once)."""
+        if interval is not None and interval <= 0:
+            raise ValueError(f"answer interval must be > 0, not {interval}")
+        self._submit(partial(self._set_spread, interval))
+
+    @property
+    def answers_pending(self) -> int:
+        """spread_answers(): answers not yet sent, over all clients."""
+        with self._cond:
+            return sum(len(c.answers) for c in self._clients)
+
     def wait_for(self, predicate: Callable[[], object], timeout: float = DEFAULT_WAIT) -> bool:
         """Wait until ``predicate()`` is true, re-checked on every state change; False on timeout."""
         with self._cond:
@@ -375,7 +394,7 @@ class FakeK2:
     def _run(self) -> None:
         try:
             while True:
-                deadlines = [t for t in (self._accept_at, self._trickle_at) if t is not None]
+                deadlines = [t for t in (self._accept_at, self._trickle_at, self._spread_at) if t is not None]
                 timeout = None if not deadlines else max(0.0, min(deadlines) - time.monotonic())
                 events = self._sel.select(timeout)
                 with self._cond:
@@ -387,6 +406,8 @@ class FakeK2:
                         self._accept_delayed()
                     if self._trickle_at is not None and time.monotonic() >= self._trickle_at:
                         self._drip()
+                    if self._spread_at is not None and time.monotonic() >= self._spread_at:
+                        self._answer_one()
                     self._run_commands()
                     self._cond.notify_all()
         except BaseException as exc:
@@ -494,6 +515,7 @@ class FakeK2:
         codec.receive_data(data)
         now = time.monotonic()
         out = bytearray()
+        client.out += codec.data_to_send()  # telnet negotiation goes at once, spread or not
         for event in codec.next_events():
             if isinstance(event, Data):
                 out += event.data
@@ -507,9 +529,10 @@ class FakeK2:
                             self._lines[line] = level
                 self._settings = settings_with(self._settings, event) or self._settings
                 codec.reply(event, self._settings)
-        answer = codec.data_to_send()
-        if answer:
-            client.out += answer
+                if self._spread is not None and (answer := codec.data_to_send()):
+                    client.answers.append(answer)
+        client.out += codec.data_to_send()
+        if client.out:
             self._flush(client)
         return bytes(out)
 
@@ -598,6 +621,24 @@ class FakeK2:
                 self._close(client)
                 continue
             del client.out[:sent]
+
+    def _set_spread(self, interval: float | None) -> None:
+        self._spread = interval
+        self._spread_at = None if interval is None else time.monotonic() + interval
+        if interval is None:  # what was held goes now, in order
+            for client in list(self._clients):
+                while client.answers:
+                    client.out += client.answers.popleft()
+                self._flush(client)
+
+    def _answer_one(self) -> None:
+        """One held answer to each client that has some (spread_answers)."""
+        assert self._spread is not None
+        self._spread_at = time.monotonic() + self._spread
+        for client in list(self._clients):
+            if client.answers:
+                client.out += client.answers.popleft()
+                self._flush(client)
 
     def _set_accept_delay(self, seconds: float) -> None:
         self._accept_delay = seconds
