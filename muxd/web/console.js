@@ -561,7 +561,9 @@
 
   function renderLine(row, line) {
     if (!line) { row.line.textContent = ''; return; }
-    var text = line.baudrate + ' ' + line.format + ' · DTR ' + level(line.dtr) + ' · RTS ' + level(line.rts);
+    // A pty, or a K2 without RFC 2217 control, has no modem lines to show.
+    var text = line.baudrate + ' ' + line.format + (line.control_lines === false
+      ? ' · DTR/RTS n/a' : ' · DTR ' + level(line.dtr) + ' · RTS ' + level(line.rts));
     if (line['break']) text += ' · BREAK';
     if (line.running) text += ' · running ' + line.running;
     if (line.owner) text += ' · owner ' + line.owner;
