@@ -60,7 +60,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import socket
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -89,7 +88,7 @@ from muxd.errors import RemoteProtocolError
 from muxd.hub import Hub
 from muxd.reactor import Reactor
 from muxd.records import FORMATS, Format
-from muxd.transport import Transport, as_transport
+from muxd.transport import Transport
 
 log = logging.getLogger("muxd.listener")
 
@@ -254,7 +253,7 @@ class WebSocketClient(Connection):
 
     def __init__(
         self,
-        sock: socket.socket | Transport,  # the HTTP connection's: a TLS transport under https
+        transport: Transport,  # the HTTP connection's: a TLS transport under https
         peer: str,
         accepted: Upgrade,
         reactor: Reactor,
@@ -272,7 +271,7 @@ class WebSocketClient(Connection):
         self._trailing = trailing
         self.read_only = accepted.read_only
         super().__init__(
-            as_transport(sock),
+            transport,
             accepted.hub,
             accepted.listener,
             peer,
@@ -314,10 +313,12 @@ class WebSocketClient(Connection):
         return self.ws.send(CloseConnection(CLOSE_CODES.get(reason, CloseReason.NORMAL_CLOSURE)))
 
     def _start_close(self, code: int, reason: str) -> None:
-        """Queue our close frame after what is buffered; close once it is sent."""
+        """Queue our close frame after what is buffered; close once it is sent
+        (CLOSING: the core sends nothing after it, and pings stop)."""
         if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             self._out += self.ws.send(CloseConnection(code))
-        self._close_after_flush(reason, CLOSE_TIMEOUT)
+        self._cancel_timer("ping")
+        self.close_after_flush(reason, CLOSE_TIMEOUT)
 
     def _ping(self) -> None:
         if self._awaiting_pong:
