@@ -251,9 +251,7 @@ def test_request_error_quotes_no_byte_of_the_request(line: str) -> None:
 
 
 def test_request_error_keeps_h11_reasons_that_quote_nothing() -> None:
-    assert request_error(h11.RemoteProtocolError("bad Content-Length")) == (
-        "bad Content-Length"
-    )
+    assert request_error(h11.RemoteProtocolError("bad Content-Length")) == ("bad Content-Length")
     assert request_error(h11.RemoteProtocolError("b'x'")) == "malformed request"
 
 
