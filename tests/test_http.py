@@ -253,6 +253,10 @@ def test_request_error_quotes_no_byte_of_the_request(line: str) -> None:
 def test_request_error_keeps_h11_reasons_that_quote_nothing() -> None:
     assert request_error(h11.RemoteProtocolError("bad Content-Length")) == ("bad Content-Length")
     assert request_error(h11.RemoteProtocolError("b'x'")) == "malformed request"
+    assert request_error(h11.RemoteProtocolError("Can't receive data when peer state is ERROR")) == (
+        "Can't receive data when peer state is ERROR"
+    )
+    assert request_error(h11.RemoteProtocolError(f"bad value '{SECRET}'")) == "bad value"
 
 
 # -- idle time, in-process with a short timeout ------------------------------------------

@@ -27,7 +27,9 @@ if none). Anything h11 cannot parse is the peer's RemoteProtocolError: a 400
 and a close, for that peer only; so is a request with both Content-Length and
 Transfer-Encoding (RFC 9112 section 6.1: a smuggling vector, answered and
 closed). Such refusals are logged at debug level through the front's
-LogLimiter.
+LogLimiter, by their reason only: h11 quotes the line it refuses, and a
+header line may carry a token (Authorization, Cookie, Sec-WebSocket-Protocol),
+so the quote is cut before the message is logged or answered (request_error).
 
 A ConnectionTable groups a front's connections by peer address, oldest first,
 so that the front can refuse a peer over its share and, when full, evict the
@@ -63,9 +65,10 @@ BODY_LIMIT = 4 * 1024
 READ_SIZE = 16 * 1024
 # An error's explanation, in the answer and the log, is cut to this.
 FAIL_MESSAGE_LIMIT = 200
-# Where h11 starts quoting the peer's bytes in a message: a bytes repr,
-# b'...' or b"...", bare or in bytearray(...).
-_QUOTED = re.compile(r"""(?<![A-Za-z0-9_])(?:bytearray\()?b['"]""")
+# Where h11 starts quoting the peer's bytes in a message: a bytes repr
+# (b'...' or b"...", bare or in bytearray(...)), or any opening quote (an
+# apostrophe inside a word, as in "Can't", is not one).
+_QUOTED = re.compile(r"""(?<![A-Za-z0-9_])(?:(?:bytearray\()?b)?['"]""")
 
 
 def request_error(exc: h11.RemoteProtocolError) -> str:
