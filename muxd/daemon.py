@@ -42,7 +42,7 @@ from muxd.listeners.pty import PtyListener
 from muxd.listeners.rfc2217 import Rfc2217Listener
 from muxd.listeners.stream import StreamListener
 from muxd.listeners.websocket import reauthorize
-from muxd.port import Connection, ListenerRuntime, PortRuntime, bounds_for, make_upstream
+from muxd.port import ListenerClient, ListenerRuntime, PortRuntime, bounds_for, make_upstream
 from muxd.reactor import Reactor
 from muxd.trace import Trace
 
@@ -260,9 +260,9 @@ class Daemon:
             raise StartError(f"{what}: {start_cause(exc)}") from exc
         self.http[srv.name] = front
 
-    def _connections(self) -> list[Connection]:
+    def _connections(self) -> list[ListenerClient]:
         """Every connected reader: the listeners' and the HTTP servers' WebSockets."""
-        conns: list[Connection] = [c for front in self.http.values() for c in front.clients]
+        conns: list[ListenerClient] = [c for front in self.http.values() for c in front.clients]
         for rt in self.ports.values():
             for listener in rt.listeners.values():
                 conns += listener.clients

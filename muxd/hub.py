@@ -107,8 +107,10 @@ class ReaderOwner(Protocol):
         of the loop (call_soon), never from inside one of its own methods."""
 
 
-class Transport(Protocol):
-    """A plain byte transport the hub may write to directly (see Reader.transport)."""
+class DirectWriter(Protocol):
+    """What the fan-out pass writes ring views to directly (see Reader.transport):
+    a raw reader's connection over a plain transport (muxd.connection), not
+    a transport itself (muxd.transport.Transport)."""
 
     def write(self, data: memoryview) -> int:
         """Write some of data; raise BlockingIOError when full."""
@@ -205,7 +207,7 @@ class Reader:
         # Unix streams): the fan-out pass then writes to them itself, sharing one
         # set of views among all readers at the same offset. Encoding readers
         # (WebSocket, RFC 2217) leave it None and are woken through on_data().
-        self.transport: Transport | None = None
+        self.transport: DirectWriter | None = None
 
     @property
     def held(self) -> int:

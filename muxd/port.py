@@ -24,7 +24,10 @@ if TYPE_CHECKING:
     from muxd.mqtt.feed import Feed
 
 
-class Connection(Protocol):
+class ListenerClient(Protocol):
+    """A listener's connected client as the daemon handles it at shutdown and
+    reload (a muxd.connection.Connection is one)."""
+
     def close(self, reason: str) -> None: ...
     def finish(self) -> None: ...
 
@@ -33,7 +36,7 @@ class ListenerRuntime(Protocol):
     cfg: Listener
 
     @property
-    def clients(self) -> set[Connection]: ...
+    def clients(self) -> set[ListenerClient]: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
 

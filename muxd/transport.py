@@ -1,8 +1,10 @@
 """Transports: the fd end of a connection, and how that fd ends.
 
-A transport moves bytes between a connection (muxd.connection) and one fd. It
-decides nothing: a full buffer raises BlockingIOError, a dead peer raises
-OSError, and the connection decides what that means.
+A transport moves bytes between a connection (muxd.fdconn, and the hub
+readers and HTTP connections built on it) and one fd. It decides nothing: a
+full buffer raises BlockingIOError, a dead peer raises OSError, and the
+connection decides what that means. A connection never asks which kind of
+transport it has: plain or TLS, the shape is the same.
 
 ``write``/``writev`` are C-level callables (``functools.partial`` of
 ``os.write``/``os.writev`` on the fd), so the hub's fan-out pass, which calls
@@ -116,11 +118,6 @@ class SocketTransport:
     def close(self) -> None:
         if self.sock.fileno() >= 0:
             graceful_close(self.sock)
-
-
-def as_transport(sock: socket.socket | Transport) -> Transport:
-    """A socket as a SocketTransport; a transport (TLS) as it is."""
-    return SocketTransport(sock) if isinstance(sock, socket.socket) else sock
 
 
 class PtyTransport:

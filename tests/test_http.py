@@ -31,6 +31,7 @@ import pytest
 
 from muxd.listeners import http as httpmod
 from muxd.listeners.http import HttpFront, HttpTimeouts
+from muxd.listeners.http_connection import request_error
 from muxd.reactor import Reactor
 from tests.helpers import (
     ROOT,
@@ -207,6 +208,55 @@ def test_limits_and_garbage_close_only_that_peer(
     resp = bystander.getresponse()
     assert resp.status == 200 and json.loads(resp.read())["ports"]
     bystander.close()
+
+
+SECRET = "SECRET-9f2c41d7e8b3"
+
+
+def test_a_refused_header_line_never_reaches_the_log_or_the_answer(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    """Issue 19: h11 quotes the line it refuses; with a NUL in an Authorization
+    header that line is a bearer token. At debug level only the reason is logged."""
+    m, addr = start_http(muxd, tmp_path, pty_device)  # start_http logs at debug level
+    host, port = addr.rsplit(":", 1)
+    raw = f"GET /api/v1/ports HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {SECRET}\x00\r\n\r\n"
+    with connect(int(port), host) as s:
+        s.sendall(raw.encode())
+        answer = read_to_eof(s)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    m.wait_log(": 400 illegal header line")  # the refusal is logged, by its reason
+    assert SECRET.encode() not in answer
+    assert SECRET not in m.log()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f"Authorization: Bearer {SECRET}\x00",
+        f"Cookie: session={SECRET}\x00",
+        f"Sec-WebSocket-Protocol: muxd, bearer.{SECRET}\x00",
+        f"X-{SECRET}\x7f: 1",
+        f"{SECRET}",  # no colon at all
+    ],
+)
+def test_request_error_quotes_no_byte_of_the_request(line: str) -> None:
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(f"GET / HTTP/1.1\r\nHost: x\r\n{line}\r\n\r\n".encode("latin-1"))
+    with pytest.raises(h11.RemoteProtocolError) as caught:
+        server.next_event()
+    assert SECRET in str(caught.value)  # what h11 says, quoting the line
+    reason = request_error(caught.value)
+    assert reason == "illegal header line"
+
+
+def test_request_error_keeps_h11_reasons_that_quote_nothing() -> None:
+    assert request_error(h11.RemoteProtocolError("bad Content-Length")) == ("bad Content-Length")
+    assert request_error(h11.RemoteProtocolError("b'x'")) == "malformed request"
+    assert request_error(h11.RemoteProtocolError("Can't receive data when peer state is ERROR")) == (
+        "Can't receive data when peer state is ERROR"
+    )
+    assert request_error(h11.RemoteProtocolError(f"bad value '{SECRET}'")) == "bad value"
 
 
 # -- idle time, in-process with a short timeout ------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 import serial
 
 from muxd.config import Listener, Port, SimUpstream
+from muxd.fdconn import State
 from muxd.hub import Hub
 from muxd.linecontrol import LineControl
 from muxd.listeners.pty import PtyListener, PtySession, read_line_settings, write_line_settings
@@ -225,6 +226,8 @@ def test_a_program_that_closes_while_input_is_paused_does_not_spin_the_loop(
             turns += 1
         assert turns < 20, f"{turns} loop turns in 0.3 s: the loop is spinning"
         assert listener.clients  # what the program wrote is still owed to the device
+        (session,) = listener.clients
+        assert session.state is State.PARKED  # out of the reactor until the queue has room
         got = bytearray()
 
         def drain() -> bool:

@@ -22,7 +22,7 @@ names are parsed and compared in muxd.protocol.http_names, which explains why.
 
 Routes: ``/`` and the console's files (muxd.web, looked up in an index, never
 on the file system), ``/metrics``, ``/api/v1/...`` (muxd.api) and
-``/ws/<port>``, where an accepted upgrade hands the socket to a
+``/ws/<port>``, where an accepted upgrade hands the transport to a
 WebSocketClient (muxd.listeners.websocket). Numbers in a path are parsed with
 a bound on their digits, so int() never sees something it raises on.
 
@@ -86,7 +86,7 @@ from muxd.protocol.http_names import (
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
 from muxd.tls import TlsServer
-from muxd.transport import Transport
+from muxd.transport import SocketTransport, Transport
 from muxd.web import web_file
 
 log = logging.getLogger("muxd.http")
@@ -211,7 +211,7 @@ class HttpFront:
         if self.tls is not None:
             self.tls.stop()
         for conn in list(self.connections):
-            conn.close()
+            conn.close("shutdown")
 
     def reconfigure(self, cfg: HttpServer) -> None:
         """A reload: the new entry's origins, names, allow-list and tokens
@@ -273,23 +273,29 @@ class HttpFront:
                     self.connections.of_peer(victim.peer_host),
                     host,
                 )
-                victim.close()
+                victim.close("evicted")
         if refusal is not None:
             self.refusals.warning(host, "connections", "%s: refused %s: %s", self.cfg.name, host, refusal)
             conn.close()
             return
         peer = format_hostport(host, port)
         if self.tls is None:
-            self.connections.add(HttpConnection(self, conn, str(host), peer))
+            self._start_connection(SocketTransport(conn), str(host), peer)
             return
 
         def ready(transport: Transport) -> None:
             if self._acceptor is not None and self._acceptor.sock is not None:  # not stopped meanwhile
-                self.connections.add(HttpConnection(self, transport, str(host), peer))
+                self._start_connection(transport, str(host), peer)
             else:
                 transport.close()
 
         self.tls.accept(conn, peer, ready)
+
+    def _start_connection(self, transport: Transport, host: str, peer: str) -> None:
+        conn = HttpConnection(self, transport, host, peer)
+        self.connections.add(conn)
+        conn.on_close.append(lambda: self.connections.discard(conn))
+        conn.start()
 
     # -- routing ------------------------------------------------------------------
 

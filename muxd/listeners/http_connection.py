@@ -1,20 +1,22 @@
-"""One plain HTTP connection of the front: h11 fed from the socket, and the
-per-peer table of them.
+"""One plain HTTP connection of the front: h11 over the fd-connection core,
+and the per-peer table of them.
 
-An HttpConnection is an h11 state machine fed from its socket: requests are
-answered at once from memory (HttpFront.handle makes the Reply), one at a time
-(a pipelined request waits until the previous response has been handed to the
-kernel, so input is not read while output is pending), and the connection is
-kept alive until the peer closes, asks to close, or idles. An accepted
-WebSocket upgrade hands the socket, with any bytes after the request, to a
-WebSocketClient (muxd.listeners.websocket) and forgets it.
+An HttpConnection is the fd-connection core (muxd.fdconn) with an h11 state
+machine fed from its transport: requests are answered at once from memory
+(HttpFront.handle makes the Reply), one at a time (a pipelined request waits
+until the previous response has been handed to the kernel, so input is not
+read while output is pending), and the connection is kept alive until the
+peer closes, asks to close, or idles. A response after which the connection
+must close (an error, ``Connection: close``, HTTP/1.0) puts it in the core's
+CLOSING state: the response is flushed, then the graceful close. An accepted
+WebSocket upgrade hands the transport, with any bytes after the request, to a
+WebSocketClient (muxd.listeners.websocket): the core's SWITCHED state.
 
-Under https the connection is made over a TLS transport (muxd.tls) instead
-of the socket, after the handshake: requests are read from it and responses
-sent through it (one view at a time: it encrypts a record per send), EPOLLOUT
-is watched while it holds records the socket has not taken, and input it has
-already taken off the socket is read without waiting for epoll. The upgrade
-hands over the transport, so the WebSocket is WSS.
+The transport is a SocketTransport, or under https a TLS transport (muxd.tls)
+made after the handshake; nothing here asks which. The core watches EPOLLOUT
+while the transport holds records the socket has not taken, and reads input
+it has already taken off the socket without waiting for epoll. The upgrade
+hands over the same transport, so the WebSocket is WSS.
 
 Limits: the request line and headers must fit in HEADER_LIMIT (h11's
 max_incomplete_event_size; 431 otherwise), a body in BODY_LIMIT (413). A new
@@ -25,7 +27,9 @@ if none). Anything h11 cannot parse is the peer's RemoteProtocolError: a 400
 and a close, for that peer only; so is a request with both Content-Length and
 Transfer-Encoding (RFC 9112 section 6.1: a smuggling vector, answered and
 closed). Such refusals are logged at debug level through the front's
-LogLimiter.
+LogLimiter, by their reason only: h11 quotes the line it refuses, and a
+header line may carry a token (Authorization, Cookie, Sec-WebSocket-Protocol),
+so the quote is cut before the message is logged or answered (request_error).
 
 A ConnectionTable groups a front's connections by peer address, oldest first,
 so that the front can refuse a peer over its share and, when full, evict the
@@ -35,19 +39,17 @@ oldest connection of the peer holding the most.
 from __future__ import annotations
 
 import http
-import itertools
-import socket
-from collections import deque
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import h11
 
+from muxd.fdconn import FdConnection, State
 from muxd.listeners.http_reply import Reply, error_reply
 from muxd.listeners.websocket import WebSocketClient, header
 from muxd.protocol.http_names import peer_ip
-from muxd.reactor import ERRMASK, IN, OUT
-from muxd.transport import Transport, graceful_close
+from muxd.transport import Transport
 
 if TYPE_CHECKING:
     from muxd.listeners.http import HttpFront
@@ -63,8 +65,19 @@ BODY_LIMIT = 4 * 1024
 READ_SIZE = 16 * 1024
 # An error's explanation, in the answer and the log, is cut to this.
 FAIL_MESSAGE_LIMIT = 200
-# Buffers per sendmsg: a response is at most headers, body and end.
-SEND_VIEWS = 8
+# Where h11 starts quoting the peer's bytes in a message: a bytes repr
+# (b'...' or b"...", bare or in bytearray(...)), or any opening quote (an
+# apostrophe inside a word, as in "Can't", is not one).
+_QUOTED = re.compile(r"""(?<![A-Za-z0-9_])(?:(?:bytearray\()?b)?['"]""")
+
+
+def request_error(exc: h11.RemoteProtocolError) -> str:
+    """Why h11 refused a request, without the request's bytes: h11 quotes the
+    offending line, and a header line may carry a token (Authorization,
+    Cookie, Sec-WebSocket-Protocol). Everything from the first quote on is
+    cut, so no byte the peer sent reaches the log or the answer."""
+    reason = _QUOTED.split(str(exc), maxsplit=1)[0].rstrip(" :")
+    return reason or "malformed request"
 
 
 class ConnectionTable:
@@ -115,83 +128,63 @@ class ConnectionTable:
         return conn in self._peers
 
 
-class HttpConnection:
-    """One accepted socket of an HttpFront, until it closes or becomes a WebSocket."""
+class HttpConnection(FdConnection):
+    """One accepted connection of an HttpFront, until it closes or becomes a WebSocket."""
 
-    def __init__(self, front: HttpFront, sock: socket.socket | Transport, peer_host: str, peer: str) -> None:
+    read_size = READ_SIZE
+
+    def __init__(self, front: HttpFront, transport: Transport, peer_host: str, peer: str) -> None:
+        """Set up; start() registers it with the loop (and reads what a TLS
+        handshake's last flight brought: a browser's request comes with it)."""
+        super().__init__(transport, front.reactor, front.cfg.name, peer)
         self.front = front
-        self.reactor = front.reactor
-        self.sock = sock  # the socket, or under https the TLS transport
-        self.fd = sock.fileno() if isinstance(sock, socket.socket) else sock.fd
-        self._read_soon = False  # a read of the TLS transport's buffered input is scheduled
         self.peer_host = peer_host
-        self.peer = peer
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEADER_LIMIT)
-        self.closed = False
-        self._out: deque[memoryview] = deque()  # at most one response: see _process()
-        self._close_when_sent = False
         self._request: h11.Request | None = None
         self._body = 0
         self._body_data = bytearray()  # the request's body: the few routes that read one (JSON)
-        self._received = 0  # bytes since the last response: tells idle from a slow request
+        self._since_response = 0  # bytes since the last response: tells idle from a slow request
         self._idle = False  # between requests of a kept-alive connection: the idle timeout applies
-        if isinstance(sock, socket.socket):
-            sock.setblocking(False)
-        self._timer = self.reactor.call_later(self.front.timeouts.header, self._on_timeout)
-        self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
-        if not isinstance(sock, socket.socket):
-            # A browser sends its request with the handshake's last flight: it is
-            # in the TLS transport already, and epoll will not report it again.
-            self._watch()
+        self._set_timer("request", front.timeouts.header, self._on_timeout)
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._timer.cancel()
-        self.reactor.remove(self.fd)
-        self.front.connections.discard(self)
-        if isinstance(self.sock, socket.socket):
-            graceful_close(self.sock)
-        else:
-            self.sock.close()  # close_notify, then the same graceful close
+    # -- the core's hooks ---------------------------------------------------
 
-    # -- events -------------------------------------------------------------
+    def _reading(self) -> bool:
+        # One response at a time: the next request is read once this one is sent.
+        return self.state is State.OPEN and not self._out and not self.transport.unsent
 
-    def _on_events(self, mask: int) -> None:
-        if mask & OUT:
-            self._flush()
-        if self.closed:
-            return
-        if mask & (IN | ERRMASK) and not self._out:
-            try:
-                data = self.sock.recv(READ_SIZE)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.close()
-                return
-            self._received += len(data)
-            self.h11.receive_data(data)  # b"" tells h11 the peer closed
+    def _received(self, data: bytes) -> None:
+        self._since_response += len(data)
+        self.h11.receive_data(data)
         self._process()
+
+    def _end_of_input(self) -> None:
+        self.h11.receive_data(b"")  # h11 says what the peer's close means now
+        self._process()
+
+    def _on_writable(self) -> None:
+        self.pump()
+        if self.state is State.OPEN and not self._out:
+            self._process()  # a pipelined request h11 already holds
+
+    # -- requests -------------------------------------------------------------
 
     def _process(self) -> None:
         """Answer every complete request h11 has, one response at a time."""
-        if self._idle and self._received and not self.closed:
+        if self._idle and self._since_response and self.state is State.OPEN:
             # A kept-alive connection began its next request: it has
             # the header timeout to finish it, as a new connection has.
             self._idle = False
-            self._timer.cancel()
-            self._timer = self.reactor.call_later(self.front.timeouts.header, self._on_timeout)
-        while not self.closed:
+            self._set_timer("request", self.front.timeouts.header, self._on_timeout)
+        while self.state is State.OPEN:
             if self._out:
-                self._flush()
-                if self._out or self.closed:
+                self.pump()
+                if self._out or self.state is not State.OPEN:
                     break
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                self._fail(exc.error_status_hint, str(exc))
+                self._fail(exc.error_status_hint, request_error(exc))
                 continue
             if event is h11.NEED_DATA:
                 break
@@ -218,7 +211,7 @@ class HttpConnection:
             elif isinstance(event, h11.EndOfMessage):
                 self._dispatch()
             else:  # ConnectionClosed, or PAUSED in a state we never leave it in
-                self.close()
+                self.close("peer closed")
         self._watch()
 
     def _dispatch(self) -> None:
@@ -230,121 +223,72 @@ class HttpConnection:
             return
         # wsproto accepted an `Upgrade: websocket`, so h11 is waiting to switch
         # (MIGHT_SWITCH_PROTOCOL) and has kept any bytes after the request.
-        # Hand the socket over: it is the WebSocket's now, not ours to close.
-        self.closed = True
-        self._timer.cancel()
-        self.reactor.remove(self.fd)
-        self.front.connections.discard(self)
+        # Hand the transport over: it is the WebSocket's now, not ours to close.
+        transport, trailing = self.transport, self.h11.trailing_data[0]
+        self._switch()
         client = WebSocketClient(
-            self.sock,
+            transport,
             self.peer,
             result,
             self.reactor,
-            self.h11.trailing_data[0],
+            trailing,
             ping_interval=self.front.timeouts.ping,
         )
-        self.front.clients.add(client)
-        client.on_close.append(self.front.clients.discard)
+        clients = self.front.clients
+        clients.add(client)
+        client.on_close.append(lambda: clients.discard(client))
         client.start()
 
-    def _respond(self, request: h11.Request | None, reply: Reply) -> None:
+    def _respond(self, request: h11.Request | None, reply: Reply, close: bool = False) -> None:
+        """Queue the response and send it; `close`: say so, and close once it is sent."""
         headers = [
             ("content-type", reply.content_type),
             ("content-length", str(len(reply.body))),
             ("x-content-type-options", "nosniff"),
             *reply.headers,
         ]
-        if self._close_when_sent:
+        if close:
             headers.append(("connection", "close"))
         phrase = http.HTTPStatus(reply.status).phrase.encode()
-        self._send(h11.Response(status_code=reply.status, headers=headers, reason=phrase))
+        self._send_event(h11.Response(status_code=reply.status, headers=headers, reason=phrase))
         if request is None or request.method != b"HEAD":
-            self._send(h11.Data(data=reply.body))
-        self._send(h11.EndOfMessage())
+            self._send_event(h11.Data(data=reply.body))
+        self._send_event(h11.EndOfMessage())
         if self.h11.our_state is h11.MUST_CLOSE:
-            self._close_when_sent = True
+            # The response is bounded by the request timer: a peer that does not read it is closed.
+            self.close_after_flush("done", self.front.timeouts.header)
         elif self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
-            self._received = 0
+            self._since_response = 0
             self._idle = True
-            self._timer.cancel()
-            self._timer = self.reactor.call_later(self.front.timeouts.idle, self._on_timeout)
+            self._set_timer("request", self.front.timeouts.idle, self._on_timeout)
 
-    def _send(self, event: h11.Event) -> None:
+    def _send_event(self, event: h11.Event) -> None:
+        # At most one response is queued (see _reading): headers, a body of
+        # memory the front already holds, and the end.
         for chunk in self.h11.send_with_data_passthrough(event) or ():
-            if chunk:
-                self._out.append(memoryview(chunk))
+            self._out += chunk
 
     def _fail(self, status: int, message: str) -> None:
-        """Answer an error the peer caused (if a response can still be sent), then close."""
-        # h11's messages quote the offending line whole: up to HEADER_LIMIT
-        # of the peer's bytes, which neither the answer nor the log needs.
+        """Answer an error the peer caused (if a response can still be sent), then close.
+        `message` must not quote the peer's bytes (see request_error)."""
         if len(message) > FAIL_MESSAGE_LIMIT:
             message = message[:FAIL_MESSAGE_LIMIT] + "..."
         self.front.refusals.debug(
             self.peer_host, "request", "%s: %s: %d %s", self.front.cfg.name, self.peer, status, message
         )
-        self._close_when_sent = True
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not self._out:
+        if self.state is State.OPEN and self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE) and not self._out:
             request = self._request if self.h11.our_state is h11.SEND_RESPONSE else None
-            self._respond(request, error_reply(status, message, False))
-            self._flush()
+            self._respond(request, error_reply(status, message, False), close=True)
         else:
-            self.close()
-
-    def _flush(self) -> None:
-        out = self._out
-        sock = self.sock
-        while out:
-            try:
-                if isinstance(sock, socket.socket):
-                    n = sock.sendmsg(list(itertools.islice(out, SEND_VIEWS)))
-                else:
-                    n = sock.send(out[0])  # TLS: flushes held records first
-            except BlockingIOError:
-                break
-            except OSError:
-                self.close()
-                return
-            while n and n >= len(out[0]):
-                n -= len(out.popleft())
-            if n:
-                out[0] = out[0][n:]
-                break
-        if not isinstance(sock, socket.socket):
-            try:
-                sock.flush()
-            except OSError:
-                self.close()
-                return
-        if not out and self._close_when_sent and not self._unsent():
-            self.close()
-
-    def _unsent(self) -> int:
-        return 0 if isinstance(self.sock, socket.socket) else self.sock.unsent
-
-    def _watch(self) -> None:
-        if self.closed:
-            return
-        pending = self._out or self._unsent()
-        self.reactor.modify(self.fd, OUT if pending else IN)
-        # Input the TLS transport already took off the socket: epoll will not
-        # report it, so read it on the next turn of the loop.
-        tls_input = not isinstance(self.sock, socket.socket) and self.sock.buffered
-        if not pending and tls_input and not self._read_soon:
-            self._read_soon = True
-            self.reactor.call_soon(self._read_buffered)
-
-    def _read_buffered(self) -> None:
-        self._read_soon = False
-        if not self.closed:
-            self._on_events(IN)
+            self.close("refused")
 
     def _on_timeout(self) -> None:
-        if self._out or (self.h11.their_state is h11.IDLE and not self._received):
-            self.close()  # idle, or not reading its response
+        if (
+            self.state is not State.OPEN
+            or self._out
+            or (self.h11.their_state is h11.IDLE and not self._since_response)
+        ):
+            self.close("timeout")  # idle, or not reading its response
         else:
             self._fail(408, f"no complete request within {self.front.timeouts.header:g}s")
-
-    def _on_internal_error(self, _exc: BaseException) -> None:
-        self.close()

@@ -68,11 +68,12 @@ from typing import Any
 
 from muxd.checks import group_id
 from muxd.config import Listener
-from muxd.connection import Connection, State
+from muxd.connection import Connection
+from muxd.fdconn import State
 from muxd.hub import Hub
 from muxd.linecontrol import LineControl
 from muxd.protocol.line_settings import LineSettings
-from muxd.reactor import IN, Reactor, Timer
+from muxd.reactor import Reactor, Timer
 from muxd.transport import PtyTransport
 
 log = logging.getLogger("muxd.listener")
@@ -132,9 +133,6 @@ class PtySession(Connection):
 
     def __init__(self, listener: PtyListener) -> None:
         self.listener = listener
-        # Out of the reactor while the program has closed the slave and input is
-        # paused: HUP would otherwise wake the loop without end.
-        self._parked = False
         # The line settings the program asked for last; a tcsetattr that leaves
         # them alone (VMIN, echo, ...) is no request. It starts from what muxd
         # showed on the slave before the program opened it (the settings in
@@ -148,22 +146,17 @@ class PtySession(Connection):
         super().__init__(master, listener.hub, listener.cfg, f"pty:{listener.slave_name}", listener.reactor)
 
     def on_write_room(self) -> None:
-        if self._parked and not self.closed:
-            self._parked = False
-            self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
+        if self.state is State.PARKED:
+            self._unpark()  # what the program wrote can go to the device now
         super().on_write_room()
-
-    def _watch(self) -> None:
-        if not self._parked:
-            super()._watch()
 
     def _hung_up(self) -> None:
         if self.state is State.OPEN and self.reader.input_paused:
             # The program closed the slave while its input waits for room in
             # the write queue: what it wrote is still unread in the master, so
-            # the session stays, out of epoll, until the queue drains.
-            self._parked = True
-            self.reactor.remove(self.fd)
+            # the session stays PARKED, out of epoll (whose HUP would otherwise
+            # wake the loop without end), until the queue drains.
+            self._park()
         else:
             super()._hung_up()
 

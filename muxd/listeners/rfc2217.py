@@ -67,7 +67,7 @@ from muxd.protocol.rfc2217 import (
 )
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
-from muxd.transport import Transport, as_transport
+from muxd.transport import Transport
 from muxd.upstream.base import ControlLines, ModemLines
 
 log = logging.getLogger("muxd.listener")
@@ -117,7 +117,7 @@ class Rfc2217Connection(Connection):
 
     def __init__(
         self,
-        sock: socket.socket | Transport,
+        transport: Transport,
         peer: str,
         cfg: Listener,
         hub: Hub,
@@ -135,7 +135,7 @@ class Rfc2217Connection(Connection):
         # The negotiation goes out at once: a telnet client on a port other
         # than 23 waits for the server to begin.
         initial = self.codec.data_to_send()
-        super().__init__(as_transport(sock), hub, cfg, peer, reactor, encoding=True, initial=initial)
+        super().__init__(transport, hub, cfg, peer, reactor, encoding=True, initial=initial)
 
     # -- out: hub -> client -------------------------------------------------
 
@@ -265,5 +265,7 @@ class Rfc2217Listener(StreamListener):
         super().__init__(cfg, hub, reactor, sock)
         self.line_control = line_control
 
-    def _client(self, conn: socket.socket | Transport, peer: str) -> Connection:
-        return Rfc2217Connection(conn, peer, self.cfg, self.hub, self.reactor, line_control=self.line_control)
+    def _client(self, transport: Transport, peer: str) -> Connection:
+        return Rfc2217Connection(
+            transport, peer, self.cfg, self.hub, self.reactor, line_control=self.line_control
+        )

@@ -34,16 +34,14 @@ from muxd.listeners.acceptor import Acceptor, bind_tcp
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
 from muxd.tls import TlsServer
-from muxd.transport import Transport, as_transport
+from muxd.transport import SocketTransport, Transport
 
 log = logging.getLogger("muxd.listener")
 
 
 class StreamClient(Connection):
-    def __init__(
-        self, sock: socket.socket | Transport, peer: str, cfg: Listener, hub: Hub, reactor: Reactor
-    ) -> None:
-        super().__init__(as_transport(sock), hub, cfg, peer, reactor)
+    def __init__(self, transport: Transport, peer: str, cfg: Listener, hub: Hub, reactor: Reactor) -> None:
+        super().__init__(transport, hub, cfg, peer, reactor)
 
 
 class StreamListener:
@@ -139,17 +137,17 @@ class StreamListener:
         if self.tls is not None:
             self.tls.accept(conn, peer, lambda transport: self._start_client(transport, peer))
         else:
-            self._start_client(conn, peer)
+            self._start_client(SocketTransport(conn), peer)
 
-    def _start_client(self, conn: socket.socket | Transport, peer: str) -> None:
-        client = self._client(conn, peer)
+    def _start_client(self, transport: Transport, peer: str) -> None:
+        client = self._client(transport, peer)
         self.clients.add(client)
-        client.on_close.append(self.clients.discard)
+        client.on_close.append(lambda: self.clients.discard(client))
         client.start()
 
-    def _client(self, conn: socket.socket | Transport, peer: str) -> Connection:
+    def _client(self, transport: Transport, peer: str) -> Connection:
         """The connection object for an accepted socket; protocol listeners override it."""
-        return StreamClient(conn, peer, self.cfg, self.hub, self.reactor)
+        return StreamClient(transport, peer, self.cfg, self.hub, self.reactor)
 
     @property
     def bound_address(self) -> str | None:

@@ -60,7 +60,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import socket
 import time
 import urllib.parse
 from collections.abc import Iterable
@@ -85,12 +84,13 @@ from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from muxd.access import WS_PROTOCOL, Tokens, presented, scope_allows, ws_protocols
 from muxd.config import Listener
-from muxd.connection import Connection, State
+from muxd.connection import Connection
 from muxd.errors import RemoteProtocolError
+from muxd.fdconn import State
 from muxd.hub import Hub
 from muxd.reactor import Reactor
 from muxd.records import FORMATS, Format
-from muxd.transport import Transport, as_transport
+from muxd.transport import Transport
 
 log = logging.getLogger("muxd.listener")
 
@@ -271,7 +271,7 @@ class WebSocketClient(Connection):
 
     def __init__(
         self,
-        sock: socket.socket | Transport,  # the HTTP connection's: a TLS transport under https
+        transport: Transport,  # the HTTP connection's: a TLS transport under https
         peer: str,
         accepted: Upgrade,
         reactor: Reactor,
@@ -291,7 +291,7 @@ class WebSocketClient(Connection):
         self._secret = accepted.secret
         self._revoked = False  # closing for a token a reload revoked
         super().__init__(
-            as_transport(sock),
+            transport,
             accepted.hub,
             accepted.listener,
             peer,
@@ -334,10 +334,12 @@ class WebSocketClient(Connection):
 
     def _start_close(self, code: int, reason: str, notice: str | None = None) -> None:
         """Queue our close frame (with ``notice``, the reason the peer reads)
-        after what is buffered; close once it is sent."""
+        after what is buffered; close once it is sent (CLOSING: the core sends
+        nothing after it, and pings stop)."""
         if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
             self._out += self.ws.send(CloseConnection(code, notice))
-        self._close_after_flush(reason, CLOSE_TIMEOUT)
+        self._cancel_timer("ping")
+        self.close_after_flush(reason, CLOSE_TIMEOUT)
 
     # -- access -------------------------------------------------------------
 
