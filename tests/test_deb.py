@@ -12,7 +12,15 @@ import pytest
 import muxd
 from tests.deb_package import REPO, built_deb, control_fields, relations
 
-DEPENDS = ("python3-serial", "python3-yaml", "python3-prometheus-client", "python3-h11", "python3-wsproto")
+# procps for /bin/kill, which the units' ExecReload= runs.
+DEPENDS = (
+    "python3-serial",
+    "python3-yaml",
+    "python3-prometheus-client",
+    "python3-h11",
+    "python3-wsproto",
+    "procps",
+)
 
 
 @pytest.fixture(scope="module")
