@@ -203,6 +203,24 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path: Path, pty_device: PtyDev
     assert not sock_path.exists(), "the unix socket of the second listener was left behind"
 
 
+def test_a_trace_in_a_missing_directory_is_refused_before_anything_is_bound(
+    tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    sock_path, trace = tmp_path / "dut.sock", tmp_path / "missing" / "dut.trace"
+    port = {
+        "name": "dut",
+        "upstream": {"serial": pty_device.path},
+        "trace": [{"path": str(trace)}],
+        "listeners": [{"unix": str(sock_path), "name": "dut-unix"}],
+    }
+    done = run_muxd("run", "-c", str(write_config(tmp_path, {"ports": [port]})), timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"muxd: cannot start: port dut, trace {trace}: directory {trace.parent} does not exist"
+    ]
+    assert not sock_path.exists()
+
+
 def test_a_failed_start_in_process_closes_what_it_bound(
     tmp_path: Path, pty_device: PtyDevice, busy_port: int
 ) -> None:
