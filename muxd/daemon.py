@@ -209,11 +209,12 @@ class Daemon:
         A failure in phase 2 or 3 undoes what was done before it is raised.
         """
         self._validate()
+        fed: list[PortRuntime] = []  # the ports whose upstream was started
         try:
             self._bind()
-            self._create()
+            self._create(fed)
         except BaseException:
-            self._undo()
+            self._undo(fed)
             raise
         r = self.reactor
         r.add_signal(signal.SIGTERM, lambda _s: self.shutdown())
@@ -292,7 +293,7 @@ class Daemon:
         for srv in self.config.http:
             self._start_http(srv)
 
-    def _create(self) -> None:
+    def _create(self, fed: list[PortRuntime]) -> None:
         """Phase 3: the pty links (which may still fail), then the trace files and
         the upstreams (which do not: an error there is logged and retried)."""
         for rt in self.ports.values():
@@ -301,13 +302,20 @@ class Daemon:
                     self._start_listener(rt, cfg)
         for rt in self.ports.values():
             self._start_feeds(rt)
+            fed.append(rt)
         if self.mqtt is not None:
             self.mqtt.start()  # connects on the reactor: never waits here
 
-    def _undo(self) -> None:
-        """Take down what a failed start made: sockets closed, files removed."""
+    def _undo(self, fed: list[PortRuntime]) -> None:
+        """Take down what a failed start made: sockets closed, files removed. An
+        upstream never started is left alone (its stop would log "down")."""
         for rt in self.ports.values():
-            self._stop_port(rt)
+            for name in list(rt.listeners):
+                self._stop_listener(rt, name)
+        for rt in fed:
+            rt.upstream.stop()
+        for rt in self.ports.values():
+            self._stop_traces(rt)
         self.ports.clear()
         for front in self.http.values():
             front.stop()
