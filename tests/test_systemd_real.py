@@ -62,6 +62,8 @@ TOOLS = ("systemd-nspawn", "mmdebstrap", "nsenter", "mount", "umount")
 MAX_EXPOSURE = 2.0  # systemd-analyze security, measured on the guest's real unit (1.7 on 252)
 LISTENER = 7000  # the shipped config's serial0-tcp, and the shipped muxd.socket's ListenStream=
 CLONE_NEWNET = 0x40000000  # setns(2): the fd is a network namespace
+# apt's words for sources it cannot reach (no network, no DNS, a mirror down).
+UNREACHABLE = "Temporary failure resolving|Could not resolve|Failed to fetch|Unable to connect|unreachable"
 
 
 def _why_not() -> str | None:
@@ -143,6 +145,9 @@ def _rootfs(packages: list[str], timings: dict[str, float]) -> Path:
             )
             if proc.returncode != 0:
                 shutil.rmtree(building, ignore_errors=True)
+                offline = re.search(f"^.*(?:{UNREACHABLE}).*$", proc.stderr, re.M)
+                if offline:  # the machine's, not muxd's: say exactly what apt said
+                    pytest.skip(f"mmdebstrap cannot reach the apt sources: {offline[0].strip()}")
                 raise AssertionError(f"mmdebstrap failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             building.rename(tree)
             _phase(timings, "rootfs (mmdebstrap, cache miss)", t0)
