@@ -15,6 +15,11 @@ re-read at every reload: new handshakes use them, connected clients keep
 their sessions. A changed upstream is reopened; the port's log and its
 readers' cursors carry on.
 
+A start validates everything it can first (the sockets systemd passed, each
+matched to its listener, directories, groups, token files), then binds every
+listening socket, then creates pty links, trace files and upstreams; a start
+that fails undoes what it did, so it leaves no socket, link or file behind.
+
 systemd hears READY=1 once every listener is bound and every upstream tried,
 a STATUS= line kept current, WATCHDOG=1 from the loop itself (a hung loop
 stops the pings), RELOADING=1 around a reload and STOPPING=1 on the way out.

@@ -240,6 +240,37 @@ def test_a_failed_start_in_process_closes_what_it_bound(
     assert set(os.listdir("/proc/self/fd")) <= fds
 
 
+def test_passed_sockets_are_checked_against_their_listeners(tmp_path: Path, pty_device: PtyDevice) -> None:
+    """In process, with real listening sockets as systemd would pass them: a Unix
+    socket for a tcp listener, two sockets of one name, a socket for a pty."""
+    listeners = [
+        {"tcp": auto_address(), "name": "dut-tcp"},
+        {"pty": str(tmp_path / "tty"), "name": "dut-pty"},
+    ]
+    cfg = configmod.load(str(_config(tmp_path, pty_device, listeners)))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "passed.sock"))
+    tcp = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    cases = [
+        ({"dut-tcp": [unix]}, "socket activation passed dut-tcp on " + str(tmp_path / "passed.sock")),
+        ({"dut-tcp": tcp}, "socket activation passed 2 sockets named 'dut-tcp'"),
+        ({"dut-pty": tcp[:1]}, "no matching listener: dut-pty on 127.0.0.1:"),
+    ]
+    try:
+        for activated, message in cases:
+            daemon = Daemon(cfg, activated=activated)
+            try:
+                with pytest.raises(StartError) as caught:
+                    daemon.start()
+                assert message in str(caught.value)
+                assert not (tmp_path / "tty").exists()  # refused before the pty was made
+            finally:
+                daemon.close()
+    finally:
+        for s in [unix, *tcp]:
+            s.close()
+
+
 def _activate(port: int, fdname: str, cfg: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "muxd", "run", "-c", str(cfg)]
     return subprocess.Popen(
