@@ -16,13 +16,16 @@ DEMO_ARGS ?=
 # Debian packages the test suite drives as real peers: chromium (web console),
 # promtool (metrics lint), systemd tools (socket activation, unit checks), the
 # .deb toolchain, libsystemd-dev/pkg-config to build systemd-python,
-# openssl (s_client reads a TLS listener) and mosquitto (the MQTT bridge's
-# broker in tests/test_mqtt.py and bench/mqtt.py).
+# openssl (s_client reads a TLS listener), mosquitto (the MQTT bridge's
+# broker in tests/test_mqtt.py and bench/mqtt.py), and systemd-container +
+# mmdebstrap (tests/test_systemd_real.py boots the .deb under a real systemd).
 SYSTEM_PACKAGES := chromium prometheus systemd dpkg-dev debhelper dh-python \
 	pybuild-plugin-pyproject python3-all python3-setuptools lintian \
-	libsystemd-dev pkg-config netcat-openbsd openssl mosquitto
+	libsystemd-dev pkg-config netcat-openbsd openssl mosquitto \
+	systemd-container mmdebstrap
 SYSTEM_COMMANDS := chromium promtool systemd-socket-activate systemd-analyze \
-	dpkg-buildpackage dh_python3 lintian pkg-config nc openssl mosquitto
+	dpkg-buildpackage dh_python3 lintian pkg-config nc openssl mosquitto \
+	systemd-nspawn mmdebstrap
 
 .PHONY: run demo test lint system-deps venv bench bench-deps bench-smoke deb clean
 

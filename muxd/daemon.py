@@ -15,6 +15,11 @@ re-read at every reload: new handshakes use them, connected clients keep
 their sessions. A changed upstream is reopened; the port's log and its
 readers' cursors carry on.
 
+A start validates everything it can first (the sockets systemd passed, each
+matched to its listener, directories, groups, token files), then binds every
+listening socket, then creates pty links, trace files and upstreams; a start
+that fails undoes what it did, so it leaves no socket, link or file behind.
+
 systemd hears READY=1 once every listener is bound and every upstream tried,
 a STATUS= line kept current, WATCHDOG=1 from the loop itself (a hung loop
 stops the pings), RELOADING=1 around a reload and STOPPING=1 on the way out.
@@ -33,10 +38,12 @@ from typing import TYPE_CHECKING
 
 from muxd import config as configmod
 from muxd import systemd as sd
+from muxd.access import Tokens
 from muxd.checks import group_id
 from muxd.config import Config, HttpServer, Listener, Port
 from muxd.connection import policy_for
 from muxd.errors import ConfigError, MuxdError
+from muxd.listeners.acceptor import sock_address
 from muxd.listeners.http import HttpFront
 from muxd.listeners.pty import PtyListener
 from muxd.listeners.rfc2217 import Rfc2217Listener
@@ -83,6 +90,8 @@ LISTENER_FACTORIES: dict[str, ListenerFactory] = {
     "rfc2217": _rfc2217,
     "pty": _pty,
 }
+# The kinds that bind a listening socket (phase 2 of a start; a pty is made in phase 3).
+SOCKET_KINDS = frozenset({"tcp", "unix", "rfc2217"})
 
 
 class StartError(MuxdError):
@@ -99,6 +108,42 @@ def _check_group(group: str | int | None) -> None:
             group_id(group)
         except KeyError:
             raise MuxdError(f"no group {group!r} on this machine") from None
+
+
+def _check_path(path: str, group: str | int | None) -> None:
+    """What a Unix socket, pty link or trace file needs before it is made:
+    its directory, and its group."""
+    parent = os.path.dirname(path) or "/"
+    if not os.path.isdir(parent):
+        raise OSError(errno.ENOENT, "no directory", path)
+    _check_group(group)
+
+
+def _check_pty_link(path: str) -> None:
+    # A pty link replaces an old link, never a file (muxd.listeners.pty).
+    if os.path.lexists(path) and not os.path.islink(path):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a symlink; not replacing it")
+
+
+def _check_start(what: str, check: Callable[[], object]) -> None:
+    try:
+        check()
+    except (OSError, MuxdError) as exc:
+        raise StartError(f"{what}: {start_cause(exc, getattr(exc, 'filename', None) or '')}") from exc
+
+
+def _listener_what(port: str, cfg: Listener) -> str:
+    # The address, unless the (default) name already says it.
+    return f"port {port}, listener {cfg.name}" + (f" ({cfg.address})" if cfg.address not in cfg.name else "")
+
+
+def _http_address(srv: HttpServer) -> str:
+    return configmod.format_hostport(srv.host, srv.port)
+
+
+def _http_what(srv: HttpServer) -> str:
+    address = _http_address(srv)
+    return f"http server {srv.name}" + (f" ({address})" if address not in srv.name else "")
 
 
 def start_cause(exc: BaseException, path: str = "") -> str:
@@ -157,20 +202,26 @@ class Daemon:
     # -- start ---------------------------------------------------------------
 
     def start(self) -> None:
-        if self.config.mqtt is not None:
-            self.mqtt = _bridge(self.config.mqtt, self.reactor)
-        for port in self.config.ports:
-            self._start_port(port)
-        if self.mqtt is not None:
-            self.mqtt.start()  # connects on the reactor: never waits here
-        for srv in self.config.http:
-            self._start_http(srv)
-        if self._activated:
-            names = ", ".join(sorted(self._activated))
-            raise MuxdError(
-                f"socket activation passed sockets with no matching listener: {names} "
-                "(FileDescriptorName= must equal a listener's `name:`)"
-            )
+        """Start in three phases, so that a start that fails leaves nothing behind
+        (no bound port, no Unix socket file, no pty link, no trace file):
+
+        1. validate: what the config asks of this machine (groups, the
+           directories of sockets, pty links and traces, token files) and the
+           sockets systemd passed, each matched to a listener by name. Nothing
+           is touched; every problem is a StartError.
+        2. bind: every listening socket (or adopt the passed one), then TLS.
+        3. create: pty links, trace files, the upstreams and the MQTT bridge.
+
+        A failure in phase 2 or 3 undoes what was done before it is raised.
+        """
+        self._validate()
+        fed: list[PortRuntime] = []  # the ports whose upstream was started
+        try:
+            self._bind()
+            self._create(fed)
+        except BaseException:
+            self._undo(fed)
+            raise
         r = self.reactor
         r.add_signal(signal.SIGTERM, lambda _s: self.shutdown())
         r.add_signal(signal.SIGINT, lambda _s: self.shutdown())
@@ -181,6 +232,107 @@ class Daemon:
         interval = sd.watchdog_interval()
         if interval is not None:
             self._watchdog(interval)
+
+    def _validate(self) -> None:
+        """Phase 1: raise StartError for the first thing that would fail."""
+        self._check_activated()
+        for port in self.config.ports:
+            for cfg in port.listeners:
+                if cfg.kind in ("unix", "pty"):
+                    _check_start(_listener_what(port.name, cfg), partial(_check_path, cfg.path, cfg.group))
+                if cfg.kind == "pty":
+                    _check_start(_listener_what(port.name, cfg), partial(_check_pty_link, cfg.path))
+            for spec in port.trace:
+                _check_start(
+                    f"port {port.name}, trace {spec.path}", partial(_check_path, spec.path, spec.group)
+                )
+        for srv in self.config.http:
+            _check_start(_http_what(srv), partial(Tokens.load, srv.tokens))  # read again by the server
+
+    def _check_activated(self) -> None:
+        """Every socket systemd passed must belong to a listener with a socket
+        of its own, or to an HTTP server, named by its FileDescriptorName=."""
+        targets = {srv.name: _http_address(srv) for srv in self.config.http}
+        kinds = {srv.name: "http" for srv in self.config.http}
+        for port in self.config.ports:
+            for cfg in port.listeners:
+                if cfg.kind != "websocket":
+                    targets[cfg.name], kinds[cfg.name] = cfg.address, cfg.kind
+        unmatched = []
+        for name, socks in self._activated.items():
+            passed = ", ".join(sock_address(s) for s in socks)
+            if name not in targets or kinds[name] == "pty":
+                holder = next((n for n, a in targets.items() if a in passed.split(", ")), None)
+                hint = f"; {holder} listens on {targets[holder]}" if holder else ""
+                unmatched.append(f"{name} on {passed}{hint}")
+            elif len(socks) > 1:
+                raise StartError(
+                    f"socket activation passed {len(socks)} sockets named {name!r} ({passed}); expected one"
+                )
+            elif (socks[0].family == socket.AF_UNIX) != (kinds[name] == "unix"):
+                raise StartError(f"socket activation passed {name} on {passed}, not a {kinds[name]} socket")
+            elif passed != targets[name]:
+                log.warning(
+                    "%s: serving on %s, the socket systemd passed (the config says %s)",
+                    name,
+                    passed,
+                    targets[name],
+                )
+        if unmatched:
+            raise StartError(
+                "socket activation passed sockets with no matching listener: "
+                + "; ".join(unmatched)
+                + " (FileDescriptorName= must equal the `name:` of a tcp, unix or rfc2217 listener"
+                " or of an http server)"
+            )
+
+    def _bind(self) -> None:
+        """Phase 2: every port's runtime (nothing started) and listening sockets,
+        then the HTTP servers'."""
+        if self.config.mqtt is not None:
+            self.mqtt = _bridge(self.config.mqtt, self.reactor)
+        for port in self.config.ports:
+            rt = self.ports[port.name] = PortRuntime.build(port, self.reactor)
+            for cfg in port.listeners:
+                if cfg.kind in SOCKET_KINDS:
+                    self._start_listener(rt, cfg)
+        for srv in self.config.http:
+            self._start_http(srv)
+
+    def _create(self, fed: list[PortRuntime]) -> None:
+        """Phase 3: the pty links (which may still fail), then the trace files and
+        the upstreams (which do not: an error there is logged and retried)."""
+        for rt in self.ports.values():
+            for cfg in rt.config.listeners:
+                if cfg.kind not in SOCKET_KINDS and cfg.kind in LISTENER_FACTORIES:
+                    self._start_listener(rt, cfg)
+        for rt in self.ports.values():
+            self._start_feeds(rt)
+            fed.append(rt)
+        if self.mqtt is not None:
+            self.mqtt.start()  # connects on the reactor: never waits here
+
+    def _undo(self, fed: list[PortRuntime]) -> None:
+        """Take down what a failed start made: sockets closed, files removed. An
+        upstream never started is left alone (its stop would log "down")."""
+        for rt in self.ports.values():
+            for name in list(rt.listeners):
+                self._stop_listener(rt, name)
+        for rt in fed:
+            rt.upstream.stop()
+        for rt in self.ports.values():
+            self._stop_traces(rt)
+        self.ports.clear()
+        for front in self.http.values():
+            front.stop()
+        self.http.clear()
+        if self.mqtt is not None:
+            self.mqtt.close()
+            self.mqtt = None
+        for socks in self._activated.values():
+            for sock in socks:
+                sock.close()
+        self._activated.clear()
 
     def status_line(self) -> str:
         """One line for systemctl status, e.g. `dut1 up 12 clients; dut2 connecting`."""
@@ -202,15 +354,21 @@ class Daemon:
         self.reactor.call_later(interval, lambda: self._watchdog(interval))
 
     def _start_port(self, port: Port) -> PortRuntime:
+        """A port added by a reload: the phases of start() for one port."""
         rt = PortRuntime.build(port, self.reactor)
         self.ports[port.name] = rt
-        self._start_traces(rt, port)
-        if self.mqtt is not None:
-            self.mqtt.add_port(rt)  # before the upstream, as the traces
         for cfg in port.listeners:
             self._start_listener(rt, cfg)
-        rt.upstream.start()
+        self._start_feeds(rt)
         return rt
+
+    def _start_feeds(self, rt: PortRuntime) -> None:
+        """The port's readers that must see the device's first byte (its trace
+        files, its MQTT feed), then the upstream."""
+        self._start_traces(rt, rt.config)
+        if self.mqtt is not None:
+            self.mqtt.add_port(rt)
+        rt.upstream.start()
 
     def _start_traces(self, rt: PortRuntime, port: Port) -> None:
         # Before the upstream starts: the record begins with the device's first byte.
@@ -229,24 +387,19 @@ class Daemon:
         factory = LISTENER_FACTORIES.get(cfg.kind)
         if factory is None:
             return
-        # The address, unless the (default) name already says it.
-        what = f"port {rt.name}, listener {cfg.name}" + (
-            f" ({cfg.address})" if cfg.address not in cfg.name else ""
-        )
         sock = self._take_activated(cfg.name)
         try:
-            # Checked before anything is bound: a unix socket would otherwise
-            # be left behind, and a pty would only log it and carry on.
+            # Checked before anything is bound (on a reload; start() validated it
+            # already): a unix socket would otherwise be left behind, and a pty
+            # would only log it and carry on.
             _check_group(cfg.group)
             listener = factory(cfg, rt, self.reactor, sock)
             listener.start()
         except (OSError, MuxdError) as exc:
-            raise StartError(f"{what}: {start_cause(exc, cfg.path)}") from exc
+            raise StartError(f"{_listener_what(rt.name, cfg)}: {start_cause(exc, cfg.path)}") from exc
         rt.listeners[cfg.name] = listener
 
     def _start_http(self, srv: HttpServer) -> None:
-        address = configmod.format_hostport(srv.host, srv.port)
-        what = f"http server {srv.name}" + (f" ({address})" if address not in srv.name else "")
         try:
             front = HttpFront(
                 srv,
@@ -257,7 +410,7 @@ class Daemon:
             )
             front.start()
         except (OSError, MuxdError) as exc:
-            raise StartError(f"{what}: {start_cause(exc)}") from exc
+            raise StartError(f"{_http_what(srv)}: {start_cause(exc)}") from exc
         self.http[srv.name] = front
 
     def _connections(self) -> list[ListenerClient]:
@@ -270,11 +423,7 @@ class Daemon:
 
     def _take_activated(self, name: str) -> socket.socket | None:
         socks = self._activated.pop(name, None)
-        if not socks:
-            return None
-        if len(socks) > 1:
-            raise ValueError(f"socket activation passed {len(socks)} sockets named {name!r}; expected one")
-        return socks[0]
+        return socks[0] if socks else None  # one at most: _check_activated
 
     # -- run and stop ------------------------------------------------------------
 

@@ -10,40 +10,22 @@ from pathlib import Path
 import pytest
 
 import muxd
+from tests.deb_package import REPO, built_deb, control_fields, relations
 
-REPO = Path(__file__).resolve().parent.parent
-CONTROL = REPO / "packaging" / "debian" / "control"
-DEPENDS = ("python3-serial", "python3-yaml", "python3-prometheus-client", "python3-h11", "python3-wsproto")
-
-
-def missing_build_tools() -> str | None:
-    for tool in ("dpkg-buildpackage", "dpkg-checkbuilddeps", "dpkg-deb", "pybuild"):
-        if shutil.which(tool) is None:
-            return f"needs {tool} (apt install dpkg-dev dh-python pybuild-plugin-pyproject)"
-    proc = subprocess.run(
-        ["dpkg-checkbuilddeps", str(CONTROL)], capture_output=True, text=True, timeout=60, check=False
-    )
-    if proc.returncode != 0:
-        return f"build dependencies missing: {proc.stderr.strip()}"
-    return None
+# procps for /bin/kill, which the units' ExecReload= runs.
+DEPENDS = (
+    "python3-serial",
+    "python3-yaml",
+    "python3-prometheus-client",
+    "python3-h11",
+    "python3-wsproto",
+    "procps",
+)
 
 
 @pytest.fixture(scope="module")
 def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    reason = missing_build_tools()
-    if reason:
-        pytest.skip(reason)
-    out = tmp_path_factory.mktemp("deb")
-    proc = subprocess.run(
-        [str(REPO / "packaging" / "build-deb.sh"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    (path,) = out.glob("muxd_*_all.deb")
-    return path
+    return built_deb(tmp_path_factory)
 
 
 def dpkg_deb(*args: str) -> str:
@@ -62,16 +44,25 @@ def test_contents(deb: Path) -> None:
 
 
 def test_control(deb: Path) -> None:
-    fields = dict(
-        line.split(": ", 1) for line in dpkg_deb("-f", str(deb)).splitlines() if not line.startswith(" ")
-    )
+    fields = control_fields(deb)
     assert fields["Package"] == "muxd"
     assert fields["Version"] == muxd.__version__
     assert fields["Architecture"] == "all"
-    depends = {d.strip().split()[0] for d in fields["Depends"].split(",")}
+    depends = set(relations(fields["Depends"]))
     assert set(DEPENDS) | {"adduser"} <= depends
     assert fields["Recommends"] == "python3-systemd"
     assert dpkg_deb("-I", str(deb), "conffiles").split() == ["/etc/muxd/muxd.yaml"]
+
+
+def test_paho_is_suggested_never_depended_on(deb: Path) -> None:
+    """Debian 12's python3-paho-mqtt is 1.6.1, which the MQTT bridge refuses: a
+    Depends (as ${python3:Depends} made of a hard dependency in pyproject.toml)
+    would install it for nothing. Only a config with mqtt: needs paho >= 2.1,
+    and muxd says so, naming the fix, when it is missing or too old."""
+    fields = control_fields(deb)
+    for field in ("Depends", "Pre-Depends", "Recommends"):
+        assert not [p for p in relations(fields.get(field, "")) if "paho" in p], fields[field]
+    assert fields["Suggests"] == "python3-paho-mqtt (>= 2.1)"
 
 
 def test_shipped_config_is_the_safe_default(deb: Path) -> None:

@@ -3,17 +3,21 @@ each against the real daemon (and the real systemd-socket-activate)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from muxd import config as configmod
+from muxd.daemon import Daemon, StartError
 from tests.helpers import (
     AUTO,
     ROOT,
@@ -23,6 +27,7 @@ from tests.helpers import (
     connect,
     free_port,
     recv_until,
+    run_muxd,
     split_hostport,
     start_on_pty,
     wait_for,
@@ -112,20 +117,158 @@ def test_socket_activation_serves_on_the_passed_socket(tmp_path: Path, pty_devic
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate")
-def test_socket_activation_with_an_unknown_name_is_an_error(tmp_path: Path, pty_device: PtyDevice) -> None:
+def test_socket_activation_with_an_unknown_name_is_refused_before_anything_is_bound(
+    tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    """The shipped defect: muxd.socket passed 127.0.0.1:7000 as dut1-tcp, the shipped
+    config called that listener serial0-tcp. muxd must say so, before it binds its
+    own listeners (it used to bind the same address itself, and failed with
+    "address already in use", leaving the real cause unsaid)."""
     port = free_port()
-    cfg = _config(tmp_path, pty_device, [{"tcp": auto_address(), "name": "dut-tcp"}])
-    proc = _activate(port, "nobody", cfg)
+    sock_path = tmp_path / "dut.sock"
+    listeners = [
+        {"unix": str(sock_path), "name": "dut-unix"},
+        {"tcp": f"127.0.0.1:{port}", "name": "dut-tcp"},
+    ]
+    proc = _activate(port, "dut1-tcp", _config(tmp_path, pty_device, listeners))
     try:
         wait_for(lambda: _try_connect(port), 10.0, "the activation socket")
-        assert proc.wait(10) == 1
+        assert proc.wait(10) == 2  # the operator's to fix: RestartPreventExitStatus=2
         assert proc.stderr is not None
         err = proc.stderr.read().decode()
-        assert "no matching listener: nobody" in err
+        assert "already in use" not in err
+        # systemd-socket-activate says its own lines first; muxd's error is one line.
+        assert [line for line in err.splitlines() if line.startswith("muxd")] == [
+            f"muxd: cannot start: socket activation passed sockets with no matching listener: "
+            f"dut1-tcp on 127.0.0.1:{port}; dut-tcp listens on 127.0.0.1:{port} (FileDescriptorName= "
+            "must equal the `name:` of a tcp, unix or rfc2217 listener or of an http server)"
+        ]
+        assert not sock_path.exists()  # refused before anything was bound
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port another socket listens on (as tests/test_cli.py's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        yield int(s.getsockname()[1])
+
+
+def _third_listener_busy(tmp_path: Path, dev: PtyDevice, busy: int) -> tuple[Path, Path, Path, int]:
+    """A config with a trace whose third listener's address is taken: (config, trace
+    file, unix socket path, the first listener's port)."""
+    first = free_port()
+    trace, sock_path = tmp_path / "dut.trace", tmp_path / "dut.sock"
+    port = {
+        "name": "dut",
+        "upstream": {"serial": dev.path},
+        "trace": [{"path": str(trace)}],
+        "listeners": [
+            {"tcp": f"127.0.0.1:{first}", "name": "one"},
+            {"unix": str(sock_path), "name": "two"},
+            {"tcp": f"127.0.0.1:{busy}", "name": "three"},
+        ],
+    }
+    return write_config(tmp_path, {"ports": [port]}), trace, sock_path, first
+
+
+def _bindable(port: int) -> bool:
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path: Path, pty_device: PtyDevice, busy_port: int) -> None:
+    cfg, trace, sock_path, _first = _third_listener_busy(tmp_path, pty_device, busy_port)
+    done = run_muxd("run", "-c", str(cfg))
+    assert done.returncode == 2
+    # One error line, the last; before it only the log of what was bound (and undone).
+    *before, last = done.stderr.strip().splitlines()
+    assert (
+        last
+        == f"muxd: cannot start: port dut, listener three (127.0.0.1:{busy_port}): address already in use"
+    )
+    assert all(" INFO " in line for line in before), done.stderr
+    assert not trace.exists(), "the trace file is created only once every listener is bound"
+    assert not sock_path.exists(), "the unix socket of the second listener was left behind"
+
+
+def test_a_trace_in_a_missing_directory_is_refused_before_anything_is_bound(
+    tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    sock_path, trace = tmp_path / "dut.sock", tmp_path / "missing" / "dut.trace"
+    port = {
+        "name": "dut",
+        "upstream": {"serial": pty_device.path},
+        "trace": [{"path": str(trace)}],
+        "listeners": [{"unix": str(sock_path), "name": "dut-unix"}],
+    }
+    done = run_muxd("run", "-c", str(write_config(tmp_path, {"ports": [port]})), timeout=20)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"muxd: cannot start: port dut, trace {trace}: directory {trace.parent} does not exist"
+    ]
+    assert not sock_path.exists()
+
+
+def test_a_failed_start_in_process_closes_what_it_bound(
+    tmp_path: Path, pty_device: PtyDevice, busy_port: int
+) -> None:
+    """The same in the process itself: the first listener's port is free again at
+    once (a socket still open in this process would hold it), and no fd is left."""
+    cfg, trace, sock_path, first = _third_listener_busy(tmp_path, pty_device, busy_port)
+    fds = set(os.listdir("/proc/self/fd"))
+    daemon = Daemon(configmod.load(str(cfg)))
+    try:
+        with pytest.raises(StartError, match=r"listener three .* address already in use"):
+            daemon.start()
+        assert _bindable(first)
+        assert not sock_path.exists() and not trace.exists()
+        assert daemon.ports == {} and daemon.http == {}
+    finally:
+        daemon.close()
+    assert set(os.listdir("/proc/self/fd")) <= fds
+
+
+def test_passed_sockets_are_checked_against_their_listeners(tmp_path: Path, pty_device: PtyDevice) -> None:
+    """In process, with real listening sockets as systemd would pass them: a Unix
+    socket for a tcp listener, two sockets of one name, a socket for a pty."""
+    listeners = [
+        {"tcp": auto_address(), "name": "dut-tcp"},
+        {"pty": str(tmp_path / "tty"), "name": "dut-pty"},
+    ]
+    cfg = configmod.load(str(_config(tmp_path, pty_device, listeners)))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "passed.sock"))
+    tcp = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    cases = [
+        ({"dut-tcp": [unix]}, "socket activation passed dut-tcp on " + str(tmp_path / "passed.sock")),
+        ({"dut-tcp": tcp}, "socket activation passed 2 sockets named 'dut-tcp'"),
+        ({"dut-pty": tcp[:1]}, "no matching listener: dut-pty on 127.0.0.1:"),
+    ]
+    try:
+        for activated, message in cases:
+            daemon = Daemon(cfg, activated=activated)
+            try:
+                with pytest.raises(StartError) as caught:
+                    daemon.start()
+                assert message in str(caught.value)
+                assert not (tmp_path / "tty").exists()  # refused before the pty was made
+            finally:
+                daemon.close()
+    finally:
+        for s in [unix, *tcp]:
+            s.close()
 
 
 def _activate(port: int, fdname: str, cfg: Path) -> subprocess.Popen[bytes]:

@@ -124,10 +124,28 @@ def test_exec_lines_are_real_command_lines(name: str) -> None:
     assert values(UNITS / name, "RestartPreventExitStatus") == ["2"]
 
 
-def test_socket_unit_names_a_listener_of_the_example_config() -> None:
-    (listen,) = values(UNITS / "muxd.socket", "ListenStream")
-    (fdname,) = values(UNITS / "muxd.socket", "FileDescriptorName")
-    cfg = configmod.load(str(REPO / "config" / "muxd.example.yaml"))
-    by_name = {lst.name: lst for port in cfg.ports for lst in port.listeners}
-    assert fdname in by_name
-    assert by_name[fdname].kind == "tcp" and by_name[fdname].address == listen
+def activation_targets(cfg: configmod.Config) -> dict[str, str]:
+    """What a passed socket may be named (a listener with a socket of its own, or
+    an http server) and the address each listens on."""
+    out = {lst.name: lst.address for port in cfg.ports for lst in port.listeners if lst.kind != "websocket"}
+    out.update({srv.name: configmod.format_hostport(srv.host, srv.port) for srv in cfg.http})
+    return out
+
+
+def test_socket_units_name_listeners_of_the_shipped_config() -> None:
+    """Every socket the shipped .socket units pass is named for a listener (or http
+    server) of the shipped /etc/muxd/muxd.yaml with the same address: otherwise the
+    packaged muxd.socket starts a muxd that refuses its socket (or, before that was
+    checked first, bound the address itself and failed with "address in use")."""
+    targets = activation_targets(configmod.load(str(REPO / "config" / "muxd.yaml")))
+    sockets = sorted(UNITS.glob("*.socket"))
+    assert sockets
+    for unit in sockets:
+        # One FileDescriptorName= names every fd of the unit; without it, the unit's name.
+        names = values(unit, "FileDescriptorName") or [unit.stem]
+        assert len(names) == 1, unit
+        listens = values(unit, "ListenStream")
+        assert listens, unit
+        for listen in listens:
+            assert names[0] in targets, f"{unit.name}: {names[0]} names no listener of config/muxd.yaml"
+            assert targets[names[0]] == listen, f"{unit.name}: {names[0]} listens on {targets[names[0]]}"
