@@ -133,11 +133,8 @@ class Trace:
     def on_data(self) -> None:
         """The fan-out pass: the device sent more. A quiet port waits for the
         timer; a busy one is written now, before the ring can wrap past it."""
-        hub, log_ = self.hub, self.reader.log
-        if hub.lag(self.reader) >= min(EAGER, hub.ring.capacity // 4) or (
-            # Small chunks make many records: the format's own ring must not wrap either.
-            log_ is not None and log_.ring.head - self._framed_mark >= log_.ring.capacity // 4
-        ):
+        # Small chunks make many records: the format's own ring must not wrap either.
+        if self.hub.behind(self.reader, EAGER):
             self.flush()
 
     def on_write_room(self) -> None:
@@ -162,16 +159,11 @@ class Trace:
         self._schedule(FLUSH_INTERVAL)
 
     def flush(self) -> None:
-        hub, reader = self.hub, self.reader
         budget = WRITE_LIMIT
-        while budget > 0 and (views := hub.pending(reader, budget)):
-            data = b"".join(views)
-            hub.advance(reader, len(data))
+        while budget > 0 and (data := self.hub.take(self.reader, budget)):
             self._write(data)
             budget -= len(data)
         self._input_bytes = 0
-        if reader.log is not None:
-            self._framed_mark = reader.log.ring.head
 
     def _write(self, data: bytes) -> None:
         """Write data, rotating wherever the next byte would pass ``rotate``."""

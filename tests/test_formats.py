@@ -117,7 +117,9 @@ class StreamReader:
         self.out.data += line
 
     def _decode_raw(self) -> None:
-        # Raw with notices: a marker is a line of its own ("-- muxd: N bytes lost --\r\n").
+        # Raw with notices: a marker is a line of its own ("-- muxd: N bytes lost --\r\n"),
+        # after "\r\n" of muxd's own where the stream stood inside a line (the streams
+        # here have no CR, so a CRLF before a marker is always muxd's).
         while True:
             at = self.buf.find(b"-- muxd: ")
             if at < 0:  # hold back only what may begin a marker
@@ -134,6 +136,12 @@ class StreamReader:
             marker = MARKER.match(bytes(self.buf[at:end]))
             assert marker, bytes(self.buf[at : end + 2])
             self.out.data += self.buf[:at]
+            if self.out.data.endswith(b"\r\n"):
+                del self.out.data[-2:]
+            else:
+                assert not self.out.data or self.out.data.endswith(b"\n"), (
+                    f"a marker inside a line: {bytes(self.out.data[-20:] + self.buf[at : end + 2])!r}"
+                )
             self.out.gaps.append((len(self.out.data), int(marker.group(1))))
             del self.buf[: end + 2]
 
