@@ -28,11 +28,11 @@ INITIAL_SIZE = 64 * 1024
 
 
 class Ring:
-    def __init__(self, capacity: int) -> None:
-        if capacity <= 0:
-            raise ValueError(f"ring capacity must be positive, got {capacity}")
+    def __init__(self, capacity: int, initial: int = INITIAL_SIZE) -> None:
+        if capacity <= 0 or initial <= 0:
+            raise ValueError(f"ring capacity and initial size must be positive, got {capacity}, {initial}")
         self.capacity = capacity
-        self._size = min(capacity, INITIAL_SIZE)  # the buffer's size now: offsets map modulo it
+        self._size = min(capacity, initial)  # the buffer's size now: offsets map modulo it
         self._buf = bytearray(self._size)
         self._view = memoryview(self._buf)
         self.head = 0  # absolute offset one past the newest byte
