@@ -307,7 +307,9 @@ def test_a_failed_send_closes_its_reader_on_the_next_turn_after_the_pass_served_
     initial=st.integers(1, 64),
     writes=st.lists(st.integers(0, 700), max_size=30),
 )
-def test_a_growing_ring_holds_exactly_the_newest_bytes(capacity: int, initial: int, writes: list[int]) -> None:
+def test_a_growing_ring_holds_exactly_the_newest_bytes(
+    capacity: int, initial: int, writes: list[int]
+) -> None:
     ring = Ring(capacity, initial=initial)
     stream = bytearray()
     for n in writes:
