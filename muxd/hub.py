@@ -172,7 +172,7 @@ class Reader:
         "peer",
         "policy",
         "purged",
-        "records",
+        "record_cursor",
         "since",
         "start",
         "stats",
@@ -195,7 +195,7 @@ class Reader:
         self.doomed: str | None = None  # the hub decided to close it, for this reason
         # A record reader's place in its format's shared log; its cursor stays
         # in raw device offsets, at chunk boundaries.
-        self.records: RecordCursor | None = None
+        self.record_cursor: RecordCursor | None = None
         # Where a stretch of losses began, the reader's stream stood inside a line.
         self.gap_mid_line = True
         # A raw reader's stream at a discontinuity (a notice sent, a purge):
@@ -235,14 +235,14 @@ class Reader:
     @property
     def log(self) -> FramedLog | None:
         """A record reader's shared log (its format's encoder and ring)."""
-        return self.records.log if self.records is not None else None
+        return self.record_cursor.log if self.record_cursor is not None else None
 
     def write_directly(self, writer: DirectWriter | None) -> None:
         """The fan-out pass writes the ring's bytes to `writer` itself (a plain
         transport of raw bytes); None: the owner sends, woken by on_data()."""
         self.direct = writer
 
-    # The name connection.py used before write_directly(); kept until it moves.
+    # The name connection.py used before write_directly(), kept until it moves to it.
     transport = property(lambda self: self.direct, write_directly)
 
     def add_notice(self, marker: bytes, at: int) -> bool:
@@ -296,8 +296,8 @@ class Hub:
             start = min(start, self._lines_back(history_lines, tail))
         reader.cursor = reader.start = start
         if policy.format != "raw":
-            records = reader.records = self.records.cursor(policy.format)
-            reader.cursor, reader.start, lead = records.begin(start, self.ring)
+            rc = reader.record_cursor = self.records.cursor(policy.format)
+            reader.cursor, reader.start, lead = rc.begin(start, self.ring)
             if lead is not None:
                 reader.notices.append((reader.cursor, lead))
         reader.line_mark = (reader.start, True)  # nothing given yet: a clean line
@@ -319,12 +319,12 @@ class Hub:
         stats.closed_delivered += reader.delivered
         stats.closed_dropped += reader.dropped
         stats.closed_purged += reader.purged
-        records, reader.records = reader.records, None
-        if records is not None:
+        rc, reader.record_cursor = reader.record_cursor, None
+        if rc is not None:
             # The reader (in a cycle with its owner) no longer holds the log:
             # a released format's memory goes now, not at the next GC.
-            log = records.log
-            self.records.release(records, sum(1 for r in self.readers.values() if r.log is log))
+            log = rc.log
+            self.records.release(rc, sum(1 for r in self.readers.values() if r.log is log))
 
     def _lines_back(self, n: int, tail: int) -> int:
         """The offset where the last n lines begin (a partial last line counts),
@@ -431,9 +431,9 @@ class Hub:
 
     def _overflow(self, reader: Reader, keep: int | None = None) -> None:
         """Apply the policy: keep at most `keep` bytes of backlog (default: its bound)."""
-        records = reader.records
+        rc = reader.record_cursor
         if not reader.policy.drop_oldest:
-            unowed = records.forget(reader.cursor) if records is not None else 0
+            unowed = rc.forget(reader.cursor) if rc is not None else 0
             reader.dropped += self.head - reader.cursor - unowed
             reader.cursor = self.head
             self._doom(reader, "overflow")
@@ -441,8 +441,8 @@ class Hub:
         if not reader.unannounced:  # a new stretch of losses: where the reader's stream stood
             reader.gap_mid_line = not self._at_line_start(reader)
         target = self.head - (reader.policy.capacity if keep is None else keep)
-        if records is not None:  # records are skipped whole
-            target, skip = records.skip_to(reader.cursor, target)
+        if rc is not None:  # records are skipped whole
+            target, skip = rc.skip_to(reader.cursor, target)
         else:
             skip = target - reader.cursor
         reader.cursor = target
@@ -452,8 +452,9 @@ class Hub:
     def _at_line_start(self, reader: Reader) -> bool:
         """Whether the last byte the reader got ended a line (False where that
         is no longer known: a notice then gets a line of its own regardless)."""
-        if reader.records is not None:
-            return reader.delivered == 0 or reader.records.at_line_start(reader.cursor)
+        rc = reader.record_cursor
+        if rc is not None:
+            return reader.delivered == 0 or rc.at_line_start(reader.cursor)
         at, ended = reader.line_mark
         if reader.cursor == at:
             return ended
@@ -463,22 +464,22 @@ class Hub:
         """Bytes a reader lost: marked in its stream (a record reader always, a
         raw one with notices on) when it is next served, so that the losses of
         many publishes while it was stuck make one marker."""
-        if lost > 0 and (reader.records is not None or reader.policy.notices):
+        if lost > 0 and (reader.record_cursor is not None or reader.policy.notices):
             reader.unannounced += lost
 
     def _announce_gap(self, reader: Reader) -> None:
         lost, reader.unannounced = reader.unannounced, 0
-        records = reader.records
-        if records is not None:
-            marker = records.gap(reader.cursor, lost, self.records.clock(), reader.gap_mid_line)
+        rc = reader.record_cursor
+        if rc is not None:
+            marker = rc.gap(reader.cursor, lost, self.records.clock(), reader.gap_mid_line)
         else:
             marker = raw_event(f"{lost} bytes lost", mid_line=reader.gap_mid_line)
         reader.notices.appendleft((reader.cursor, marker))
 
     def pending(self, reader: Reader, limit: int = 1 << 30) -> list[memoryview]:
         """Views of what the reader is owed next (notices first where due)."""
-        records = reader.records
-        tail = self.ring.tail if records is None else records.tail
+        rc = reader.record_cursor
+        tail = self.ring.tail if rc is None else rc.tail
         if reader.cursor < tail:  # overwritten before it could be offered
             self._overflow(reader, keep=self.head - tail)
         if reader.unannounced and not reader.notice_pos:
@@ -489,8 +490,8 @@ class Hub:
             if offset <= reader.cursor:
                 return [memoryview(text)[reader.notice_pos :]]
             stop = min(stop, offset)
-        if records is not None:
-            return records.views(reader.cursor, stop, limit)
+        if rc is not None:
+            return rc.views(reader.cursor, stop, limit)
         return self.ring.views(reader.cursor, min(stop, reader.cursor + limit))
 
     def advance(self, reader: Reader, n: int) -> None:
@@ -503,8 +504,9 @@ class Hub:
                 reader.notice_pos = 0
                 reader.line_mark = (reader.cursor, True)  # every notice ends its line
             return
-        if reader.records is not None:
-            reader.cursor, n = reader.records.taken(reader.cursor)
+        rc = reader.record_cursor
+        if rc is not None:
+            reader.cursor, n = rc.taken(reader.cursor)
         else:
             reader.cursor += n
         reader.delivered += n
@@ -550,8 +552,8 @@ class Hub:
 
     def purge(self, reader: Reader) -> None:
         """The reader asked to skip its backlog (RFC 2217 PURGE-DATA): counted."""
-        records = reader.records
-        unowed = records.forget(reader.cursor) if records is not None else 0
+        rc = reader.record_cursor
+        unowed = rc.forget(reader.cursor) if rc is not None else 0
         reader.line_mark = (self.head, self._at_line_start(reader))
         reader.purged += self.head - reader.cursor - unowed
         reader.cursor = self.head
@@ -566,8 +568,8 @@ class Hub:
         (a trace) writes at once then, before its bytes can be overwritten."""
         if self.lag(reader) >= min(raw, self.ring.capacity // 4):
             return True
-        records = reader.records
-        return records is not None and records.backlog(reader.cursor) >= records.capacity // 4
+        rc = reader.record_cursor
+        return rc is not None and rc.backlog(reader.cursor) >= rc.capacity // 4
 
     # -- notices ----------------------------------------------------------------
 
@@ -580,8 +582,8 @@ class Hub:
         for reader in self.readers.values():
             if reader.doomed is not None:
                 continue
-            if reader.records is not None:
-                marker = reader.records.event(now, text, **fields)
+            if reader.record_cursor is not None:
+                marker = reader.record_cursor.event(now, text, **fields)
             elif reader.policy.notices:
                 # After the device's last byte, or after a notice of its own here.
                 follows_notice = bool(reader.notices) and reader.notices[-1][0] == head

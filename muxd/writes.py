@@ -162,7 +162,7 @@ class Writes:
         """A whole message from a reader that writes messages (MQTT): queued
         whole (its last partial line too) if there is room for all of it,
         else refused (False) and nothing is paused: the next one is judged anew."""
-        if not reader.policy.writable or len(message) > self.queue.room():
+        if not reader.policy.writable or len(message) > min(READ_CHUNK, self.queue.room()):
             return False
         self.submit(reader, message)
         self.release(reader)

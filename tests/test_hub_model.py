@@ -250,7 +250,7 @@ class SocketOwner(IdleOwner):
         self.name = name
         self.sock, peers[name] = socket.socketpair()
         self.sock.setblocking(False)
-        self.seen_at_close: dict[str, bytes] | None = None
+        self.seen_at_close: list[dict[str, bytes]] = []  # one per close
         policy = ReaderPolicy(name, 4096, True, writable=False, lines=False, notices=False)
         self.reader = hub.attach(self, policy, name)
         self.reader.write_directly(self)
@@ -266,10 +266,11 @@ class SocketOwner(IdleOwner):
 
     def failed(self, exc: OSError) -> None:
         assert exc.errno in (errno.EPIPE, errno.ECONNRESET), exc
-        self.seen_at_close = {}
+        seen: dict[str, bytes] = {}
         for name, peer in self.peers.items():
             with contextlib.suppress(BlockingIOError, OSError):
-                self.seen_at_close[name] = peer.recv(4096, socket.MSG_DONTWAIT)
+                seen[name] = peer.recv(4096, socket.MSG_DONTWAIT)
+        self.seen_at_close.append(seen)
         self.hub.detach(self.reader, "reset")
 
 
@@ -283,10 +284,10 @@ def test_a_failed_send_closes_its_reader_on_the_next_turn_after_the_pass_served_
     try:
         hub.publish(b"chunk\n")
         hub._flush()  # the fan-out pass, as the loop runs it
-        assert gone.seen_at_close is None, "closed from inside the fan-out pass"
+        assert not gone.seen_at_close, "closed from inside the fan-out pass"
         assert gone.reader.doomed is not None and gone.reader.id in hub.readers
         reactor.run_once(0)  # the next turn: the deferred close runs
-        assert gone.seen_at_close == {"b": b"chunk\n", "c": b"chunk\n", "d": b"chunk\n"}
+        assert gone.seen_at_close == [{"b": b"chunk\n", "c": b"chunk\n", "d": b"chunk\n"}]
         assert gone.reader.id not in hub.readers
         assert gone.reader.stats.disconnects == {"reset": 1}  # the owner's reason, not the hub's mark
         assert all(o.reader.delivered == 6 for o in owners[1:])
