@@ -577,22 +577,38 @@ class Hub:
         """An event (an upstream state change), in-band at the current offset:
         a record for every record reader, a line for raw readers with notices on."""
         now = self.records.clock()
-        head = self.head
-        line_ends = self.ring.ends_line(head) is not False
         for reader in self.readers.values():
-            if reader.doomed is not None:
-                continue
-            if reader.record_cursor is not None:
-                marker = reader.record_cursor.event(now, text, **fields)
-            elif reader.policy.notices:
-                # After the device's last byte, or after a notice of its own here.
-                follows_notice = bool(reader.notices) and reader.notices[-1][0] == head
-                marker = raw_event(text, mid_line=not (line_ends or follows_notice))
-            else:
-                continue
-            if not reader.add_notice(marker, head):
-                self.notices_dropped += 1
+            self._notice(reader, now, text, fields)
         self._schedule_flush()
+
+    def notice_to(self, reader: Reader, text: str, **fields: Any) -> None:
+        """An event for one reader only (a trace file reopened), as notice() makes it."""
+        self._notice(reader, self.records.clock(), text, fields)
+        self._schedule_flush()
+
+    def insert(self, reader: Reader, marker: bytes) -> None:
+        """Bytes of the reader's own format, in-band at the current offset (a
+        trace's record of what a client wrote); bounded as notices are."""
+        if reader.doomed is None and not reader.add_notice(marker, self.head):
+            self.notices_dropped += 1
+        self._schedule_flush()
+
+    def _notice(self, reader: Reader, now: float, text: str, fields: dict[str, Any]) -> None:
+        if reader.doomed is not None:
+            return
+        head = self.head
+        if reader.record_cursor is not None:
+            marker = reader.record_cursor.event(now, text, **fields)
+        elif reader.policy.notices:
+            # On a line of its own: after the device's last byte, unless that
+            # ended a line or a notice of its own stands here already.
+            follows_notice = bool(reader.notices) and reader.notices[-1][0] == head
+            line_ends = follows_notice or self.ring.ends_line(head) is not False
+            marker = raw_event(text, mid_line=not line_ends)
+        else:
+            return
+        if not reader.add_notice(marker, head):
+            self.notices_dropped += 1
 
     # -- lifecycle ---------------------------------------------------------------
 

@@ -616,3 +616,24 @@ def test_record_times_never_go_back_when_the_clock_is_stepped_back(monkeypatch: 
         hub.publish(line)
     taker.take_all(hub)
     assert [json.loads(x)["t"] for x in taker.got.splitlines()] == [1000.0, 1000.0, 1000.0, 1001.0]
+
+
+def test_an_event_for_one_reader_stands_where_it_happened_in_its_stream_only() -> None:
+    hub = _hub()
+    one, a = _attach(hub, "jsonl")
+    other, _ = _attach(hub, "jsonl")
+    hub.publish(b"before\n")
+    hub.notice_to(a, "trace reopened", event="reopen", reason="reload")
+    hub.insert(a, b'{"dir":"tx"}\n')
+    hub.publish(b"after\n")
+    one.take_all(hub)
+    other.take_all(hub)
+    records = [json.loads(x) for x in one.got.splitlines()]
+    assert [r.get("data") or r.get("event") or r["dir"] for r in records] == [
+        "before\n",
+        "reopen",
+        "tx",
+        "after\n",
+    ]
+    assert records[1]["reason"] == "reload"
+    assert [json.loads(x)["data"] for x in other.got.splitlines()] == ["before\n", "after\n"]
