@@ -199,7 +199,8 @@ def raw_event(text: str, mid_line: bool = False) -> bytes:
     """The in-band notice a raw reader with ``notices: true`` gets, on a line
     of its own: ``mid_line`` (the reader's last byte did not end a line) ends
     that line first."""
-    return ("\r\n" if mid_line else "").encode() + f"-- muxd: {text} --\r\n".encode()
+    lead = "\r\n" if mid_line else ""
+    return f"{lead}-- muxd: {text} --\r\n".encode()
 
 
 class FramedLog:
