@@ -123,7 +123,7 @@ class Connection(FdConnection):
             history_lines or cfg.history_lines,
         )
         if not self.encoding:
-            self.reader.transport = self
+            self.reader.write_directly(self)
             # The hub's fan-out pass calls these directly (see Hub._flush).
             self.write = transport.write
             self.writev = transport.writev
@@ -135,7 +135,7 @@ class Connection(FdConnection):
     def _enter(self, state: State) -> None:
         super()._enter(state)
         if state is State.FINISHING or state is State.CLOSING:
-            self.reader.transport = None  # pump() decides when it is done
+            self.reader.write_directly(None)  # pump() decides when it is done
 
     # -- the hub's fast path (hub.DirectWriter) ------------------------------------
 
@@ -184,10 +184,8 @@ class Connection(FdConnection):
         while (
             len(out) < LOW_WATER
             and not self._output_held()
-            and (views := hub.pending(reader, self.encoder_chunk))
+            and (data := hub.take(reader, self.encoder_chunk))
         ):
-            data = views[0].tobytes() if len(views) == 1 else b"".join(views)
-            hub.advance(reader, len(data))
             out += self.encode(data)
 
     def _source_pending(self) -> bool:

@@ -27,12 +27,23 @@ Records
     Readers that asked for ``text`` or ``jsonl`` read a FramedLog (muxd.records)
     that encodes each device chunk once for all of them; their cursor stays in
     raw device offsets, so bounds and losses are judged and counted the same.
+    Each has a RecordCursor that the hub asks about records; the hub never
+    looks inside a FramedLog.
+
+Notices
+    In-band notices (an upstream state change, a gap) always begin on a line
+    of their own: a raw reader whose last byte was not a newline gets "\r\n"
+    first (where that byte is no longer known, it gets one too: an empty line
+    at worst, never a notice spliced into a line).
 
 The hub owns no fd and knows no config file: it takes each listener's
 ReaderPolicy and the port's PortBounds. Readers are driven through the small
-``ReaderOwner`` interface (muxd.connection implements it). The hub never
-closes a reader from inside its own call chain: it marks the reader doomed,
-stops serving it, and the close runs on the next turn of the loop.
+``ReaderOwner`` interface (muxd.connection implements it). Owners that are not
+sockets (a trace file, the MQTT feed, an encoding connection) pull what they
+are owed with ``take()``. The hub never closes a reader from inside its own
+call chain, whatever the cause (an overflow, a failed send): it marks the
+reader doomed, stops serving it, and the close runs on the next turn of the
+loop.
 """
 
 from __future__ import annotations
@@ -45,11 +56,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from muxd.protocol.framing import LineAssembler
 from muxd.reactor import Reactor, Timer
-from muxd.records import Format, FramedLog, RecordLogs, raw_event, stamp
+from muxd.records import Format, FramedLog, RecordCursor, RecordLogs, raw_event
 from muxd.ring import Ring
-from muxd.writes import Writes
+from muxd.writes import WriterState, Writes
 
 # After a fan-out pass that took T seconds, the next one starts no sooner than
 # T * FLUSH_GAP later. With 100 readers a pass takes under a millisecond and
@@ -63,6 +73,9 @@ FLUSH_GAP_MAX = 0.010
 # Notices queued per reader before older ones are dropped (and counted): state
 # changes come seconds apart; more than this pending means the reader is stuck.
 MAX_NOTICES = 16
+# The reason a reader whose send failed is doomed with; its owner's close
+# names the real one (reset, peer closed...), which its stats count.
+SEND_FAILED = "send failed"
 
 _reader_ids = itertools.count(1)
 
@@ -108,7 +121,7 @@ class ReaderOwner(Protocol):
 
 
 class DirectWriter(Protocol):
-    """What the fan-out pass writes ring views to directly (see Reader.transport):
+    """What the fan-out pass writes ring views to directly (see Reader.direct):
     a raw reader's connection over a plain transport (muxd.connection), not
     a transport itself (muxd.transport.Transport)."""
 
@@ -122,7 +135,8 @@ class DirectWriter(Protocol):
         """A write was partial: wait for room (EPOLLOUT), then carry on via on_data()."""
 
     def failed(self, exc: OSError) -> None:
-        """A write failed: the peer is gone."""
+        """A write failed: the peer is gone. Called on a fresh turn of the loop
+        (call_soon), never from inside the fan-out pass."""
 
 
 class ListenerStats:
@@ -145,30 +159,27 @@ class Reader:
     """
 
     __slots__ = (
-        "assembler",
         "blocked",
         "cursor",
         "delivered",
+        "direct",
         "doomed",
         "dropped",
-        "frame_skip",
         "gap_mid_line",
         "id",
-        "input_paused",
-        "line_timer",
-        "log",
+        "line_mark",
         "notice_pos",
         "notices",
         "owner",
         "peer",
-        "pending_end",
         "policy",
         "purged",
+        "record_cursor",
         "since",
         "start",
         "stats",
-        "transport",
         "unannounced",
+        "writer",
     )
 
     def __init__(self, owner: ReaderOwner, policy: ReaderPolicy, peer: str) -> None:
@@ -183,21 +194,16 @@ class Reader:
         self.purged = 0  # skipped at the reader's own request (RFC 2217 PURGE-DATA)
         self.unannounced = 0  # dropped bytes not yet marked in its stream
         self.blocked = False  # waiting for EPOLLOUT; the hub will not wake it
-        self.input_paused = False
         self.doomed: str | None = None  # the hub decided to close it, for this reason
-        # A record reader's shared log; its cursor stays in raw device offsets,
-        # at chunk boundaries, and pending() says where the records it gave end.
-        self.log: FramedLog | None = None
-        self.pending_end = 0
-        # A record reader whose replay starts inside its first chunk, at a line:
-        # (that chunk's raw offset, framed bytes to skip, raw bytes they carry).
-        self.frame_skip: tuple[int, int, int] | None = None
-        # Where a stretch of losses began, the reader's text stood inside a line.
+        # A record reader's place in its format's shared log; its cursor stays
+        # in raw device offsets, at chunk boundaries.
+        self.record_cursor: RecordCursor | None = None
+        # Where a stretch of losses began, the reader's stream stood inside a line.
         self.gap_mid_line = True
-        self.assembler: LineAssembler | None = None  # write: lines (muxd.writes)
-        # Releases the assembler's partial line once it has idled for the port's
-        # line_timeout; cancelled whenever the partial line goes out another way.
-        self.line_timer: Timer | None = None
+        # A raw reader's stream at a discontinuity (a notice sent, a purge):
+        # (cursor, whether the last byte it got there ended a line).
+        self.line_mark = (0, True)
+        self.writer = WriterState()  # its write side, changed by muxd.writes alone
         # In-band notices: (ring offset they belong at, text). Only for readers
         # with notices on, so raw streams stay byte-exact.
         self.notices: deque[tuple[int, bytes]] = deque()
@@ -207,12 +213,43 @@ class Reader:
         # Unix streams): the fan-out pass then writes to them itself, sharing one
         # set of views among all readers at the same offset. Encoding readers
         # (WebSocket, RFC 2217) leave it None and are woken through on_data().
-        self.transport: DirectWriter | None = None
+        self.direct: DirectWriter | None = None
 
     @property
     def held(self) -> int:
         """Input bytes accepted but not yet queued (a partial line)."""
-        return self.assembler.held if self.assembler is not None else 0
+        return self.writer.held
+
+    @property
+    def line_timer(self) -> Timer | None:
+        return self.writer.line_timer
+
+    @property
+    def input_paused(self) -> bool:
+        """The write queue is full: its input is not read until it drains."""
+        return self.writer.paused
+
+    @property
+    def log(self) -> FramedLog | None:
+        """A record reader's shared log (its format's encoder and ring)."""
+        return self.record_cursor.log if self.record_cursor is not None else None
+
+    def write_directly(self, writer: DirectWriter | None) -> None:
+        """The fan-out pass writes the ring's bytes to `writer` itself (a plain
+        transport of raw bytes); None: the owner sends, woken by on_data()."""
+        self.direct = writer
+
+    def add_notice(self, marker: bytes, at: int) -> bool:
+        """An in-band notice (bytes of the reader's format) due at ring offset
+        `at`, after what the reader already has pending. Beyond MAX_NOTICES
+        the oldest is dropped: False then (the caller counts it)."""
+        notices = self.notices
+        dropped = len(notices) >= MAX_NOTICES
+        if dropped:
+            notices.popleft()
+            self.notice_pos = 0
+        notices.append((at, marker))
+        return not dropped
 
 
 class Hub:
@@ -226,7 +263,7 @@ class Hub:
         self._flush_pending = False
         self._next_flush = 0.0  # monotonic time before which no fan-out pass starts
         self.writes = Writes(bounds.write_queue, bounds.max_line, bounds.line_timeout, reactor)
-        self.records = RecordLogs(name, bounds.log_capacity, bounds.formats, self.ring)
+        self.records = RecordLogs(name, bounds.log_capacity, bounds.history, bounds.formats, self.ring)
         self.listener_stats: dict[str, ListenerStats] = {}
         self.bytes_in = 0
         self.notices_dropped = 0
@@ -246,45 +283,22 @@ class Hub:
         """A new reader, starting `history` bytes or `history_lines` lines back
         (whichever reaches further, within the port's history bound), then live."""
         reader = Reader(owner, policy, peer)
-        reader.assembler = self.writes.assembler_for(policy)
+        reader.writer = self.writes.writer_for(policy)
         tail = max(self.ring.tail, self.head - self.bounds.history)
         start = max(tail, self.head - max(0, history))
         if history_lines > 0:
             start = min(start, self._lines_back(history_lines, tail))
         reader.cursor = reader.start = start
         if policy.format != "raw":
-            reader.log = self.records.log(policy.format)
-            self._record_start(reader, reader.log, start)
+            rc = reader.record_cursor = self.records.cursor(policy.format)
+            reader.cursor, reader.start, lead = rc.begin(start, self.ring)
+            if lead is not None:
+                reader.notices.append((reader.cursor, lead))
+        reader.line_mark = (reader.start, True)  # nothing given yet: a clean line
         reader.stats = self.stats_for(policy.listener)
         reader.stats.connections += 1
         self.readers[reader.id] = reader
         return reader
-
-    def _record_start(self, reader: Reader, log: FramedLog, start: int) -> None:
-        """Where a record reader's replay begins. Its cursor is a chunk boundary
-        (records are whole chunks): the chunk that holds `start`. Within that
-        chunk it skips the records of the lines that end before `start`, so it
-        starts at the line that holds `start`: N lines asked, N lines given.
-        A replay that must begin inside a text line gets that line's stamp."""
-        boundary = max(log.raw_tail, log.boundary_before(start))
-        reader.cursor = reader.start = boundary
-        if self.ring.tail <= boundary < start:
-            before = self.ring.read(boundary, start)
-            lines = before.count(b"\n")
-            framed_skip = log.line_skip(boundary, lines) if lines else 0
-            if framed_skip:
-                raw_skip = before.rfind(b"\n") + 1
-                reader.frame_skip = (boundary, framed_skip, raw_skip)
-                reader.start = boundary + raw_skip
-                return
-        state = log.state_at(boundary)
-        if state is not None and not state[0] and state[1] is not None:
-            reader.notices.append((boundary, f"{stamp(state[1])} ".encode()))
-
-    def _skipped(self, reader: Reader) -> int:
-        """Raw bytes at the reader's cursor that its replay skips (not owed to it)."""
-        skip = reader.frame_skip
-        return skip[2] if skip is not None and skip[0] == reader.cursor else 0
 
     def detach(self, reader: Reader, reason: str) -> None:
         """The reader is gone; a close the hub decided keeps the hub's reason."""
@@ -293,14 +307,18 @@ class Hub:
         self._blocked.discard(reader)
         self.writes.leave(reader)  # a partial last line still goes out
         stats = reader.stats
-        reason = reader.doomed or reason
+        if reader.doomed is not None and reader.doomed != SEND_FAILED:
+            reason = reader.doomed
         stats.disconnects[reason] = stats.disconnects.get(reason, 0) + 1
         stats.closed_delivered += reader.delivered
         stats.closed_dropped += reader.dropped
         stats.closed_purged += reader.purged
-        log = reader.log
-        if log is not None and not any(r.log is log for r in self.readers.values()):
-            self.records.unused(log)
+        rc, reader.record_cursor = reader.record_cursor, None
+        if rc is not None:
+            # The reader (in a cycle with its owner) no longer holds the log:
+            # a released format's memory goes now, not at the next GC.
+            log = rc.log
+            self.records.release(rc, sum(1 for r in self.readers.values() if r.log is log))
 
     def _lines_back(self, n: int, tail: int) -> int:
         """The offset where the last n lines begin (a partial last line counts),
@@ -316,19 +334,22 @@ class Hub:
     def clients_of(self, listener: str) -> int:
         return sum(1 for r in self.readers.values() if r.policy.listener == listener)
 
-    def _doom(self, reader: Reader, reason: str) -> None:
+    def _doom(self, reader: Reader, reason: str, close: Callable[[], None] | None = None) -> None:
         """Close the reader, but not from inside this call chain (asyncio's
         _force_close does the same with call_soon): the hub stops serving it
         now (nothing pending, never woken), its owner closes on the next turn
-        and nobody has to re-check whether it is still attached."""
+        (``close``, by default ``owner.close(reason)``) and nobody has to
+        re-check whether it is still attached."""
         if reader.doomed is not None:
             return
         reader.doomed = reason
         reader.blocked = True  # the fan-out pass skips it
         self._blocked.discard(reader)
         reader.notices.clear()
-        owner = reader.owner
-        self.reactor.call_soon(lambda: owner.close(reason))
+        if close is None:
+            owner = reader.owner
+            close = lambda: owner.close(reason)  # noqa: E731 - one deferred call
+        self.reactor.call_soon(close)
 
     # -- out: device -> readers --------------------------------------------
 
@@ -361,8 +382,10 @@ class Hub:
         Most readers are caught up to the same offset before each publish, so
         they share one list of views and cost one write call each, made
         through a C-level callable the transport supplies. Anything unusual
-        (notices due, bytes already overwritten, no plain transport) goes the
-        general way through the owner's on_data().
+        (notices due, bytes already overwritten, no direct writer) goes the
+        general way through the owner's on_data(). A write that fails dooms
+        its reader: it is closed on the next turn, after the pass has served
+        everyone else.
         """
         self._flush_pending = False
         started = time.monotonic()
@@ -373,8 +396,8 @@ class Hub:
             if reader.blocked:
                 continue
             cursor = reader.cursor
-            transport = reader.transport
-            if transport is None or reader.notices or cursor < tail or reader.unannounced:
+            direct = reader.direct
+            if direct is None or reader.notices or cursor < tail or reader.unannounced:
                 if cursor != head or reader.notices or reader.unannounced:
                     reader.owner.on_data()
                 continue
@@ -383,68 +406,74 @@ class Hub:
             if cursor != start:
                 start, views, total = cursor, ring.views(cursor, head), head - cursor
             try:
-                n = transport.write(views[0]) if len(views) == 1 else transport.writev(views)
+                n = direct.write(views[0]) if len(views) == 1 else direct.writev(views)
             except BlockingIOError:
                 n = 0
             except OSError as exc:
-                transport.failed(exc)
+                self._send_failed(reader, direct, exc)
                 continue
             reader.cursor = cursor + n
             reader.delivered += n
             if n < total:
-                transport.blocked()
+                direct.blocked()
         now = time.monotonic()
         self._next_flush = now + min((now - started) * FLUSH_GAP, FLUSH_GAP_MAX)
 
+    def _send_failed(self, reader: Reader, direct: DirectWriter, exc: OSError) -> None:
+        """The peer is gone; its owner learns it on the next turn (and names the reason)."""
+        self._doom(reader, SEND_FAILED, lambda: direct.failed(exc))
+
     def _overflow(self, reader: Reader, keep: int | None = None) -> None:
         """Apply the policy: keep at most `keep` bytes of backlog (default: its bound)."""
-        lag = self.head - reader.cursor
-        if reader.policy.drop_oldest:
-            target = self.head - (reader.policy.capacity if keep is None else keep)
-            skip = target - reader.cursor
-            if reader.log is not None:  # records are skipped whole
-                target = reader.log.boundary_after(target)
-                if not reader.unannounced:  # a new stretch of losses: where its text stood
-                    state = reader.log.state_at(reader.cursor)
-                    reader.gap_mid_line = reader.delivered > 0 and (state is None or not state[0])
-                skip = target - reader.cursor - self._skipped(reader)
-                reader.frame_skip = None
-            reader.cursor = target
-            reader.dropped += skip
-            self._gap(reader, skip)
-        else:
-            reader.dropped += lag - self._skipped(reader)
-            reader.frame_skip = None
+        rc = reader.record_cursor
+        if not reader.policy.drop_oldest:
+            unowed = rc.forget(reader.cursor) if rc is not None else 0
+            reader.dropped += self.head - reader.cursor - unowed
             reader.cursor = self.head
             self._doom(reader, "overflow")
+            return
+        if not reader.unannounced:  # a new stretch of losses: where the reader's stream stood
+            reader.gap_mid_line = not self._at_line_start(reader)
+        target = self.head - (reader.policy.capacity if keep is None else keep)
+        if rc is not None:  # records are skipped whole
+            target, skip = rc.skip_to(reader.cursor, target)
+        else:
+            skip = target - reader.cursor
+        reader.cursor = target
+        reader.dropped += skip
+        self._gap(reader, skip)
+
+    def _at_line_start(self, reader: Reader) -> bool:
+        """Whether the last byte the reader got ended a line (False where that
+        is no longer known: a notice then gets a line of its own regardless)."""
+        rc = reader.record_cursor
+        if rc is not None:
+            return reader.delivered == 0 or rc.at_line_start(reader.cursor)
+        at, ended = reader.line_mark
+        if reader.cursor == at:
+            return ended
+        return self.ring.ends_line(reader.cursor) is True
 
     def _gap(self, reader: Reader, lost: int) -> None:
         """Bytes a reader lost: marked in its stream (a record reader always, a
         raw one with notices on) when it is next served, so that the losses of
         many publishes while it was stuck make one marker."""
-        if lost > 0 and (reader.log is not None or reader.policy.notices):
+        if lost > 0 and (reader.record_cursor is not None or reader.policy.notices):
             reader.unannounced += lost
 
     def _announce_gap(self, reader: Reader) -> None:
         lost, reader.unannounced = reader.unannounced, 0
-        text = f"{lost} bytes lost"
-        log = reader.log
-        if log is not None:
-            # A line that goes on after the marker is stamped again (text).
-            now = self.records.clock()
-            state = log.state_at(reader.cursor)
-            resume = None if state is None or state[0] else (state[1] or now)
-            marker = log.encoder.event(
-                now, text, mid_line=reader.gap_mid_line, resume=resume, event="gap", bytes=lost
-            )
+        rc = reader.record_cursor
+        if rc is not None:
+            marker = rc.gap(reader.cursor, lost, self.records.clock(), reader.gap_mid_line)
         else:
-            marker = raw_event(text)
+            marker = raw_event(f"{lost} bytes lost", mid_line=reader.gap_mid_line)
         reader.notices.appendleft((reader.cursor, marker))
 
     def pending(self, reader: Reader, limit: int = 1 << 30) -> list[memoryview]:
         """Views of what the reader is owed next (notices first where due)."""
-        log = reader.log
-        tail = self.ring.tail if log is None else log.raw_tail
+        rc = reader.record_cursor
+        tail = self.ring.tail if rc is None else rc.tail
         if reader.cursor < tail:  # overwritten before it could be offered
             self._overflow(reader, keep=self.head - tail)
         if reader.unannounced and not reader.notice_pos:
@@ -455,12 +484,8 @@ class Hub:
             if offset <= reader.cursor:
                 return [memoryview(text)[reader.notice_pos :]]
             stop = min(stop, offset)
-        if log is not None:
-            views, reader.pending_end = log.views(reader.cursor, stop, limit)
-            skip = reader.frame_skip
-            if skip is not None and skip[0] == reader.cursor and views:
-                views = _drop_front(views, skip[1])
-            return views
+        if rc is not None:
+            return rc.views(reader.cursor, stop, limit)
         return self.ring.views(reader.cursor, min(stop, reader.cursor + limit))
 
     def advance(self, reader: Reader, n: int) -> None:
@@ -471,16 +496,26 @@ class Hub:
             if reader.notice_pos >= len(reader.notices[0][1]):
                 reader.notices.popleft()
                 reader.notice_pos = 0
+                reader.line_mark = (reader.cursor, True)  # every notice ends its line
             return
-        if reader.log is not None:
-            # The device bytes those records carry (less any its replay skipped).
-            n = reader.pending_end - reader.cursor - self._skipped(reader)
-            reader.cursor = reader.pending_end
-            reader.delivered += n
-            reader.frame_skip = None
-            return
-        reader.cursor += n
+        rc = reader.record_cursor
+        if rc is not None:
+            reader.cursor, n = rc.taken(reader.cursor)
+        else:
+            reader.cursor += n
         reader.delivered += n
+
+    def take(self, reader: Reader, limit: int) -> bytes:
+        """What the reader is owed next, at most about `limit` bytes (records
+        whole), as one copy, already counted as sent: for owners that are not
+        sockets (a trace file, the MQTT feed, an encoding connection). b""
+        when it is caught up."""
+        views = self.pending(reader, limit)
+        if not views:
+            return b""
+        data = views[0].tobytes() if len(views) == 1 else b"".join(views)
+        self.advance(reader, len(data))
+        return data
 
     def drain(self, reader: Reader, writev: Callable[[list[memoryview]], int]) -> None:
         """Write what the reader is owed through `writev` until it is caught up or
@@ -511,13 +546,24 @@ class Hub:
 
     def purge(self, reader: Reader) -> None:
         """The reader asked to skip its backlog (RFC 2217 PURGE-DATA): counted."""
-        skipped = self.head - reader.cursor - self._skipped(reader)
-        reader.frame_skip = None
+        rc = reader.record_cursor
+        unowed = rc.forget(reader.cursor) if rc is not None else 0
+        reader.line_mark = (self.head, self._at_line_start(reader))
+        reader.purged += self.head - reader.cursor - unowed
         reader.cursor = self.head
-        reader.purged += skipped
 
     def lag(self, reader: Reader) -> int:
         return self.head - reader.cursor
+
+    def behind(self, reader: Reader, raw: int) -> bool:
+        """Whether the reader's backlog nears what the port holds for it: at
+        least `raw` bytes or a quarter of the ring behind, or (a record reader)
+        a quarter of its format's records. An owner that writes on a timer
+        (a trace) writes at once then, before its bytes can be overwritten."""
+        if self.lag(reader) >= min(raw, self.ring.capacity // 4):
+            return True
+        rc = reader.record_cursor
+        return rc is not None and rc.backlog(reader.cursor) >= rc.capacity // 4
 
     # -- notices ----------------------------------------------------------------
 
@@ -526,22 +572,37 @@ class Hub:
         a record for every record reader, a line for raw readers with notices on."""
         now = self.records.clock()
         for reader in self.readers.values():
-            if reader.doomed is not None:
-                continue
-            if reader.log is not None:
-                # At the head; a line that goes on after it is stamped again (text).
-                resume = None if reader.log.encoder.at_line_start else now
-                marker = reader.log.encoder.event(now, text, resume=resume, **fields)
-            elif reader.policy.notices:
-                marker = raw_event(text)
-            else:
-                continue
-            if len(reader.notices) >= MAX_NOTICES:
-                reader.notices.popleft()
-                reader.notice_pos = 0
-                self.notices_dropped += 1
-            reader.notices.append((self.head, marker))
+            self._notice(reader, now, text, fields)
         self._schedule_flush()
+
+    def notice_to(self, reader: Reader, text: str, **fields: Any) -> None:
+        """An event for one reader only (a trace file reopened), as notice() makes it."""
+        self._notice(reader, self.records.clock(), text, fields)
+        self._schedule_flush()
+
+    def insert(self, reader: Reader, marker: bytes) -> None:
+        """Bytes of the reader's own format, in-band at the current offset (a
+        trace's record of what a client wrote); bounded as notices are."""
+        if reader.doomed is None and not reader.add_notice(marker, self.head):
+            self.notices_dropped += 1
+        self._schedule_flush()
+
+    def _notice(self, reader: Reader, now: float, text: str, fields: dict[str, Any]) -> None:
+        if reader.doomed is not None:
+            return
+        head = self.head
+        if reader.record_cursor is not None:
+            marker = reader.record_cursor.event(now, text, **fields)
+        elif reader.policy.notices:
+            # On a line of its own: after the device's last byte, unless that
+            # ended a line or a notice of its own stands here already.
+            follows_notice = bool(reader.notices) and reader.notices[-1][0] == head
+            line_ends = follows_notice or self.ring.ends_line(head) is not False
+            marker = raw_event(text, mid_line=not line_ends)
+        else:
+            return
+        if not reader.add_notice(marker, head):
+            self.notices_dropped += 1
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -549,7 +610,8 @@ class Hub:
         """Apply a reloaded port's bounds to the log and queue."""
         self.bounds = bounds
         if bounds.log_capacity != self.ring.capacity:
-            self.ring = self.records.ring = self.ring.resized(bounds.log_capacity)
+            self.ring = self.ring.resized(bounds.log_capacity)
+        self.records.resize(self.ring, bounds.log_capacity, bounds.history, bounds.formats)
         self.writes.resize(bounds.write_queue, bounds.max_line, bounds.line_timeout)
 
     def retarget(self, reader: Reader, policy: ReaderPolicy) -> None:
@@ -560,15 +622,3 @@ class Hub:
         self.writes.retarget(reader, policy)
         if self.head - reader.cursor > policy.capacity:
             self._overflow(reader)
-
-
-def _drop_front(views: list[memoryview], n: int) -> list[memoryview]:
-    """The views without their first n bytes."""
-    out = []
-    for view in views:
-        if n >= len(view):
-            n -= len(view)
-            continue
-        out.append(view[n:])
-        n = 0
-    return out

@@ -31,8 +31,21 @@ lost --``. ``text`` readers, ``jsonl`` readers and raw readers with
 
 Sharing. The hub keeps one FramedLog per format in use: each device chunk is
 encoded once, appended to that format's bounded ring, and every reader of the
-format sends the same bytes (muxd.hub). The encoders here are sans-I/O: bytes
-and a time in, bytes out; they hold only the state of the line in progress.
+format sends the same bytes (muxd.hub). Each record reader has a RecordCursor:
+where its replay starts inside the first chunk, which records it was last
+given, whether its stream stands inside a line; the hub asks it, and never
+looks inside a FramedLog. The encoders here are sans-I/O: bytes and a time
+in, bytes out; they hold only the state of the line in progress.
+
+Cost. A format nobody asked for costs nothing: its FramedLog exists only
+while a reader (or the config: a listener's, a trace's or the MQTT bridge's
+``format``) uses it. A format that only connections asked for (a WebSocket's
+``?format=``) is released as soon as its last reader leaves: its records are
+never needed for history, since the next reader's log is made again from
+the raw ring (which holds the history) with the original arrival times. That
+replay covers only the port's history bound, so opening a format costs an
+encode of at most ``history`` bytes, never of the whole ring. A FramedLog's
+ring, like every Ring, grows with what is written up to its bound.
 """
 
 from __future__ import annotations
@@ -42,7 +55,7 @@ import json
 import re
 import time
 from collections import deque
-from typing import Literal
+from typing import Any, Literal
 
 from muxd.ring import Ring
 
@@ -182,9 +195,12 @@ def make_encoder(fmt: Format, port: str) -> Encoder:
     return TextEncoder(port) if fmt == "text" else JsonlEncoder(port)
 
 
-def raw_event(text: str) -> bytes:
-    """The in-band notice a raw reader with ``notices: true`` gets."""
-    return f"-- muxd: {text} --\r\n".encode()
+def raw_event(text: str, mid_line: bool = False) -> bytes:
+    """The in-band notice a raw reader with ``notices: true`` gets, on a line
+    of its own: ``mid_line`` (the reader's last byte did not end a line) ends
+    that line first."""
+    lead = "\r\n" if mid_line else ""
+    return f"{lead}-- muxd: {text} --\r\n".encode()
 
 
 class FramedLog:
@@ -259,6 +275,12 @@ class FramedLog:
                 break
         return self.ring.views(start, end), end_raw
 
+    def framed_at(self, raw: int) -> int:
+        """The framed offset of the records from the chunk boundary at or
+        after raw on (the ring's head if none is held)."""
+        i = self._find(raw)
+        return self.index[i][1] if i < len(self.index) else self.ring.head
+
     def state_at(self, raw: int) -> tuple[bool, float | None] | None:
         """At a chunk boundary still held: whether the stream stands at a line
         start there, and when that chunk arrived (None at the head: the next
@@ -290,6 +312,129 @@ class FramedLog:
         return at + 1
 
 
+class RecordCursor:
+    """One record reader's place in its format's FramedLog, in the hub's
+    terms: the hub keeps the reader's cursor in raw device offsets (always a
+    chunk boundary) and asks this object everything about records.
+
+    A replay that starts inside its first chunk, at a line, skips the records
+    of the lines before it: ``_skip`` is (that chunk's raw offset, framed
+    bytes to skip, raw bytes they carry), until the reader moves past it.
+    """
+
+    def __init__(self, log: FramedLog) -> None:
+        self.log = log
+        self._skip: tuple[int, int, int] | None = None
+        self._end = 0  # the raw offset the records last given end at
+
+    @property
+    def tail(self) -> int:
+        """The oldest raw offset whose records are still held."""
+        return self.log.raw_tail
+
+    def begin(self, start: int, ring: Ring) -> tuple[int, int, bytes | None]:
+        """Where a reader's replay that should begin at raw `start` begins:
+        (its cursor, the raw offset its first byte stands for, the lead to
+        send first, if any). The cursor is a chunk boundary (records are
+        whole chunks): the chunk that holds `start`. Within that chunk it
+        skips the records of the lines that end before `start`, so it starts
+        at the line that holds `start`: N lines asked, N lines given. A
+        replay that must begin inside a text line gets that line's stamp."""
+        log = self.log
+        boundary = max(log.raw_tail, log.boundary_before(start))
+        if ring.tail <= boundary < start:
+            before = ring.read(boundary, start)
+            lines = before.count(b"\n")
+            framed_skip = log.line_skip(boundary, lines) if lines else 0
+            if framed_skip:
+                raw_skip = before.rfind(b"\n") + 1
+                self._skip = (boundary, framed_skip, raw_skip)
+                return boundary, boundary + raw_skip, None
+        state = log.state_at(boundary)
+        if state is not None and not state[0] and state[1] is not None:
+            return boundary, boundary, f"{stamp(state[1])} ".encode()
+        return boundary, boundary, None
+
+    @property
+    def capacity(self) -> int:
+        """The most framed bytes the format's log holds."""
+        return self.log.ring.capacity
+
+    def backlog(self, cursor: int) -> int:
+        """Framed bytes held from the reader's cursor to the head."""
+        return self.log.ring.head - self.log.framed_at(cursor)
+
+    def unowed(self, cursor: int) -> int:
+        """Raw bytes at the reader's cursor that its replay skips (not owed to it)."""
+        skip = self._skip
+        return skip[2] if skip is not None and skip[0] == cursor else 0
+
+    def skip_to(self, cursor: int, raw: int) -> tuple[int, int]:
+        """The reader skips forward to the first chunk boundary at or after
+        raw: (its new cursor, the raw bytes it loses by that)."""
+        target = self.log.boundary_after(raw)
+        lost = target - cursor - self.unowed(cursor)
+        self._skip = None
+        return target, lost
+
+    def forget(self, cursor: int) -> int:
+        """The reader leaves its cursor for another place (a purge, a close):
+        the raw bytes from its cursor on that it was not owed."""
+        unowed = self.unowed(cursor)
+        self._skip = None
+        return unowed
+
+    def at_line_start(self, cursor: int) -> bool:
+        """Whether the reader's text stands at a line start at its cursor
+        (False where that is no longer known)."""
+        state = self.log.state_at(cursor)
+        return state is not None and state[0]
+
+    def views(self, cursor: int, stop: int, limit: int) -> list[memoryview]:
+        """The records of whole chunks from the cursor up to raw `stop`, at
+        most about `limit` framed bytes (at least one chunk)."""
+        views, self._end = self.log.views(cursor, stop, limit)
+        skip = self._skip
+        if skip is not None and skip[0] == cursor and views:
+            views = _drop_front(views, skip[1])
+        return views
+
+    def taken(self, cursor: int) -> tuple[int, int]:
+        """The reader sent everything views() gave it (records are taken
+        whole): (its new cursor, the device bytes those records carried)."""
+        delivered = self._end - cursor - self.unowed(cursor)
+        self._skip = None
+        return self._end, delivered
+
+    def gap(self, cursor: int, lost: int, now: float, mid_line: bool) -> bytes:
+        """The marker of `lost` bytes, for a reader about to go on at cursor;
+        mid_line: its text stood inside a line where the losses began. A line
+        that goes on after the marker is stamped again (text)."""
+        state = self.log.state_at(cursor)
+        resume = None if state is None or state[0] else (state[1] or now)
+        return self.log.encoder.event(
+            now, f"{lost} bytes lost", mid_line=mid_line, resume=resume, event="gap", bytes=lost
+        )
+
+    def event(self, now: float, text: str, **fields: Any) -> bytes:
+        """An event record at the head; a line that goes on after it is stamped again (text)."""
+        encoder = self.log.encoder
+        resume = None if encoder.at_line_start else now
+        return encoder.event(now, text, resume=resume, **fields)
+
+
+def _drop_front(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views without their first n bytes."""
+    out = []
+    for view in views:
+        if n >= len(view):
+            n -= len(view)
+            continue
+        out.append(view[n:])
+        n = 0
+    return out
+
+
 # Arrival times kept, at most: one per device read still in the ring. A ring
 # of the default 256 KiB holds 4096 reads of 64 bytes; beyond, the oldest
 # chunks' times are merged into their successors' (a later stamp, never lost bytes).
@@ -303,12 +448,14 @@ class RecordLogs:
     Formats the config names (``kept``) are encoded from the start, so their
     history is there for the first reader. A format only some connections ask
     for (a WebSocket's query) is created for the first of them by replaying the
-    ring with the original arrival times, and dropped when the last one leaves.
+    last ``history`` bytes of the ring (all a reader may replay) with the
+    original arrival times, and released when the last one leaves.
     """
 
-    def __init__(self, port: str, capacity: int, kept: tuple[Format, ...], ring: Ring) -> None:
+    def __init__(self, port: str, capacity: int, history: int, kept: tuple[Format, ...], ring: Ring) -> None:
         self.port = port
         self.capacity = capacity
+        self.history = history
         self.kept = kept
         self.ring = ring  # the hub's; replaced with it on a resize
         self.logs: dict[Format, FramedLog] = {}
@@ -348,16 +495,26 @@ class RecordLogs:
             self._replay(log)
         return log
 
-    def unused(self, log: FramedLog) -> None:
-        """No reader reads this log any more: drop it unless the config keeps it."""
-        if log.format not in self.kept and self.logs.get(log.format) is log:
+    def cursor(self, fmt: Format) -> RecordCursor:
+        """A new reader's cursor in the format's log (made now if need be)."""
+        return RecordCursor(self.log(fmt))
+
+    def release(self, cursor: RecordCursor, readers: int) -> None:
+        """A reader of the cursor's log left, `readers` remain: with none left,
+        the log goes, unless the config keeps it."""
+        log = cursor.log
+        if not readers and log.format not in self.kept and self.logs.get(log.format) is log:
             del self.logs[log.format]
 
+    def resize(self, ring: Ring, capacity: int, history: int, kept: tuple[Format, ...]) -> None:
+        """A reloaded port's ring and bounds: logs made from now on follow them."""
+        self.ring, self.capacity, self.history, self.kept = ring, capacity, history, kept
+
     def _replay(self, log: FramedLog) -> None:
-        """Encode what the ring holds into a new framed log, chunk by chunk,
+        """Encode the ring's history into a new framed log, chunk by chunk,
         with the times the chunks arrived."""
         ring = self.ring
-        tail, head = ring.tail, ring.head
+        tail, head = max(ring.tail, ring.head - self.history), ring.head
         arrivals = list(self._arrivals)
         if arrivals and arrivals[0][0] > tail:  # older times were merged away
             arrivals[0] = (tail, arrivals[0][1])

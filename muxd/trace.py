@@ -91,7 +91,6 @@ class Trace:
         self._failing: str | None = None  # the error being suppressed until writing works
         self._timer: Timer | None = None
         self._input_bytes = 0  # input recorded since the last flush
-        self._framed_mark = 0  # the format's ring head at the last flush
         policy = ReaderPolicy(
             listener=f"trace:{spec.path}",
             capacity=TRACE_BACKLOG,
@@ -102,8 +101,6 @@ class Trace:
             format=spec.format,
         )
         self.reader: Reader = hub.attach(self, policy, f"file:{spec.path}")
-        if self.reader.log is not None:
-            self._framed_mark = self.reader.log.ring.head
         if spec.input and spec.format != "raw":
             hub.writes.observers.append(self._on_input)
 
@@ -129,22 +126,16 @@ class Trace:
         self.flush()
         self._close_fd()
         self._open()
-        encoder = self.reader.log.encoder if self.reader.log is not None else None
-        if encoder is not None:
-            text = f"{self.hub.name} trace reopened ({reason})"
-            mark = encoder.event(time.time(), text, event="reopen", reason=reason)
-            self.reader.notices.append((self.hub.head, mark))
+        text = f"{self.hub.name} trace reopened ({reason})"
+        self.hub.notice_to(self.reader, text, event="reopen", reason=reason)
 
     # -- ReaderOwner: the hub wakes it; it writes on its own schedule ------------
 
     def on_data(self) -> None:
         """The fan-out pass: the device sent more. A quiet port waits for the
         timer; a busy one is written now, before the ring can wrap past it."""
-        hub, log_ = self.hub, self.reader.log
-        if hub.lag(self.reader) >= min(EAGER, hub.ring.capacity // 4) or (
-            # Small chunks make many records: the format's own ring must not wrap either.
-            log_ is not None and log_.ring.head - self._framed_mark >= log_.ring.capacity // 4
-        ):
+        # Small chunks make many records: the format's own ring must not wrap either.
+        if self.hub.behind(self.reader, EAGER):
             self.flush()
 
     def on_write_room(self) -> None:
@@ -169,16 +160,11 @@ class Trace:
         self._schedule(FLUSH_INTERVAL)
 
     def flush(self) -> None:
-        hub, reader = self.hub, self.reader
         budget = WRITE_LIMIT
-        while budget > 0 and (views := hub.pending(reader, budget)):
-            data = b"".join(views)
-            hub.advance(reader, len(data))
+        while budget > 0 and (data := self.hub.take(self.reader, budget)):
             self._write(data)
             budget -= len(data)
         self._input_bytes = 0
-        if reader.log is not None:
-            self._framed_mark = reader.log.ring.head
 
     def _write(self, data: bytes) -> None:
         """Write data, rotating wherever the next byte would pass ``rotate``."""
@@ -244,7 +230,7 @@ class Trace:
             return
         record = self._input_record(reader, data)
         self._input_bytes += len(record)
-        self.reader.notices.append((self.hub.head, record))
+        self.hub.insert(self.reader, record)
         if len(self.reader.notices) >= INPUT_RECORDS:
             self.flush()  # before the hub's bound on notices drops one
 

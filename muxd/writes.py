@@ -18,6 +18,11 @@ are released, so the device drains them and the writers resume.
 The upstream takes units with ``queue.peek()`` and reports what the device
 took with ``consumed(n)``; ``on_ready`` tells it the queue became non-empty.
 Observers (traces with ``input: true``) see each writer's bytes as accepted.
+
+Each reader's write side (its assembler, its line timer, whether its input is
+paused) is a WriterState that only this module changes; the reader shows it.
+A writer of whole messages (the MQTT feed) uses ``offer()``: a message goes in
+whole or is refused, and a refusal pauses nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from muxd.protocol.framing import LineAssembler
-from muxd.reactor import Reactor
+from muxd.reactor import Reactor, Timer
 
 if TYPE_CHECKING:
     from muxd.hub import Reader, ReaderPolicy
@@ -36,6 +41,24 @@ if TYPE_CHECKING:
 # or scripted commands, small enough that one flooding writer cannot starve
 # the loop.
 READ_CHUNK = 16 * 1024
+
+
+class WriterState:
+    """One reader's write side, changed by Writes alone."""
+
+    __slots__ = ("assembler", "line_timer", "paused")
+
+    def __init__(self, assembler: LineAssembler | None = None) -> None:
+        self.assembler = assembler  # write: lines
+        # Releases the assembler's partial line once it has idled for the port's
+        # line_timeout; cancelled whenever the partial line goes out another way.
+        self.line_timer: Timer | None = None
+        self.paused = False  # not read until the queue drains
+
+    @property
+    def held(self) -> int:
+        """Input bytes accepted but not yet queued (a partial line)."""
+        return self.assembler.held if self.assembler is not None else 0
 
 
 class WriteQueue:
@@ -95,8 +118,9 @@ class Writes:
         self.bytes_out = 0
         self.discarded = 0  # bytes from ro readers
 
-    def assembler_for(self, policy: ReaderPolicy) -> LineAssembler | None:
-        return LineAssembler(self.max_line) if policy.writable and policy.lines else None
+    def writer_for(self, policy: ReaderPolicy) -> WriterState:
+        """A new reader's write side."""
+        return WriterState(LineAssembler(self.max_line) if policy.writable and policy.lines else None)
 
     def budget(self, reader: Reader) -> int:
         """How many bytes this reader may read now; 0 means pause its input."""
@@ -111,7 +135,7 @@ class Writes:
                 # the writers.
                 for held in list(self._holding):
                     self.release(held)
-            reader.input_paused = True
+            reader.writer.paused = True
             self._paused.add(reader)
             return 0
         return min(READ_CHUNK, room)
@@ -123,7 +147,7 @@ class Writes:
             return
         for observe in self.observers:
             observe(reader, data)
-        assembler = reader.assembler
+        assembler = reader.writer.assembler
         if assembler is None:
             self.queue.push(data)
         else:
@@ -133,6 +157,16 @@ class Writes:
             self.queue.held += assembler.held
             self._restart_line_timer(reader)
         self._queued()
+
+    def offer(self, reader: Reader, message: bytes) -> bool:
+        """A whole message from a reader that writes messages (MQTT): queued
+        whole (its last partial line too) if there is room for all of it,
+        else refused (False) and nothing is paused: the next one is judged anew."""
+        if not reader.policy.writable or len(message) > min(READ_CHUNK, self.queue.room()):
+            return False
+        self.submit(reader, message)
+        self.release(reader)
+        return True
 
     def input_ended(self, reader: Reader) -> None:
         """The reader will send no more (it half-closed): release its held partial line."""
@@ -146,23 +180,25 @@ class Writes:
     def retarget(self, reader: Reader, policy: ReaderPolicy) -> None:
         """A reloaded listener's write mode applies to a connected reader."""
         lines = policy.writable and policy.lines
-        if lines and reader.assembler is None:
-            reader.assembler = LineAssembler(self.max_line)
-        elif not lines and reader.assembler is not None:
+        writer = reader.writer
+        if lines and writer.assembler is None:
+            writer.assembler = LineAssembler(self.max_line)
+        elif not lines and writer.assembler is not None:
             self.release(reader)
-            reader.assembler = None
+            writer.assembler = None
 
     def _restart_line_timer(self, reader: Reader) -> None:
         """Input arrived: the idle clock of the reader's partial line starts again.
         Cancel and re-arm rather than keep one timer and move its deadline: the
         reactor's heap has no "move", and its sweep keeps cancelled timers cheap."""
-        if reader.line_timer is not None:
-            reader.line_timer.cancel()
-            reader.line_timer = None
-        if reader.held:
+        writer = reader.writer
+        if writer.line_timer is not None:
+            writer.line_timer.cancel()
+            writer.line_timer = None
+        if writer.held:
             self._holding.add(reader)
             if self.line_timeout > 0:
-                reader.line_timer = self.reactor.call_later(
+                writer.line_timer = self.reactor.call_later(
                     self.line_timeout, lambda: self._line_idle(reader)
                 )
         else:
@@ -171,20 +207,21 @@ class Writes:
     def _line_idle(self, reader: Reader) -> None:
         """The partial line idled for line_timeout: it goes out as a unit of its
         own (a lone key, a prompt's answer typed without Enter)."""
-        reader.line_timer = None
+        reader.writer.line_timer = None
         self.release(reader)
 
     def release(self, reader: Reader) -> None:
         """The reader's held partial line goes into the queue as one unit."""
         # The timer holds the reader through its callback: cancelling drops that
         # reference, so a detached reader is not kept alive until the deadline.
-        if reader.line_timer is not None:
-            reader.line_timer.cancel()
-            reader.line_timer = None
+        writer = reader.writer
+        if writer.line_timer is not None:
+            writer.line_timer.cancel()
+            writer.line_timer = None
         self._holding.discard(reader)
-        if reader.assembler is not None:
-            self.queue.held -= reader.assembler.held
-            self.queue.push(reader.assembler.flush())
+        if writer.assembler is not None:
+            self.queue.held -= writer.assembler.held
+            self.queue.push(writer.assembler.flush())
             self._queued()
 
     def _queued(self) -> None:
@@ -198,7 +235,7 @@ class Writes:
         if self._paused and self.queue.bytes <= self.queue.limit // 2:
             paused, self._paused = self._paused, set()
             for reader in paused:
-                reader.input_paused = False
+                reader.writer.paused = False
                 reader.owner.on_write_room()
 
     def resize(self, limit: int, max_line: int, line_timeout: float) -> None:

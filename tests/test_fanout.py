@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import serial
+from websockets.sync.client import connect as ws_connect
 
 from tests.helpers import (
     AUTO,
@@ -27,8 +29,10 @@ from tests.helpers import (
     recv_until,
     start_on_pty,
     stuck_reader,
+    wait_clients,
     wait_for,
 )
+from tests.test_hostile import rss
 
 
 def test_every_client_gets_identical_bytes_in_order(
@@ -379,3 +383,47 @@ def test_a_probe_that_sends_nothing_is_closed_at_once(
     probe.settimeout(5)
     assert probe.recv(1) == b"", "muxd should close a client that ends without sending anything"
     probe.close()
+
+
+def test_opening_a_record_format_on_a_big_port_costs_little_memory_and_never_blocks(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    """With ``buffer: 64MiB``, every ``?format=jsonl`` reader used to make a
+    framed ring of 8 x 64 MiB, zero-filled at once (the loop stalled for it,
+    and the memory stayed). Now a ring grows with what is written, a format
+    costs nothing until asked for, and goes when its last reader leaves."""
+    m = start_on_pty(muxd, tmp_path, pty_device, [{"tcp": AUTO, "buffer": "64MiB"}, {"websocket": True}])
+    raw = connect(m.port(0))
+    m.wait_connected(1)
+    stop = threading.Event()
+    producer = threading.Thread(target=_timestamped_frames, args=(pty_device, 20.0, 500.0, stop))
+    producer.start()
+    cycles: list[int] = []
+
+    def open_and_close() -> None:
+        for _ in range(10):
+            with ws_connect(f"ws://{m.http}/ws/dut?format=jsonl", open_timeout=5) as conn:
+                record = json.loads(str(conn.recv(timeout=5)).splitlines()[0])
+                assert record["port"] == "dut"
+            wait_clients(m.http, 1)  # muxd saw it go: its format went with it
+            cycles.append(rss(m.pid))
+
+    try:
+        wait_for(lambda: m.metric("muxd_device_read_bytes_total") > 0, what="frames flowing")
+        before = rss(m.pid)
+        opener = threading.Thread(target=open_and_close)
+        opener.start()
+        [(seqs, worst)] = _read_frames([raw], time.monotonic() + 8.0)
+        opener.join(60)
+    finally:
+        stop.set()
+        producer.join(25)
+    print(f"VmRSS before {before >> 20} MiB, after each cycle {[c >> 20 for c in cycles]} MiB")
+    print(f"raw reader: {len(seqs)} frames, worst latency {worst * 1000:.0f} ms")
+    assert len(cycles) == 10, "the ten jsonl readers did not all come and go"
+    growth = max(cycles) - before
+    assert growth < 50 << 20, f"the daemon grew by {growth >> 20} MiB over ten jsonl readers"
+    assert seqs == list(range(len(seqs))) and len(seqs) > 1000
+    # Each opening used to stall the loop for a quarter of a second; a loaded
+    # machine costs a raw reader tens of ms at most.
+    assert worst < 0.2, f"a raw reader saw {worst * 1000:.0f} ms latency while jsonl readers opened"

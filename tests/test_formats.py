@@ -117,7 +117,9 @@ class StreamReader:
         self.out.data += line
 
     def _decode_raw(self) -> None:
-        # Raw with notices: a marker is a line of its own ("-- muxd: N bytes lost --\r\n").
+        # Raw with notices: a marker is a line of its own ("-- muxd: N bytes lost --\r\n"),
+        # after "\r\n" of muxd's own where the stream stood inside a line (the streams
+        # here have no CR, so a CRLF before a marker is always muxd's).
         while True:
             at = self.buf.find(b"-- muxd: ")
             if at < 0:  # hold back only what may begin a marker
@@ -134,6 +136,12 @@ class StreamReader:
             marker = MARKER.match(bytes(self.buf[at:end]))
             assert marker, bytes(self.buf[at : end + 2])
             self.out.data += self.buf[:at]
+            if self.out.data.endswith(b"\r\n"):
+                del self.out.data[-2:]
+            else:
+                assert not self.out.data or self.out.data.endswith(b"\n"), (
+                    f"a marker inside a line: {bytes(self.out.data[-20:] + self.buf[at : end + 2])!r}"
+                )
             self.out.gaps.append((len(self.out.data), int(marker.group(1))))
             del self.buf[: end + 2]
 
@@ -608,3 +616,24 @@ def test_record_times_never_go_back_when_the_clock_is_stepped_back(monkeypatch: 
         hub.publish(line)
     taker.take_all(hub)
     assert [json.loads(x)["t"] for x in taker.got.splitlines()] == [1000.0, 1000.0, 1000.0, 1001.0]
+
+
+def test_an_event_for_one_reader_stands_where_it_happened_in_its_stream_only() -> None:
+    hub = _hub()
+    one, a = _attach(hub, "jsonl")
+    other, _ = _attach(hub, "jsonl")
+    hub.publish(b"before\n")
+    hub.notice_to(a, "trace reopened", event="reopen", reason="reload")
+    hub.insert(a, b'{"dir":"tx"}\n')
+    hub.publish(b"after\n")
+    one.take_all(hub)
+    other.take_all(hub)
+    records = [json.loads(x) for x in one.got.splitlines()]
+    assert [r.get("data") or r.get("event") or r["dir"] for r in records] == [
+        "before\n",
+        "reopen",
+        "tx",
+        "after\n",
+    ]
+    assert records[1]["reason"] == "reload"
+    assert [json.loads(x)["data"] for x in other.got.splitlines()] == ["before\n", "after\n"]

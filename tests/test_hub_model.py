@@ -15,15 +15,19 @@ the example as found, instead of looking like a hang while hypothesis shrinks.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import socket
 
-from hypothesis import Phase, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from muxd.hub import Hub, PortBounds, Reader, ReaderPolicy
 from muxd.reactor import Reactor
-from muxd.ring import Ring
+from muxd.ring import INITIAL_SIZE, Ring
+from tests.helpers import IdleOwner
 
 # What a fake kernel accepts in one write: everything (the common case), all
 # but the last byte (the edge of a partial write), nothing, or anything between.
@@ -53,7 +57,7 @@ class FakeOwner:
     def on_data(self) -> None:
         """As StreamClient.on_data does for a plain transport; others send in reader_sends."""
         hub, reader = self.hub, self.reader
-        if hub is None or reader is None or reader.transport is None:
+        if hub is None or reader is None or reader.direct is None:
             return
         hub.drain(reader, self.writev)
         if not hub.caught_up(reader):
@@ -123,7 +127,7 @@ class HubModel(RuleBasedStateMachine):
             owner.hub = self.hub
             owner.reader = self.hub.attach(owner, pol, "test")
             if is_plain:
-                owner.reader.transport = owner
+                owner.reader.write_directly(owner)
             self.owners.append(owner)
             self.offset_at_attach.append(0)
 
@@ -139,7 +143,7 @@ class HubModel(RuleBasedStateMachine):
             owner.budget = 0
             reader = owner.reader
             assert reader is not None
-            if reader.transport is not None and not reader.blocked:
+            if reader.direct is not None and not reader.blocked:
                 # Liveness: a plain reader the pass did not mark blocked was given everything.
                 assert reader.cursor == self.hub.head, "a reader was left behind without EPOLLOUT"
 
@@ -230,3 +234,116 @@ def test_fanout_pass_edges() -> None:
     model.device_writes(b"!")  # the caught-up reader is now exactly one byte behind
     model.fanout_pass(budgets=[0, ALL, 0, 0])
     model.output_is_stream_minus_counted_gaps()
+
+
+# -- closes the hub starts are deferred --------------------------------------------------------
+
+
+class SocketOwner(IdleOwner):
+    """A raw reader on one end of a socketpair, written by the fan-out pass
+    itself. It records, when it is told its peer is gone, what every reader's
+    peer had received by then."""
+
+    def __init__(self, hub: Hub, peers: dict[str, socket.socket], name: str) -> None:
+        self.hub = hub
+        self.peers = peers  # every reader's far end, by name
+        self.name = name
+        self.sock, peers[name] = socket.socketpair()
+        self.sock.setblocking(False)
+        self.seen_at_close: list[dict[str, bytes]] = []  # one per close
+        policy = ReaderPolicy(name, 4096, True, writable=False, lines=False, notices=False)
+        self.reader = hub.attach(self, policy, name)
+        self.reader.write_directly(self)
+
+    def write(self, data: memoryview) -> int:
+        return self.sock.send(data)
+
+    def writev(self, data: list[memoryview]) -> int:
+        return self.sock.sendmsg(data)
+
+    def blocked(self) -> None:
+        self.hub.set_blocked(self.reader, True)
+
+    def failed(self, exc: OSError) -> None:
+        assert exc.errno in (errno.EPIPE, errno.ECONNRESET), exc
+        seen: dict[str, bytes] = {}
+        for name, peer in self.peers.items():
+            with contextlib.suppress(BlockingIOError, OSError):
+                seen[name] = peer.recv(4096, socket.MSG_DONTWAIT)
+        self.seen_at_close.append(seen)
+        self.hub.detach(self.reader, "reset")
+
+
+def test_a_failed_send_closes_its_reader_on_the_next_turn_after_the_pass_served_everyone() -> None:
+    reactor = Reactor()
+    hub = Hub("p", PortBounds(log_capacity=4096, write_queue=1024, max_line=64, history=0), reactor)
+    peers: dict[str, socket.socket] = {}
+    owners = [SocketOwner(hub, peers, name) for name in ("gone", "b", "c", "d")]
+    gone = owners[0]
+    peers.pop("gone").close()  # its peer reset: its send fails with EPIPE
+    try:
+        hub.publish(b"chunk\n")
+        hub._flush()  # the fan-out pass, as the loop runs it
+        assert not gone.seen_at_close, "closed from inside the fan-out pass"
+        assert gone.reader.doomed is not None and gone.reader.id in hub.readers
+        reactor.run_once(0)  # the next turn: the deferred close runs
+        assert gone.seen_at_close == [{"b": b"chunk\n", "c": b"chunk\n", "d": b"chunk\n"}]
+        assert gone.reader.id not in hub.readers
+        assert gone.reader.stats.disconnects == {"reset": 1}  # the owner's reason, not the hub's mark
+        assert all(o.reader.delivered == 6 for o in owners[1:])
+    finally:
+        for o in owners:
+            o.sock.close()
+        for peer in peers.values():
+            peer.close()
+        reactor.close()
+
+
+# -- memory follows what is written ----------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    capacity=st.integers(1, 600),
+    initial=st.integers(1, 64),
+    writes=st.lists(st.integers(0, 700), max_size=30),
+)
+def test_a_growing_ring_holds_exactly_the_newest_bytes(
+    capacity: int, initial: int, writes: list[int]
+) -> None:
+    ring = Ring(capacity, initial=initial)
+    stream = bytearray()
+    for n in writes:
+        data = bytes((len(stream) + i) % 251 for i in range(n))
+        stream += data
+        ring.write(data)
+        assert ring.head == len(stream) and ring.tail == max(0, len(stream) - capacity)
+        assert ring.read(ring.tail) == bytes(stream[ring.tail :])
+        # Never more buffer than the bound, nor than twice what it holds (or its start).
+        assert ring.allocated <= capacity
+        assert ring.allocated <= max(min(initial, capacity), 2 * (ring.head - ring.tail))
+
+
+def test_a_big_ring_costs_what_is_written_not_its_bound() -> None:
+    ring = Ring(64 << 20)
+    assert ring.allocated <= INITIAL_SIZE
+    ring.write(b"x" * 100_000)
+    assert ring.allocated < 256 * 1024 and ring.read(ring.tail) == b"x" * 100_000
+
+
+def test_a_format_nobody_reads_costs_nothing_and_is_released_with_its_last_reader() -> None:
+    """buffer: 64MiB on the port: opening a jsonl reader neither reserves its
+    8x bound nor replays the whole ring, and the log goes with its last reader."""
+    big = 64 << 20
+    hub = Hub("p", PortBounds(log_capacity=big, write_queue=1024, max_line=64, history=4096), Reactor())
+    for i in range(300):
+        hub.publish(b"line %06d\n" % i)
+    policy = ReaderPolicy("ws", big, True, writable=False, lines=False, notices=False, format="jsonl")
+    assert not hub.records.logs
+    reader = hub.attach(IdleOwner(), policy, "a", history_lines=2)
+    log = hub.records.logs["jsonl"]
+    assert log.ring.allocated <= INITIAL_SIZE  # not 8 x 64 MiB
+    assert log.raw_tail >= hub.head - 4096  # the replay covers the history bound only
+    assert hub.take(reader, 1 << 20).count(b"\n") == 2
+    hub.detach(reader, "peer closed")
+    assert not hub.records.logs and reader.log is None  # nothing holds it: freed now

@@ -102,7 +102,7 @@ class Feed:
 
     def _due(self) -> None:
         self._timer = None
-        if self._partial and not self.hub.pending(self.reader, 1):
+        if self._partial and self.hub.caught_up(self.reader):
             self._stage.append(self._partial)
             self._partial = b""
         self.bridge.pump()
@@ -114,12 +114,9 @@ class Feed:
         return self._stage.popleft() if self._stage else None
 
     def _fill(self) -> None:
-        hub, reader = self.hub, self.reader
-        views = hub.pending(reader, FILL_LIMIT)
-        if not views:
+        data = self.hub.take(self.reader, FILL_LIMIT)
+        if not data:
             return
-        data = b"".join(views)
-        hub.advance(reader, len(data))
         if self.spec.format == "raw":
             for i in range(0, len(data), RAW_CHUNK):
                 self._stage.append(data[i : i + RAW_CHUNK])
@@ -146,18 +143,14 @@ class Feed:
     # -- tx ------------------------------------------------------------------------
 
     def write(self, payload: bytes) -> None:
-        writes = self.hub.writes
         if not self.spec.write or self.reader.doomed is not None:
             self.tx_refused += 1
             return
         if not payload:
             return
-        if writes.budget(self.reader) < len(payload):
+        if not self.hub.writes.offer(self.reader, payload):  # whole, or refused: never half
             self.tx_refused += 1
-            self.reader.input_paused = False  # no input to pause: the next message is judged anew
             return
-        writes.submit(self.reader, payload)
-        writes.release(self.reader)  # the message's last partial line is a unit too
         self.tx_accepted += 1
 
     # -- state ---------------------------------------------------------------------
