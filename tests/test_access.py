@@ -380,7 +380,7 @@ def test_muxd_status_presents_muxd_token(tokened: tuple[Muxd, str, str]) -> None
         )
 
     refused = status({})
-    assert refused.returncode == 3 and "401" in refused.stderr
+    assert refused.returncode == 4 and "401" in refused.stderr  # unauthorised, not "no daemon" (3)
     done = status({"MUXD_TOKEN": SECRETS["viewer"][1]})
     assert done.returncode == 0, done.stderr
     assert [p["name"] for p in json.loads(done.stdout)["ports"]] == ["dut"]
