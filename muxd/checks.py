@@ -93,6 +93,18 @@ def group_id(group: str | int) -> int:
     return group if isinstance(group, int) else grp.getgrnam(group).gr_gid
 
 
+def group_problem(group: str | int | None) -> str | None:
+    """Why a configured group cannot be used here, or None (no group, or a
+    known one): for the start checks and for `muxd check`."""
+    if group is None:
+        return None
+    try:
+        group_id(group)
+    except KeyError:
+        return f"no group {group!r} on this machine"
+    return None
+
+
 def is_loopback_host(host: str) -> bool:
     """Whether a listen address is loopback only ("localhost" is; a name or
     a wildcard such as 0.0.0.0 or :: is not)."""
@@ -135,11 +147,9 @@ class _Checker:
             self.errors.append(self.at(key, f"{what}: directory {parent} does not exist"))
 
     def _group(self, group: str | int | None, key: str, what: str) -> None:
-        if group is not None:
-            try:
-                group_id(group)
-            except KeyError:
-                self.errors.append(self.at(key, f"{what}: no group {group!r} on this machine"))
+        problem = group_problem(group)
+        if problem is not None:
+            self.errors.append(self.at(key, f"{what}: {problem}"))
 
     def listener(self, p: int, port: str, i: int, lst: Listener) -> None:
         key = f"ports[{p}].listeners[{i}]"

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from muxd import config as configmod
 from muxd import systemd as sd
 from muxd.access import Tokens
-from muxd.checks import group_id
+from muxd.checks import group_problem
 from muxd.config import Config, HttpServer, Listener, Port
 from muxd.connection import policy_for
 from muxd.errors import ConfigError, MuxdError
@@ -103,11 +103,9 @@ class StartError(MuxdError):
 
 
 def _check_group(group: str | int | None) -> None:
-    if group is not None:
-        try:
-            group_id(group)
-        except KeyError:
-            raise MuxdError(f"no group {group!r} on this machine") from None
+    problem = group_problem(group)
+    if problem is not None:
+        raise MuxdError(problem)
 
 
 def _check_path(path: str, group: str | int | None) -> None:
@@ -480,7 +478,8 @@ class Daemon:
         try:
             new = configmod.load(self.config.source, in_loop=True)
         except ConfigError as exc:
-            log.error("reload rejected, the running config stays: %s", exc)
+            for error in configmod.each_error(exc):  # every error of the file, in line order
+                log.error("reload rejected, the running config stays: %s", error)
         else:
             sd.setup_logging(self.log_level_override or new.log_level)
             self._apply(new)

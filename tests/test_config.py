@@ -732,6 +732,17 @@ def test_a_reload_with_a_nul_in_a_group_is_rejected_and_named(muxd: StartMuxd, t
     assert m.proc.poll() is None
 
 
+def test_a_rejected_reload_logs_every_error_of_the_file(muxd: StartMuxd, tmp_path: Path) -> None:
+    m = start_muxd(muxd, tmp_path, {"sim": True}, [{"unix": str(tmp_path / "u.sock"), "name": "u"}])
+    listener = {**m.listener(0), "group": "dial\x00out", "buffer": "lots"}
+    m.rewrite([{**m.data["ports"][0], "listeners": [listener]}])
+    m.signal(signal.SIGHUP)
+    m.wait_log(".group: a group name cannot hold a NUL character")
+    m.wait_log(".buffer: ")  # the second mistake is logged too, not only the first
+    assert m.log().count("reload rejected") >= 2
+    assert m.proc.poll() is None
+
+
 def test_one_duration_grammar_for_the_config_the_sequences_and_ctl() -> None:
     # The superset of the two grammars there were: the config's (a number is
     # seconds; ms, s, m, h) and the sequences' (ms, s; a unit required).
