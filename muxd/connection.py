@@ -129,7 +129,7 @@ class Connection(FdConnection):
             self.writev = transport.writev
 
     def start(self) -> None:
-        log.debug("%s: %s connected", self.cfg.name, self.peer)
+        log.debug("%s: %s connected", self.cfg.name, self.peer, extra=self._journal_fields())
         super().start()  # history, or what was published since attach
 
     def _enter(self, state: State) -> None:
@@ -209,7 +209,12 @@ class Connection(FdConnection):
 
     def _ended(self, reason: str) -> None:
         self.hub.detach(self.reader, reason)
-        log.debug("%s: %s disconnected (%s)", self.cfg.name, self.peer, self.reader.doomed or reason)
+        why = self.reader.doomed or reason
+        log.debug("%s: %s disconnected (%s)", self.cfg.name, self.peer, why, extra=self._journal_fields())
+
+    def _journal_fields(self) -> dict[str, str]:
+        # journalctl -u muxd MUXD_PORT=dut1 (or MUXD_PEER=...): one port's, one peer's story.
+        return {"MUXD_PORT": self.hub.name, "MUXD_PEER": self.peer}
 
     # -- input ------------------------------------------------------------------
 
