@@ -51,7 +51,7 @@ def pki(tmp_path: Path) -> Pki:
 # -- 1. TLS handshake slots ------------------------------------------------------------------------
 
 ATTACKERS = [f"127.0.0.{i}" for i in range(2, 10)]  # 8 addresses, none the legitimate client's
-PER_ATTACKER = 16  # muxd.tls.MAX_HANDSHAKES_PER_PEER: 8 x 16 fill MAX_HANDSHAKES
+PER_ATTACKER = 16  # muxd.tls_handshakes.MAX_HANDSHAKES_PER_PEER: 8 x 16 fill MAX_HANDSHAKES
 LEGITIMATE = 40
 LEGIT_DEADLINE = 20.0  # for all 40; each one alone takes milliseconds
 
@@ -148,7 +148,7 @@ def test_a_silent_tls_connection_is_closed_after_the_first_bytes_timeout(
     muxd: StartMuxd, tmp_path: Path, pki: Pki, pty_device: PtyDevice
 ) -> None:
     """Not after the whole handshake_timeout (10 s by default): a client that
-    says nothing holds its slot for muxd.tls.FIRST_BYTES_TIMEOUT (3 s) only,
+    says nothing holds its slot for muxd.tls_handshakes.FIRST_BYTES_TIMEOUT (3 s) only,
     counted as silent."""
     m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "tls": pki.tls()}])
     started = time.monotonic()

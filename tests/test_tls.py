@@ -765,7 +765,7 @@ def test_handshakes_in_flight_are_limited_per_host_and_others_still_get_in(
     holds at most MAX_HANDSHAKES_PER_PEER of them: each one more replaces its
     own oldest silent one (counted as evicted), and a client on another
     address is served meanwhile."""
-    from muxd.tls import MAX_HANDSHAKES_PER_PEER
+    from muxd.tls_handshakes import MAX_HANDSHAKES_PER_PEER
 
     m = start_tls(muxd, tmp_path, pty_device, [{"tcp": "auto", "tls": pki.tls(handshake_timeout="30s")}])
     host, port = "127.0.0.1", m.port("l0")

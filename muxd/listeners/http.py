@@ -85,7 +85,7 @@ from muxd.protocol.http_names import (
 )
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
-from muxd.tls import TlsServer
+from muxd.tls_handshakes import TlsServer
 from muxd.transport import SocketTransport, Transport
 from muxd.web import web_file
 
@@ -170,7 +170,7 @@ class HttpFront:
         self.clients: set[Connection] = set()  # WebSocket readers, for the daemon's shutdown
         self._sock = sock  # passed in by socket activation, or bound in start()
         self._acceptor: Acceptor | None = None
-        # With ``tls:``, every connection is a TLS handshake first (muxd.tls):
+        # With ``tls:``, every connection is a TLS handshake first (muxd.tls_handshakes):
         # HTTPS, and WSS for the WebSockets it hands over.
         self.tls: TlsServer | None = None
 

@@ -8,7 +8,7 @@ A StreamClient is the connection core (muxd.connection) over a socket with no
 encoder: the hub's fan-out pass writes the ring's bytes to it directly, one
 memoryview or two (the range wrapped), zero copy. With ``tls:`` (tcp and
 rfc2217) each accepted socket first goes through its TLS handshake
-(muxd.tls.TlsServer), and the client is made over the TLS transport once it
+(muxd.tls_handshakes.TlsServer), and the client is made over the TLS transport once it
 is done; that transport is not plain, so its bytes go through the core's
 small output buffer to be encrypted. Handshakes in flight count against
 ``max_clients``, so stalled ones cannot exceed it. Everything else, from
@@ -33,7 +33,7 @@ from muxd.hub import Hub
 from muxd.listeners.acceptor import Acceptor, bind_tcp
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
-from muxd.tls import TlsServer
+from muxd.tls_handshakes import TlsServer
 from muxd.transport import SocketTransport, Transport
 
 log = logging.getLogger("muxd.listener")
@@ -121,7 +121,7 @@ class StreamListener:
     def _accepted(self, conn: socket.socket, peer: str) -> None:
         handshaking = len(self.tls.handshakes) if self.tls is not None else 0
         full = len(self.clients) + handshaking >= self.cfg.max_clients
-        # Silent handshakes must not hold max_clients either (muxd.tls: slots).
+        # Silent handshakes must not hold max_clients either (muxd.tls_handshakes: slots).
         if full and not (handshaking and self.tls is not None and self.tls.make_room(peer)):
             self.hub.stats_for(self.cfg.name).rejected += 1
             self.refusals.warning(
