@@ -31,6 +31,14 @@ is refused before its body is read: the link is closed, the refusal counted
 reconnects with backoff. MQTT 3.1.1, which the bridge speaks, has no way to
 tell the broker that limit (5.0's Maximum Packet Size does), and with a clean
 session the broker does not send the refused message again.
+
+Why this module is long: one paho client's state is shared by every part of
+it (the attempt, the transport it was handed, the in-flight messages, the
+link's status), and paho calls back into each part from the same loop calls.
+Split in two, each half would reach into the other's client; kept whole, one
+class owns that client from connect to DISCONNECT. The pieces with a life of
+their own are already apart: the wire (muxd.mqtt.wire), the inbound bound
+(muxd.mqtt.packet) and the per-port feeds (muxd.mqtt.feed).
 """
 
 from __future__ import annotations
