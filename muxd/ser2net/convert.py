@@ -1,0 +1,525 @@
+"""ser2net connections -> muxd ports, as plain data in muxd's config schema.
+
+ser2net opens the device once per connection (and only while a client is
+connected); muxd owns each device once and fans it out. So the connections on
+one device become ONE muxd port, named from the device (``/dev/ttyS0`` ->
+``ttyS0``), with one listener per connection, named by the connection's
+anchor. Connections that ask for different line settings on one device
+cannot all have them: the first one's are taken, and a warning (and a
+comment in the output) says so.
+
+Each ser2net item is either translated exactly, translated loosely (a comment
+says how, and the lab notices no difference that matters: ``chardelay`` only
+batches bytes, ``kickolduser`` lets the new user in), or refused: an error
+``FILE:LINE: ...`` where the lab's behaviour would change (an ``openstr``
+sent to the device, authentication, a connect-back). Every error of the file
+is collected in one pass, so one run names them all.
+
+The result (``Conversion``) holds, per port, the dict the YAML file would
+have (``{"name", "upstream", "listeners", "trace"}``) and the comments to
+print beside it (muxd.ser2net.render). No I/O here: ``convert(parsed)``
+takes what muxd.ser2net.reader read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from muxd import banner
+from muxd.config.values import NAME_RE
+from muxd.ser2net.reader import Connection, Default, Item, Ser2netFile, name_and_args, split_top
+
+SER2NET_DEFAULT_SPEED = "9600n81"  # gensio's serialdev default (gensio(5))
+SER2NET_MAX_CONNECTIONS = 1  # ser2net.yaml(5): max-connections defaults to 1
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_SPEC_RE = re.compile(r"(\d+)(?:([nNeEoOmMsS])([5-8])([12]))?")
+_PARITY = {"n": "none", "e": "even", "o": "odd", "m": "mark", "s": "space"}
+
+# Options whose only effect is timing or buffering inside ser2net: a comment.
+_LOOSE_OPTIONS = {
+    "chardelay": "muxd forwards device bytes as they come; it does not wait to batch characters",
+    "chardelay-scale": "muxd forwards device bytes as they come",
+    "chardelay-min": "muxd forwards device bytes as they come",
+    "chardelay-max": "muxd forwards device bytes as they come",
+    "sendon": "muxd forwards device bytes as they come, without waiting for a string",
+    "dev-to-net-bufsize": "muxd's buffers are its own (listener buffer:, port write_queue:)",
+    "net-to-dev-bufsize": "muxd's buffers are its own (listener buffer:, port write_queue:)",
+    "accepter-retry-time": "muxd binds at start and fails loudly if it cannot",
+    "connector-retry-time": "muxd reopens a vanished device with its own backoff",
+    "signature": "muxd answers an RFC 2217 signature request with its own",
+    "trace-timestamp": "",  # read with the trace options
+    "trace-read-timestamp": "",
+    "trace-write-timestamp": "",
+    "trace-both-timestamp": "",
+}
+# Options muxd cannot honour without changing what the lab sees: an error each.
+_REFUSED_OPTIONS = {
+    "openstr": "muxd never sends a string to the device on open",
+    "closestr": "muxd never sends a string to the device on close",
+    "closeon": "muxd does not close clients on a string from the device",
+    "connback": "muxd makes no connect-back connections",
+    "no-con-to-acc": "a listener that never receives device output has no muxd equivalent",
+    "authdir": "ser2net's authentication has no muxd equivalent on a raw listener (use tls: or allow:)",
+    "authdir-admin": "ser2net's admin interface has no muxd equivalent",
+    "pamauth": "PAM authentication has no muxd equivalent (use tls: client_ca or allow:)",
+    "pamauth-admin": "ser2net's admin interface has no muxd equivalent",
+    "allowed-users": "ser2net's authentication has no muxd equivalent",
+    "led-rx": "LEDs have no muxd equivalent",
+    "led-tx": "LEDs have no muxd equivalent",
+    "trace-hexdump": "muxd's trace files are raw, text or jsonl, never a hexdump",
+    "trace-read-hexdump": "muxd's trace files are raw, text or jsonl, never a hexdump",
+    "trace-write-hexdump": "muxd's trace files are raw, text or jsonl, never a hexdump",
+    "trace-both-hexdump": "muxd's trace files are raw, text or jsonl, never a hexdump",
+}
+_MDNS = "muxd does not advertise over mDNS"
+_SERIALDEV_ARGS_LOOSE = {
+    "nouucplock": "muxd takes an flock on the device, not a uucp lock file",
+    "drain_time": "muxd does not wait for output to drain on close",
+    "char_drain_wait": "muxd does not wait for output to drain on close",
+}
+_LISTEN_ANY = ("0.0.0.0", "[::]")  # muxd's [::] is IPV6_V6ONLY: both, for ser2net's "all addresses"
+
+
+@dataclass(frozen=True)
+class Error:
+    line: int
+    message: str
+
+
+@dataclass
+class ConvertedPort:
+    data: dict[str, Any]  # one entry of muxd's ports:, as the YAML file has it
+    comments: list[str] = field(default_factory=list)
+    listener_comments: list[list[str]] = field(default_factory=list)
+    line: int = 0  # the first connection's line
+    device: str = ""
+    anchors: list[str] = field(default_factory=list)  # of the connections it serves
+    settings_key: str = ""  # the first connection's line settings, to compare
+
+
+@dataclass
+class Conversion:
+    source: str
+    ports: list[ConvertedPort] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)  # for the file's head
+    warnings: list[Error] = field(default_factory=list)
+    errors: list[Error] = field(default_factory=list)
+
+    @property
+    def data(self) -> list[dict[str, Any]]:
+        """The ports as muxd's config schema has them (what join_daemon takes)."""
+        return [p.data for p in self.ports]
+
+
+@dataclass
+class _Conn:
+    """One connection while it is being converted."""
+
+    conn: Connection
+    errors: list[Error]
+    comments: list[str] = field(default_factory=list)
+
+    def error(self, line: int, message: str) -> None:
+        self.errors.append(Error(line, f"connection &{self.conn.name}: {message}"))
+
+    def loose(self, what: str, why: str) -> None:
+        self.comments.append(f"{what}: translated loosely: {why}")
+
+
+def flag(value: str) -> bool | None:
+    v = value.strip().lower()
+    return True if v in _TRUE or v == "" else False if v in _FALSE else None
+
+
+def device_port_name(device: str, taken: set[str]) -> str:
+    """A muxd port name from a device path: its last part, with what NAME_RE
+    refuses made "-" (by-path names have ":"), made unique."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", device.rstrip("/").rpartition("/")[2])[:60] or "port"
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def listener_name(anchor: str) -> str:
+    return anchor if NAME_RE.fullmatch(anchor) else re.sub(r"[^A-Za-z0-9_.-]", "-", anchor)[:64]
+
+
+# --------------------------------------------------------------------------
+# accepter
+
+
+@dataclass(frozen=True)
+class Accepter:
+    kind: str  # "tcp" or "rfc2217"
+    hosts: tuple[str, ...]  # one host, or both "any" addresses
+    port: int
+
+
+def parse_accepter(c: _Conn, item: Item) -> Accepter | None:
+    """``[telnet[(rfc2217[,mode=server])],][tcp,][ADDR,]PORT``."""
+    parts = split_top(item.value)
+    kind = "tcp"
+    name, args = name_and_args(parts[0])
+    if name == "telnet":
+        if any(a.partition("=")[0] == "rfc2217" and a.partition("=")[2] in ("", "true") for a in args):
+            kind = "rfc2217"
+        else:
+            kind = "rfc2217"
+            c.loose("telnet", "a plain telnet accepter becomes muxd's RFC 2217 listener, a telnet server")
+        odd = [a for a in args if a.partition("=")[0] not in ("rfc2217", "mode")]
+        if odd:
+            c.loose(f"telnet({','.join(odd)})", "muxd's telnet server takes no options")
+        if any(a.startswith("mode=") and a != "mode=server" for a in args):
+            c.error(item.line, f"accepter {item.value!r}: muxd's telnet is always the server side")
+            return None
+        parts = parts[1:]
+    if parts and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*(\(.*\))?", parts[0], re.DOTALL):
+        layer, largs = name_and_args(parts[0])
+        if layer == "tcp":
+            if largs:
+                c.loose(f"tcp({','.join(largs)})", "muxd's TCP listener takes no gensio options")
+            parts = parts[1:]
+        elif layer in ("ipv4", "ipv6") and len(parts) > 1:
+            parts = parts[1:]
+        elif layer != "localhost":
+            c.error(item.line, f"accepter {item.value!r}: {layer} is not served by muxd (tcp and telnet only)")
+            return None
+    if parts and parts[0] in ("ipv4", "ipv6"):
+        parts = parts[1:]
+    if not 1 <= len(parts) <= 2 or not parts[-1].isdigit() or not 0 < int(parts[-1]) <= 65535:
+        c.error(item.line, f"accepter {item.value!r}: expected [telnet(rfc2217),][tcp,][ADDR,]PORT")
+        return None
+    port = int(parts[-1])
+    if len(parts) == 1 or parts[0] in ("", "0.0.0.0", "::"):
+        return Accepter(kind, _LISTEN_ANY, port)
+    addr = parts[0]
+    if addr == "localhost":
+        return Accepter(kind, ("127.0.0.1",), port)
+    try:
+        ip = ipaddress.ip_address(addr.strip("[]"))
+    except ValueError:
+        c.error(item.line, f"accepter {item.value!r}: {addr!r} is not an IP address (muxd binds numeric addresses)")
+        return None
+    return Accepter(kind, (f"[{ip}]" if ip.version == 6 else str(ip),), port)
+
+
+# --------------------------------------------------------------------------
+# connector
+
+
+@dataclass
+class Connector:
+    device: str
+    line: int
+    upstream: dict[str, Any]
+    local: bool = False
+
+
+def _spec_text(upstream: dict[str, Any]) -> str:
+    """The line settings of an upstream as ser2net writes them: ``115200n81[,rtscts]``."""
+    text = f"{upstream['baudrate']}{upstream.get('parity', 'none')[0]}{upstream.get('bytesize', 8)}"
+    text += str(upstream.get("stopbits", 1))
+    return text + (f",{upstream['flow']}" if "flow" in upstream else "")
+
+
+def _spec(text: str) -> dict[str, Any] | None:
+    m = _SPEC_RE.fullmatch(text)
+    if m is None:
+        return None
+    out: dict[str, Any] = {"baudrate": int(m.group(1))}
+    if m.group(2):
+        out.update(parity=_PARITY[m.group(2).lower()], bytesize=int(m.group(3)), stopbits=int(m.group(4)))
+    return out
+
+
+def parse_connector(c: _Conn, item: Item, defaults: list[Default]) -> Connector | None:
+    """``serialdev[(opts)],DEVICE[,SPEC][,local][,rtscts]...`` (old ``sdev`` too)."""
+    parts = split_top(item.value)
+    name, args = name_and_args(parts[0])
+    if name not in ("serialdev", "sdev"):
+        c.error(item.line, f"connector {parts[0]!r}: muxd serves serial devices (serialdev) only")
+        return None
+    for arg in args:
+        key = arg.partition("=")[0]
+        if key not in _SERIALDEV_ARGS_LOOSE:
+            c.error(item.line, f"connector option {arg!r} of serialdev is not supported")
+        elif not (key == "nouucplock" and flag(arg.partition("=")[2] or "true")):
+            c.loose(f"serialdev({arg})", _SERIALDEV_ARGS_LOOSE[key])
+    if len(parts) < 2 or not parts[1]:
+        c.error(item.line, "connector: no device after serialdev,")
+        return None
+    device = parts[1]
+    # Words after the device may be split by commas or, where YAML folded a
+    # line, by spaces.
+    words = [w for p in parts[2:] for w in p.split()]
+    upstream: dict[str, Any] = {"serial": device}
+    spec = next((d.value for d in defaults if d.name == "speed" and d.cls in ("", "serialdev")), None)
+    local = any(d.name == "local" and d.cls in ("", "serialdev") and flag(d.value) for d in defaults)
+    flow = next(
+        (d.name for d in defaults if d.name in ("rtscts", "xonxoff") and d.cls in ("", "serialdev") and flag(d.value)),
+        None,
+    )
+    for word in words:
+        key, _, value = word.partition("=")
+        low = key.lower()
+        on = flag(value) if value else True
+        if _spec(word) is not None:
+            spec = word
+        elif low in ("local", "clocal"):
+            local = bool(on)
+        elif low in ("rtscts", "xonxoff"):
+            flow = low if on else (None if flow == low else flow)
+        elif low in ("-rtscts", "-xonxoff", "-local", "-clocal"):
+            if low == "-local" or low == "-clocal":
+                local = False
+            elif flow == low[1:]:
+                flow = None
+        elif low in ("nobreak", "hangup-when-done", "hangup_when_done"):
+            c.loose(word, "muxd neither sends a BREAK nor hangs up when the last client goes")
+        elif low in ("dtr", "rts") and value.lower() in ("on", "off"):
+            c.error(item.line, f"connector {word}: muxd opens the device with DTR and RTS asserted")
+        else:
+            c.error(item.line, f"connector: {word!r} is not a serialdev setting muxd knows")
+    parsed = _spec(spec or SER2NET_DEFAULT_SPEED)
+    if parsed is None:
+        c.error(item.line, f"connector: {spec!r} is not a speed such as 115200n81")
+        return None
+    upstream.update(parsed)
+    if flow is not None:
+        upstream["flow"] = flow
+    return Connector(device, item.line, upstream, local)
+
+
+# --------------------------------------------------------------------------
+# options
+
+
+def _int(c: _Conn, item: Item, lo: int, hi: int) -> int | None:
+    v = item.value.strip()
+    if not v.isdigit() or not lo <= int(v) <= hi:
+        c.error(item.line, f"{item.key}: expected a number {lo}..{hi}, got {item.value!r}")
+        return None
+    return int(v)
+
+
+def _allow(c: _Conn, item: Item) -> list[str]:
+    """remaddr: ``[!]ADDR[,PORT][;...]``, ADDR possibly after ipv4,/ipv6,."""
+    out = []
+    for entry in (e.strip() for e in item.value.split(";")):
+        if not entry:
+            continue
+        if entry.startswith("!"):
+            c.error(item.line, f"remaddr {entry!r}: a connect-back address has no muxd equivalent")
+            continue
+        parts = [p for p in split_top(entry) if p not in ("ipv4", "ipv6", "tcp")]
+        port = parts[-1] if len(parts) > 1 else "0"
+        try:
+            net = ipaddress.ip_network(parts[0].strip("[]"), strict=False)
+        except ValueError:
+            c.error(item.line, f"remaddr {entry!r}: {parts[0]!r} is not an IP address or network")
+            continue
+        if port != "0":
+            c.error(item.line, f"remaddr {entry!r}: muxd allows hosts, not their source ports (write port 0)")
+            continue
+        out.append(str(net))
+    return out
+
+
+_TRACE_PATH_ESCAPES = re.compile(r"\\(.)")
+
+
+def _trace_path(c: _Conn, item: Item, device: str, port: int) -> str | None:
+    """ser2net expands \\p \\d \\o in a trace file's name when it opens it; muxd
+    opens one trace per port at start, so they are expanded here. The time
+    escapes (\\Y \\m ... a file per open) cannot be."""
+    bad: list[str] = []
+
+    def one(m: re.Match[str]) -> str:
+        esc = m.group(1)
+        known = {"p": str(port), "d": device.rpartition("/")[2], "o": c.conn.name, "\\": "\\"}
+        if esc not in known:
+            bad.append(esc)
+            return m.group(0)
+        return known[esc]
+
+    path = _TRACE_PATH_ESCAPES.sub(one, item.value.strip())
+    if bad:
+        c.error(item.line, f"{item.key}: \\{bad[0]} in a file name: muxd opens one trace file per port, at start")
+        return None
+    if not path.startswith("/"):
+        c.error(item.line, f"{item.key}: {path!r}: muxd wants an absolute path")
+        return None
+    return path
+
+
+@dataclass
+class _Options:
+    listener: dict[str, Any] = field(default_factory=dict)
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_options(c: _Conn, options: list[Item], acc: Accepter, device: str) -> _Options:
+    out = _Options()
+    values: dict[str, Item] = {}
+    allow: list[str] = []
+    for item in options:
+        key = item.key
+        if key == "remaddr":  # may be given more than once: each adds
+            allow += _allow(c, item)
+            continue
+        values[key] = item
+    stamp = False
+    for key in ("trace-timestamp", "trace-read-timestamp", "trace-write-timestamp", "trace-both-timestamp"):
+        if key in values and flag(values[key].value):
+            stamp = True
+    max_conn = SER2NET_MAX_CONNECTIONS
+    for key, item in values.items():
+        on = flag(item.value)
+        if key == "max-connections":
+            max_conn = _int(c, item, 1, 100_000) or max_conn
+        elif key == "kickolduser":
+            if on:
+                c.loose(
+                    "kickolduser",
+                    "muxd does not kick the old user off; the new one joins it (max_clients is not held "
+                    "to max-connections)",
+                )
+        elif key == "banner":
+            problem = banner.check(item.value)
+            if problem is not None:
+                c.error(item.line, f"banner: {problem}")
+            elif item.value:
+                out.listener["banner"] = item.value
+        elif key in ("trace-read", "trace-write", "trace-both"):
+            path = _trace_path(c, item, device, acc.port)
+            if path is not None:
+                entry: dict[str, Any] = {"path": path, "format": "text" if stamp else "raw"}
+                if key != "trace-read":
+                    entry["input"] = True
+                out.trace.append(entry)
+                if key == "trace-write":
+                    c.loose("trace-write", "the trace file records the device's output too, not only input")
+        elif key == "telnet-brk-on-sync":
+            if on and acc.kind == "rfc2217":
+                c.error(item.line, "telnet-brk-on-sync: muxd sends no BREAK on a telnet SYNC (use RFC 2217 "
+                        "SET-CONTROL BREAK or `muxd ctl PORT --break`)")
+            elif on:
+                c.comments.append("telnet-brk-on-sync: no effect on a tcp accepter (no telnet, no SYNC)")
+        elif key == "no-acc-to-con":
+            if on:
+                out.listener["mode"] = "ro"
+        elif key in _LOOSE_OPTIONS:
+            if _LOOSE_OPTIONS[key] and on is not False:
+                c.loose(key, _LOOSE_OPTIONS[key])
+        elif key in _REFUSED_OPTIONS:
+            if item.value.strip() and on is not False:
+                c.error(item.line, f"{key}: {_REFUSED_OPTIONS[key]}")
+        elif key.startswith("mdns"):
+            if key == "mdns" and on:
+                c.error(item.line, f"mdns: {_MDNS}")
+        else:
+            c.error(item.line, f"option {key}: not a ser2net option muxd knows")
+    kick = "kickolduser" in values and flag(values["kickolduser"].value)
+    if not kick:
+        out.listener["max_clients"] = max_conn
+    elif "max-connections" in values:
+        c.comments.append(f"max-connections: {max_conn} (not held to it: kickolduser)")
+    if allow:
+        out.listener["allow"] = allow
+    return out
+
+
+def _with_defaults(conn: Connection, defaults: list[Default]) -> list[Item]:
+    """The connection's options, after ser2net's defaults (class ser2net or
+    none) for the options it does not set."""
+    have = {o.key for o in conn.options}
+    extra: dict[str, Item] = {}
+    for d in defaults:
+        if d.cls in ("", "ser2net") and d.name not in have and d.name not in ("speed", "local", "rtscts", "xonxoff"):
+            extra[d.name] = Item(d.name, d.value, d.line)
+    return list(extra.values()) + conn.options
+
+
+def _default_problems(parsed: Ser2netFile, errors: list[Error]) -> None:
+    for _, d in parsed.defaults:
+        if d.cls not in ("", "ser2net", "serialdev"):
+            errors.append(Error(d.line, f"default {d.name} of class {d.cls}: muxd serves serialdev only"))
+
+
+# --------------------------------------------------------------------------
+# the whole file
+
+
+def convert(parsed: Ser2netFile) -> Conversion:
+    result = Conversion(parsed.source)
+    result.errors += [Error(p.line, p.message) for p in parsed.problems]
+    _default_problems(parsed, result.errors)
+    by_device: dict[str, ConvertedPort] = {}
+    taken: set[str] = set()
+    for index, conn in enumerate(parsed.connections):
+        c = _Conn(conn, result.errors)
+        enable = conn.items.get("enable")
+        if enable is not None and flag(enable.value) is False:
+            result.comments.append(f"connection &{conn.name} (line {conn.line}): enable: off, not converted")
+            continue
+        for key, item in conn.items.items():
+            if key == "timeout" and item.value.strip() not in ("", "0"):
+                c.error(item.line, "timeout: muxd never closes an idle client")
+            elif key not in ("accepter", "connector", "enable", "timeout"):
+                c.error(item.line, f"{key}: not a connection key muxd knows")
+        if enable is not None and flag(enable.value) is None:
+            c.error(enable.line, f"enable: expected on or off, got {enable.value!r}")
+        if "accepter" not in conn.items or "connector" not in conn.items:
+            c.error(conn.line, "needs both accepter: and connector:")
+            continue
+        defaults = parsed.defaults_for(index)
+        acc = parse_accepter(c, conn.items["accepter"])
+        dev = parse_connector(c, conn.items["connector"], defaults)
+        if acc is None or dev is None:
+            continue
+        opts = read_options(c, _with_defaults(conn, defaults), acc, dev.device)
+        if dev.local:
+            c.comments.append("local: muxd ignores the modem lines always (CLOCAL is set on open)")
+        port = by_device.get(dev.device)
+        settings = _spec_text(dev.upstream)
+        if port is None:
+            port = ConvertedPort(
+                {"name": device_port_name(dev.device, taken), "upstream": dev.upstream, "listeners": []},
+                line=conn.line,
+                device=dev.device,
+                settings_key=settings,
+            )
+            by_device[dev.device] = port
+            result.ports.append(port)
+        elif settings != port.settings_key:
+            said = f"connection &{conn.name} asks for {settings} on {dev.device}"
+            msg = f"{said}; muxd opens the device once: the first connection's {port.settings_key} is kept"
+            result.warnings.append(Error(conn.line, msg))
+            port.comments.append(f"warning: {msg}")
+        port.anchors.append(conn.name)
+        if opts.trace:
+            port.data.setdefault("trace", []).extend(opts.trace)
+        for i, host in enumerate(acc.hosts):
+            lst: dict[str, Any] = {acc.kind: f"{host}:{acc.port}"}
+            lst["name"] = listener_name(conn.name) + ("" if i == 0 else "-v6")
+            lst["mode"] = "rw"  # a ser2net connection reads and writes
+            lst.update(opts.listener)
+            port.data["listeners"].append(lst)
+            port.listener_comments.append(
+                [f"&{conn.name} (line {conn.line}): accepter {conn.items['accepter'].value}"] + c.comments
+                if i == 0
+                else ["the same accepter on IPv6 (muxd's [::] is IPv6 only)"]
+            )
+    for port in result.ports:
+        conns = ", ".join("&" + a for a in port.anchors)
+        port.comments.insert(0, f"{port.device}: ser2net connection{'s' if len(port.anchors) > 1 else ''} {conns}")
+    if not result.ports and not result.errors:
+        result.errors.append(Error(1, "no enabled connection: nothing to serve"))
+    result.errors.sort(key=lambda e: e.line)
+    return result
