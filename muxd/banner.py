@@ -68,13 +68,18 @@ def check(template: str) -> str | None:
                 f"unknown escape \\{esc[0]} (known: \\r \\n \\t \\xHH \\nnn, \\p port, \\d device, "
                 "\\B line settings, \\o name, \\I client address)"
             )
-    if len(expand(template, BannerContext())) > MAX_BANNER:
+    if len(_expand(template, BannerContext())) > MAX_BANNER:
         return f"longer than {MAX_BANNER} bytes"
     return None
 
 
 def expand(template: str, context: BannerContext) -> bytes:
-    """The banner's bytes for one client (UTF-8 for the text, raw for \\xHH and \\nnn)."""
+    """The banner's bytes for one client (UTF-8 for the text, raw for \\xHH and
+    \\nnn), at most MAX_BANNER (a long device path cannot make it unbounded)."""
+    return _expand(template, context)[:MAX_BANNER]
+
+
+def _expand(template: str, context: BannerContext) -> bytes:
     values = {
         "p": context.port,
         "d": context.device,
@@ -99,4 +104,4 @@ def expand(template: str, context: BannerContext) -> bytes:
         else:  # refused by check() at load time; kept as written if it ever gets here
             out += match.group(0).encode()
     out += template[pos:].encode()
-    return bytes(out[:MAX_BANNER])
+    return bytes(out)

@@ -138,7 +138,10 @@ def flag(value: str) -> bool | None:
 def device_port_name(device: str, taken: set[str]) -> str:
     """A muxd port name from a device path: its last part, with what NAME_RE
     refuses made "-" (by-path names have ":"), made unique."""
-    base = re.sub(r"[^A-Za-z0-9_.-]", "-", device.rstrip("/").rpartition("/")[2])[:60] or "port"
+    parent, _, last = device.rstrip("/").rpartition("/")
+    if last.isdigit():  # /dev/pts/3: "pts-3" says more than "3"
+        last = f"{parent.rpartition('/')[2]}-{last}"
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", last)[:60] or "port"
     name, n = base, 2
     while name in taken:
         name, n = f"{base}-{n}", n + 1
@@ -468,11 +471,9 @@ def convert(parsed: Ser2netFile) -> Conversion:
         if enable is not None and flag(enable.value) is False:
             result.comments.append(f"connection &{conn.name} (line {conn.line}): enable: off, not converted")
             continue
-        for key, item in conn.items.items():
-            if key == "timeout" and item.value.strip() not in ("", "0"):
-                c.error(item.line, "timeout: muxd never closes an idle client")
-            elif key not in ("accepter", "connector", "enable", "timeout"):
-                c.error(item.line, f"{key}: not a connection key muxd knows")
+        timeout = conn.items.get("timeout")
+        if timeout is not None and timeout.value.strip() not in ("", "0"):
+            c.error(timeout.line, "timeout: muxd never closes an idle client")
         if enable is not None and flag(enable.value) is None:
             c.error(enable.line, f"enable: expected on or off, got {enable.value!r}")
         if "accepter" not in conn.items or "connector" not in conn.items:
@@ -481,9 +482,11 @@ def convert(parsed: Ser2netFile) -> Conversion:
         defaults = parsed.defaults_for(index)
         acc = parse_accepter(c, conn.items["accepter"])
         dev = parse_connector(c, conn.items["connector"], defaults)
+        # The options are read even when the accepter or connector is refused:
+        # one run names every problem of the connection.
+        opts = read_options(c, _with_defaults(conn, defaults), acc or Accepter("tcp", (), 0), dev.device if dev else "")
         if acc is None or dev is None:
             continue
-        opts = read_options(c, _with_defaults(conn, defaults), acc, dev.device)
         if dev.local:
             c.comments.append("local: muxd ignores the modem lines always (CLOCAL is set on open)")
         port = by_device.get(dev.device)

@@ -50,6 +50,7 @@ UNSUPPORTED_TOP = {
     "include": "include: is not read by the converter; merge the files into one first",
     "delete_default": "delete_default: is not supported by the converter",
 }
+CONNECTION_KEYS = {"accepter", "connector", "enable", "timeout"}
 _SUBST_RE = re.compile(r"\*\(([^)]*)\)")
 
 
@@ -147,6 +148,20 @@ def _scalar(node: Node, what: str, problems: list[Problem]) -> str | None:
     return None
 
 
+def _option(key: str, node: Node, line: int, defines: dict[str, str], problems: list[Problem]) -> Item:
+    """An option as text; a mapping or list (an LED's alias) as ``<mapping>``:
+    no option muxd takes has one, and the converter says what it is."""
+    if not isinstance(node, ScalarNode):
+        return Item(key, f"<{node.id}>", line)
+    return Item(key, _text(node, defines, line, problems), line)
+
+
+def _text(node: ScalarNode, defines: dict[str, str], line: int, problems: list[Problem]) -> str:
+    """A scalar's text after ``*(name)`` substitution (done once: a define's alias is already)."""
+    done: str | None = getattr(node, "ser2net_text", None)
+    return done if done is not None else substitute(str(node.value), defines, line, problems)
+
+
 def _connection(
     key: ScalarNode, node: Node, defines: dict[str, str], problems: list[Problem]
 ) -> Connection | None:
@@ -171,18 +186,18 @@ def _connection(
                 continue
             for ok, ov in v.value:
                 oname = _scalar(ok, "an option name", problems)
-                text = _scalar(ov, f"option {oname}", problems) if oname is not None else None
-                if oname is not None and text is not None:
-                    oline = line_of(ok)
-                    conn.options.append(Item(oname, substitute(text, defines, oline, problems), oline))
+                if oname is not None:
+                    conn.options.append(_option(oname, ov, line_of(ok), defines, problems))
             continue
-        text = _scalar(v, f"connection &{name}: {kname}", problems)
-        if text is None:
+        if kname not in CONNECTION_KEYS:  # ser2net takes options at this level too (its own example does)
+            conn.options.append(_option(kname, v, line_of(k), defines, problems))
+            continue
+        if _scalar(v, f"connection &{name}: {kname}", problems) is None:
             continue
         if kname in conn.items:
             problems.append(Problem(line_of(k), f"connection &{name}: {kname} given twice"))
         kline = line_of(k)
-        conn.items[kname] = Item(kname, substitute(text, defines, kline, problems), kline)
+        conn.items[kname] = Item(kname, _text(v, defines, kline, problems), kline)
     return conn
 
 
@@ -240,7 +255,9 @@ def read(text: str, source: str = "<ser2net.yaml>") -> Ser2netFile:
             elif value is not None:
                 value = substitute(value, defines, line, problems)
                 defines[anchor] = value
-                node.value = value  # so that later *NAME aliases (this very node) read the substituted text
+                # A later *NAME alias is this very node: it reads the text as
+                # substituted here, and is not substituted twice (*(* stays *().
+                node.ser2net_text = value  # type: ignore[attr-defined]
         elif kname == "connection":
             conn = _connection(key, node, defines, problems)
             if conn is not None:
