@@ -45,7 +45,10 @@ class StreamClient(Connection):
     def __init__(
         self, transport: Transport, peer: str, cfg: Listener, hub: Hub, reactor: Reactor, initial: bytes = b""
     ) -> None:
-        super().__init__(transport, hub, cfg, peer, reactor, initial=initial)
+        # A banner goes out through the core's output buffer, ahead of the
+        # ring's bytes, which then take the same (copying) path: the zero-copy
+        # fast path writes the ring straight to the socket and knows no buffer.
+        super().__init__(transport, hub, cfg, peer, reactor, encoding=bool(initial), initial=initial)
 
 
 class StreamListener:
@@ -167,8 +170,10 @@ class StreamListener:
         if not self.cfg.banner:
             return b""
         lc = self.line_control
-        upstream = lc.port.upstream if lc is not None else None
-        device = upstream.describe().partition(":")[2] if upstream is not None else ""
+        # Every real upstream describes itself as "serial:PATH", "tcp:HOST:PORT"
+        # (muxd.upstream.base.Upstream); line control knows it only as a settings owner.
+        describe = getattr(lc.upstream, "describe", None) if lc is not None else None
+        device = str(describe()).partition(":")[2] if describe is not None else ""
         context = BannerContext(
             port=(self.bound_address or "").rpartition(":")[2] if self.cfg.kind != "unix" else "",
             device=device,

@@ -41,8 +41,9 @@ def _mapping(data: dict[str, Any], indent: str, first: str) -> list[str]:
             out.append(f"{lead}{key}:")
             for entry in value:
                 out += _mapping(entry, indent + "    ", indent + "  - ")
-        elif isinstance(value, list):
-            out.append(f"{lead}{key}: [{', '.join(scalar(v) for v in value)}]")
+        elif isinstance(value, list):  # block style: "::1/128" is not a plain scalar in a flow list
+            out.append(f"{lead}{key}:")
+            out += [f"{indent}  - {scalar(v)}" for v in value]
         else:
             out.append(f"{lead}{key}: {scalar(value)}")
     return out
