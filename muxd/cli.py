@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help='once every listener is bound, write {"pid": N, "listeners": {name: address}} here',
     )
-    run.add_argument("--ser2net", metavar="FILE", help="serve a ser2net.yaml(5) as it is (see `muxd convert`)")
+    run.add_argument(
+        "--ser2net", metavar="FILE", help="serve a ser2net.yaml(5) as it is (see `muxd convert`)"
+    )
     quick = run.add_argument_group("one-port form (instead of -c)")
     src = quick.add_mutually_exclusive_group()
     src.add_argument("--serial", metavar="PATH", help="serial device path")
@@ -609,7 +611,9 @@ def _main(argv: list[str] | None) -> int:
             return _serve(demo_config(args.tcp, args.http), args.log_level, args.ready_file, demo=True)
         if args.ser2net:
             if args.config or args.serial or args.upstream_tcp or args.sim:
-                raise ConfigError("give --ser2net FILE alone, not with -c or a one-port form", "", None, "<command line>")
+                raise ConfigError(
+                    "give --ser2net FILE alone, not with -c or a one-port form", "", None, "<command line>"
+                )
             from muxd.ser2net import mode
 
             return mode.run_file(args.ser2net, args.log_level, args.ready_file)

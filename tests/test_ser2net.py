@@ -48,17 +48,28 @@ def _no_traceback(done: subprocess.CompletedProcess[str]) -> None:
 # -- converting files --------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not DEBIAN_CONFIG.exists(), reason="ser2net's /etc/ser2net.yaml is absent (apt install ser2net)")
+@pytest.mark.skipif(
+    not DEBIAN_CONFIG.exists(), reason="ser2net's /etc/ser2net.yaml is absent (apt install ser2net)"
+)
 def test_debians_shipped_file_converts_and_muxd_check_accepts_it(tmp_path: Path) -> None:
     done = _convert(DEBIAN_CONFIG)
     assert done.returncode == 0, done.stderr
     # ttyS0 and ttyS1 are each opened at 9600 and at 19200: one port each, the first speed kept.
-    assert len(re.findall(r"/etc/ser2net.yaml:\d+: warning: connection &con[01]192 asks for 19200n81", done.stderr)) == 2
+    assert (
+        len(
+            re.findall(
+                r"/etc/ser2net.yaml:\d+: warning: connection &con[01]192 asks for 19200n81", done.stderr
+            )
+        )
+        == 2
+    )
     out = tmp_path / "muxd.yaml"
     out.write_text(done.stdout)
     assert "# warning: connection &con0192 asks for 19200n81 on /dev/ttyS0" in done.stdout
     data = yaml.safe_load(done.stdout)
-    assert [(p["name"], p["upstream"]["baudrate"], [lst["name"] for lst in p["listeners"]]) for p in data["ports"]] == [
+    assert [
+        (p["name"], p["upstream"]["baudrate"], [lst["name"] for lst in p["listeners"]]) for p in data["ports"]
+    ] == [
         ("ttyS0", 9600, ["con0096", "con0192"]),
         ("ttyS1", 9600, ["con1096", "con1192"]),
     ]
@@ -71,16 +82,19 @@ def _uncommented_examples(tmp_path: Path) -> Path:
     """Debian's example file, every example uncommented (it ships all commented out)."""
     lines, on = [], False
     for line in DEBIAN_EXAMPLES.read_text().splitlines():
+        text = line
         if on:
-            line = line[2:] if line.startswith("# ") else ("" if line == "#" else line)
-        on = on or line.startswith("define: &confver")
-        lines.append(line)
+            text = line[2:] if line.startswith("# ") else ("" if line == "#" else line)
+        on = on or text.startswith("define: &confver")
+        lines.append(text)
     path = tmp_path / "examples.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-@pytest.mark.skipif(not DEBIAN_EXAMPLES.exists(), reason="ser2net's example file is absent (apt install ser2net)")
+@pytest.mark.skipif(
+    not DEBIAN_EXAMPLES.exists(), reason="ser2net's example file is absent (apt install ser2net)"
+)
 def test_debians_examples_each_unsupported_item_is_named_and_the_serial_ones_convert(tmp_path: Path) -> None:
     path = _uncommented_examples(tmp_path)
     done = _convert(path)
@@ -98,7 +112,8 @@ def test_debians_examples_each_unsupported_item_is_named_and_the_serial_ones_con
     # The serial-device connections of the examples are not among them.
     assert "&con00:" not in done.stderr and "&con01:" not in done.stderr
     serial_only = "".join(
-        line + "\n" for line in lines[: next(i for i, x in enumerate(lines) if x.startswith("# Set all baud"))]
+        line + "\n"
+        for line in lines[: next(i for i, x in enumerate(lines) if x.startswith("# Set all baud"))]
     )
     part = tmp_path / "serial.yaml"
     part.write_text(serial_only.replace("include:", "#include:"))
@@ -157,7 +172,9 @@ include: /etc/ser2net/*.yaml                          # E
 
 def test_hostile_file_every_unsupported_item_is_reported_with_its_line_in_one_run(tmp_path: Path) -> None:
     # The LED alias must exist for the file to be YAML; it is defined on a line of its own, before use.
-    text = HOSTILE.replace("admin:", "led: &led\n  driver: sysfs                                      # E\nadmin:", 1)
+    text = HOSTILE.replace(
+        "admin:", "led: &led\n  driver: sysfs                                      # E\nadmin:", 1
+    )
     path = tmp_path / "hostile.yaml"
     path.write_text(text)
     done = _convert(path)
@@ -230,7 +247,13 @@ def test_lab_file_using_every_item_converts_as_expected() -> None:
     assert result.data == [
         {
             "name": "ttyACM0",
-            "upstream": {"serial": "/dev/ttyACM0", "baudrate": 115200, "parity": "none", "bytesize": 8, "stopbits": 1},
+            "upstream": {
+                "serial": "/dev/ttyACM0",
+                "baudrate": 115200,
+                "parity": "none",
+                "bytesize": 8,
+                "stopbits": 1,
+            },
             "listeners": [
                 {
                     "rfc2217": "0.0.0.0:4001",
@@ -248,7 +271,13 @@ def test_lab_file_using_every_item_converts_as_expected() -> None:
                     "max_clients": 4,
                     "allow": ["127.0.0.1/32", "::1/128"],
                 },
-                {"tcp": "127.0.0.1:4002", "name": "raw", "mode": "rw", "banner": "raw \\p\\r\\n", "max_clients": 3},
+                {
+                    "tcp": "127.0.0.1:4002",
+                    "name": "raw",
+                    "mode": "rw",
+                    "banner": "raw \\p\\r\\n",
+                    "max_clients": 3,
+                },
             ],
             "trace": [
                 {"path": "/tmp/muxd-ser2net-console.log", "format": "text", "input": True},
@@ -272,14 +301,24 @@ def test_lab_file_using_every_item_converts_as_expected() -> None:
         },
         {
             "name": "ttyUSB8",
-            "upstream": {"serial": "/dev/ttyUSB8", "baudrate": 115200, "parity": "even", "bytesize": 7, "stopbits": 1},
+            "upstream": {
+                "serial": "/dev/ttyUSB8",
+                "baudrate": 115200,
+                "parity": "even",
+                "bytesize": 7,
+                "stopbits": 1,
+            },
             "listeners": [{"rfc2217": "[::1]:4004", "name": "plain", "mode": "ro"}],
         },
     ]
     text_out = render.render(result)
     # The comments say what was loose, and the YAML reads back as the data.
     assert yaml.safe_load(text_out) == {"ports": result.data}
-    for said in ("chardelay: translated loosely", "kickolduser: translated loosely", "telnet: translated loosely"):
+    for said in (
+        "chardelay: translated loosely",
+        "kickolduser: translated loosely",
+        "telnet: translated loosely",
+    ):
         assert said in text_out
     assert "connection &off (line 39): enable: off, not converted" in text_out
     assert "local: muxd ignores the modem lines" in text_out
@@ -300,7 +339,11 @@ def lab(tmp_path: Path, pty_device: PtyDevice) -> tuple[Path, list[int]]:
 
 
 def test_converted_config_serves_rfc2217_and_raw_clients_with_banners(
-    muxd: Any, tmp_path: Path, pty_device: PtyDevice, lab: tuple[Path, list[int]], serial_ports: list[serial.Serial]
+    muxd: Any,
+    tmp_path: Path,
+    pty_device: PtyDevice,
+    lab: tuple[Path, list[int]],
+    serial_ports: list[serial.Serial],
 ) -> None:
     path, ports = lab
     m: Muxd = muxd("run", "--ser2net", str(path), ready_file=tmp_path / "ready.json")
@@ -410,7 +453,11 @@ def _bindable(port: int) -> bool:
 
 @pytest.mark.parametrize("new", [True, False], ids=["labgrid-26", "labgrid-old"])
 def test_labgrid_command_lines_start_serve_and_stop_on_sigterm_within_2s(
-    ser2net_bin: Path, pty_device: PtyDevice, started: list[subprocess.Popen[bytes]], tmp_path: Path, new: bool
+    ser2net_bin: Path,
+    pty_device: PtyDevice,
+    started: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+    new: bool,
 ) -> None:
     port = free_port()
     pidfile = tmp_path / "ser2net.pid"
@@ -446,14 +493,20 @@ def test_labgrid_command_lines_start_serve_and_stop_on_sigterm_within_2s(
     client.close()
 
 
-def test_ser2net_refuses_the_admin_port_and_bad_files_with_status_2(ser2net_bin: Path, tmp_path: Path) -> None:
-    done = subprocess.run([str(ser2net_bin), "-n", "-p", "tcp,2000"], capture_output=True, text=True, timeout=30, check=False)
+def test_ser2net_refuses_the_admin_port_and_bad_files_with_status_2(
+    ser2net_bin: Path, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [str(ser2net_bin), "-n", "-p", "tcp,2000"], capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 2 and "admin" in done.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("connection: &x\n  accepter: sctp,2000\n  connector: serialdev,/dev/ttyS0\n")
-    done = subprocess.run([str(ser2net_bin), "-n", "-c", str(bad)], capture_output=True, text=True, timeout=30, check=False)
+    done = subprocess.run(
+        [str(ser2net_bin), "-n", "-c", str(bad)], capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 2 and f"{bad}:2: connection &x: accepter" in done.stderr
-    _no_traceback(done)  # type: ignore[arg-type]
+    _no_traceback(done)
 
 
 def test_join_daemon_is_a_stub_that_says_run_standalone() -> None:
@@ -507,9 +560,16 @@ def test_labgrid_serial_driver_gets_a_prompt_while_a_raw_reader_follows(
     raw_port = free_port()
     lines = _labgrid_lines(pty_device.path, port, True)
     # A second connection on the same device: a plain TCP reader following the console.
-    lines += ["-Y", f"connection: &follow#  accepter: tcp,localhost,{raw_port}", "-Y", f"  connector: serialdev,{pty_device.path},115200n81,local"]
+    lines += [
+        "-Y",
+        f"connection: &follow#  accepter: tcp,localhost,{raw_port}",
+        "-Y",
+        f"  connector: serialdev,{pty_device.path},115200n81,local",
+    ]
     lines += ["-Y", "  options:#    max-connections: 2"]
-    proc = subprocess.Popen([str(ser2net_bin), *lines], stdout=(tmp_path / "log").open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(ser2net_bin), *lines], stdout=(tmp_path / "log").open("wb"), stderr=subprocess.STDOUT
+    )
     started.append(proc)
 
     def accepted() -> socket.socket | None:

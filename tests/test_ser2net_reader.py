@@ -45,7 +45,10 @@ connection: &c
     parsed = reader.read(text)
     assert parsed.problems == []
     conn = parsed.connections[0]
-    assert conn.items["connector"].value == "serialdev,/dev/serial/by-path/pci-0000:00:1d.0-usb-0:1.8-port0,115200n81"
+    assert (
+        conn.items["connector"].value
+        == "serialdev,/dev/serial/by-path/pci-0000:00:1d.0-usb-0:1.8-port0,115200n81"
+    )
     assert conn.options == [
         reader.Item("banner", "Banner \\p *(not a name)", 8),
         reader.Item("signature", "/dev/serial/by-path/pci-0000:00:1d.0-usb-0:1.8!", 9),
@@ -53,9 +56,15 @@ connection: &c
 
 
 def test_an_undefined_substitution_and_a_file_read_are_problems_with_their_line() -> None:
-    text = "connection: &c\n  accepter: tcp,2000\n  connector: serialdev,*(nope),9600n81\n  options:\n    banner: '*{pw}'\n"
+    text = (
+        "connection: &c\n  accepter: tcp,2000\n  connector: serialdev,*(nope),9600n81\n"
+        "  options:\n    banner: '*{pw}'\n"
+    )
     parsed = reader.read(text)
-    assert [p.message.split(":")[0] for p in parsed.problems] == ["*(nope)", "*{FILE} (a string read from a file) is not supported; write it inline"]
+    assert [p.message.split(":")[0] for p in parsed.problems] == [
+        "*(nope)",
+        "*{FILE} (a string read from a file) is not supported; write it inline",
+    ]
     assert [p.line for p in parsed.problems] == [3, 5]
 
 
@@ -80,12 +89,24 @@ connection: &b
 def test_yaml_errors_unknown_keys_and_nameless_connections_are_located() -> None:
     assert reader.read("connection: [\n", "f").problems[0].line == 2
     parsed = reader.read("connection:\n  accepter: tcp,1\nfrobnicate: 1\n")
-    assert [(p.line, p.message.split(":")[0]) for p in parsed.problems] == [(1, "connection"), (3, "frobnicate")]
+    assert [(p.line, p.message.split(":")[0]) for p in parsed.problems] == [
+        (1, "connection"),
+        (3, "frobnicate"),
+    ]
 
 
 def test_split_top_keeps_parentheses_and_strips_folded_whitespace() -> None:
-    assert reader.split_top("telnet(rfc2217,mode=server),tcp,2000") == ["telnet(rfc2217,mode=server)", "tcp", "2000"]
-    assert reader.split_top("serialdev, /dev/ttyS0, 9600n81,local") == ["serialdev", "/dev/ttyS0", "9600n81", "local"]
+    assert reader.split_top("telnet(rfc2217,mode=server),tcp,2000") == [
+        "telnet(rfc2217,mode=server)",
+        "tcp",
+        "2000",
+    ]
+    assert reader.split_top("serialdev, /dev/ttyS0, 9600n81,local") == [
+        "serialdev",
+        "/dev/ttyS0",
+        "9600n81",
+        "local",
+    ]
     assert reader.name_and_args("serialdev(nouucplock=true)") == ("serialdev", ["nouucplock=true"])
 
 
@@ -114,14 +135,19 @@ def test_accepter_forms(text: str, kind: str, hosts: tuple[str, ...], loose: boo
     assert bool(comments) == loose
 
 
-@pytest.mark.parametrize("text", ["sctp,2000", "udp,2000", "telnet,ssl,tcp,2000", "tcp,myhost.example,2000", "tcp,70000"])
+@pytest.mark.parametrize(
+    "text", ["sctp,2000", "udp,2000", "telnet,ssl,tcp,2000", "tcp,myhost.example,2000", "tcp,70000"]
+)
 def test_accepters_muxd_cannot_serve_are_errors(text: str) -> None:
     acc, errors, _ = _accepter(text)
     assert acc is None and len(errors) == 1
 
 
 def test_connector_spans_lines_and_takes_rtscts_and_local() -> None:
-    text = "connection: &c\n  accepter: tcp,2000\n  connector: serialdev(nouucplock=true),\n     /dev/ttyUSB0,\n     57600e72,local,rtscts\n"
+    text = (
+        "connection: &c\n  accepter: tcp,2000\n  connector: serialdev(nouucplock=true),\n"
+        "     /dev/ttyUSB0,\n     57600e72,local,rtscts\n"
+    )
     result = convert.convert(reader.read(text))
     assert result.errors == []
     assert result.ports[0].data["upstream"] == {
@@ -136,7 +162,9 @@ def test_connector_spans_lines_and_takes_rtscts_and_local() -> None:
 
 
 def test_banner_bytes() -> None:
-    ctx = banner.BannerContext(port="2000", device="/dev/ttyS0", settings=LineSettings(9600), name="ttyS0", peer="::1")
+    ctx = banner.BannerContext(
+        port="2000", device="/dev/ttyS0", settings=LineSettings(9600), name="ttyS0", peer="::1"
+    )
     assert banner.expand("\\r\\nport \\p dev \\d [\\B] \\o \\I\\x41\\101\\\\", ctx) == (
         b"\r\nport 2000 dev /dev/ttyS0 [9600N81] ttyS0 ::1AA\\"
     )
@@ -147,8 +175,11 @@ def test_banner_bytes() -> None:
 
 
 def test_yaml_option_hash_is_a_newline_outside_quotes() -> None:
-    assert mode.yaml_option("connection: &con01#  accepter: tcp,2000") == "connection: &con01\n  accepter: tcp,2000\n"
-    assert mode.yaml_option("  banner: \"### A #\"#x") == '  banner: "### A #"\nx\n'
+    assert (
+        mode.yaml_option("connection: &con01#  accepter: tcp,2000")
+        == "connection: &con01\n  accepter: tcp,2000\n"
+    )
+    assert mode.yaml_option('  banner: "### A #"#x') == '  banner: "### A #"\nx\n'
 
 
 LABGRID = [
@@ -171,7 +202,13 @@ def test_labgrid_command_line_gives_one_rfc2217_port() -> None:
     result = convert.convert(reader.read("".join(opts.yaml), "<-Y>"))
     assert result.errors == []
     [port] = result.data
-    assert port["upstream"] == {"serial": "/dev/ttyUSB0", "baudrate": 115200, "parity": "none", "bytesize": 8, "stopbits": 1}
+    assert port["upstream"] == {
+        "serial": "/dev/ttyUSB0",
+        "baudrate": 115200,
+        "parity": "none",
+        "bytesize": 8,
+        "stopbits": 1,
+    }
     assert port["listeners"] == [
         {"rfc2217": "0.0.0.0:5000", "name": "con01", "mode": "rw", "max_clients": 10},
         {"rfc2217": "[::]:5000", "name": "con01-v6", "mode": "rw", "max_clients": 10},

@@ -43,7 +43,14 @@ log = logging.getLogger("muxd.listener")
 
 class StreamClient(Connection):
     def __init__(
-        self, transport: Transport, peer: str, cfg: Listener, hub: Hub, reactor: Reactor, initial: bytes = b""
+        self,
+        transport: Transport,
+        peer: str,
+        cfg: Listener,
+        hub: Hub,
+        reactor: Reactor,
+        *,
+        initial: bytes = b"",
     ) -> None:
         # A banner goes out through the core's output buffer, ahead of the
         # ring's bytes, which then take the same (copying) path: the zero-copy

@@ -191,7 +191,9 @@ def parse_accepter(c: _Conn, item: Item) -> Accepter | None:
         elif layer in ("ipv4", "ipv6") and len(parts) > 1:
             parts = parts[1:]
         elif layer != "localhost":
-            c.error(item.line, f"accepter {item.value!r}: {layer} is not served by muxd (tcp and telnet only)")
+            c.error(
+                item.line, f"accepter {item.value!r}: {layer} is not served by muxd (tcp and telnet only)"
+            )
             return None
     if parts and parts[0] in ("ipv4", "ipv6"):
         parts = parts[1:]
@@ -207,7 +209,10 @@ def parse_accepter(c: _Conn, item: Item) -> Accepter | None:
     try:
         ip = ipaddress.ip_address(addr.strip("[]"))
     except ValueError:
-        c.error(item.line, f"accepter {item.value!r}: {addr!r} is not an IP address (muxd binds numeric addresses)")
+        c.error(
+            item.line,
+            f"accepter {item.value!r}: {addr!r} is not an IP address (muxd binds numeric addresses)",
+        )
         return None
     return Accepter(kind, (f"[{ip}]" if ip.version == 6 else str(ip),), port)
 
@@ -265,7 +270,11 @@ def parse_connector(c: _Conn, item: Item, defaults: list[Default]) -> Connector 
     spec = next((d.value for d in defaults if d.name == "speed" and d.cls in ("", "serialdev")), None)
     local = any(d.name == "local" and d.cls in ("", "serialdev") and flag(d.value) for d in defaults)
     flow = next(
-        (d.name for d in defaults if d.name in ("rtscts", "xonxoff") and d.cls in ("", "serialdev") and flag(d.value)),
+        (
+            d.name
+            for d in defaults
+            if d.name in ("rtscts", "xonxoff") and d.cls in ("", "serialdev") and flag(d.value)
+        ),
         None,
     )
     for word in words:
@@ -279,7 +288,7 @@ def parse_connector(c: _Conn, item: Item, defaults: list[Default]) -> Connector 
         elif low in ("rtscts", "xonxoff"):
             flow = low if on else (None if flow == low else flow)
         elif low in ("-rtscts", "-xonxoff", "-local", "-clocal"):
-            if low == "-local" or low == "-clocal":
+            if low in {"-local", "-clocal"}:
                 local = False
             elif flow == low[1:]:
                 flow = None
@@ -353,7 +362,9 @@ def _trace_path(c: _Conn, item: Item, device: str, port: int) -> str | None:
 
     path = _TRACE_PATH_ESCAPES.sub(one, item.value.strip())
     if bad:
-        c.error(item.line, f"{item.key}: \\{bad[0]} in a file name: muxd opens one trace file per port, at start")
+        c.error(
+            item.line, f"{item.key}: \\{bad[0]} in a file name: muxd opens one trace file per port, at start"
+        )
         return None
     if not path.startswith("/"):
         c.error(item.line, f"{item.key}: {path!r}: muxd wants an absolute path")
@@ -410,8 +421,11 @@ def read_options(c: _Conn, options: list[Item], acc: Accepter, device: str) -> _
                     c.loose("trace-write", "the trace file records the device's output too, not only input")
         elif key == "telnet-brk-on-sync":
             if on and acc.kind == "rfc2217":
-                c.error(item.line, "telnet-brk-on-sync: muxd sends no BREAK on a telnet SYNC (use RFC 2217 "
-                        "SET-CONTROL BREAK or `muxd ctl PORT --break`)")
+                c.error(
+                    item.line,
+                    "telnet-brk-on-sync: muxd sends no BREAK on a telnet SYNC (use RFC 2217 "
+                    "SET-CONTROL BREAK or `muxd ctl PORT --break`)",
+                )
             elif on:
                 c.comments.append("telnet-brk-on-sync: no effect on a tcp accepter (no telnet, no SYNC)")
         elif key == "no-acc-to-con":
@@ -444,7 +458,11 @@ def _with_defaults(conn: Connection, defaults: list[Default]) -> list[Item]:
     have = {o.key for o in conn.options}
     extra: dict[str, Item] = {}
     for d in defaults:
-        if d.cls in ("", "ser2net") and d.name not in have and d.name not in ("speed", "local", "rtscts", "xonxoff"):
+        if (
+            d.cls in ("", "ser2net")
+            and d.name not in have
+            and d.name not in ("speed", "local", "rtscts", "xonxoff")
+        ):
             extra[d.name] = Item(d.name, d.value, d.line)
     return list(extra.values()) + conn.options
 
@@ -484,7 +502,9 @@ def convert(parsed: Ser2netFile) -> Conversion:
         dev = parse_connector(c, conn.items["connector"], defaults)
         # The options are read even when the accepter or connector is refused:
         # one run names every problem of the connection.
-        opts = read_options(c, _with_defaults(conn, defaults), acc or Accepter("tcp", (), 0), dev.device if dev else "")
+        opts = read_options(
+            c, _with_defaults(conn, defaults), acc or Accepter("tcp", (), 0), dev.device if dev else ""
+        )
         if acc is None or dev is None:
             continue
         if dev.local:
@@ -515,13 +535,15 @@ def convert(parsed: Ser2netFile) -> Conversion:
             lst.update(opts.listener)
             port.data["listeners"].append(lst)
             port.listener_comments.append(
-                [f"&{conn.name} (line {conn.line}): accepter {conn.items['accepter'].value}"] + c.comments
+                [f"&{conn.name} (line {conn.line}): accepter {conn.items['accepter'].value}", *c.comments]
                 if i == 0
                 else ["the same accepter on IPv6 (muxd's [::] is IPv6 only)"]
             )
     for port in result.ports:
         conns = ", ".join("&" + a for a in port.anchors)
-        port.comments.insert(0, f"{port.device}: ser2net connection{'s' if len(port.anchors) > 1 else ''} {conns}")
+        port.comments.insert(
+            0, f"{port.device}: ser2net connection{'s' if len(port.anchors) > 1 else ''} {conns}"
+        )
     if not result.ports and not result.errors:
         result.errors.append(Error(1, "no enabled connection: nothing to serve"))
     result.errors.sort(key=lambda e: e.line)

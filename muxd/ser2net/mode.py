@@ -132,7 +132,8 @@ def yaml_option(text: str) -> str:
         elif ch in "'\"":
             quote = ch
         elif ch == "#":
-            ch = "\n"
+            out.append("\n")
+            continue
         out.append(ch)
     return "".join(out) + "\n"
 
@@ -179,9 +180,13 @@ def parse_args(argv: Sequence[str]) -> Options:
             elif letter == "Y":
                 opts.yaml.append(yaml_option(value))
             elif letter == "C":
-                raise UsageError("-C takes old-style (ser2net 3) config lines, which muxd does not read; use -Y")
+                raise UsageError(
+                    "-C takes old-style (ser2net 3) config lines, which muxd does not read; use -Y"
+                )
             elif letter == "p":
-                raise UsageError("-p: ser2net's admin interface has no muxd equivalent (muxd has an HTTP API)")
+                raise UsageError(
+                    "-p: ser2net's admin interface has no muxd equivalent (muxd has an HTTP API)"
+                )
             elif letter in "nd":
                 opts.foreground = True
                 opts.debug = opts.debug or letter == "d"

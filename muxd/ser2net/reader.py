@@ -31,16 +31,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
-from yaml.composer import Composer
-from yaml.constructor import SafeConstructor
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode
-from yaml.parser import Parser
-from yaml.reader import Reader
-from yaml.resolver import Resolver
-from yaml.scanner import Scanner
 
 # Top-level keys ser2net knows that muxd cannot serve; each is one error.
 UNSUPPORTED_TOP = {
@@ -99,22 +94,14 @@ class Ser2netFile:
         return [d for before, d in self.defaults if before <= index]
 
 
-class _Composer(Reader, Scanner, Parser, Composer, SafeConstructor, Resolver):  # type: ignore[misc]
+class _Composer(yaml.SafeLoader):
     """PyYAML's SafeLoader pipeline, with each node's anchor recorded on it."""
 
-    def __init__(self, stream: str) -> None:
-        Reader.__init__(self, stream)
-        Scanner.__init__(self)
-        Parser.__init__(self)
-        Composer.__init__(self)
-        SafeConstructor.__init__(self)
-        Resolver.__init__(self)
-
-    def compose_node(self, parent: Node | None, index: object) -> Node:
-        event = self.peek_event()
-        anchor = None if isinstance(event, AliasEvent) else event.anchor
-        node: Node = super().compose_node(parent, index)
-        if anchor is not None:
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        anchor = None if isinstance(event, AliasEvent) else getattr(event, "anchor", None)
+        node = super().compose_node(parent, index)
+        if anchor is not None and node is not None:
             node.ser2net_anchor = anchor  # type: ignore[attr-defined]
         return node
 
@@ -137,14 +124,16 @@ def substitute(text: str, defines: dict[str, str], line: int, problems: list[Pro
     out = text.replace("*(*", "\x00")
     out = _SUBST_RE.sub(one, out)
     if "*{" in out.replace("*{*", ""):
-        problems.append(Problem(line, "*{FILE} (a string read from a file) is not supported; write it inline"))
+        problems.append(
+            Problem(line, "*{FILE} (a string read from a file) is not supported; write it inline")
+        )
     return out.replace("\x00", "*(").replace("*{*", "*{")
 
 
 def _scalar(node: Node, what: str, problems: list[Problem]) -> str | None:
     if isinstance(node, ScalarNode):
         return str(node.value)
-    problems.append(Problem(line_of(node), f"{what}: expected a string, got a {node.id}"))
+    problems.append(Problem(line_of(node), f"{what}: expected a string, got a {type(node).__name__}"))
     return None
 
 
@@ -152,7 +141,7 @@ def _option(key: str, node: Node, line: int, defines: dict[str, str], problems: 
     """An option as text; a mapping or list (an LED's alias) as ``<mapping>``:
     no option muxd takes has one, and the converter says what it is."""
     if not isinstance(node, ScalarNode):
-        return Item(key, f"<{node.id}>", line)
+        return Item(key, f"<{type(node).__name__}>", line)
     return Item(key, _text(node, defines, line, problems), line)
 
 
@@ -257,7 +246,7 @@ def read(text: str, source: str = "<ser2net.yaml>") -> Ser2netFile:
                 defines[anchor] = value
                 # A later *NAME alias is this very node: it reads the text as
                 # substituted here, and is not substituted twice (*(* stays *().
-                node.ser2net_text = value  # type: ignore[attr-defined]
+                node.ser2net_text = value
         elif kname == "connection":
             conn = _connection(key, node, defines, problems)
             if conn is not None:
@@ -312,4 +301,3 @@ def name_and_args(part: str) -> tuple[str, list[str]]:
         return part.strip(), []
     args = [a.strip() for a in m.group(2).split(",")] if m.group(2) else []
     return m.group(1), [a for a in args if a]
-

@@ -51,7 +51,8 @@ def _mapping(data: dict[str, Any], indent: str, first: str) -> list[str]:
 
 def render(conversion: Conversion) -> str:
     out = [
-        f"# muxd configuration converted from {conversion.source} (ser2net.yaml(5)) by `muxd convert ser2net`.",
+        f"# muxd configuration converted from {conversion.source} (ser2net.yaml(5))",
+        "# by `muxd convert ser2net`.",
         "# ser2net opens a device per connection; muxd owns each device once: one port per",
         "# device, one listener per ser2net connection (named by its anchor).",
     ]
