@@ -7,7 +7,7 @@ import pytest
 
 from muxd import banner
 from muxd.protocol.line_settings import LineSettings
-from muxd.ser2net import convert, mode, reader
+from muxd.ser2net import convert, mode, options, reader
 
 TWO = """\
 %YAML 1.1
@@ -110,9 +110,9 @@ def test_split_top_keeps_parentheses_and_strips_folded_whitespace() -> None:
     assert reader.name_and_args("serialdev(nouucplock=true)") == ("serialdev", ["nouucplock=true"])
 
 
-def _accepter(text: str) -> tuple[convert.Accepter | None, list[convert.Error], list[str]]:
-    errors: list[convert.Error] = []
-    c = convert._Conn(reader.Connection("x", 1), errors)
+def _accepter(text: str) -> tuple[options.Accepter | None, list[options.Error], list[str]]:
+    errors: list[options.Error] = []
+    c = options.Conn(reader.Connection("x", 1), errors)
     return convert.parse_accepter(c, reader.Item("accepter", text, 1)), errors, c.comments
 
 
@@ -131,7 +131,7 @@ def _accepter(text: str) -> tuple[convert.Accepter | None, list[convert.Error], 
 def test_accepter_forms(text: str, kind: str, hosts: tuple[str, ...], loose: bool) -> None:
     acc, errors, comments = _accepter(text)
     assert errors == []
-    assert acc == convert.Accepter(kind, hosts, 2000)
+    assert acc == options.Accepter(kind, hosts, 2000)
     assert bool(comments) == loose
 
 

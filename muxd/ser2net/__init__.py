@@ -4,6 +4,7 @@ exporter included, switches from ser2net to muxd without rewriting anything.
 
 reader.py   ser2net.yaml as ser2net reads it (duplicate keys, anchors, defines)
 convert.py  connections -> muxd ports (one per device), with comments and errors
+options.py  a connection's options -> listener keys and trace files
 render.py   the converted ports as a commented muxd YAML file
 mode.py     `muxd convert ser2net`, `muxd run --ser2net`, and muxd started as `ser2net`
 """

@@ -17,7 +17,8 @@ is collected in one pass, so one run names them all.
 
 The result (``Conversion``) holds, per port, the dict the YAML file would
 have (``{"name", "upstream", "listeners", "trace"}``) and the comments to
-print beside it (muxd.ser2net.render). No I/O here: ``convert(parsed)``
+print beside it (muxd.ser2net.render); a connection's options are read by
+muxd.ser2net.options. No I/O here: ``convert(parsed)``
 takes what muxd.ser2net.reader read.
 """
 
@@ -28,66 +29,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from muxd import banner
 from muxd.config.values import NAME_RE
+from muxd.ser2net.options import Accepter, Conn, Error, flag, read_options
 from muxd.ser2net.reader import Connection, Default, Item, Ser2netFile, name_and_args, split_top
 
 SER2NET_DEFAULT_SPEED = "9600n81"  # gensio's serialdev default (gensio(5))
-SER2NET_MAX_CONNECTIONS = 1  # ser2net.yaml(5): max-connections defaults to 1
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
 _SPEC_RE = re.compile(r"(\d+)(?:([nNeEoOmMsS])([5-8])([12]))?")
 _PARITY = {"n": "none", "e": "even", "o": "odd", "m": "mark", "s": "space"}
 
-# Options whose only effect is timing or buffering inside ser2net: a comment.
-_LOOSE_OPTIONS = {
-    "chardelay": "muxd forwards device bytes as they come; it does not wait to batch characters",
-    "chardelay-scale": "muxd forwards device bytes as they come",
-    "chardelay-min": "muxd forwards device bytes as they come",
-    "chardelay-max": "muxd forwards device bytes as they come",
-    "sendon": "muxd forwards device bytes as they come, without waiting for a string",
-    "dev-to-net-bufsize": "muxd's buffers are its own (listener buffer:, port write_queue:)",
-    "net-to-dev-bufsize": "muxd's buffers are its own (listener buffer:, port write_queue:)",
-    "accepter-retry-time": "muxd binds at start and fails loudly if it cannot",
-    "connector-retry-time": "muxd reopens a vanished device with its own backoff",
-    "signature": "muxd answers an RFC 2217 signature request with its own",
-    "trace-timestamp": "",  # read with the trace options
-    "trace-read-timestamp": "",
-    "trace-write-timestamp": "",
-    "trace-both-timestamp": "",
-}
-# Options muxd cannot honour without changing what the lab sees: an error each.
-_REFUSED_OPTIONS = {
-    "openstr": "muxd never sends a string to the device on open",
-    "closestr": "muxd never sends a string to the device on close",
-    "closeon": "muxd does not close clients on a string from the device",
-    "connback": "muxd makes no connect-back connections",
-    "no-con-to-acc": "a listener that never receives device output has no muxd equivalent",
-    "authdir": "ser2net's authentication has no muxd equivalent on a raw listener (use tls: or allow:)",
-    "authdir-admin": "ser2net's admin interface has no muxd equivalent",
-    "pamauth": "PAM authentication has no muxd equivalent (use tls: client_ca or allow:)",
-    "pamauth-admin": "ser2net's admin interface has no muxd equivalent",
-    "allowed-users": "ser2net's authentication has no muxd equivalent",
-    "led-rx": "LEDs have no muxd equivalent",
-    "led-tx": "LEDs have no muxd equivalent",
-    "trace-hexdump": "muxd's trace files are raw, text or jsonl, never a hexdump",
-    "trace-read-hexdump": "muxd's trace files are raw, text or jsonl, never a hexdump",
-    "trace-write-hexdump": "muxd's trace files are raw, text or jsonl, never a hexdump",
-    "trace-both-hexdump": "muxd's trace files are raw, text or jsonl, never a hexdump",
-}
-_MDNS = "muxd does not advertise over mDNS"
 _SERIALDEV_ARGS_LOOSE = {
     "nouucplock": "muxd takes an flock on the device, not a uucp lock file",
     "drain_time": "muxd does not wait for output to drain on close",
     "char_drain_wait": "muxd does not wait for output to drain on close",
 }
 _LISTEN_ANY = ("0.0.0.0", "[::]")  # muxd's [::] is IPV6_V6ONLY: both, for ser2net's "all addresses"
-
-
-@dataclass(frozen=True)
-class Error:
-    line: int
-    message: str
 
 
 @dataclass
@@ -115,26 +70,6 @@ class Conversion:
         return [p.data for p in self.ports]
 
 
-@dataclass
-class _Conn:
-    """One connection while it is being converted."""
-
-    conn: Connection
-    errors: list[Error]
-    comments: list[str] = field(default_factory=list)
-
-    def error(self, line: int, message: str) -> None:
-        self.errors.append(Error(line, f"connection &{self.conn.name}: {message}"))
-
-    def loose(self, what: str, why: str) -> None:
-        self.comments.append(f"{what}: translated loosely: {why}")
-
-
-def flag(value: str) -> bool | None:
-    v = value.strip().lower()
-    return True if v in _TRUE or v == "" else False if v in _FALSE else None
-
-
 def device_port_name(device: str, taken: set[str]) -> str:
     """A muxd port name from a device path: its last part, with what NAME_RE
     refuses made "-" (by-path names have ":"), made unique."""
@@ -157,14 +92,7 @@ def listener_name(anchor: str) -> str:
 # accepter
 
 
-@dataclass(frozen=True)
-class Accepter:
-    kind: str  # "tcp" or "rfc2217"
-    hosts: tuple[str, ...]  # one host, or both "any" addresses
-    port: int
-
-
-def parse_accepter(c: _Conn, item: Item) -> Accepter | None:
+def parse_accepter(c: Conn, item: Item) -> Accepter | None:
     """``[telnet[(rfc2217[,mode=server])],][tcp,][ADDR,]PORT``."""
     parts = split_top(item.value)
     kind = "tcp"
@@ -246,7 +174,7 @@ def _spec(text: str) -> dict[str, Any] | None:
     return out
 
 
-def parse_connector(c: _Conn, item: Item, defaults: list[Default]) -> Connector | None:
+def parse_connector(c: Conn, item: Item, defaults: list[Default]) -> Connector | None:
     """``serialdev[(opts)],DEVICE[,SPEC][,local][,rtscts]...`` (old ``sdev`` too)."""
     parts = split_top(item.value)
     name, args = name_and_args(parts[0])
@@ -308,150 +236,6 @@ def parse_connector(c: _Conn, item: Item, defaults: list[Default]) -> Connector 
     return Connector(device, item.line, upstream, local)
 
 
-# --------------------------------------------------------------------------
-# options
-
-
-def _int(c: _Conn, item: Item, lo: int, hi: int) -> int | None:
-    v = item.value.strip()
-    if not v.isdigit() or not lo <= int(v) <= hi:
-        c.error(item.line, f"{item.key}: expected a number {lo}..{hi}, got {item.value!r}")
-        return None
-    return int(v)
-
-
-def _allow(c: _Conn, item: Item) -> list[str]:
-    """remaddr: ``[!]ADDR[,PORT][;...]``, ADDR possibly after ipv4,/ipv6,."""
-    out = []
-    for entry in (e.strip() for e in item.value.split(";")):
-        if not entry:
-            continue
-        if entry.startswith("!"):
-            c.error(item.line, f"remaddr {entry!r}: a connect-back address has no muxd equivalent")
-            continue
-        parts = [p for p in split_top(entry) if p not in ("ipv4", "ipv6", "tcp")]
-        port = parts[-1] if len(parts) > 1 else "0"
-        try:
-            net = ipaddress.ip_network(parts[0].strip("[]"), strict=False)
-        except ValueError:
-            c.error(item.line, f"remaddr {entry!r}: {parts[0]!r} is not an IP address or network")
-            continue
-        if port != "0":
-            c.error(item.line, f"remaddr {entry!r}: muxd allows hosts, not their source ports (write port 0)")
-            continue
-        out.append(str(net))
-    return out
-
-
-_TRACE_PATH_ESCAPES = re.compile(r"\\(.)")
-
-
-def _trace_path(c: _Conn, item: Item, device: str, port: int) -> str | None:
-    """ser2net expands \\p \\d \\o in a trace file's name when it opens it; muxd
-    opens one trace per port at start, so they are expanded here. The time
-    escapes (\\Y \\m ... a file per open) cannot be."""
-    bad: list[str] = []
-
-    def one(m: re.Match[str]) -> str:
-        esc = m.group(1)
-        known = {"p": str(port), "d": device.rpartition("/")[2], "o": c.conn.name, "\\": "\\"}
-        if esc not in known:
-            bad.append(esc)
-            return m.group(0)
-        return known[esc]
-
-    path = _TRACE_PATH_ESCAPES.sub(one, item.value.strip())
-    if bad:
-        c.error(
-            item.line, f"{item.key}: \\{bad[0]} in a file name: muxd opens one trace file per port, at start"
-        )
-        return None
-    if not path.startswith("/"):
-        c.error(item.line, f"{item.key}: {path!r}: muxd wants an absolute path")
-        return None
-    return path
-
-
-@dataclass
-class _Options:
-    listener: dict[str, Any] = field(default_factory=dict)
-    trace: list[dict[str, Any]] = field(default_factory=list)
-
-
-def read_options(c: _Conn, options: list[Item], acc: Accepter, device: str) -> _Options:
-    out = _Options()
-    values: dict[str, Item] = {}
-    allow: list[str] = []
-    for item in options:
-        key = item.key
-        if key == "remaddr":  # may be given more than once: each adds
-            allow += _allow(c, item)
-            continue
-        values[key] = item
-    stamp = False
-    for key in ("trace-timestamp", "trace-read-timestamp", "trace-write-timestamp", "trace-both-timestamp"):
-        if key in values and flag(values[key].value):
-            stamp = True
-    max_conn = SER2NET_MAX_CONNECTIONS
-    for key, item in values.items():
-        on = flag(item.value)
-        if key == "max-connections":
-            max_conn = _int(c, item, 1, 100_000) or max_conn
-        elif key == "kickolduser":
-            if on:
-                c.loose(
-                    "kickolduser",
-                    "muxd does not kick the old user off; the new one joins it (max_clients is not held "
-                    "to max-connections)",
-                )
-        elif key == "banner":
-            problem = banner.check(item.value)
-            if problem is not None:
-                c.error(item.line, f"banner: {problem}")
-            elif item.value:
-                out.listener["banner"] = item.value
-        elif key in ("trace-read", "trace-write", "trace-both"):
-            path = _trace_path(c, item, device, acc.port)
-            if path is not None:
-                entry: dict[str, Any] = {"path": path, "format": "text" if stamp else "raw"}
-                if key != "trace-read":
-                    entry["input"] = True
-                out.trace.append(entry)
-                if key == "trace-write":
-                    c.loose("trace-write", "the trace file records the device's output too, not only input")
-        elif key == "telnet-brk-on-sync":
-            if on and acc.kind == "rfc2217":
-                c.error(
-                    item.line,
-                    "telnet-brk-on-sync: muxd sends no BREAK on a telnet SYNC (use RFC 2217 "
-                    "SET-CONTROL BREAK or `muxd ctl PORT --break`)",
-                )
-            elif on:
-                c.comments.append("telnet-brk-on-sync: no effect on a tcp accepter (no telnet, no SYNC)")
-        elif key == "no-acc-to-con":
-            if on:
-                out.listener["mode"] = "ro"
-        elif key in _LOOSE_OPTIONS:
-            if _LOOSE_OPTIONS[key] and on is not False:
-                c.loose(key, _LOOSE_OPTIONS[key])
-        elif key in _REFUSED_OPTIONS:
-            if item.value.strip() and on is not False:
-                c.error(item.line, f"{key}: {_REFUSED_OPTIONS[key]}")
-        elif key.startswith("mdns"):
-            if key == "mdns" and on:
-                c.error(item.line, f"mdns: {_MDNS}")
-        else:
-            c.error(item.line, f"option {key}: not a ser2net option muxd knows")
-    kick = "kickolduser" in values and flag(values["kickolduser"].value)
-    if not kick:
-        out.listener["max_clients"] = max_conn
-    elif "max-connections" in values:
-        c.comments.append(f"max-connections: {max_conn} (not held to it: kickolduser)")
-    if allow:
-        out.listener["allow"] = allow
-    return out
-
-
 def _with_defaults(conn: Connection, defaults: list[Default]) -> list[Item]:
     """The connection's options, after ser2net's defaults (class ser2net or
     none) for the options it does not set."""
@@ -484,7 +268,7 @@ def convert(parsed: Ser2netFile) -> Conversion:
     by_device: dict[str, ConvertedPort] = {}
     taken: set[str] = set()
     for index, conn in enumerate(parsed.connections):
-        c = _Conn(conn, result.errors)
+        c = Conn(conn, result.errors)
         enable = conn.items.get("enable")
         if enable is not None and flag(enable.value) is False:
             result.comments.append(f"connection &{conn.name} (line {conn.line}): enable: off, not converted")
