@@ -100,7 +100,9 @@ def serve(conversion: convert.Conversion, prog: str, level: str | None, ready_fi
     if joined is not None:
         return joined
     try:
-        cfg = configmod.from_data({"ports": conversion.data}, conversion.source)
+        # Loaded from the text `muxd convert ser2net` prints: a line a warning
+        # names is that line of its output.
+        cfg = configmod.loads(render.render(conversion), f"{conversion.source} (converted)")
     except ConfigError as exc:
         # A converted file muxd refuses (two connections on one TCP port, say).
         for error in configmod.each_error(exc):
