@@ -205,6 +205,7 @@ def read_options(c: Conn, options: list[Item], acc: Accepter, device: str) -> _O
                 if key != "trace-read":
                     entry["input"] = True
                 out.trace.append(entry)
+                c.loose(key, "muxd writes the port's trace from start to stop, not only while a client is on")
                 if key == "trace-write":
                     c.loose("trace-write", "the trace file records the device's output too, not only input")
         elif key == "telnet-brk-on-sync":
