@@ -598,3 +598,48 @@ def test_labgrid_serial_driver_gets_a_prompt_while_a_raw_reader_follows(
         shell.stop.set()
         shell.join(5)
         follower.close()
+
+
+# -- the banner key, and the other ways in -------------------------------------------------------
+
+
+def test_a_banner_with_an_unknown_escape_is_a_config_error_at_its_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "muxd.yaml"
+    cfg.write_text(
+        "ports:\n  - name: p\n    upstream: {sim: true}\n    listeners:\n"
+        "      - tcp: 127.0.0.1:0\n        banner: 'on \\d at \\Y'\n"
+    )
+    done = run_muxd("check", "-c", str(cfg))
+    assert done.returncode == 2
+    assert re.search(r":6: .*ports\[0\]\.listeners\[0\]\.banner: unknown escape \\Y", done.stderr), (
+        done.stderr
+    )
+
+
+def test_run_ser2net_with_a_bad_file_exits_2_naming_each_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(HOSTILE.replace("    led-tx: *led", "    led-tx: x"))
+    done = run_muxd("run", "--ser2net", str(path))
+    _no_traceback(done)
+    assert done.returncode == 2
+    assert len(re.findall(rf"^muxd: {re.escape(str(path))}:\d+: ", done.stderr, re.M)) >= 25
+
+
+def test_ser2net_c_file_and_y_strings_join_into_one_document(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("connection: &a\n  accepter: tcp,localhost,2000\n  connector: serialdev,/dev/ttyS0\n")
+    opts = mode.parse_args(
+        [
+            "-c",
+            str(path),
+            "-Y",
+            "connection: &b#  accepter: tcp,localhost,2001",
+            "-Y",
+            "  connector: serialdev,/dev/ttyS0",
+        ]
+    )
+    found = mode._config_text(opts)
+    assert found is not None
+    result = convert.convert(reader.read(*found))
+    assert result.errors == []
+    assert [lst["name"] for lst in result.data[0]["listeners"]] == ["a", "b"]
