@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help='once every listener is bound, write {"pid": N, "listeners": {name: address}} here',
     )
+    run.add_argument(
+        "--ser2net", metavar="FILE", help="serve a ser2net.yaml(5) as it is (see `muxd convert`)"
+    )
     quick = run.add_argument_group("one-port form (instead of -c)")
     src = quick.add_mutually_exclusive_group()
     src.add_argument("--serial", metavar="PATH", help="serial device path")
@@ -133,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ready-file", metavar="PATH", help="as for run")
 
     sub.add_parser("ports", help="list serial devices")
+
+    convert = sub.add_parser("convert", help="print another program's config as muxd's (commented YAML)")
+    convert.add_argument("source", choices=("ser2net",), help="the program: ser2net (ser2net.yaml(5))")
+    convert.add_argument("file", metavar="FILE", help="its configuration file")
 
     reach = _reach_parser()
     status = sub.add_parser(
@@ -557,7 +564,12 @@ def _discard_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Every subcommand: quiet on a closed pipe and on Ctrl-C, with the shell's
-    statuses for them (141, 130) rather than a traceback."""
+    statuses for them (141, 130) rather than a traceback. Started under the
+    name ``ser2net`` (a symlink), it takes ser2net's options (muxd.ser2net.mode)."""
+    if argv is None and os.path.basename(sys.argv[0]) == "ser2net":
+        from muxd.ser2net import mode
+
+        return mode.ser2net_main(sys.argv[1:])
     try:
         try:
             code = _main(argv)
@@ -585,6 +597,10 @@ def _main(argv: list[str] | None) -> int:
             return _check(args.config)
         if args.command == "ports":
             return _ports()
+        if args.command == "convert":
+            from muxd.ser2net import mode
+
+            return mode.convert_command(args.file)
         if args.command == "status":
             return _status(args)
         if args.command == "tail":
@@ -593,6 +609,14 @@ def _main(argv: list[str] | None) -> int:
             return _ctl(args)
         if args.command == "demo":
             return _serve(demo_config(args.tcp, args.http), args.log_level, args.ready_file, demo=True)
+        if args.ser2net:
+            if args.config or args.serial or args.upstream_tcp or args.sim:
+                raise ConfigError(
+                    "give --ser2net FILE alone, not with -c or a one-port form", "", None, "<command line>"
+                )
+            from muxd.ser2net import mode
+
+            return mode.run_file(args.ser2net, args.log_level, args.ready_file)
         if args.config and (args.serial or args.upstream_tcp or args.sim):
             raise ConfigError("give either -c FILE or a one-port form, not both", "", None, "<command line>")
         cfg = configmod.load(args.config) if args.config else quick_config(args)

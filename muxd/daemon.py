@@ -69,7 +69,7 @@ ListenerFactory = Callable[[Listener, PortRuntime, Reactor, "socket.socket | Non
 
 
 def _stream(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
-    return StreamListener(cfg, rt.hub, reactor, sock)  # type: ignore[return-value]
+    return StreamListener(cfg, rt.hub, reactor, sock, rt.line_control)  # type: ignore[return-value]
 
 
 def _rfc2217(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:

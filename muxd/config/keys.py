@@ -38,10 +38,10 @@ SIM_KEYS = {"baudrate", "status_interval", "boot"}
 LISTENER_COMMON = {"name", "mode", "max_clients", "buffer", "overflow", "write", "notices"}
 LISTENER_COMMON |= {"history", "history_lines"}
 LISTENER_EXTRA = {
-    "tcp": {"format", "allow", "tls"},
-    "rfc2217": {"allow", "tls"},
+    "tcp": {"format", "allow", "tls", "banner"},
+    "rfc2217": {"allow", "tls", "banner"},
     "websocket": {"format", "allow"},
-    "unix": {"socket_mode", "group", "format"},
+    "unix": {"socket_mode", "group", "format", "banner"},
     "pty": {"link_mode", "group"},
 }
 # "token" (inline) is refused with a pointer to "tokens": see _http.

@@ -125,6 +125,9 @@ class Listener:
     tls: TlsConfig | None = None  # tcp, rfc2217
     # Peers that may connect (tcp, rfc2217, websocket; muxd.access); empty: any.
     allow: tuple[Network, ...] = ()
+    # Sent to each client first (tcp, unix, rfc2217): a template with ser2net's
+    # escapes, expanded at connect time (muxd.banner). "": none.
+    banner: str = ""
 
     @property
     def writable(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from muxd import banner
 from muxd.config.fields import allow_list, backoff, list_of, read_name, tls_section
 from muxd.config.keys import (
     LISTENER_COMMON,
@@ -191,7 +192,18 @@ def _listener(node: Node, port_name: str, index: int) -> Listener:
         format=m.read("format", lambda n: n.choice(FORMATS), d.format),
         allow=m.read("allow", allow_list, ()),
         tls=m.read("tls", tls_section, None),
+        banner=m.read("banner", _banner, d.banner),
     )
+
+
+def _banner(node: Node) -> str:
+    text = node.value()
+    if not isinstance(text, str):
+        raise node.error(f"expected text, got {show(text)}")
+    problem = banner.check(text)
+    if problem is not None:
+        raise node.error(problem)
+    return text
 
 
 def _rotate(node: Node) -> int:

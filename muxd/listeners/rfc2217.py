@@ -124,8 +124,11 @@ class Rfc2217Connection(Connection):
         reactor: Reactor,
         *,
         line_control: LineControl,
+        banner: bytes = b"",
     ) -> None:
         self.codec = Rfc2217Server()  # queues the initial negotiation
+        if banner:  # after the negotiation, IAC-escaped as any data (muxd.banner)
+            self.codec.send(Data(banner))
         self.line_control = line_control
         self._suspended = False
         # The client's SET-MODEMSTATE-MASK: 0 wants no change notifications.
@@ -262,10 +265,16 @@ class Rfc2217Listener(StreamListener):
         line_control: LineControl,
         sock: socket.socket | None = None,
     ) -> None:
-        super().__init__(cfg, hub, reactor, sock)
-        self.line_control = line_control
+        super().__init__(cfg, hub, reactor, sock, line_control)
+        self.line_control: LineControl = line_control
 
     def _client(self, transport: Transport, peer: str) -> Connection:
         return Rfc2217Connection(
-            transport, peer, self.cfg, self.hub, self.reactor, line_control=self.line_control
+            transport,
+            peer,
+            self.cfg,
+            self.hub,
+            self.reactor,
+            line_control=self.line_control,
+            banner=self.banner_for(peer),
         )

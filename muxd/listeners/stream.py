@@ -25,11 +25,13 @@ import socket
 import stat
 
 from muxd.access import permitted
+from muxd.banner import BannerContext, expand
 from muxd.checks import group_id
 from muxd.config import Listener
 from muxd.connection import Connection
 from muxd.errors import MuxdError
 from muxd.hub import Hub
+from muxd.linecontrol import LineControl
 from muxd.listeners.acceptor import Acceptor, bind_tcp
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
@@ -40,13 +42,33 @@ log = logging.getLogger("muxd.listener")
 
 
 class StreamClient(Connection):
-    def __init__(self, transport: Transport, peer: str, cfg: Listener, hub: Hub, reactor: Reactor) -> None:
-        super().__init__(transport, hub, cfg, peer, reactor)
+    def __init__(
+        self,
+        transport: Transport,
+        peer: str,
+        cfg: Listener,
+        hub: Hub,
+        reactor: Reactor,
+        *,
+        initial: bytes = b"",
+    ) -> None:
+        # A banner goes out through the core's output buffer, ahead of the
+        # ring's bytes, which then take the same (copying) path: the zero-copy
+        # fast path writes the ring straight to the socket and knows no buffer.
+        super().__init__(transport, hub, cfg, peer, reactor, encoding=bool(initial), initial=initial)
 
 
 class StreamListener:
-    def __init__(self, cfg: Listener, hub: Hub, reactor: Reactor, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Listener,
+        hub: Hub,
+        reactor: Reactor,
+        sock: socket.socket | None = None,
+        line_control: LineControl | None = None,  # the device and settings a banner names
+    ) -> None:
         self.cfg = cfg
+        self.line_control = line_control
         self.hub = hub
         self.reactor = reactor
         self.clients: set[Connection] = set()
@@ -147,7 +169,26 @@ class StreamListener:
 
     def _client(self, transport: Transport, peer: str) -> Connection:
         """The connection object for an accepted socket; protocol listeners override it."""
-        return StreamClient(transport, peer, self.cfg, self.hub, self.reactor)
+        return StreamClient(transport, peer, self.cfg, self.hub, self.reactor, initial=self.banner_for(peer))
+
+    def banner_for(self, peer: str) -> bytes:
+        """The listener's banner (muxd.banner) for this client, expanded now:
+        the settings it names are those in force at this connect."""
+        if not self.cfg.banner:
+            return b""
+        lc = self.line_control
+        # Every real upstream describes itself as "serial:PATH", "tcp:HOST:PORT"
+        # (muxd.upstream.base.Upstream); line control knows it only as a settings owner.
+        describe = getattr(lc.upstream, "describe", None) if lc is not None else None
+        device = str(describe()).partition(":")[2] if describe is not None else ""
+        context = BannerContext(
+            port=(self.bound_address or "").rpartition(":")[2] if self.cfg.kind != "unix" else "",
+            device=device,
+            settings=lc.settings if lc is not None else None,
+            name=self.hub.name,
+            peer=peer.rpartition(":")[0].strip("[]") if self.cfg.kind != "unix" else "",
+        )
+        return expand(self.cfg.banner, context)
 
     @property
     def bound_address(self) -> str | None:
