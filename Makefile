@@ -69,7 +69,20 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check muxd tests bench
 	$(BIN)/mypy
 
-test: system-deps $(STAMP)
+# labgrid, the lab framework whose exporter starts `ser2net` (tests/test_ser2net.py runs
+# its client, tests/labgrid_client.py, here). A venv of its own: labgrid brings
+# pyserial-labgrid, which installs over pyserial's `serial` package, and the rest of
+# the suite tests muxd against pyserial itself. Pinned to the version whose exporter
+# command lines the tests replay.
+LABGRID_VENV  := .venv-labgrid
+LABGRID_STAMP := $(LABGRID_VENV)/.installed-stamp
+
+$(LABGRID_STAMP):
+	test -x $(LABGRID_VENV)/bin/python || $(PYTHON) -m venv $(LABGRID_VENV)
+	$(LABGRID_VENV)/bin/pip install -q 'labgrid==26.0.1'
+	touch $@
+
+test: system-deps $(STAMP) $(LABGRID_STAMP)
 	@# system-deps may have just brought libsystemd-dev: pick up systemd-python now.
 	-pkg-config --exists libsystemd 2>/dev/null && $(BIN)/python -c 'import systemd' 2>/dev/null \
 		|| $(BIN)/pip install -q -e '.[systemd]'
@@ -113,4 +126,4 @@ deb:
 	packaging/build-deb.sh dist
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) $(LABGRID_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
