@@ -749,7 +749,7 @@ class Daemon:
         if self._stopping:
             return
         with contextlib.suppress(KeyError):  # removed by DELETE before its holder went
-            self.remove_port(name, "its connection closed", rt)
+            self.remove_port(name, "the end of its holding connection", rt)
 
     def client_count(self) -> int:
         """Connected clients: the hubs' readers but for trace files."""
