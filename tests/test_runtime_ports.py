@@ -398,3 +398,25 @@ def test_a_holding_connection_never_idles_out(tmp_path: Path) -> None:
         daemon.close()
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+def test_control_key_reads_as_a_unix_listener_does() -> None:
+    from muxd import config as configmod
+
+    port = "ports: [{name: a, upstream: {sim: true}, listeners: [{unix: /tmp/a.sock}]}]\n"
+    assert configmod.loads(port + "control: /run/muxd/c.sock\n").control == configmod.ControlSocket(
+        "/run/muxd/c.sock", 0o600, None
+    )
+    cfg = configmod.loads(port + 'control: {path: /run/muxd/c.sock, socket_mode: "0660", group: muxd}\n')
+    assert cfg.control == configmod.ControlSocket("/run/muxd/c.sock", 0o660, "muxd")
+    assert configmod.loads(port).control is None  # off unless named
+    bad = port + "control: {path: /tmp/a.sock, socket_mode: 0999, mode: rw}\n"
+    with pytest.raises(configmod.ConfigError) as caught:
+        configmod.loads(bad, "muxd.yaml")
+    assert [str(e) for e in configmod.each_error(caught.value)] == [
+        "muxd.yaml:2: control.mode: unknown key (expected one of: group, path, socket_mode)",
+        "muxd.yaml:2: control.socket_mode: expected an octal mode such as 0660, got '0999'",
+        "muxd.yaml:2: control: duplicate listening address '/tmp/a.sock' (first at line 1)",
+    ]
+    with pytest.raises(configmod.ConfigError, match="control: must be an absolute path"):
+        configmod.loads(port + "control: run/c.sock\n")

@@ -57,11 +57,11 @@ if TYPE_CHECKING:
 # Request line + headers: browsers send 1-2 KiB; 16 KiB is nginx's and
 # Apache's order of magnitude and leaves room for big cookies on a shared host.
 HEADER_LIMIT = 16 * 1024
-# Bodies are small JSON: POST .../signals, a port's definition (POST
-# /api/v1/ports: a port with listeners, traces and sequences is 1-3 KiB), or
-# an ignored "{}". 16 KiB is room for a port with every key; the body is
-# held per connection, at most 16 KiB x MAX_CONNECTIONS.
-BODY_LIMIT = 16 * 1024
+# Bodies are small JSON (POST .../signals, a port's definition for POST
+# /api/v1/ports: 0.2-2 KiB with listeners, traces and a few sequences) or an
+# ignored "{}" that some clients always send with a POST: 4 KiB is room for
+# every one of them, and is held at most once per connection.
+BODY_LIMIT = 4 * 1024
 # Bytes taken from a socket per wake-up: a whole ordinary request, while
 # the input that can wait unparsed stays bounded (see HEADER_LIMIT).
 READ_SIZE = 16 * 1024
