@@ -61,7 +61,7 @@ import signal
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -388,49 +388,58 @@ def hold(
     SIGTERM/SIGINT (0) or the daemon closes it (1); see the module docstring.
     ``on_ready`` gets the daemon's answers, one per port."""
     conn = connection(ep)
-    try:
-        answers = [exchange(conn, ep, "POST", "/api/v1/ports?hold=1", port) for port in ports]
-        if on_ready is not None:
-            on_ready(answers)
-        assert conn.sock is not None  # connected by the requests above
-        return _wait(conn.sock)
-    finally:
-        conn.close()  # the daemon removes the ports
+    # The handlers are in place before anyone is told the ports are there: a
+    # SIGTERM right after on_ready is a clean stop, never the default death.
+    with _stop_signals() as (stopped, wakeup):
+        try:
+            answers = [exchange(conn, ep, "POST", "/api/v1/ports?hold=1", port) for port in ports]
+            if on_ready is not None:
+                on_ready(answers)
+            assert conn.sock is not None  # connected by the requests above
+            return _wait(conn.sock, stopped, wakeup)
+        finally:
+            conn.close()  # the daemon removes the ports
 
 
-def _wait(sock: socket.socket) -> int:
-    """Block until SIGTERM/SIGINT (0) or the peer's close (1). Signals reach
-    the loop through a wakeup pipe, so select() returns on them."""
-    stop: list[int] = []
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[tuple[list[int], int]]:
+    """SIGTERM and SIGINT noted in a list instead of ending the process, and
+    a pipe that wakes select() when one comes (signal.set_wakeup_fd)."""
+    stopped: list[int] = []
     rd, wr = os.pipe()
     os.set_blocking(rd, False)
     os.set_blocking(wr, False)
     old_fd = signal.set_wakeup_fd(wr)  # the main thread only: ValueError elsewhere
-    old = {sig: signal.signal(sig, lambda s, _f: stop.append(s)) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {s: signal.signal(s, lambda n, _f: stopped.append(n)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        sock.setblocking(False)
-        fd = sock.fileno()
-        while not stop:
-            ready, _, _ = select.select([fd, rd], [], [])
-            if rd in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(rd, 64)
-            if fd in ready and not stop:
-                try:
-                    data = sock.recv(4096)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    return 1
-                if not data:
-                    return 1  # the daemon closed the connection: it stopped
-        return 0
+        yield stopped, rd
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         signal.set_wakeup_fd(old_fd)
         os.close(rd)
         os.close(wr)
+
+
+def _wait(sock: socket.socket, stopped: list[int], wakeup: int) -> int:
+    """Block until a stop signal (0) or the peer's close (1)."""
+    sock.setblocking(False)
+    fd = sock.fileno()
+    while not stopped:
+        ready, _, _ = select.select([fd, wakeup], [], [])
+        if wakeup in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wakeup, 64)
+        if fd in ready and not stopped:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return 1
+            if not data:
+                return 1  # the daemon closed the connection: it stopped
+    return 0
 
 
 def hold_ports(

@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from muxd import apiclient
 from tests.helpers import (
@@ -178,19 +180,29 @@ def test_delete_closes_its_clients_cleanly_and_no_one_else(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, dev_b: PtyDevice
 ) -> None:
     m, _ = start(muxd, tmp_path, pty_device)
-    status, answer = post(m.http, port_b(dev_b))
+    trace = tmp_path / "b.trace"
+    port = port_b(dev_b, trace=[{"path": str(trace)}])
+    port["listeners"].append({"websocket": True})
+    status, answer = post(m.http, port)
     assert status == 201
     m.wait_state("up", port="b")
     b_client = connect(bound(answer))
     dut_client = connect(m.port())
-    wait_clients(m.http, 1, port="b")
-    wait_clients(m.http, 1, port="dut")
-    dev_b.write(b"last words\n")
-    assert recv_exactly(b_client, 11) == b"last words\n"
-    assert delete(m.http, "b") == (200, {"ok": True, "removed": "b"})
-    rest = read_to_eof(b_client)  # the notice, then FIN (read_to_eof fails on a reset)
-    assert b"b port removed" in rest, rest
+    with ws_connect(f"ws://{m.http}/ws/b", open_timeout=5) as browser:
+        wait_clients(m.http, 2, port="b")
+        wait_clients(m.http, 1, port="dut")
+        dev_b.write(b"last words\n")
+        assert recv_exactly(b_client, 11) == b"last words\n"
+        assert delete(m.http, "b") == (200, {"ok": True, "removed": "b"})
+        rest = read_to_eof(b_client)  # the notice, then FIN (read_to_eof fails on a reset)
+        assert b"b port removed" in rest, rest
+        with pytest.raises(ConnectionClosed):
+            for _ in range(100):  # what it is owed, then the close
+                browser.recv(timeout=5)
     assert port_names(m) == ["dut"]
+    assert b"last words" in trace.read_bytes()
+    held = {os.path.realpath(f"/proc/{m.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{m.pid}/fd")}
+    assert str(trace) not in held and os.path.realpath(dev_b.path) not in held
     pty_device.write(b"undisturbed\n")
     assert recv_exactly(dut_client, 12) == b"undisturbed\n"
     assert delete(m.http, "b")[0] == 404
@@ -258,20 +270,46 @@ def test_held_port_goes_with_its_holder(
     client.close()
 
 
+HOLD_PORTS = (
+    "import json, sys\n"
+    "from muxd.apiclient import hold_ports\n"
+    "ready = lambda: print('ready', flush=True)\n"
+    "sys.exit(hold_ports(sys.argv[1], [json.loads(sys.argv[2])], on_ready=ready))\n"
+)
+
+
+def test_hold_ports_stops_cleanly_on_a_sigterm_right_after_ready(
+    muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, dev_b: PtyDevice
+) -> None:
+    """on_ready is called with the signal handlers in place already."""
+    m, control = start(muxd, tmp_path, pty_device)
+    for _ in range(3):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_PORTS, control, json.dumps(port_b(dev_b))],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert _line(holder) == b"ready\n"
+            holder.send_signal(signal.SIGTERM)
+            assert holder.wait(10) == 0
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait(10)
+        wait_for(lambda: port_names(m) == ["dut"], 10, "the held port removed")
+
+
 def test_hold_ports_returns_1_when_the_daemon_goes(
     muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice, dev_b: PtyDevice
 ) -> None:
     m, control = start(muxd, tmp_path, pty_device)
     assert apiclient.daemon_reachable(control)
     assert not apiclient.daemon_reachable(str(tmp_path / "nothing.sock"))
-    code = (
-        "import json, sys\n"
-        "from muxd.apiclient import hold_ports\n"
-        "ready = lambda: print('ready', flush=True)\n"
-        "sys.exit(hold_ports(sys.argv[1], [json.loads(sys.argv[2])], on_ready=ready))\n"
-    )
     holder = subprocess.Popen(
-        [sys.executable, "-c", code, control, json.dumps(port_b(dev_b))], cwd=ROOT, stdout=subprocess.PIPE
+        [sys.executable, "-c", HOLD_PORTS, control, json.dumps(port_b(dev_b))],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
     )
     try:
         assert _line(holder) == b"ready\n"
