@@ -51,6 +51,7 @@ from muxd import config as configmod
 from muxd import systemd as sd
 from muxd.access import Tokens
 from muxd.api import Conflict
+from muxd.api import bound_addresses as api_bound
 from muxd.checks import group_id
 from muxd.config import (
     Config,
@@ -398,12 +399,26 @@ class Daemon:
         self.reactor.call_later(interval, lambda: self._watchdog(interval))
 
     def _start_port(self, port: Port) -> PortRuntime:
-        """A port added by a reload: the phases of start() for one port."""
+        """A port added by a reload or the API: the phases of start() for one
+        port (its sockets, then its pty links, traces and upstream); a failure
+        undoes what was done, so the port is started whole or not at all."""
+        self._validate_port(port)
         rt = PortRuntime.build(port, self.reactor)
         self.ports[port.name] = rt
-        for cfg in port.listeners:
-            self._start_listener(rt, cfg)
-        self._start_feeds(rt)
+        try:
+            for cfg in port.listeners:
+                if cfg.kind in SOCKET_KINDS:
+                    self._start_listener(rt, cfg)
+            for cfg in port.listeners:
+                if cfg.kind not in SOCKET_KINDS and cfg.kind in LISTENER_FACTORIES:
+                    self._start_listener(rt, cfg)
+            self._start_feeds(rt)
+        except BaseException:
+            del self.ports[port.name]
+            for name in list(rt.listeners):
+                self._stop_listener(rt, name)
+            self._stop_traces(rt)
+            raise
         return rt
 
     def _start_feeds(self, rt: PortRuntime) -> None:
@@ -558,7 +573,7 @@ class Daemon:
                     port.name,
                 )
             elif rt is None:
-                self._guarded(f"port {port.name}", partial(self._start_port, port))
+                self._guarded(f"port {port.name}", partial(self._start_file_port, port))
             else:
                 self._update_port(rt, port)
         self._apply_http(new.http)
@@ -679,22 +694,9 @@ class Daemon:
         with what runs, StartError when it cannot start (a busy address is a
         Conflict); either way nothing is left behind."""
         self._check_conflicts(port)
-        self._validate_port(port)
-        rt = PortRuntime.build(port, self.reactor)
-        self.ports[port.name] = rt
         try:
-            for cfg in port.listeners:  # phase 2: every socket
-                if cfg.kind in SOCKET_KINDS:
-                    self._start_listener(rt, cfg)
-            for cfg in port.listeners:  # phase 3: pty links, then the feeds
-                if cfg.kind not in SOCKET_KINDS and cfg.kind in LISTENER_FACTORIES:
-                    self._start_listener(rt, cfg)
-            self._start_feeds(rt)
-        except BaseException as exc:
-            del self.ports[port.name]
-            for name in list(rt.listeners):
-                self._stop_listener(rt, name)
-            self._stop_traces(rt)
+            rt = self._start_port(port)
+        except StartError as exc:
             cause = exc.__cause__
             if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
                 raise Conflict(str(exc)) from exc
@@ -703,28 +705,49 @@ class Daemon:
         log.info("port %s added by %s (%s)", port.name, by, port.upstream.describe())
         return rt
 
-    def _check_conflicts(self, port: Port) -> None:
-        """api.Conflict for a name, device, listener name or address in use."""
-        if port.name in self.ports:
-            where = "added at run time" if port.name in self.runtime_ports else "in the config file"
-            raise Conflict(f"port {port.name!r} exists ({where})")
+    def _check_conflicts(self, port: Port, runtime_only: bool = False) -> None:
+        """api.Conflict for a name, device, listener name or address, or trace
+        file in use; ``runtime_only``: in use by a port added at run time (a
+        reload's new port, checked against what the file does not manage)."""
+        others = [rt for name, rt in self.ports.items() if not runtime_only or name in self.runtime_ports]
+        for rt in others:
+            if rt.name == port.name:
+                where = "added at run time" if rt.name in self.runtime_ports else "in the config file"
+                raise Conflict(f"port {port.name!r} exists ({where})")
         device = _device(port.upstream)
-        for rt in self.ports.values():
+        for rt in others:
             if device is not None and _device(rt.config.upstream) == device:
                 raise Conflict(f"{port.upstream.describe()} is the device of port {rt.name!r}")
-        taken = self.bound_addresses()
-        if self.control is not None:
-            taken["control"] = self.control.control.path
-        holders = {address: name for name, address in taken.items()}
-        for rt in self.ports.values():  # as configured too: "HOST:0" binds anew each time
+        holders: dict[str, str] = {}  # address or path -> who holds it
+        names: set[str] = set()
+        if not runtime_only:
+            names |= set(self.http)
+            holders.update((address, name) for name, address in self.bound_addresses().items())
+            if self.control is not None:
+                holders[self.control.control.path] = "the control socket"
+        for rt in others:
+            names |= {lst.name for lst in rt.config.listeners}
+            holders.update((bound, name) for name, bound in api_bound(rt).items())
+            # As configured too, but for "HOST:0", which binds anew each time.
             holders.update(
                 (lst.address, lst.name) for lst in rt.config.listeners if not lst.address.endswith(":0")
             )
+            holders.update((t.path, f"a trace of port {rt.name}") for t in rt.config.trace)
         for cfg in port.listeners:
-            if cfg.name in taken:
+            if cfg.name in names:
                 raise Conflict(f"listener name {cfg.name!r} is taken")
             if cfg.kind != "websocket" and cfg.address in holders:
                 raise Conflict(f"listener {cfg.name}: {cfg.address} is in use by {holders[cfg.address]}")
+        for spec in port.trace:
+            if spec.path in holders:
+                raise Conflict(f"trace {spec.path} is in use by {holders[spec.path]}")
+
+    def _start_file_port(self, port: Port) -> None:
+        """A reload's new port: refused (logged) where a run-time port holds
+        its device, an address or a name; the file's own ports were checked
+        against each other by the schema."""
+        self._check_conflicts(port, runtime_only=True)
+        self._start_port(port)
 
     def remove_port(self, name: str, by: str, rt: PortRuntime | None = None) -> None:
         """Remove a port added at run time (``rt``: only if it is still that

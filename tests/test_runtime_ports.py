@@ -226,6 +226,23 @@ def test_reload_keeps_run_time_ports(
     assert port_names(m) == ["dut", "b"]
     dev_b.write(b"after reload\n")
     assert recv_exactly(client, 13) == b"after reload\n"
+    # A file that now names b, and a port on b's device: neither is started.
+    other_link = tmp_path / "b-again"
+    other_link.symlink_to(os.readlink(dev_b.path))
+    m.rewrite(
+        [
+            *m.data["ports"],
+            {"name": "b", "upstream": {"sim": True}},
+            {"name": "c", "upstream": {"serial": str(other_link)}},
+        ]
+    )
+    m.signal(signal.SIGHUP)
+    wait_for(lambda: m.log().count("reloaded") == 2, 10, "the second reload")
+    assert "port b was added at run time" in m.log()
+    assert f"cannot start port c: serial:{other_link} is the device of port 'b'" in m.log()
+    assert port_names(m) == ["dut", "b"]
+    dev_b.write(b"still b\n")
+    assert recv_exactly(client, 8) == b"still b\n"
     client.close()
 
 
