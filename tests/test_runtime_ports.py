@@ -395,10 +395,11 @@ def test_ctl_port_add_and_remove(
     assert run_muxd("ctl", "--url", m.http, "dut", "nosuch").returncode == 1
 
 
-def _raw_post(port: int, body: dict[str, Any], query: str = "") -> socket.socket:
+def _raw_post(port: int, body: dict[str, Any], query: str = "", extra: str = "") -> socket.socket:
     data = json.dumps(body).encode()
     sock = connect(port)
     head = f"POST /api/v1/ports{query} HTTP/1.1\r\nHost: {LOCAL}:{port}\r\n"
+    head += f"{extra}\r\n" if extra else ""
     head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     sock.sendall(head.encode() + data)
     sock.setblocking(False)
@@ -442,6 +443,15 @@ def test_a_holding_connection_never_idles_out(tmp_path: Path) -> None:
         run_until(daemon.reactor, lambda: _take(plain, plain_got), "the plain connection's idle timeout")
         assert plain_got.startswith(b"HTTP/1.1 201 "), plain_got
         assert not _take(held, held_got)  # still open, past the idle timeout
+        assert sorted(daemon.ports) == ["a", "b", "c"]
+        # A hold on a connection that closes after its answer would hold nothing.
+        closing = _raw_post(
+            http_port, {"name": "d", "upstream": {"sim": True}}, "?hold=1", "Connection: close"
+        )
+        closing_got = bytearray()
+        run_until(daemon.reactor, lambda: _take(closing, closing_got), "the refusal")
+        assert closing_got.startswith(b"HTTP/1.1 400 ") and b"kept-alive" in closing_got
+        closing.close()
         assert sorted(daemon.ports) == ["a", "b", "c"]
         held.close()
         run_until(daemon.reactor, lambda: "b" not in daemon.ports, "the held port removed")

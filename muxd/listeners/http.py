@@ -486,6 +486,12 @@ class HttpFront:
         if method == "DELETE":
             return json_reply(*api.remove_port(manager, parts[1], by))
         hold = urllib.parse.parse_qs(query).get("hold", [""])[-1] in ("1", "true", "yes")
+        closing = "close" in (header(request, b"connection") or "").lower() or request.http_version == b"1.0"
+        if hold and closing:
+            # The port would go with the connection, right after the answer.
+            return error_reply(
+                400, "?hold=1 needs a kept-alive connection (HTTP/1.1, no Connection: close)", True
+            )
         status, answer, rt = api.add_port(manager, body, by)
         reply = json_reply(status, {**answer, "held": hold} if rt is not None else answer)
         if rt is not None and hold:
