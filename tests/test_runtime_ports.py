@@ -134,6 +134,15 @@ def test_invalid_port_gets_every_error_the_config_file_gets(
     # In the file's line order there, in the body's key order here: the same set.
     assert sorted(line.split(": ", 2)[2] for line in lines) == sorted(errors), (lines, errors)
     assert "line" not in answer["errors"][0]
+    # What the machine refuses, as a start says it.
+    status, answer = post(
+        m.http,
+        port_b(pty_device, name="c", upstream={"sim": True}, listeners=[{"unix": "/nonexistent/c.sock"}]),
+    )
+    assert (status, answer["error"]) == (
+        400,
+        "port c, listener unix:/nonexistent/c.sock: directory /nonexistent does not exist",
+    )
     assert post(m.http, b"{not json")[0] == 400
     assert post(m.http, [port_b(pty_device)])[0] == 400
     assert port_names(m) == ["dut"]
