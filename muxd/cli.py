@@ -8,7 +8,11 @@ no); 3 for `status`, `tail` and `ctl`, a daemon that cannot be reached (or,
 for `tail`, that refuses the port); 4 for those three, a daemon that wants a
 token (or one of a higher scope); 130 interrupted (Ctrl-C); 141 standard
 output closed before everything was written (`muxd tail PORT | head -3`; a
-`muxd status | head -1` whose output fits the pipe has written it all: 0)."""
+`muxd status | head -1` whose output fits the pipe has written it all: 0).
+
+Why this module is long: every subcommand's options and its one-line
+outcomes (messages, exit statuses) are the command line's contract with
+scripts, kept in one place; the work itself is in the modules they call."""
 
 from __future__ import annotations
 

@@ -33,6 +33,10 @@ muxd.control) serves the same API to whoever may open it.
 systemd hears READY=1 once every listener is bound and every upstream tried,
 a STATUS= line kept current, WATCHDOG=1 from the loop itself (a hung loop
 stops the pings), RELOADING=1 around a reload and STOPPING=1 on the way out.
+
+Why this module is long: start, reload, run-time ports and stop are one
+life cycle over the same tables (ports, listeners, servers); each phase
+undoes the others' work on failure, which is clearest read side by side.
 """
 
 from __future__ import annotations

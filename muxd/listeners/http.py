@@ -50,6 +50,10 @@ Ports at run time (muxd.api, with the daemon as ``manager``): ``POST
 admin actions. With ``?hold=1`` the port lives as long as the connection that
 added it: the reply carries the release (Reply.on_close), so that connection
 is kept open without an idle timeout and its end removes the port.
+
+Why this module is long: every route is checked for Host, allow-list, token
+scope and Origin here, in one place, so that no route can skip a check; the
+answers themselves are muxd.api's.
 """
 
 from __future__ import annotations
