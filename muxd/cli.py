@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[reach_admin],
         help="reset a board: run a port's sequence, or set DTR/RTS/BREAK, through the HTTP API; "
         "`ctl port add|remove`: ports at run time",
+        epilog="Ports at run time: muxd ctl port add [--hold] FILE|-, muxd ctl port remove NAME "
+        "(muxd ctl port --help).",
     )
     ctl.add_argument("port", metavar="PORT", help="the port's name")
     ctl.add_argument("sequence", metavar="SEQUENCE", nargs="?", help="a sequence of the port, e.g. reset")
@@ -249,7 +251,11 @@ def _port_command(argv: list[str]) -> list[str] | None:
             skip = True
         elif not arg.startswith("-") or arg == "-":
             words.append(i)
-    if len(words) >= 2 and argv[words[0]] == "port" and argv[words[1]] in ("add", "remove"):
+    if not words or argv[words[0]] != "port":
+        return None
+    if (len(words) >= 2 and argv[words[1]] in ("add", "remove")) or (
+        len(words) == 1 and {"-h", "--help"} & set(argv)
+    ):
         return argv[1 : words[0]] + argv[words[0] + 1 :]
     return None
 
