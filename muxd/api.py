@@ -14,6 +14,13 @@ muxd does not know them), the modem inputs where the upstream can read them,
 the owner under ``line_control: owner``, and the last change. Board control
 (``set_signals``, ``run_sequence``) is an admin action of the HTTP front;
 both answer (status, JSON) and never raise for a client's mistake.
+
+Ports at run time (``POST /api/v1/ports``, ``DELETE /api/v1/ports/NAME``,
+admin actions): the body is one entry of the config file's ``ports:`` as
+JSON, validated by the config's own code (muxd.config.from_data), so its
+errors are the file's, with key paths (``ports[0].listeners[1].tcp``) and no
+line: 400 with every error. The PortManager (the daemon) starts or stops it;
+a clash with what runs is a Conflict, 409, and changes nothing.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ import dataclasses
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
+from muxd import config as configmod
 from muxd import sequences
 from muxd.config import Listener, Port
-from muxd.errors import SettingsRefused
+from muxd.errors import ConfigError, MuxdError, SettingsRefused
 from muxd.hub import Reader
 from muxd.port import PortRuntime
 from muxd.protocol.line_settings import LineSettings
@@ -275,3 +283,84 @@ def _started(rt: PortRuntime, run: sequences.Run) -> tuple[int, dict[str, Any]]:
         "seconds": sequences.duration(run.steps),
         "line": line_view(rt),
     }
+
+
+# -- ports at run time: admin actions ----------------------------------------------------------
+
+
+class Conflict(MuxdError):
+    """A run-time port that clashes with what runs (its name, its device, a
+    listener's name or address), or a file port asked to go: 409."""
+
+
+class PortManager(Protocol):
+    """What adds and removes ports at run time: the daemon (muxd.daemon)."""
+
+    def add_port(self, port: Port, by: str) -> PortRuntime:
+        """Start it; Conflict, or MuxdError (StartError) when it cannot start."""
+
+    def remove_port(self, name: str, by: str, rt: PortRuntime | None = None) -> None:
+        """Stop it; KeyError for no such port, Conflict for a file port."""
+
+    def release(self, name: str, rt: PortRuntime) -> None:
+        """The connection holding it ended."""
+
+
+# Where an API body's errors say they come from (never a file of the machine).
+API_SOURCE = "<api>"
+
+
+def config_errors(exc: ConfigError) -> dict[str, Any]:
+    """A 400's answer: every error, as the config file would report it, without a line."""
+    errors = configmod.each_error(exc)
+    return {
+        "error": "; ".join(f"{e.path}: {e.message}" if e.path else e.message for e in errors),
+        "errors": [{"path": e.path, "message": e.message} for e in errors],
+    }
+
+
+def parse_port(body: bytes) -> tuple[Port | None, dict[str, Any]]:
+    """(the port, {}) or (None, a 400's answer) for a POST /api/v1/ports body."""
+    try:
+        data = json.loads(body or b"null")
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        return None, {"error": f"the body is not JSON: {exc}"}
+    if not isinstance(data, dict):
+        return None, {"error": "give one port as a JSON object: an entry of the config file's ports:"}
+    if "mqtt" in data:
+        # The bridge is made for the file's ports (daemon._apply_mqtt); a port
+        # that comes and goes through the API is not published.
+        err = ConfigError("a port added at run time is not published: publish it from the config file")
+        return None, config_errors(ConfigError(err.message, "ports[0].mqtt", None, API_SOURCE))
+    try:
+        cfg = configmod.from_data({"ports": [data]}, API_SOURCE)
+    except ConfigError as exc:
+        return None, config_errors(exc)
+    return cfg.ports[0], {}
+
+
+def add_port(manager: PortManager, body: bytes, by: str) -> tuple[int, dict[str, Any], PortRuntime | None]:
+    """POST /api/v1/ports: 201 and the port's view (its bound addresses
+    included), 400 for a body the config file would refuse or a port that
+    cannot start (a missing directory), 409 for a clash with what runs."""
+    port, refused = parse_port(body)
+    if port is None:
+        return 400, refused, None
+    try:
+        rt = manager.add_port(port, by)
+    except Conflict as exc:
+        return 409, {"error": str(exc)}, None
+    except MuxdError as exc:  # StartError: what the machine refuses
+        return 400, {"error": str(exc)}, None
+    return 201, {"ok": True, "port": port_view(rt)}, rt
+
+
+def remove_port(manager: PortManager, name: str, by: str) -> tuple[int, dict[str, Any]]:
+    """DELETE /api/v1/ports/NAME: 200, 404 for no such port, 409 for a file port."""
+    try:
+        manager.remove_port(name, by)
+    except KeyError:
+        return 404, {"error": f"no port {name!r}"}
+    except Conflict as exc:
+        return 409, {"error": str(exc)}
+    return 200, {"ok": True, "removed": name}

@@ -5,7 +5,9 @@
 
 Where
     ``--url`` (a URL, HOST:PORT or a bare PORT), or the first http server of
-    the config given with ``-c`` (a wildcard bind is reached on loopback).
+    the config given with ``-c`` (a wildcard bind is reached on loopback), or
+    ``--control SOCKET``, the daemon's control socket (muxd.control): being
+    able to open it is the admin right, so no token is sent there.
 How
     ``https://`` when the URL says so or the config's server has ``tls:``.
     The certificate is checked against ``--cacert FILE`` when given. Without
@@ -25,6 +27,24 @@ Outcomes are exceptions with the exit status the command line gives them:
 is not trusted), ``Unauthorised`` (4: 401 or 403, with a hint on how to pass a
 token) and ``Refused`` (1: muxd answered the request with another error).
 
+Ports at run time. ``add_port`` and ``remove_port`` are POST
+/api/v1/ports and DELETE /api/v1/ports/NAME (admin). ``hold`` adds ports
+with ``?hold=1`` on one connection and keeps that connection open: the
+daemon removes them when it closes, which is when this process ends, however
+it ends (a SIGKILL closes the socket too). For the ser2net mode:
+
+``hold_ports(control_path, ports, *, on_ready=None) -> int``
+    adds each port (a dict in the config file's shape) through the control
+    socket, calls ``on_ready()``, then blocks until SIGTERM or SIGINT (returns
+    0: the ports go as the connection closes) or until the daemon closes the
+    connection (returns 1: it stopped, or its control socket changed). A port
+    refused raises ApiError (Refused: 400 with every error in ``details``,
+    409 for a clash) and the ports added before it go with the connection.
+``daemon_reachable(control_path) -> bool``
+    whether a muxd answers on that control socket.
+
+A port removed with DELETE while held stays removed; the holder is not told.
+
 This module stays light: `muxd tail` imports it, and the config module (and
 PyYAML with it) is imported only when ``-c`` is given; urllib.request only
 by the JSON calls.
@@ -32,11 +52,17 @@ by the JSON calls.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import select
+import signal
+import socket
 import ssl
 import urllib.parse
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 EXIT_REFUSED = 1
@@ -78,10 +104,11 @@ class Unauthorised(ApiError):
 class Refused(ApiError):
     """muxd answered with an error: its ``status`` and its ``error`` text."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, details: list[str] | None = None) -> None:
         super().__init__(f"{message} ({status})")
         self.status = status
         self.message = message
+        self.details = details or []  # a 400's errors, one per key path (POST /api/v1/ports)
 
 
 def refusal(status: int, reason: str) -> ApiError:
@@ -91,11 +118,17 @@ def refusal(status: int, reason: str) -> ApiError:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A daemon's HTTP server: its base URL, the TLS context for https, the token."""
+    """A daemon's HTTP server: its base URL, the TLS context for https, the
+    token; or its control socket (``socket_path``, with a nominal URL)."""
 
     url: str
     context: ssl.SSLContext | None = None
     token: str | None = None
+    socket_path: str | None = field(default=None)
+
+    @property
+    def where(self) -> str:
+        return self.socket_path or self.url
 
     @property
     def parts(self) -> urllib.parse.SplitResult:
@@ -178,12 +211,15 @@ def endpoint(
     cacert: str | None = None,
     token: str | None = None,
     token_file: str | None = None,
+    control: str | None = None,
 ) -> Endpoint:
-    """The daemon to ask, from --url or -c FILE (see the module docstring).
+    """The daemon to ask, from --url, -c FILE or --control SOCKET (see the module docstring).
 
     Raises ValueError for a bad --url, token file or certificate file, and
     muxd.errors.ConfigError for a config that cannot be read or has no http server.
     """
+    if control is not None:
+        return control_endpoint(control)
     secret = find_token(token, token_file)
     context: ssl.SSLContext | None = None
     try:
@@ -201,6 +237,11 @@ def endpoint(
     return Endpoint(base, context, secret)
 
 
+def control_endpoint(path: str) -> Endpoint:
+    """The daemon's control socket: no token (the socket's mode is the right)."""
+    return Endpoint("http://localhost", socket_path=path)
+
+
 def _from_config(path: str) -> tuple[str, str | None]:
     """The base URL of the config's first http server as reached from this
     host, and its certificate file when it speaks TLS."""
@@ -216,9 +257,76 @@ def _from_config(path: str) -> tuple[str, str | None]:
     return f"{scheme}://{configmod.format_hostport(host, srv.port)}", srv.tls.cert if srv.tls else None
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (the control socket)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def connection(ep: Endpoint, timeout: float = TIMEOUT) -> http.client.HTTPConnection:
+    """One persistent connection to the daemon (not yet connected)."""
+    if ep.socket_path is not None:
+        return _UnixConnection(ep.socket_path, timeout)
+    parts = ep.parts
+    if parts.scheme == "https":
+        ctx = ep.context or client_context()
+        return http.client.HTTPSConnection(parts.hostname or "", parts.port, timeout=timeout, context=ctx)
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout)
+
+
+def exchange(conn: http.client.HTTPConnection, ep: Endpoint, method: str, path: str, body: Any = None) -> Any:
+    """One request on ``conn`` and its JSON answer; raises as get() does."""
+    headers = ep.headers()
+    data = None
+    if body is not None or method == "POST":
+        data = json.dumps(body if body is not None else {}).encode()
+        headers["content-type"] = "application/json"
+    try:
+        conn.request(method, ep.parts.path.rstrip("/") + path, body=data, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise Unreachable(f"cannot reach {ep.where}: {exc}") from None
+    try:
+        answer = json.loads(raw)
+    except ValueError:  # not JSON: not muxd's answer
+        if resp.status >= 400:
+            raise refusal(resp.status, resp.reason) from None
+        raise Unreachable(f"{ep.where} is not muxd's API") from None
+    if resp.status >= 400:
+        if not isinstance(answer, dict):
+            raise refusal(resp.status, resp.reason)
+        message = str(answer.get("error", resp.reason))[:MAX_REASON]
+        errors = answer.get("errors")
+        if resp.status in (401, 403):
+            raise Unauthorised(resp.status, message)
+        details = [f"{e.get('path')}: {e.get('message')}" for e in errors] if isinstance(errors, list) else []
+        raise Refused(resp.status, message, details)
+    return answer
+
+
 def _call(ep: Endpoint, path: str, body: dict[str, Any] | None = None, method: str = "GET") -> Any:
     import urllib.error
     import urllib.request
+
+    if ep.socket_path is not None:
+        conn = connection(ep)
+        try:
+            return exchange(conn, ep, method, path, body)
+        finally:
+            conn.close()
 
     headers = ep.headers()
     data = None
@@ -256,3 +364,97 @@ def post(ep: Endpoint, path: str, body: dict[str, Any] | None = None) -> Any:
 def quote(name: str) -> str:
     """A port or sequence name as one path segment."""
     return urllib.parse.quote(name, safe="")
+
+
+# -- ports at run time ---------------------------------------------------------------------------
+
+
+def add_port(ep: Endpoint, port: dict[str, Any]) -> Any:
+    """POST /api/v1/ports: the answer, with the port's view ("port"). Raises as get() does."""
+    return _call(ep, "/api/v1/ports", port, "POST")
+
+
+def remove_port(ep: Endpoint, name: str) -> Any:
+    """DELETE /api/v1/ports/NAME. Raises as get() does."""
+    return _call(ep, f"/api/v1/ports/{quote(name)}", method="DELETE")
+
+
+def hold(
+    ep: Endpoint,
+    ports: list[dict[str, Any]],
+    on_ready: Callable[[list[Any]], None] | None = None,
+) -> int:
+    """Add ``ports`` with ?hold=1 on one connection and keep it open until
+    SIGTERM/SIGINT (0) or the daemon closes it (1); see the module docstring.
+    ``on_ready`` gets the daemon's answers, one per port."""
+    conn = connection(ep)
+    # The handlers are in place before anyone is told the ports are there: a
+    # SIGTERM right after on_ready is a clean stop, never the default death.
+    with _stop_signals() as (stopped, wakeup):
+        try:
+            answers = [exchange(conn, ep, "POST", "/api/v1/ports?hold=1", port) for port in ports]
+            if on_ready is not None:
+                on_ready(answers)
+            assert conn.sock is not None  # connected by the requests above
+            return _wait(conn.sock, stopped, wakeup)
+        finally:
+            conn.close()  # the daemon removes the ports
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[tuple[list[int], int]]:
+    """SIGTERM and SIGINT noted in a list instead of ending the process, and
+    a pipe that wakes select() when one comes (signal.set_wakeup_fd)."""
+    stopped: list[int] = []
+    rd, wr = os.pipe()
+    os.set_blocking(rd, False)
+    os.set_blocking(wr, False)
+    old_fd = signal.set_wakeup_fd(wr)  # the main thread only: ValueError elsewhere
+    old = {s: signal.signal(s, lambda n, _f: stopped.append(n)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stopped, rd
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(old_fd)
+        os.close(rd)
+        os.close(wr)
+
+
+def _wait(sock: socket.socket, stopped: list[int], wakeup: int) -> int:
+    """Block until a stop signal (0) or the peer's close (1)."""
+    sock.setblocking(False)
+    fd = sock.fileno()
+    while not stopped:
+        ready, _, _ = select.select([fd, wakeup], [], [])
+        if wakeup in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wakeup, 64)
+        if fd in ready and not stopped:
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return 1
+            if not data:
+                return 1  # the daemon closed the connection: it stopped
+    return 0
+
+
+def hold_ports(
+    control_path: str, ports: list[dict[str, Any]], *, on_ready: Callable[[], None] | None = None
+) -> int:
+    """The ser2net mode's call: hold ``ports`` through the control socket
+    until SIGTERM/SIGINT (0) or the daemon goes away (1); see the module docstring."""
+    ready = None if on_ready is None else (lambda _answers: on_ready())
+    return hold(control_endpoint(control_path), ports, ready)
+
+
+def daemon_reachable(control_path: str) -> bool:
+    """Whether a muxd answers its API on this control socket."""
+    try:
+        get(control_endpoint(control_path), "/api/v1/ports")
+    except ApiError:
+        return False
+    return True

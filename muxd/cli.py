@@ -8,7 +8,11 @@ no); 3 for `status`, `tail` and `ctl`, a daemon that cannot be reached (or,
 for `tail`, that refuses the port); 4 for those three, a daemon that wants a
 token (or one of a higher scope); 130 interrupted (Ctrl-C); 141 standard
 output closed before everything was written (`muxd tail PORT | head -3`; a
-`muxd status | head -1` whose output fits the pipe has written it all: 0)."""
+`muxd status | head -1` whose output fits the pipe has written it all: 0).
+
+Why this module is long: every subcommand's options and its one-line
+outcomes (messages, exit statuses) are the command line's contract with
+scripts, kept in one place; the work itself is in the modules they call."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from muxd import __version__
@@ -142,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("file", metavar="FILE", help="its configuration file")
 
     reach = _reach_parser()
+    reach_admin = _reach_parser(control=True)
     status = sub.add_parser(
-        "status", parents=[reach], help="ports and clients of a running muxd, from its HTTP API"
+        "status", parents=[reach_admin], help="ports and clients of a running muxd, from its HTTP API"
     )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -163,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser(
         "ctl",
-        parents=[reach],
-        help="reset a board: run a port's sequence, or set DTR/RTS/BREAK, through the HTTP API",
+        parents=[reach_admin],
+        help="reset a board: run a port's sequence, or set DTR/RTS/BREAK, through the HTTP API; "
+        "`ctl port add|remove`: ports at run time",
+        epilog="Ports at run time: muxd ctl port add [--hold] FILE|-, muxd ctl port remove NAME "
+        "(muxd ctl port --help).",
     )
     ctl.add_argument("port", metavar="PORT", help="the port's name")
     ctl.add_argument("sequence", metavar="SEQUENCE", nargs="?", help="a sequence of the port, e.g. reset")
@@ -180,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reach_parser() -> argparse.ArgumentParser:
-    """The options by which `status`, `tail` and `ctl` reach the daemon (muxd.apiclient)."""
+def _reach_parser(control: bool = False) -> argparse.ArgumentParser:
+    """The options by which `status`, `tail` and `ctl` reach the daemon
+    (muxd.apiclient); ``control``: its control socket too (not for `tail`,
+    whose WebSocket goes to an http server)."""
     reach = argparse.ArgumentParser(add_help=False)
     group = reach.add_argument_group("reaching the daemon")
     where = group.add_mutually_exclusive_group(required=True)
@@ -191,6 +202,12 @@ def _reach_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--url", help="the HTTP server: http(s)://HOST:PORT, HOST:PORT or PORT, e.g. 127.0.0.1:8020"
     )
+    if control:
+        where.add_argument(
+            "--control",
+            metavar="SOCKET",
+            help="the daemon's control socket (its config's control:; no token)",
+        )
     group.add_argument(
         "--cacert",
         metavar="FILE",
@@ -200,6 +217,54 @@ def _reach_parser() -> argparse.ArgumentParser:
     group.add_argument("--token", help="a token (default: $MUXD_TOKEN); other users can see it in ps")
     group.add_argument("--token-file", metavar="FILE", help="read the token from this file")
     return reach
+
+
+def port_parser() -> argparse.ArgumentParser:
+    """`muxd ctl port add FILE|-` and `muxd ctl port remove NAME` (ports at run time)."""
+    parser = argparse.ArgumentParser(
+        prog="muxd ctl port",
+        parents=[_reach_parser(control=True)],
+        description="Add a port to a running muxd, or remove one added so.",
+    )
+    parser.add_argument("action", choices=("add", "remove"))
+    parser.add_argument(
+        "target", metavar="FILE|-|NAME", help="add: one port, YAML or JSON (- for stdin); remove: its name"
+    )
+    parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="add: keep the port only while this command runs (until SIGTERM/SIGINT or kill)",
+    )
+    return parser
+
+
+# The options of `ctl` that take a value: skipped when looking for `port add|remove`.
+_CTL_VALUE_OPTIONS = {"-c", "--config", "--url", "--control", "--cacert", "--token", "--token-file"}
+_CTL_VALUE_OPTIONS |= {"--dtr", "--rts", "--break"}
+
+
+def _port_command(argv: list[str]) -> list[str] | None:
+    """The arguments for port_parser when argv is `ctl ... port add|remove ...`,
+    else None (`ctl PORT SEQUENCE`: a port named "port" can still run any
+    sequence but add and remove)."""
+    if not argv or argv[0] != "ctl":
+        return None
+    words: list[int] = []
+    skip = False
+    for i, arg in enumerate(argv[1:], 1):
+        if skip:
+            skip = False
+        elif arg in _CTL_VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-") or arg == "-":
+            words.append(i)
+    if not words or argv[words[0]] != "port":
+        return None
+    if (len(words) >= 2 and argv[words[1]] in ("add", "remove")) or (
+        len(words) == 1 and {"-h", "--help"} & set(argv)
+    ):
+        return argv[1 : words[0]] + argv[words[0] + 1 :]
+    return None
 
 
 def _level(text: str) -> bool:
@@ -451,7 +516,12 @@ def _endpoint(args: argparse.Namespace) -> Endpoint | None:
 
     try:
         return apiclient.endpoint(
-            args.url, args.config, cacert=args.cacert, token=args.token, token_file=args.token_file
+            args.url,
+            args.config,
+            cacert=args.cacert,
+            token=args.token,
+            token_file=args.token_file,
+            control=getattr(args, "control", None),
         )
     except ValueError as exc:
         print(f"muxd: {args.command}: {exc}", file=sys.stderr)
@@ -520,6 +590,75 @@ def _ctl(args: argparse.Namespace) -> int:
         return _failed(args, exc)
     print(f"{args.port}: {done}" + (f"; {client.describe_line(line, time.time())}" if line else ""))
     return EXIT_OK
+
+
+def _read_port(target: str) -> dict[str, Any]:
+    """One port from a file or stdin, YAML or JSON (JSON is YAML)."""
+    import yaml
+
+    try:
+        text = sys.stdin.read() if target == "-" else Path(target).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read {target}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{target}: give one port, a mapping as an entry of the config file's ports:")
+    return data
+
+
+def _port_listeners(port: Any) -> str:
+    listeners = port.get("listeners", []) if isinstance(port, dict) else []
+    return ", ".join(f"{lst.get('name')} {lst.get('address')}" for lst in listeners if isinstance(lst, dict))
+
+
+def _ctl_port(argv: list[str]) -> int:
+    """`muxd ctl port add [--hold] FILE|-`, `muxd ctl port remove NAME`. Exit 0
+    done (with --hold: stopped by SIGTERM/SIGINT), 1 refused (400 with each
+    error on a line, 409 a clash; --hold: the daemon went away), 2 usage,
+    3 unreachable, 4 unauthorised."""
+    from muxd import apiclient
+
+    args = port_parser().parse_args(argv)
+    args.command = "ctl port"
+    ep = _endpoint(args)
+    if ep is None:
+        return EXIT_CONFIG
+    try:
+        if args.action == "remove":
+            if args.hold:
+                print("muxd: ctl port: --hold is for add", file=sys.stderr)
+                return EXIT_CONFIG
+            apiclient.remove_port(ep, args.target)
+            print(f"{args.target}: removed")
+            return EXIT_OK
+        port = _read_port(args.target)
+        if not args.hold:
+            answer = apiclient.add_port(ep, port)
+            view = answer.get("port") if isinstance(answer, dict) else None
+            name = view.get("name") if isinstance(view, dict) else port.get("name")
+            print(f"{name}: added; {_port_listeners(view)}")
+            return EXIT_OK
+
+        def ready(answers: list[Any]) -> None:
+            for answer in answers:
+                view = answer.get("port") if isinstance(answer, dict) else None
+                name = view.get("name") if isinstance(view, dict) else port.get("name")
+                print(f"{name}: added, held until this command ends; {_port_listeners(view)}", flush=True)
+
+        if apiclient.hold(ep, [port], ready) != EXIT_OK:
+            print("muxd: ctl port: the daemon closed the connection; the port is gone", file=sys.stderr)
+            return EXIT_FAILURE
+        return EXIT_OK
+    except ValueError as exc:
+        print(f"muxd: ctl port: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except apiclient.ApiError as exc:
+        details = getattr(exc, "details", [])
+        if details:  # a 400: every error of the port, as `muxd check` says them
+            print(f"muxd: ctl port: refused ({getattr(exc, 'status', 400)}):", file=sys.stderr)
+        for line in details or [str(exc)]:
+            print(f"muxd: ctl port: {line}", file=sys.stderr)
+        return exc.exit_status
 
 
 def _tail(args: argparse.Namespace) -> int:
@@ -591,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    port_argv = _port_command(sys.argv[1:] if argv is None else argv)
+    if port_argv is not None:
+        return _ctl_port(port_argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "check":

@@ -20,13 +20,28 @@ matched to its listener, directories, groups, token files), then binds every
 listening socket, then creates pty links, trace files and upstreams; a start
 that fails undoes what it did, so it leaves no socket, link or file behind.
 
+Ports at run time (POST /api/v1/ports, muxd.api): a port added through the
+API goes through the same phases, for itself alone: it is checked against
+what runs (its name, its device, its listeners' names and addresses: a
+clash is api.Conflict, 409, and nothing is touched), then its sockets are
+bound, then its pty links, traces and upstream made; a failure undoes what
+was done. Such a port is not the file's: a reload leaves it alone, and only
+DELETE (or the end of the connection that holds it, ?hold=1) removes it; a
+file port cannot be removed through the API. The control socket (``control:``,
+muxd.control) serves the same API to whoever may open it.
+
 systemd hears READY=1 once every listener is bound and every upstream tried,
 a STATUS= line kept current, WATCHDOG=1 from the loop itself (a hung loop
 stops the pings), RELOADING=1 around a reload and STOPPING=1 on the way out.
+
+Why this module is long: start, reload, run-time ports and stop are one
+life cycle over the same tables (ports, listeners, servers); each phase
+undoes the others' work on failure, which is clearest read side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -39,9 +54,21 @@ from typing import TYPE_CHECKING
 from muxd import config as configmod
 from muxd import systemd as sd
 from muxd.access import Tokens
+from muxd.api import Conflict
+from muxd.api import bound_addresses as api_bound
 from muxd.checks import group_problem
-from muxd.config import Config, HttpServer, Listener, Port
+from muxd.config import (
+    Config,
+    ControlSocket,
+    HttpServer,
+    Listener,
+    Port,
+    SerialUpstream,
+    TcpUpstream,
+    Upstream,
+)
 from muxd.connection import policy_for
+from muxd.control import ControlFront
 from muxd.errors import ConfigError, MuxdError
 from muxd.listeners.acceptor import sock_address
 from muxd.listeners.http import HttpFront
@@ -169,6 +196,16 @@ def _bridge(cfg: configmod.MqttConfig, reactor: Reactor) -> MqttBridge:
     return MqttBridge(cfg, reactor)
 
 
+def _device(upstream: Upstream) -> tuple[str, ...] | None:
+    """What a port owns: a serial device (by its real path: two links to one
+    tty are one device) or a K2's address; None for a simulated device."""
+    if isinstance(upstream, SerialUpstream):
+        return ("serial", os.path.realpath(upstream.path))
+    if isinstance(upstream, TcpUpstream):
+        return ("tcp", upstream.host.lower(), str(upstream.port))
+    return None
+
+
 def _rebind_needed(old: Listener, new: Listener) -> bool:
     return (old.kind, old.host, old.port, old.path, old.file_mode, old.group) != (
         new.kind,
@@ -196,6 +233,8 @@ class Daemon:
         self.exit_code = 0
         self.log_level_override: str | None = None  # --log-level outlives reloads
         self.mqtt: MqttBridge | None = None  # the broker connection (muxd.mqtt), with mqtt:
+        self.control: ControlFront | None = None  # the control socket, with control:
+        self.runtime_ports: set[str] = set()  # names of the ports added through the API
 
     # -- start ---------------------------------------------------------------
 
@@ -235,17 +274,22 @@ class Daemon:
         """Phase 1: raise StartError for the first thing that would fail."""
         self._check_activated()
         for port in self.config.ports:
-            for cfg in port.listeners:
-                if cfg.kind in ("unix", "pty"):
-                    _check_start(_listener_what(port.name, cfg), partial(_check_path, cfg.path, cfg.group))
-                if cfg.kind == "pty":
-                    _check_start(_listener_what(port.name, cfg), partial(_check_pty_link, cfg.path))
-            for spec in port.trace:
-                _check_start(
-                    f"port {port.name}, trace {spec.path}", partial(_check_path, spec.path, spec.group)
-                )
+            self._validate_port(port)
         for srv in self.config.http:
             _check_start(_http_what(srv), partial(Tokens.load, srv.tokens))  # read again by the server
+        if self.config.control is not None:
+            ctl = self.config.control
+            _check_start(f"control socket {ctl.path}", partial(_check_path, ctl.path, ctl.group))
+
+    @staticmethod
+    def _validate_port(port: Port) -> None:
+        for cfg in port.listeners:
+            if cfg.kind in ("unix", "pty"):
+                _check_start(_listener_what(port.name, cfg), partial(_check_path, cfg.path, cfg.group))
+            if cfg.kind == "pty":
+                _check_start(_listener_what(port.name, cfg), partial(_check_pty_link, cfg.path))
+        for spec in port.trace:
+            _check_start(f"port {port.name}, trace {spec.path}", partial(_check_path, spec.path, spec.group))
 
     def _check_activated(self) -> None:
         """Every socket systemd passed must belong to a listener with a socket
@@ -296,6 +340,8 @@ class Daemon:
                     self._start_listener(rt, cfg)
         for srv in self.config.http:
             self._start_http(srv)
+        if self.config.control is not None:
+            self._start_control(self.config.control)
 
     def _create(self, fed: list[PortRuntime]) -> None:
         """Phase 3: the pty links (which may still fail), then the trace files and
@@ -324,6 +370,9 @@ class Daemon:
         for front in self.http.values():
             front.stop()
         self.http.clear()
+        if self.control is not None:
+            self.control.stop()
+            self.control = None
         if self.mqtt is not None:
             self.mqtt.close()
             self.mqtt = None
@@ -352,12 +401,26 @@ class Daemon:
         self.reactor.call_later(interval, lambda: self._watchdog(interval))
 
     def _start_port(self, port: Port) -> PortRuntime:
-        """A port added by a reload: the phases of start() for one port."""
+        """A port added by a reload or the API: the phases of start() for one
+        port (its sockets, then its pty links, traces and upstream); a failure
+        undoes what was done, so the port is started whole or not at all."""
+        self._validate_port(port)
         rt = PortRuntime.build(port, self.reactor)
         self.ports[port.name] = rt
-        for cfg in port.listeners:
-            self._start_listener(rt, cfg)
-        self._start_feeds(rt)
+        try:
+            for cfg in port.listeners:
+                if cfg.kind in SOCKET_KINDS:
+                    self._start_listener(rt, cfg)
+            for cfg in port.listeners:
+                if cfg.kind not in SOCKET_KINDS and cfg.kind in LISTENER_FACTORIES:
+                    self._start_listener(rt, cfg)
+            self._start_feeds(rt)
+        except BaseException:
+            del self.ports[port.name]
+            for name in list(rt.listeners):
+                self._stop_listener(rt, name)
+            self._stop_traces(rt)
+            raise
         return rt
 
     def _start_feeds(self, rt: PortRuntime) -> None:
@@ -405,15 +468,28 @@ class Daemon:
                 self.reactor,
                 self._take_activated(srv.name),
                 fronts=self.http.values,
+                manager=self,
             )
             front.start()
         except (OSError, MuxdError) as exc:
             raise StartError(f"{_http_what(srv)}: {start_cause(exc)}") from exc
         self.http[srv.name] = front
 
+    def _start_control(self, cfg: ControlSocket) -> None:
+        front = ControlFront(cfg, lambda: self.ports, self.reactor, self)
+        try:
+            front.start()
+        except (OSError, MuxdError) as exc:
+            raise StartError(f"control socket {cfg.path}: {start_cause(exc, cfg.path)}") from exc
+        self.control = front
+
+    def _fronts(self) -> list[HttpFront]:
+        """The HTTP servers and the control socket: every server of the API and /ws."""
+        return [*self.http.values(), *([self.control] if self.control is not None else [])]
+
     def _connections(self) -> list[ListenerClient]:
         """Every connected reader: the listeners' and the HTTP servers' WebSockets."""
-        conns: list[ListenerClient] = [c for front in self.http.values() for c in front.clients]
+        conns: list[ListenerClient] = [c for front in self._fronts() for c in front.clients]
         for rt in self.ports.values():
             for listener in rt.listeners.values():
                 conns += listener.clients
@@ -443,8 +519,8 @@ class Daemon:
             self._stop_traces(rt)
         if self.mqtt is not None:
             self.mqtt.stop()  # pending lines, the final states and "offline", then DISCONNECT
-        for front in self.http.values():
-            front.stop()
+        for front in self._fronts():
+            front.stop()  # held connections end too: _stopping keeps their ports (see release)
         for client in self._connections():
             client.finish()
         self.reactor.call_later(SHUTDOWN_FLUSH, self._force_stop)
@@ -488,17 +564,37 @@ class Daemon:
         sd.notify("READY=1", f"STATUS={self.status_line()}")
 
     def _apply(self, new: Config) -> None:
+        # The file's ports only: a port added at run time is the API's to remove.
         wanted = {p.name for p in new.ports}
-        for name in [n for n in self.ports if n not in wanted]:
+        for name in [n for n in self.ports if n not in wanted and n not in self.runtime_ports]:
             self._stop_port(self.ports.pop(name))
         for port in new.ports:
             rt = self.ports.get(port.name)
-            if rt is None:
-                self._guarded(f"port {port.name}", partial(self._start_port, port))
+            if port.name in self.runtime_ports:
+                log.error(
+                    "reload: port %s was added at run time; the file's port of that name is not started",
+                    port.name,
+                )
+            elif rt is None:
+                self._guarded(f"port {port.name}", partial(self._start_file_port, port))
             else:
                 self._update_port(rt, port)
         self._apply_http(new.http)
+        self._apply_control(new.control)
         self._apply_mqtt(new)
+
+    def _apply_control(self, cfg: ControlSocket | None) -> None:
+        """A changed ``control:`` is a new socket: the old one's connections
+        close, and the ports they held go with them (muxd.yaml(5))."""
+        if self.control is not None and self.control.control == cfg:
+            return
+        if self.control is not None:
+            self.control.stop()
+            for client in list(self.control.clients):
+                client.finish()
+            self.control = None
+        if cfg is not None:
+            self._guarded(f"control socket {cfg.path}", partial(self._start_control, cfg))
 
     def _apply_mqtt(self, new: Config) -> None:
         """A changed broker section, or a port's mqtt: changed, added or removed:
@@ -593,6 +689,93 @@ class Daemon:
             self._stop_listener(rt, name)
         rt.upstream.stop()
         self._stop_traces(rt)
+
+    # -- ports at run time (muxd.api.PortManager) ----------------------------------------
+
+    def add_port(self, port: Port, by: str) -> PortRuntime:
+        """Start a port given through the API: api.Conflict (409) when it clashes
+        with what runs, StartError when it cannot start (a busy address is a
+        Conflict); either way nothing is left behind."""
+        self._check_conflicts(port)
+        try:
+            rt = self._start_port(port)
+        except StartError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                raise Conflict(str(exc)) from exc
+            raise
+        self.runtime_ports.add(port.name)
+        log.info("port %s added by %s (%s)", port.name, by, port.upstream.describe())
+        return rt
+
+    def _check_conflicts(self, port: Port, runtime_only: bool = False) -> None:
+        """api.Conflict for a name, device, listener name or address, or trace
+        file in use; ``runtime_only``: in use by a port added at run time (a
+        reload's new port, checked against what the file does not manage)."""
+        others = [rt for name, rt in self.ports.items() if not runtime_only or name in self.runtime_ports]
+        for rt in others:
+            if rt.name == port.name:
+                where = "added at run time" if rt.name in self.runtime_ports else "in the config file"
+                raise Conflict(f"port {port.name!r} exists ({where})")
+        device = _device(port.upstream)
+        for rt in others:
+            if device is not None and _device(rt.config.upstream) == device:
+                raise Conflict(f"{port.upstream.describe()} is the device of port {rt.name!r}")
+        holders: dict[str, str] = {}  # address or path -> who holds it
+        names: set[str] = set()
+        if not runtime_only:
+            names |= set(self.http)
+            holders.update((address, name) for name, address in self.bound_addresses().items())
+            if self.control is not None:
+                holders[self.control.control.path] = "the control socket"
+        for rt in others:
+            names |= {lst.name for lst in rt.config.listeners}
+            holders.update((bound, name) for name, bound in api_bound(rt).items())
+            # As configured too, but for "HOST:0", which binds anew each time.
+            holders.update(
+                (lst.address, lst.name) for lst in rt.config.listeners if not lst.address.endswith(":0")
+            )
+            holders.update((t.path, f"a trace of port {rt.name}") for t in rt.config.trace)
+        for cfg in port.listeners:
+            if cfg.name in names:
+                raise Conflict(f"listener name {cfg.name!r} is taken")
+            if cfg.kind != "websocket" and cfg.address in holders:
+                raise Conflict(f"listener {cfg.name}: {cfg.address} is in use by {holders[cfg.address]}")
+        for spec in port.trace:
+            if spec.path in holders:
+                raise Conflict(f"trace {spec.path} is in use by {holders[spec.path]}")
+
+    def _start_file_port(self, port: Port) -> None:
+        """A reload's new port: refused (logged) where a run-time port holds
+        its device, an address or a name; the file's own ports were checked
+        against each other by the schema."""
+        self._check_conflicts(port, runtime_only=True)
+        self._start_port(port)
+
+    def remove_port(self, name: str, by: str, rt: PortRuntime | None = None) -> None:
+        """Remove a port added at run time (``rt``: only if it is still that
+        one): its readers get an in-band notice, what they are owed, then FIN;
+        its traces close. KeyError for no such port, api.Conflict for a file port."""
+        current = self.ports.get(name)
+        if current is None or (rt is not None and current is not rt):
+            raise KeyError(name)
+        if name not in self.runtime_ports:
+            raise Conflict(f"port {name!r} is in the config file: remove it there and reload")
+        self.runtime_ports.discard(name)
+        del self.ports[name]
+        current.hub.notice(f"{name} port removed ({by})", event="port", state="removed", reason=by)
+        self._stop_port(current)
+        for front in self._fronts():
+            front.finish_orphans()  # its WebSockets
+        log.info("port %s removed by %s", name, by)
+
+    def release(self, name: str, rt: PortRuntime) -> None:
+        """The connection holding a port ended: remove it, unless it is gone
+        already, or the daemon is stopping (everything goes then)."""
+        if self._stopping:
+            return
+        with contextlib.suppress(KeyError):  # removed by DELETE before its holder went
+            self.remove_port(name, "the end of its holding connection", rt)
 
     def client_count(self) -> int:
         """Connected clients: the hubs' readers but for trace files."""

@@ -346,7 +346,7 @@ def test_odd_scalars_are_config_errors(change: tuple[str, str], expected: str) -
 def test_odd_keys_stay_on_one_line() -> None:
     # Found by tests/test_fuzz_config.py: a key "[\n" was taken for a list index.
     assert error_of('"[\\n": 1\nports: []\n') == (
-        "muxd.yaml:1: '[\\n': unknown key (expected one of: http, log_level, mqtt, ports)"
+        "muxd.yaml:1: '[\\n': unknown key (expected one of: control, http, log_level, mqtt, ports)"
     )
     long_key = "k" * 100
     assert error_of(f"ports:\n  - {long_key}: 1\n").startswith(

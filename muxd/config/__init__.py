@@ -23,6 +23,7 @@ from typing import Any
 
 from muxd.config.keys import (
     BACKOFF_KEYS,
+    CONTROL_KEYS,
     HTTP_KEYS,
     LINE_KEYS,
     LISTENER_COMMON,
@@ -50,6 +51,7 @@ from muxd.config.model import (
     UPSTREAM_CONTROLS,
     WRITE_MODES,
     Config,
+    ControlSocket,
     HttpServer,
     LineControlPolicy,
     Listener,
@@ -89,6 +91,7 @@ from muxd.errors import ConfigError
 
 __all__ = [
     "BACKOFF_KEYS",
+    "CONTROL_KEYS",
     "DEFAULT_HOST",
     "HTTP_KEYS",
     "LINE_CONTROL_POLICIES",
@@ -119,6 +122,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigErrors",
+    "ControlSocket",
     "GiB",
     "HttpServer",
     "KiB",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from muxd.config.model import LISTENER_KINDS
 
-TOP_KEYS = {"ports", "http", "log_level", "mqtt"}
+TOP_KEYS = {"ports", "http", "log_level", "mqtt", "control"}
+CONTROL_KEYS = {"path", "socket_mode", "group"}  # control: as a mapping
 PORT_KEYS = {
     "name",
     "upstream",
@@ -59,7 +60,7 @@ PORT_MQTT_KEYS = {"format", "qos", "write", "buffer"}
 def schema_keys() -> set[str]:
     """Every key name the config file accepts."""
     keys = TOP_KEYS | PORT_KEYS | SERIAL_KEYS | TCP_KEYS | {"sim"} | SIM_KEYS | LISTENER_COMMON | HTTP_KEYS
-    keys |= TRACE_KEYS | TOKEN_KEYS
+    keys |= TRACE_KEYS | TOKEN_KEYS | CONTROL_KEYS
     keys |= TLS_KEYS | {"tls"}
     keys |= MQTT_KEYS | MQTT_TLS_KEYS | PORT_MQTT_KEYS | {"mqtt"}
     keys |= set(LISTENER_KINDS)

@@ -261,11 +261,22 @@ class HttpServer:
 
 
 @dataclass(frozen=True)
+class ControlSocket:
+    """``control:``: the HTTP API on a Unix socket (muxd.control), where being
+    able to connect is the admin right, so its mode and group are the guard."""
+
+    path: str
+    file_mode: int = 0o600  # owner only unless the file says who else may act
+    group: str | int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     ports: tuple[Port, ...]
     http: tuple[HttpServer, ...] = ()
     log_level: LogLevel = "info"
     mqtt: MqttConfig | None = None
+    control: ControlSocket | None = None  # off unless the file names a socket
     source: str = field(default="<config>", compare=False)
     # The line of each key path ("ports[0].listeners[1].group"), for checks
     # made after loading (muxd.checks) to say where the problem is written.

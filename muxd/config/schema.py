@@ -40,8 +40,8 @@ from muxd.config.fields import (
     readable_file,
     tls_section,
 )
-from muxd.config.keys import HTTP_KEYS, MQTT_KEYS, MQTT_TLS_KEYS, TOKEN_KEYS, TOP_KEYS
-from muxd.config.model import LOG_LEVELS, Config, HttpServer, LogLevel, MqttConfig, MqttTls
+from muxd.config.keys import CONTROL_KEYS, HTTP_KEYS, MQTT_KEYS, MQTT_TLS_KEYS, TOKEN_KEYS, TOP_KEYS
+from muxd.config.model import LOG_LEVELS, Config, ControlSocket, HttpServer, LogLevel, MqttConfig, MqttTls
 from muxd.config.ports import read_port
 from muxd.config.report import ConfigErrors, Report, each_error, line_order
 from muxd.config.values import CLIENT_ID_RE, DEFAULT_HOST, PREFIX_RE, format_hostport, parse_server_name, show
@@ -167,6 +167,20 @@ def _mqtt(node: Node) -> MqttConfig:
     )
 
 
+def _control(node: Node) -> ControlSocket:
+    """``control: PATH``, or a mapping with path, socket_mode and group as a
+    unix listener has them (muxd.control)."""
+    if not node.is_mapping():
+        return ControlSocket(node.file_path(absolute=True))
+    m = node.mapping(CONTROL_KEYS, required=("path",))
+    d = ControlSocket("")
+    return ControlSocket(
+        m.read("path", lambda n: n.file_path(absolute=True), ""),
+        m.read("socket_mode", Node.file_mode, d.file_mode),
+        m.read("group", Node.group, None),
+    )
+
+
 # --------------------------------------------------------------------------
 # The file
 
@@ -201,6 +215,9 @@ def build(root: Node) -> Config:
         names.append((srv.name, hnode))
         if srv.port:
             binds.append((format_hostport(srv.host, srv.port), hnode))
+    control: ControlSocket | None = m.read("control", _control, None)
+    if control is not None:
+        binds.append((control.path, m["control"]))
     check_unique(binds, "listening address")
     check_unique(names, "listener name")
     default_level: LogLevel = "info"
@@ -209,6 +226,7 @@ def build(root: Node) -> Config:
         http=tuple(srv for _, srv in http),
         log_level=m.read("log_level", lambda n: n.choice(LOG_LEVELS), default_level),
         mqtt=m.read("mqtt", _mqtt, None),
+        control=control,
         source=root.file,
         lines=root.lines,
     )

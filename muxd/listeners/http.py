@@ -44,6 +44,16 @@ actions too, so a web page cannot make the operator's browser act on a
 loopback-trusting muxd. The console's files carry ``X-Frame-Options: DENY``
 and CSP ``frame-ancestors 'none'``, so no other site can frame it and trick
 clicks into it.
+
+Ports at run time (muxd.api, with the daemon as ``manager``): ``POST
+/api/v1/ports`` adds one, ``DELETE /api/v1/ports/NAME`` removes it; both are
+admin actions. With ``?hold=1`` the port lives as long as the connection that
+added it: the reply carries the release (Reply.on_close), so that connection
+is kept open without an idle timeout and its end removes the port.
+
+Why this module is long: every route is checked for Host, allow-list, token
+scope and Origin here, in one place, so that no route can skip a check; the
+answers themselves are muxd.api's.
 """
 
 from __future__ import annotations
@@ -145,8 +155,10 @@ class HttpFront:
         timeouts: HttpTimeouts = HttpTimeouts(),
         *,
         fronts: Callable[[], Iterable[HttpFront]] | None = None,
+        manager: api.PortManager | None = None,
     ) -> None:
         self.cfg = cfg
+        self.manager = manager  # adds and removes ports at run time; None: not here
         self.ports = ports
         self.timeouts = timeouts
         self.reactor = reactor
@@ -303,7 +315,7 @@ class HttpFront:
         target = split_target(request.target)
         if target is None:
             return error_reply(400, "the request target must be a path or an http URL", False)
-        authority, path, _query = target
+        authority, path, query = target
         parts = [urllib.parse.unquote(p) for p in path.split("/")[1:]]
         method = request.method.decode("ascii", "replace")
         api_path = parts[:2] == ["api", "v1"]
@@ -314,7 +326,7 @@ class HttpFront:
             if parts and parts[0] == "ws" and len(parts) == 2:
                 return self._websocket(request, parts[1], peer_host)
             if api_path:
-                return self._api(method, parts[2:], request, peer_host, body)
+                return self._api(method, parts[2:], request, peer_host, body, query=query)
             if method not in ("GET", "HEAD"):
                 return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "GET, HEAD")])
             if parts == ["metrics"]:
@@ -403,7 +415,14 @@ class HttpFront:
         return upgrade(request, rt.hub, listener, self.cfg.origins, read_only=read_only)
 
     def _api(
-        self, method: str, parts: list[str], request: h11.Request, peer_host: str, body: bytes = b""
+        self,
+        method: str,
+        parts: list[str],
+        request: h11.Request,
+        peer_host: str,
+        body: bytes = b"",
+        *,
+        query: str = "",
     ) -> Reply:
         ports = self.ports()
         if not parts or parts[0] != "ports":
@@ -411,6 +430,8 @@ class HttpFront:
         rt = ports.get(parts[1]) if len(parts) > 1 else None
         if len(parts) > 1 and rt is None:
             return error_reply(404, f"no port {echo(parts[1])}", True)
+        if (parts == ["ports"] and method == "POST") or (len(parts) == 2 and method == "DELETE"):
+            return self._port_change(method, parts, request, peer_host, body=body, query=query)
         # Board control (muxd.api.set_signals, run_sequence) is an admin action too.
         control = parts[2:] == ["signals"] or (len(parts) == 4 and parts[2] == "sequences")
         action = (
@@ -437,7 +458,8 @@ class HttpFront:
                 return json_reply(status, answer)  # an error's answer is {"error": why}, as error_reply's
             return self._admin(rt, parts[2:], peer_host)
         if method not in ("GET", "HEAD"):
-            return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "GET, HEAD")])
+            allow = "GET, HEAD" + {1: ", POST", 2: ", DELETE"}.get(len(parts), "")
+            return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", allow)])
         denied = self._token_refusal(request, "read", True)
         if denied is not None:
             return denied
@@ -449,6 +471,36 @@ class HttpFront:
         else:
             return error_reply(404, "no such resource", True)
         reply.headers.append(("cache-control", "no-store"))
+        return reply
+
+    def _port_change(
+        self, method: str, parts: list[str], request: h11.Request, peer_host: str, *, body: bytes, query: str
+    ) -> Reply:
+        """POST /api/v1/ports (``?hold=1``: for the connection's life), DELETE /api/v1/ports/NAME."""
+        manager = self.manager
+        if manager is None:
+            return error_reply(405, "ports cannot be added or removed on this server", True)
+        denied = self._token_refusal(request, "admin", True)
+        if denied is not None:
+            return denied
+        refusal = self._admin_refusal(request, peer_host)
+        if refusal:
+            return error_reply(403, refusal, True)
+        by = f"api {peer_host}"
+        if method == "DELETE":
+            return json_reply(*api.remove_port(manager, parts[1], by))
+        hold = urllib.parse.parse_qs(query).get("hold", [""])[-1] in ("1", "true", "yes")
+        closing = "close" in (header(request, b"connection") or "").lower() or request.http_version == b"1.0"
+        if hold and closing:
+            # The port would go with the connection, right after the answer.
+            return error_reply(
+                400, "?hold=1 needs a kept-alive connection (HTTP/1.1, no Connection: close)", True
+            )
+        status, answer, rt = api.add_port(manager, body, by)
+        reply = json_reply(status, {**answer, "held": hold} if rt is not None else answer)
+        if rt is not None and hold:
+            held = rt
+            reply.on_close = lambda: manager.release(held.name, held)
         return reply
 
     @staticmethod

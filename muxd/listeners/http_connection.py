@@ -57,8 +57,10 @@ if TYPE_CHECKING:
 # Request line + headers: browsers send 1-2 KiB; 16 KiB is nginx's and
 # Apache's order of magnitude and leaves room for big cookies on a shared host.
 HEADER_LIMIT = 16 * 1024
-# Bodies are small JSON (POST .../signals) or ignored "{}" that some clients
-# always send with a POST: 4 KiB is far more than either needs.
+# Bodies are small JSON (POST .../signals, a port's definition for POST
+# /api/v1/ports: 0.2-2 KiB with listeners, traces and a few sequences) or an
+# ignored "{}" that some clients always send with a POST: 4 KiB is room for
+# every one of them, and is held at most once per connection.
 BODY_LIMIT = 4 * 1024
 # Bytes taken from a socket per wake-up: a whole ordinary request, while
 # the input that can wait unparsed stays bounded (see HEADER_LIMIT).
@@ -145,6 +147,7 @@ class HttpConnection(FdConnection):
         self._body_data = bytearray()  # the request's body: the few routes that read one (JSON)
         self._since_response = 0  # bytes since the last response: tells idle from a slow request
         self._idle = False  # between requests of a kept-alive connection: the idle timeout applies
+        self._held = False  # holds a run-time port (Reply.on_close): no idle timeout
         self._set_timer("request", front.timeouts.header, self._on_timeout)
 
     # -- the core's hooks ---------------------------------------------------
@@ -219,6 +222,10 @@ class HttpConnection(FdConnection):
         assert request is not None
         result = self.front.handle(request, self.peer_host, bytes(self._body_data))
         if isinstance(result, Reply):
+            if result.on_close is not None:
+                # Before the response: a close while it is sent still lets go.
+                self.on_close.append(result.on_close)
+                self._held = True
             self._respond(request, result)
             return
         # wsproto accepted an `Upgrade: websocket`, so h11 is waiting to switch
@@ -261,7 +268,10 @@ class HttpConnection(FdConnection):
             self.h11.start_next_cycle()
             self._since_response = 0
             self._idle = True
-            self._set_timer("request", self.front.timeouts.idle, self._on_timeout)
+            if self._held:
+                self._cancel_timer("request")  # it may idle for as long as it holds
+            else:
+                self._set_timer("request", self.front.timeouts.idle, self._on_timeout)
 
     def _send_event(self, event: h11.Event) -> None:
         # At most one response is queued (see _reading): headers, a body of

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,9 @@ class Reply:
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # Something the connection now holds (a port added with ?hold=1): the
+    # connection is kept open without an idle timeout, and this runs when it ends.
+    on_close: Callable[[], None] | None = None
 
 
 def json_reply(status: int, obj: Any) -> Reply:
