@@ -203,8 +203,10 @@ class Writes:
         return True
 
     def input_ended(self, reader: Reader) -> None:
-        """The reader will send no more (it half-closed): release its held partial line."""
+        """The reader will send no more (it half-closed): release its held
+        partial line, and the write lock (it lingers only to read the answer)."""
         self.release(reader)
+        self.lock.leave(reader)
 
     def leave(self, reader: Reader) -> None:
         """The reader is gone: a partial last line still goes out, and it
