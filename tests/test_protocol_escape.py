@@ -48,10 +48,10 @@ def test_whole_one_byte_at_a_time_and_split_everywhere(
 
 def test_a_pending_escape_is_kept_across_reads() -> None:
     dec = EscapeDecoder(ESC)
-    assert dec.feed(b"abc\x1d") == [b"abc"]
-    assert dec.pending
-    assert dec.feed(b"b") == [Command("b")]
-    assert not dec.pending
+    states = []
+    for piece in (b"abc\x1d", b"b"):
+        states.append((dec.feed(piece), dec.pending))
+    assert states == [([b"abc"], True), ([Command("b")], False)]
     assert dec.feed(b"\x1d") == []
     assert dec.feed(b"\x1d") == [b"\x1d"]
 

@@ -22,18 +22,22 @@ from typing import Any
 import pytest
 
 from muxd.hub import Reader, ReaderPolicy
+from muxd.protocol.rfc2217 import SetControl
+from tests import test_web_console as web
 from muxd.writelock import BURST_GAP, WriteLock
 from tests.conftest import StartMuxd
-from tests.fakes.k2 import FakeK2, SetControl
+from tests.fakes.k2 import FakeK2
 from tests.helpers import (
     AUTO,
     IdleOwner,
     Muxd,
+    PtyDevice,
     connect,
     metric,
     port_info,
     read_to_eof,
     recv_until,
+    start_http,
     start_on_k2,
     wait_clients,
     wait_for,
@@ -147,10 +151,9 @@ def start(muxd: StartMuxd, tmp_path: Path, k2: FakeK2, **opts: Any) -> Muxd:
     return start_on_k2(muxd, tmp_path, k2.port, listeners, upstream={"control": "rfc2217"}, **port)
 
 
-def holder(m: Muxd) -> dict[str, Any] | None:
-    lock: dict[str, Any] = port_info(m.http)["write_lock"]
-    held: dict[str, Any] | None = lock["holder"]
-    return held
+def holder(m: Muxd) -> Any:
+    """The API's write_lock.holder: a dict, or None while the lock is free."""
+    return port_info(m.http)["write_lock"]["holder"]
 
 
 def peer_of(sock: socket.socket) -> str:
@@ -334,3 +337,28 @@ def test_escape_commands_on_tcp_and_pty(muxd: StartMuxd, tmp_path: Path, k2: Fak
     assert f"BREAK by {m.names[0]} {pa}" in text
     assert f"sequence reset by {m.names[0]} {pa}" in text
     assert "left (closed by escape)" in text or "left (escape)" in text
+
+
+browser = web.browser  # headless Chromium, skipped where it is not installed
+
+
+def test_web_console_input_disabled_while_another_holds_the_lock(
+    browser: Any, muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
+) -> None:
+    listeners = [{"websocket": True, "mode": "rw"}, {"tcp": AUTO, "mode": "rw"}]
+    m, addr = start_http(muxd, tmp_path, pty_device, listeners=listeners, write_lock="first")
+    page = browser.new_page()
+    page.goto(f"http://{addr}/")
+    page.wait_for_selector("[data-testid=ws-status]:has-text('connected')", timeout=web.TIMEOUT_MS)
+    page.wait_for_selector("[data-testid=send-input]:enabled", timeout=web.TIMEOUT_MS)
+    a = connect(m.port(1))
+    a.sendall(b"mine\r")
+    assert pty_device.read(5) == b"mine\r"
+    reason = f"Input disabled: {m.names[1]} {peer_of(a)} holds the write lock"
+    page.wait_for_selector("[data-testid=send-input]:disabled", timeout=web.TIMEOUT_MS)
+    assert reason in page.get_attribute("[data-testid=send-input]", "placeholder")
+    a.close()  # the holder leaves: the console may type again
+    page.wait_for_selector("[data-testid=send-input]:enabled", timeout=web.TIMEOUT_MS)
+    page.fill("[data-testid=send-input]", "yours")
+    page.press("[data-testid=send-input]", "Enter")
+    assert pty_device.read(6) == b"yours\r"
