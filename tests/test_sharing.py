@@ -23,8 +23,8 @@ import pytest
 
 from muxd.hub import Reader, ReaderPolicy
 from muxd.protocol.rfc2217 import SetControl
-from tests import test_web_console as web
 from muxd.writelock import BURST_GAP, WriteLock
+from tests import test_web_console as web
 from tests.conftest import StartMuxd
 from tests.fakes.k2 import FakeK2
 from tests.helpers import (
@@ -345,7 +345,7 @@ browser = web.browser  # headless Chromium, skipped where it is not installed
 def test_web_console_input_disabled_while_another_holds_the_lock(
     browser: Any, muxd: StartMuxd, tmp_path: Path, pty_device: PtyDevice
 ) -> None:
-    listeners = [{"websocket": True, "mode": "rw"}, {"tcp": AUTO, "mode": "rw"}]
+    listeners: list[dict[str, Any]] = [{"websocket": True, "mode": "rw"}, {"tcp": AUTO, "mode": "rw"}]
     m, addr = start_http(muxd, tmp_path, pty_device, listeners=listeners, write_lock="first")
     page = browser.new_page()
     page.goto(f"http://{addr}/")
