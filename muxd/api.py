@@ -110,7 +110,7 @@ def write_lock_view(rt: PortRuntime) -> dict[str, Any]:
             "client": r.id,
             "peer": r.peer,
             "listener": r.policy.listener,
-            "token": getattr(r, "token", None),  # the token's name (never its secret), where known
+            "token": r.token,  # the token's name (never its secret), where known
             "since": holder.since,
         }
     return {"policy": lock.policy, "idle": lock.idle, "holder": held, "refused_bytes": lock.refused_bytes}

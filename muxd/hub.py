@@ -178,6 +178,7 @@ class Reader:
         "since",
         "start",
         "stats",
+        "token",
         "unannounced",
         "writer",
     )
@@ -204,6 +205,7 @@ class Reader:
         # (cursor, whether the last byte it got there ended a line).
         self.line_mark = (0, True)
         self.writer = WriterState()  # its write side, changed by muxd.writes alone
+        self.token: str | None = None  # the name of the token it connected with (a WebSocket's)
         # In-band notices: (ring offset they belong at, text). Only for readers
         # with notices on, so raw streams stay byte-exact.
         self.notices: deque[tuple[int, bytes]] = deque()

@@ -48,7 +48,7 @@ class Holder:
     def who(self) -> str:
         """``tcp:dut1-tcp 127.0.0.1:5321``: how notices name the holder."""
         r = self.reader
-        token = getattr(r, "token", None)
+        token = r.token
         return f"{r.policy.listener} {r.peer}" + (f" (token {token})" if token else "")
 
 

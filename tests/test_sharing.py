@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from muxd.hub import Reader, ReaderPolicy
+from muxd.hub import Hub, PortBounds, Reader, ReaderPolicy
 from muxd.protocol.rfc2217 import SetControl
+from muxd.reactor import Reactor
 from muxd.writelock import BURST_GAP, WriteLock
 from tests import test_web_console as web
 from tests.conftest import StartMuxd
@@ -37,7 +38,9 @@ from tests.helpers import (
     port_info,
     read_to_eof,
     recv_until,
+    request,
     start_http,
+    start_muxd,
     start_on_k2,
     wait_clients,
     wait_for,
@@ -122,6 +125,56 @@ def test_force_moves_it_and_names_the_previous_holder(lock: Any) -> None:
     assert lk.force(b) is None  # already its own
     lk.reload("none", 10.0)
     assert lk.holder is None and lk.admit(a, 1) == (True, False)
+
+
+def queued(hub: Hub) -> bytes:
+    return b"".join(bytes(u) for u in hub.writes.queue.units)
+
+
+def test_the_write_path_refuses_tells_once_and_counts_without_sockets() -> None:
+    """Writes and the hub: every writer (submit, and the MQTT feed's offer)
+    goes through the lock; the refused one gets one in-band notice naming
+    the holder, even with notices off; a ro reader is discarded as before."""
+    reactor = Reactor()
+    hub = Hub("p", PortBounds(log_capacity=4096, write_queue=1024, max_line=64, history=0), reactor)
+    hub.writes.tell = hub.tell
+    hub.writes.lock.reload("first", 60.0)
+    events: list[tuple[str, str]] = []
+    hub.writes.events.append(lambda name, text, fields: events.append((name, text)))
+    a, b, feed = (
+        hub.attach(IdleOwner(), reader(n).policy, f"{n}-peer") for n in ("tcp:a", "tcp:b", "mqtt:p")
+    )
+    ro = hub.attach(IdleOwner(), reader("tcp:ro", writable=False).policy, "ro-peer")
+    hub.writes.submit(a, b"from-a")
+    hub.writes.submit(b, b"from-b")
+    hub.writes.submit(b, b"more-b")
+    assert hub.writes.offer(feed, b"mqtt message") is False
+    hub.writes.submit(ro, b"ro")
+    assert queued(hub) == b"from-a"
+    held = hub.writes.lock.holder
+    assert held is not None and held.reader is a
+    since = held.since
+    assert hub.writes.lock.refused_bytes == 24 and hub.writes.discarded == 2
+    assert [text for _, text in b.notices] == [
+        b"-- muxd: input refused: tcp:a tcp:a-peer holds the write lock (since "
+        + time.strftime("%H:%M:%S", time.localtime(since)).encode()
+        + b") --\r\n"
+    ]
+    assert len(feed.notices) == 1 and not a.notices and not ro.notices
+    assert hub.writes.force(ro) == "this session is read-only: it can never hold the write lock"
+    assert hub.writes.force(b) is None
+    assert [t for _, t in a.notices] == [b"-- muxd: the write lock was taken over by tcp:b tcp:b-peer --\r\n"]
+    hub.writes.submit(b, b"|b")
+    assert queued(hub) == b"from-a|b"
+    hub.detach(b, "peer closed")
+    assert hub.writes.offer(feed, b"|mqtt") is True
+    assert queued(hub) == b"from-a|b|mqtt"
+    assert events == [
+        ("lock", "write lock taken by tcp:a tcp:a-peer (first to write)"),
+        ("lock", "write lock taken by tcp:b tcp:b-peer (forced)"),
+        ("lock", "write lock released by tcp:b tcp:b-peer (left)"),
+        ("lock", "write lock taken by mqtt:p mqtt:p-peer (first to write)"),
+    ]
 
 
 # -- through muxd -------------------------------------------------------------------------------
@@ -362,3 +415,34 @@ def test_web_console_input_disabled_while_another_holds_the_lock(
     page.fill("[data-testid=send-input]", "yours")
     page.press("[data-testid=send-input]", "Enter")
     assert pty_device.read(6) == b"yours\r"
+
+
+def test_a_websocket_holder_is_shown_with_its_token_name(muxd: StartMuxd, tmp_path: Path) -> None:
+    from websockets.sync.client import connect as ws_connect
+
+    secret = "engineer-secret-0123456789abcdef"
+    path = tmp_path / "engineer.token"
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    tokens = [{"name": "engineer", "file": str(path), "scope": "admin"}]
+    m = start_muxd(
+        muxd,
+        tmp_path,
+        {"sim": {"boot": False}},
+        [{"websocket": True, "mode": "rw"}],
+        http={"tokens": tokens},
+        write_lock="first",
+        wait_up=False,
+    )
+    auth = {"Authorization": f"Bearer {secret}"}
+
+    def lock() -> Any:
+        status, _, body = request(m.http, "GET", "/api/v1/ports", auth)
+        assert status == 200, body
+        return json.loads(body)["ports"][0]["write_lock"]["holder"]
+
+    with ws_connect(f"ws://{m.http}/ws/dut", additional_headers=auth, open_timeout=5) as ws:
+        ws.send(b"help\r")
+        held = wait_for(lock, what="the WebSocket holding the lock")
+        assert held["token"] == "engineer" and held["listener"] == "websocket:dut"
+    wait_for(lambda: lock() is None, what="the lock free once the WebSocket closed")
