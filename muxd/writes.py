@@ -301,7 +301,10 @@ class Writes:
             self._arm_lock_timer()
 
     def retarget(self, reader: Reader, policy: ReaderPolicy) -> None:
-        """A reloaded listener's write mode applies to a connected reader."""
+        """A reloaded listener's write mode applies to a connected reader
+        (one made read-only lets go of the write lock)."""
+        if not policy.writable:
+            self.lock.leave(reader)
         lines = policy.writable and policy.lines
         writer = reader.writer
         if lines and writer.assembler is None:

@@ -175,6 +175,9 @@ def test_the_write_path_refuses_tells_once_and_counts_without_sockets() -> None:
         ("lock", "write lock released by tcp:b tcp:b-peer (left)"),
         ("lock", "write lock taken by mqtt:p mqtt:p-peer (first to write)"),
     ]
+    # A reload that makes the holder's listener read-only takes the lock from it.
+    hub.retarget(feed, reader("mqtt:p", writable=False).policy)
+    assert hub.writes.lock.holder is None
 
 
 # -- through muxd -------------------------------------------------------------------------------
@@ -446,3 +449,39 @@ def test_a_websocket_holder_is_shown_with_its_token_name(muxd: StartMuxd, tmp_pa
         held = wait_for(lock, what="the WebSocket holding the lock")
         assert held["token"] == "engineer" and held["listener"] == "websocket:dut"
     wait_for(lambda: lock() is None, what="the lock free once the WebSocket closed")
+
+
+def test_muxd_status_shows_the_holder() -> None:
+    from muxd.client import format_status
+
+    port: dict[str, Any] = {
+        "name": "dut2",
+        "state": "up",
+        "reason": "opened",
+        "since": 1000.0,
+        "upstream": "serial:/dev/ttyUSB0",
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "clients": 1,
+        "max_lag": 0,
+        "dropped": 0,
+        "write_queue_bytes": 0,
+        "write_lock": {
+            "policy": "first",
+            "idle": 300.0,
+            "refused_bytes": 22,
+            "holder": {
+                "client": 7,
+                "peer": "127.0.0.1:40412",
+                "listener": "dut2-tcp",
+                "token": None,
+                "since": 1000.0,
+            },
+        },
+    }
+    text = format_status({"ports": [port], "clients": {}}, now=1000.0 + 123)
+    assert "  write lock held by dut2-tcp 127.0.0.1:40412 (client 7) for 2m03s, 22 B refused" in text
+    port["write_lock"]["holder"] = None
+    assert "  write lock free, 22 B refused" in format_status({"ports": [port], "clients": {}}, now=1000.0)
+    port["write_lock"]["policy"] = "none"
+    assert "write lock" not in format_status({"ports": [port], "clients": {}}, now=1000.0)
