@@ -107,6 +107,23 @@ def line_view(rt: PortRuntime) -> dict[str, Any]:
     }
 
 
+def write_lock_view(rt: PortRuntime) -> dict[str, Any]:
+    """The port's write lock (muxd.writelock): its policy, and who holds it."""
+    lock = rt.hub.writes.lock
+    holder = lock.holder
+    held = None
+    if holder is not None:
+        r = holder.reader
+        held = {
+            "client": r.id,
+            "peer": r.peer,
+            "listener": r.policy.listener,
+            "token": r.token,  # the token's name (never its secret), where known
+            "since": holder.since,
+        }
+    return {"policy": lock.policy, "idle": lock.idle, "holder": held, "refused_bytes": lock.refused_bytes}
+
+
 def port_view(rt: PortRuntime) -> dict[str, Any]:
     hub, st = rt.hub, rt.upstream.status
     clients = rt.clients()
@@ -131,6 +148,7 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
         "dropped": port_dropped(rt, clients),
         "write_queue_bytes": hub.writes.queue.bytes,
         "line": line_view(rt),
+        "write_lock": write_lock_view(rt),
         "listeners": [
             {
                 "name": lst.name,
@@ -277,6 +295,11 @@ def run_sequence(rt: PortRuntime, reactor: Reactor, name: str, by: str) -> tuple
 def _started(rt: PortRuntime, run: sequences.Run) -> tuple[int, dict[str, Any]]:
     if run.error is not None:
         return 502, {"error": f"sequence {run.name} stopped: {run.error}"}
+    # A control event of the port, with who did it (traces with events: true).
+    if run.name == "signals" and any(step.kind == "break" for step in run.steps):
+        rt.hub.writes.event("break", f"BREAK by {run.by}", by=run.by)
+    else:
+        rt.hub.writes.event("sequence", f"sequence {run.name} by {run.by}", by=run.by, sequence=run.name)
     return 200, {
         "ok": True,
         "sequence": run.name,

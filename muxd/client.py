@@ -117,6 +117,18 @@ def describe_mqtt(m: dict[str, Any]) -> str:
     return text + f", {m['reconnects']} reconnects"
 
 
+def describe_write_lock(lock: dict[str, Any], now: float) -> str:
+    """``write lock: held by tcp:dut1 127.0.0.1:5321 (client 7) for 2m03s``."""
+    holder = lock.get("holder")
+    if not isinstance(holder, dict):
+        return f"write lock free, {_size(lock.get('refused_bytes', 0))} refused"
+    token = f" token {holder['token']}" if holder.get("token") else ""
+    return (
+        f"write lock held by {holder['listener']} {holder['peer']} (client {holder['client']}{token}) "
+        f"for {_age(holder['since'], now)}, {_size(lock.get('refused_bytes', 0))} refused"
+    )
+
+
 def fetch_status(ep: Endpoint) -> dict[str, Any]:
     """Ports, and each port's clients: {"ports": [...], "clients": {port: [...]}}.
 
@@ -216,6 +228,9 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
             lines.append(f"  {describe_line(p['line'], now)}")
         if isinstance(p.get("mqtt"), dict):
             lines.append(f"  {describe_mqtt(p['mqtt'])}")
+        lock = p.get("write_lock")
+        if isinstance(lock, dict) and lock.get("policy") == "first":
+            lines.append(f"  {describe_write_lock(lock, now)}")
         if clients:
             lines += _table(
                 ["ID", "PEER", "LISTENER", "MODE", "FOR", "DELIVERED", "DROPPED", "LAG"],

@@ -36,6 +36,12 @@ drop) and while less than HIGH_WATER of output is pending, so a peer that
 sends requests (pings, RFC 2217 queries) but never reads the answers cannot
 make them pile up.
 
+Sharing. A client attaching and leaving is a control event of the port
+(``hub.writes.event``: traces with ``events: true`` record it). On a tcp,
+unix or pty listener with ``escape:``, the client's input goes through an
+EscapeDecoder (muxd.protocol.escape) first: its commands go to the port's
+``hub.writes.commands`` (muxd.sharing), the rest to the device.
+
 Errors. An OSError from the transport is the peer going away (the core's
 ``disconnect_reason``). A RemoteProtocolError from a codec is the peer's
 garbage: that connection closes, nobody else notices. Anything else is a bug
@@ -49,6 +55,7 @@ import logging
 from muxd.config import Listener
 from muxd.fdconn import FdConnection, State
 from muxd.hub import Hub, Reader, ReaderPolicy
+from muxd.protocol.escape import Command, EscapeDecoder
 from muxd.reactor import Reactor
 from muxd.records import Format
 from muxd.transport import Transport
@@ -68,6 +75,9 @@ HIGH_WATER = 64 * 1024
 # it resets), so this is also how long such a peer may count as connected on
 # a quiet device: enough for a console's answer, no more.
 HALF_CLOSE_LINGER = 5.0
+# The listeners whose clients may type an escape (raw terminals); RFC 2217
+# and WebSocket clients are programs and browsers, unaffected.
+ESCAPE_KINDS = frozenset({"tcp", "unix", "pty"})
 
 
 def policy_for(cfg: Listener, fmt: Format | None = None) -> ReaderPolicy:
@@ -127,6 +137,9 @@ class Connection(FdConnection):
             # The hub's fan-out pass calls these directly (see Hub._flush).
             self.write = transport.write
             self.writev = transport.writev
+        escape = cfg.escape if cfg.kind in ESCAPE_KINDS else None
+        self.escape = EscapeDecoder(escape) if escape is not None else None
+        self._event("attach", "attached")
 
     def start(self) -> None:
         log.debug("%s: %s connected", self.cfg.name, self.peer, extra=self._journal_fields())
@@ -207,9 +220,15 @@ class Connection(FdConnection):
 
     # -- the end -------------------------------------------------------------------
 
+    def _event(self, name: str, verb: str, **fields: object) -> None:
+        r = self.reader
+        text = f"{r.policy.listener} {r.peer} {verb}"
+        self.hub.writes.event(name, text, client=r.id, peer=r.peer, listener=r.policy.listener, **fields)
+
     def _ended(self, reason: str) -> None:
         self.hub.detach(self.reader, reason)
         why = self.reader.doomed or reason
+        self._event("detach", f"left ({why})", reason=why)
         log.debug("%s: %s disconnected (%s)", self.cfg.name, self.peer, why, extra=self._journal_fields())
 
     def _journal_fields(self) -> dict[str, str]:
@@ -228,7 +247,20 @@ class Connection(FdConnection):
         """Bytes from the peer; a protocol decodes them first (and, its EOF
         being the end, does not need _had_input)."""
         self._had_input = True
-        self.hub.writes.submit(self.reader, data)
+        self._submit(data)
+
+    def _submit(self, data: bytes) -> None:
+        """The peer's bytes for the device, through the escape where it has one."""
+        if self.escape is None:
+            self.hub.writes.submit(self.reader, data)
+            return
+        commands = self.hub.writes.commands
+        for item in self.escape.feed(data):
+            if isinstance(item, Command):
+                if commands is not None and not self.closed:
+                    commands.command(self.reader, item.letter, self.escape.escape, self.close)
+            elif not self.closed:
+                self.hub.writes.submit(self.reader, item)
 
     def _end_of_input(self) -> None:
         """EOF. A client that sent nothing (a probe, a reader) is gone. One that

@@ -670,6 +670,7 @@ class Daemon:
             rt.upstream = make_upstream(port, rt.hub, self.reactor)
             rt.upstream.start()
         rt.line_control.reload(port, rt.upstream if reopen else None)
+        rt.hub.writes.lock.reload(port.write_lock, port.lock_idle)
 
     def _guarded(self, what: str, start: Callable[[], object]) -> None:
         # A reload that adds a listener on a busy address must not take down the rest.

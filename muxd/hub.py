@@ -178,6 +178,7 @@ class Reader:
         "since",
         "start",
         "stats",
+        "token",
         "unannounced",
         "writer",
     )
@@ -204,6 +205,7 @@ class Reader:
         # (cursor, whether the last byte it got there ended a line).
         self.line_mark = (0, True)
         self.writer = WriterState()  # its write side, changed by muxd.writes alone
+        self.token: str | None = None  # the name of the token it connected with (a WebSocket's)
         # In-band notices: (ring offset they belong at, text). Only for readers
         # with notices on, so raw streams stay byte-exact.
         self.notices: deque[tuple[int, bytes]] = deque()
@@ -580,6 +582,12 @@ class Hub:
         self._notice(reader, self.records.clock(), text, fields)
         self._schedule_flush()
 
+    def tell(self, reader: Reader, text: str, **fields: Any) -> None:
+        """An answer for one client only (its refused input, an escape
+        command's reply): in-band whatever its ``notices``, since it asked."""
+        self._notice(reader, self.records.clock(), text, fields, always=True)
+        self._schedule_flush()
+
     def insert(self, reader: Reader, marker: bytes) -> None:
         """Bytes of the reader's own format, in-band at the current offset (a
         trace's record of what a client wrote); bounded as notices are."""
@@ -587,13 +595,15 @@ class Hub:
             self.notices_dropped += 1
         self._schedule_flush()
 
-    def _notice(self, reader: Reader, now: float, text: str, fields: dict[str, Any]) -> None:
+    def _notice(
+        self, reader: Reader, now: float, text: str, fields: dict[str, Any], always: bool = False
+    ) -> None:
         if reader.doomed is not None:
             return
         head = self.head
         if reader.record_cursor is not None:
             marker = reader.record_cursor.event(now, text, **fields)
-        elif reader.policy.notices:
+        elif reader.policy.notices or always:
             # On a line of its own: after the device's last byte, unless that
             # ended a line or a notice of its own stands here already.
             follows_notice = bool(reader.notices) and reader.notices[-1][0] == head

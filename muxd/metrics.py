@@ -146,6 +146,17 @@ class MuxdCollector:
             "reason backlog, device bytes it fell too far behind on.",
             labels=[*p, "trace", "reason"],
         )
+        lock_refused = CounterMetricFamily(
+            "muxd_write_lock_refused_bytes",
+            "Input bytes refused because another client holds the port's write lock (write_lock: first).",
+            labels=p,
+        )
+        lock_holder = GaugeMetricFamily(
+            "muxd_port_write_lock_holder_info",
+            "The listener (and its kind) of the client holding the port's write lock; 1 while held, "
+            "absent while free. The client itself is in the API, not in a label.",
+            labels=[*p, "listener", "kind"],
+        )
         mqtt = list(_mqtt_metrics(self._ports()))
         for rt in self._ports():
             hub, port, st = rt.hub, rt.name, rt.upstream.status
@@ -167,6 +178,12 @@ class MuxdCollector:
             discarded.add_metric([port], hub.writes.discarded)
             max_lag.add_metric([port], max((hub.lag(r) for r in rt.clients()), default=0))
             unacked.add_metric([port], rt.upstream.bytes_unacked_lost)
+            lock = hub.writes.lock
+            lock_refused.add_metric([port], lock.refused_bytes)
+            if lock.holder is not None:
+                held = lock.holder.reader.policy.listener
+                kind = next((lst.kind for lst in rt.config.listeners if lst.name == held), "mqtt")
+                lock_holder.add_metric([port, held, kind], 1.0)
             lc = rt.line_control
             line_info.add_metric([port, str(lc.settings.baudrate), line_format(lc.settings)], 1.0)
             for signal, n in lc.control_changes.items():
@@ -201,7 +218,7 @@ class MuxdCollector:
         yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
         yield from (trace_written, trace_dropped)
         yield from mqtt
-        yield from (line_info, control_changes, control_requests)
+        yield from (line_info, control_changes, control_requests, lock_refused, lock_holder)
         yield from tls_metrics()
         yield CounterMetricFamily(
             "muxd_event_loop_busy_seconds",

@@ -14,6 +14,7 @@ from muxd.config import Listener, Port, SerialUpstream, SimUpstream, TcpUpstream
 from muxd.hub import Hub, PortBounds, Reader
 from muxd.linecontrol import LineControl
 from muxd.reactor import Reactor
+from muxd.sharing import PortActions
 from muxd.trace import Trace
 from muxd.upstream.base import Upstream
 from muxd.upstream.serial import SerialPort
@@ -88,5 +89,9 @@ class PortRuntime:
     def build(cls, port: Port, reactor: Reactor) -> PortRuntime:
         """The hub, upstream and line control of a port; nothing started yet."""
         hub = Hub(port.name, bounds_for(port), reactor)
+        hub.writes.tell = hub.tell  # the write lock's in-band answers
+        hub.writes.lock.reload(port.write_lock, port.lock_idle)
         upstream = make_upstream(port, hub, reactor)
-        return cls(port, hub, upstream, LineControl(port, upstream))
+        rt = cls(port, hub, upstream, LineControl(port, upstream))
+        hub.writes.commands = PortActions(rt, reactor)  # the escape letters of tcp, unix and pty clients
+        return rt

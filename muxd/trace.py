@@ -7,6 +7,12 @@ bytes as they came); see muxd.records. In text and jsonl the events of the
 port go in too (upstream down/up, a gap where the trace itself lost bytes),
 and with ``input: true`` so does what clients wrote, with who wrote it
 (``"dir": "tx", "client": ID`` in jsonl, ``>> [client 7 peer] ...`` in text).
+With ``events: true`` (off by default, as conserver's ``a`` and ``b`` log
+flags are) the port's control events go in as well, with who caused them: a
+client attaching or leaving, the write lock changing hands, a BREAK, a
+sequence (muxd.writes ``events``; ``{"event": "attach", "client": ID,
+"peer": ..., "listener": ...}`` in jsonl, ``-- muxd: LISTENER PEER attached
+--`` in text).
 
 Never blocking the device. Regular files cannot be watched with epoll, so a
 trace is written on a timer (FLUSH_INTERVAL) while the port is quiet, and at
@@ -103,6 +109,8 @@ class Trace:
         self.reader: Reader = hub.attach(self, policy, f"file:{spec.path}")
         if spec.input and spec.format != "raw":
             hub.writes.observers.append(self._on_input)
+        if spec.events and spec.format != "raw":
+            hub.writes.events.append(self._on_event)
 
     def start(self) -> None:
         self._open()
@@ -117,6 +125,8 @@ class Trace:
             self._timer = None
         with contextlib.suppress(ValueError):
             self.hub.writes.observers.remove(self._on_input)
+        with contextlib.suppress(ValueError):
+            self.hub.writes.events.remove(self._on_event)
         self.hub.detach(self.reader, "stopped")
         self._close_fd()
 
@@ -231,6 +241,15 @@ class Trace:
         record = self._input_record(reader, data)
         self._input_bytes += len(record)
         self.hub.insert(self.reader, record)
+        if len(self.reader.notices) >= INPUT_RECORDS:
+            self.flush()  # before the hub's bound on notices drops one
+
+    def _on_event(self, name: str, text: str, fields: dict[str, object]) -> None:
+        """A control event of the port (attach, detach, lock, break, sequence),
+        recorded where it happened in the device's stream."""
+        if self.reader.doomed is not None or self.reader.id not in self.hub.readers:
+            return
+        self.hub.notice_to(self.reader, text, **{**fields, "event": name})
         if len(self.reader.notices) >= INPUT_RECORDS:
             self.flush()  # before the hub's bound on notices drops one
 

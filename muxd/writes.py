@@ -23,16 +23,28 @@ Each reader's write side (its assembler, its line timer, whether its input is
 paused) is a WriterState that only this module changes; the reader shows it.
 A writer of whole messages (the MQTT feed) uses ``offer()``: a message goes in
 whole or is refused, and a refusal pauses nothing.
+
+The write lock. Before any rw writer's bytes are accepted, the port's
+WriteLock (muxd.writelock, ``write_lock: first``) is asked; input it refuses
+is counted (``lock.refused_bytes``) and answered in-band to that writer once
+per refused burst, naming the holder: never queued, never silently lost.
+Every change of holder is told in-band to whoever it concerns (the holder
+forced out, the one forcing, a holder idled out) and reported to the
+``events`` observers, as are the port's other control events (a client
+attaching or leaving, a BREAK, a sequence): traces with ``events: true``
+record them. A timer releases an idle holder (``lock_idle``).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from muxd.protocol.framing import LineAssembler
 from muxd.reactor import Reactor, Timer
+from muxd.writelock import Holder, WriteLock
 
 if TYPE_CHECKING:
     from muxd.hub import Reader, ReaderPolicy
@@ -41,6 +53,12 @@ if TYPE_CHECKING:
 # or scripted commands, small enough that one flooding writer cannot starve
 # the loop.
 READ_CHUNK = 16 * 1024
+
+
+class Commands(Protocol):
+    """What runs a client's escape commands (muxd.sharing.PortActions)."""
+
+    def command(self, reader: Reader, letter: str, escape: int, close: Callable[[str], None]) -> None: ...
 
 
 class WriterState:
@@ -117,6 +135,15 @@ class Writes:
         self.on_ready: Callable[[], None] = lambda: None
         self.bytes_out = 0
         self.discarded = 0  # bytes from ro readers
+        self.lock = WriteLock(clock=reactor.now)
+        self.lock.on_change = self._lock_changed
+        self._lock_timer: Timer | None = None
+        # Set with the hub (muxd.port): an in-band answer to one reader (Hub.tell).
+        self.tell: Callable[..., None] = lambda reader, text, **fields: None
+        # Control events of the port (attach, detach, lock, break, sequence):
+        # called with (event, text, fields); traces with events: true listen.
+        self.events: list[Callable[[str, str, dict[str, Any]], None]] = []
+        self.commands: Commands | None = None  # set with the port (muxd.port)
 
     def writer_for(self, policy: ReaderPolicy) -> WriterState:
         """A new reader's write side."""
@@ -145,6 +172,11 @@ class Writes:
         if not reader.policy.writable:
             self.discarded += len(data)
             return
+        if self.lock.enabled and not self._admitted(reader, len(data)):
+            return
+        self._accept(reader, data)
+
+    def _accept(self, reader: Reader, data: bytes) -> None:
         for observe in self.observers:
             observe(reader, data)
         assembler = reader.writer.assembler
@@ -164,21 +196,115 @@ class Writes:
         else refused (False) and nothing is paused: the next one is judged anew."""
         if not reader.policy.writable or len(message) > min(READ_CHUNK, self.queue.room()):
             return False
-        self.submit(reader, message)
+        if self.lock.enabled and not self._admitted(reader, len(message)):
+            return False
+        self._accept(reader, message)
         self.release(reader)
         return True
 
     def input_ended(self, reader: Reader) -> None:
-        """The reader will send no more (it half-closed): release its held partial line."""
+        """The reader will send no more (it half-closed): release its held
+        partial line, and the write lock (it lingers only to read the answer)."""
         self.release(reader)
+        self.lock.leave(reader)
 
     def leave(self, reader: Reader) -> None:
-        """The reader is gone: a partial last line still goes out."""
+        """The reader is gone: a partial last line still goes out, and it
+        holds the write lock no more."""
         self._paused.discard(reader)
         self.release(reader)
+        self.lock.leave(reader)
+
+    # -- the write lock ------------------------------------------------------------
+
+    def _admitted(self, reader: Reader, n: int) -> bool:
+        """Whether the lock lets this writer's n bytes in; a refused burst is
+        answered once, naming the holder."""
+        allowed, tell = self.lock.admit(reader, n)
+        if allowed:
+            self._arm_lock_timer()
+        elif tell and (holder := self.lock.holder) is not None:
+            refused = f"input refused: {self.describe_holder(holder)}"
+            self.tell(reader, refused, **self._lock_fields("refused"))
+        return allowed
+
+    def may_write(self, reader: Reader) -> str | None:
+        """Why this reader may not act on the device now (read-only, or another
+        holds the write lock), or None; a free lock is taken, as typing would."""
+        if not reader.policy.writable:
+            return "this session is read-only"
+        if self.lock.enabled and not self._admitted(reader, 0):
+            holder = self.lock.holder
+            return self.describe_holder(holder) if holder is not None else "the write lock is held"
+        return None
+
+    def force(self, reader: Reader) -> str | None:
+        """The reader takes the write lock over; why not, or None. Read-only never can."""
+        if not reader.policy.writable:
+            return "this session is read-only: it can never hold the write lock"
+        if not self.lock.enabled:
+            return "this port has no write lock (write_lock: none): everyone may write"
+        self.lock.force(reader)
+        self._arm_lock_timer()
+        return None
+
+    def describe_holder(self, holder: Holder) -> str:
+        since = time.strftime("%H:%M:%S", time.localtime(holder.since))
+        return f"{holder.who} holds the write lock (since {since})"
+
+    def _lock_fields(self, why: str) -> dict[str, Any]:
+        holder = self.lock.holder
+        fields: dict[str, Any] = {"event": "write_lock", "why": why}
+        if holder is not None:
+            r = holder.reader
+            fields.update(holder=r.id, peer=r.peer, listener=r.policy.listener)
+        return fields
+
+    def _lock_changed(self, old: Reader | None, new: Reader | None, why: str) -> None:
+        """The lock changed hands: tell those it concerns, and the observers."""
+        fields = self._lock_fields(why)
+        if old is not None:
+            fields["previous"] = old.id
+        old_name = f"{old.policy.listener} {old.peer}" if old is not None else ""
+        new_name = f"{new.policy.listener} {new.peer}" if new is not None else ""
+        if new is not None:
+            text = f"write lock taken by {new_name} ({why})"
+        else:
+            text = f"write lock released by {old_name} ({why})"
+        if why == "forced" and old is not None and new is not None:
+            self.tell(old, f"the write lock was taken over by {new_name}", **fields)
+            self.tell(new, f"you hold the write lock now, taken from {old_name}", **fields)
+        elif why == "idle" and old is not None:
+            self.tell(old, "write lock released: idle for too long", **fields)
+        if new is None and self._lock_timer is not None:
+            self._lock_timer.cancel()
+            self._lock_timer = None
+        self.event("lock", text, **fields)
+
+    def event(self, name: str, text: str, **fields: Any) -> None:
+        """A control event of the port, for the observers (traces with events: true)."""
+        for observe in self.events:
+            observe(name, text, fields)
+
+    def _arm_lock_timer(self) -> None:
+        """One timer per port releases an idle holder: armed at the deadline,
+        and on firing re-armed for what is left when the holder wrote since
+        (cheaper than moving a timer at every keystroke)."""
+        due = self.lock.deadline()
+        if due is None or self._lock_timer is not None:
+            return
+        self._lock_timer = self.reactor.call_later(max(0.0, due - self.reactor.now()), self._lock_due)
+
+    def _lock_due(self) -> None:
+        self._lock_timer = None
+        if not self.lock.expire(self.reactor.now()):
+            self._arm_lock_timer()
 
     def retarget(self, reader: Reader, policy: ReaderPolicy) -> None:
-        """A reloaded listener's write mode applies to a connected reader."""
+        """A reloaded listener's write mode applies to a connected reader
+        (one made read-only lets go of the write lock)."""
+        if not policy.writable:
+            self.lock.leave(reader)
         lines = policy.writable and policy.lines
         writer = reader.writer
         if lines and writer.assembler is None:

@@ -28,7 +28,11 @@ from tests.helpers import (
 ALLOWED_LABELS = {"port", "listener", "trace", "state", "reason", "outcome", "signal"}
 # Label-only facts (an _info gauge): fixed for the life of the process, or one
 # series per port whose labels change only when the line settings do.
-INFO_LABELS = {"muxd_build_info": {"version", "python"}, "muxd_port_line_info": {"baudrate", "format"}}
+INFO_LABELS = {
+    "muxd_build_info": {"version", "python"},
+    "muxd_port_line_info": {"baudrate", "format"},
+    "muxd_port_write_lock_holder_info": {"kind"},  # the holder's listener kind, never its peer
+}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

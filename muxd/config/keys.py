@@ -21,11 +21,13 @@ PORT_KEYS = {
     "line_timeout",
     "history",
     "line_control",
+    "write_lock",
+    "lock_idle",
     "trace",
     "sequences",
     "mqtt",
 }
-TRACE_KEYS = {"path", "format", "rotate", "keep", "input", "mode", "group"}
+TRACE_KEYS = {"path", "format", "rotate", "keep", "input", "events", "mode", "group"}
 LINE_KEYS = {"baudrate", "bytesize", "parity", "stopbits", "flow"}
 BACKOFF_KEYS = {"backoff_min", "backoff_max"}
 SERIAL_KEYS = {"serial"} | LINE_KEYS | BACKOFF_KEYS
@@ -39,11 +41,11 @@ SIM_KEYS = {"baudrate", "status_interval", "boot"}
 LISTENER_COMMON = {"name", "mode", "max_clients", "buffer", "overflow", "write", "notices"}
 LISTENER_COMMON |= {"history", "history_lines"}
 LISTENER_EXTRA = {
-    "tcp": {"format", "allow", "tls", "banner"},
+    "tcp": {"format", "allow", "tls", "banner", "escape"},
     "rfc2217": {"allow", "tls", "banner"},
     "websocket": {"format", "allow"},
-    "unix": {"socket_mode", "group", "format", "banner"},
-    "pty": {"link_mode", "group"},
+    "unix": {"socket_mode", "group", "format", "banner", "escape"},
+    "pty": {"link_mode", "group", "escape"},
 }
 # "token" (inline) is refused with a pointer to "tokens": see _http.
 HTTP_KEYS = {"listen", "name", "origins", "token", "tokens", "server_names", "allow", "metrics_token"}

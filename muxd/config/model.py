@@ -31,6 +31,7 @@ Mode = Literal["ro", "rw"]
 Overflow = Literal["drop-oldest", "disconnect"]
 WriteMode = Literal["chunks", "lines"]
 LineControlPolicy = Literal["virtual", "ignore", "owner", "any"]
+WriteLockPolicy = Literal["none", "first"]
 UpstreamControl = Literal["none", "rfc2217", "usr"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -39,6 +40,7 @@ MODES: tuple[Mode, ...] = get_args(Mode)
 OVERFLOWS: tuple[Overflow, ...] = get_args(Overflow)
 WRITE_MODES: tuple[WriteMode, ...] = get_args(WriteMode)
 LINE_CONTROL_POLICIES: tuple[LineControlPolicy, ...] = get_args(LineControlPolicy)
+WRITE_LOCK_POLICIES: tuple[WriteLockPolicy, ...] = get_args(WriteLockPolicy)
 UPSTREAM_CONTROLS: tuple[UpstreamControl, ...] = get_args(UpstreamControl)
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
@@ -128,6 +130,9 @@ class Listener:
     # Sent to each client first (tcp, unix, rfc2217): a template with ser2net's
     # escapes, expanded at connect time (muxd.banner). "": none.
     banner: str = ""
+    # tcp, unix, pty: the escape byte (``^]`` is 0x1d) before a command letter
+    # (muxd.protocol.escape); None: off, since raw listeners carry binary.
+    escape: int | None = None
 
     @property
     def writable(self) -> bool:
@@ -158,6 +163,11 @@ class Port:
     history: int = 64 * KiB
     # virtual: line-settings requests are acknowledged, never applied (muxd.linecontrol).
     line_control: LineControlPolicy = "virtual"
+    # first: one rw writer at a time, port-wide (muxd.writelock); none: everyone.
+    write_lock: WriteLockPolicy = "none"
+    # The holder of the write lock loses it after this long without input:
+    # 5 minutes outlasts reading a page of output, not a coffee break. 0: never.
+    lock_idle: float = 300.0
     trace: tuple[TraceFile, ...] = ()
     # Named control-line sequences (muxd.sequences), (name, steps) in config order.
     sequences: tuple[tuple[str, tuple[seqs.Step, ...]], ...] = ()
@@ -192,6 +202,7 @@ class TraceFile:
     rotate: int = 0  # bytes; 0: never rotate
     keep: int = 5  # rotated files kept: PATH.1 .. PATH.keep
     input: bool = False  # also record what clients wrote, and who
+    events: bool = False  # also record attach/detach, the write lock, BREAKs and sequences
     file_mode: int = 0o640  # the log of a board may hold secrets typed at it
     group: str | int | None = None
 

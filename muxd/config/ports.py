@@ -30,6 +30,7 @@ from muxd.config.model import (
     MODES,
     OVERFLOWS,
     UPSTREAM_CONTROLS,
+    WRITE_LOCK_POLICIES,
     WRITE_MODES,
     Listener,
     Port,
@@ -42,6 +43,7 @@ from muxd.config.model import (
 )
 from muxd.config.values import DEFAULT_HOST, NAME_RE, PARITY_NAMES, GiB, KiB, MiB, format_hostport, show
 from muxd.config.yaml_reader import Node, Section
+from muxd.protocol.escape import parse_escape
 from muxd.protocol.line_settings import BYTESIZES, FLOWS, STOPBITS, LineSettings
 from muxd.records import FORMATS
 from muxd.sequences import MAX_STEPS, Step, parse_step
@@ -51,6 +53,10 @@ from muxd.sequences import MAX_STEPS, Step, parse_step
 # partial line is no longer "being typed" and would only hide a missing newline.
 LINE_TIMEOUT_MIN = 0.01
 LINE_TIMEOUT_MAX = 60.0
+# lock_idle, when not 0: under a second a holder would lose the lock between
+# two keystrokes; over a day it is no longer "idle" but "gone".
+LOCK_IDLE_MIN = 1.0
+LOCK_IDLE_MAX = 86400.0
 # Sequences per port: a reset, a bootloader entry, a few board-specific ones.
 MAX_SEQUENCES = 32
 
@@ -193,6 +199,7 @@ def _listener(node: Node, port_name: str, index: int) -> Listener:
         allow=m.read("allow", allow_list, ()),
         tls=m.read("tls", tls_section, None),
         banner=m.read("banner", _banner, d.banner),
+        escape=m.read("escape", lambda n: n.parsed(parse_escape), None),
     )
 
 
@@ -222,6 +229,7 @@ def _trace(node: Node) -> TraceFile:
         rotate=m.read("rotate", _rotate, d.rotate),
         keep=m.read("keep", lambda n: n.integer(0, 1000), d.keep),
         input=m.read("input", Node.flag, d.input),
+        events=m.read("events", Node.flag, d.events),
         file_mode=m.read("mode", Node.file_mode, d.file_mode),
         group=m.read("group", Node.group, None),
     )
@@ -292,6 +300,8 @@ def read_port(node: Node, has_broker: bool) -> PortRead:
         # 0 is valid as written: no history replayed to new readers.
         history=m.read("history", lambda n: n.size(0, 64 * MiB), d.history),
         line_control=m.read("line_control", lambda n: n.choice(LINE_CONTROL_POLICIES), d.line_control),
+        write_lock=m.read("write_lock", lambda n: n.choice(WRITE_LOCK_POLICIES), d.write_lock),
+        lock_idle=m.read("lock_idle", lambda n: n.duration(LOCK_IDLE_MIN, LOCK_IDLE_MAX), d.lock_idle),
         trace=m.read("trace", list_of(_trace), ()),
         sequences=m.read("sequences", _sequences, ()),
         mqtt=m.read("mqtt", _port_mqtt, None),

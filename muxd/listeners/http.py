@@ -412,7 +412,9 @@ class HttpFront:
         read_only = False
         if self.tokens.configured and listener.writable:
             read_only = not scope_allows(self._scope(request, True)[1], "write")
-        return upgrade(request, rt.hub, listener, self.cfg.origins, read_only=read_only)
+        found = self.tokens.match(presented(header(request, b"authorization"), offered(request)))
+        token = found[0] if found is not None else None
+        return upgrade(request, rt.hub, listener, self.cfg.origins, read_only=read_only, token=token)
 
     def _api(
         self,

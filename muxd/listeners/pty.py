@@ -163,7 +163,7 @@ class PtySession(Connection):
     def _received(self, packet: bytes) -> None:
         # Packet mode: a status byte first (muxd.transport.PtyTransport).
         if packet[0] == termios.TIOCPKT_DATA:
-            self.hub.writes.submit(self.reader, packet[1:])
+            self._submit(packet[1:])  # through the escape, where it has one
         elif packet[0] & TIOCPKT_IOCTL:
             self._termios_changed()
         # Other statuses (the program flushed or stopped its queues) need nothing.

@@ -153,6 +153,7 @@ class Upgrade:
     read_only: bool = False  # a read-scoped token on a rw listener: input discarded
     # The secret presented, checked again on reload (reauthorize); never shown.
     secret: str | None = field(default=None, repr=False)
+    token: str | None = None  # its name, shown as the write lock's holder (muxd.api)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,13 @@ def parse_options(target: bytes) -> WsOptions:
 
 
 def upgrade(
-    request: h11.Request, hub: Hub, cfg: Listener, origins: tuple[str, ...], *, read_only: bool = False
+    request: h11.Request,
+    hub: Hub,
+    cfg: Listener,
+    origins: tuple[str, ...],
+    *,
+    read_only: bool = False,
+    token: str | None = None,
 ) -> Upgrade:
     """Accept a WebSocket for this hub's websocket listener, or raise HandshakeError."""
     if request.method != b"GET":
@@ -247,7 +254,7 @@ def upgrade(
     response = handshake.send(AcceptConnection(subprotocol=subprotocol))
     assert handshake.connection is not None
     secret = presented(header(request, b"authorization"), protocols)
-    return Upgrade(response, handshake.connection, hub, cfg, options, read_only, secret)
+    return Upgrade(response, handshake.connection, hub, cfg, options, read_only, secret, token)
 
 
 def offered(request: h11.Request) -> list[str]:
@@ -302,6 +309,7 @@ class WebSocketClient(Connection):
             history_lines=accepted.options.history_lines,
             initial=accepted.response,
         )
+        self.reader.token = accepted.token
 
     def start(self) -> None:
         self._set_timer("ping", self.ping_interval, self._ping)

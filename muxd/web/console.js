@@ -26,6 +26,15 @@
  * option: the "Line input" toggle shows or hides it, and is remembered per
  * browser. On a read-only port the terminal takes no keys at all.
  *
+ * The write lock. Under `write_lock: first` another client may hold the
+ * port's keyboard (api/v1/ports: write_lock.holder). The page cannot know
+ * its own client id, so it judges: a holder on another listener is someone
+ * else; a holder on the WebSocket listener is this page only if this page
+ * sent input since shortly before the holder took the lock (clocks may
+ * differ by a few seconds: LOCK_SKEW_S). While someone else holds it, the
+ * terminal takes no keys and the input line is disabled, its placeholder
+ * naming the holder; muxd refuses the input anyway (and says so in-band).
+ *
  * Tokens. When muxd answers an API request with 401 (its http server has
  * `tokens:`), the page asks for a token (window.prompt), keeps it in
  * sessionStorage (this tab only, gone when it closes), and sends it as
@@ -200,11 +209,30 @@
   // ---- keys typed in the terminal (raw mode) -----------------------------
 
   var writable = false;     // the selected port takes input (from the API)
+  var lastSentMs = 0;       // when this page last sent input (Date.now())
+  var LOCK_SKEW_S = 5;      // tolerated difference between muxd's clock and this browser's
 
   function sendBytes(bytes) {
     // Keys typed while the socket is down are dropped, not queued: replayed
     // after a reconnect they would hit whatever the device shows by then.
-    if (writable && ws && ws.readyState === WebSocket.OPEN) ws.send(bytes);
+    if (writable && ws && ws.readyState === WebSocket.OPEN) {
+      ws.send(bytes);
+      lastSentMs = Date.now();
+    }
+  }
+
+  // Why this page may not type now: another client holds the port's write
+  // lock (see the theory of operation), or null.
+  function lockedOut(p) {
+    var lock = p && p.write_lock;
+    var h = lock && lock.holder;
+    if (!h) return null;
+    var wsl = (p.listeners || []).filter(function (l) { return l.kind === 'websocket'; });
+    var onWs = wsl.some(function (l) { return l.name === h.listener; });
+    if (onWs && lastSentMs && lastSentMs / 1000 >= h.since - LOCK_SKEW_S) return null;  // this page, most likely
+    var since = new Date(h.since * 1000).toLocaleTimeString();
+    return 'Input disabled: ' + h.listener + ' ' + h.peer + (h.token ? ' (token ' + h.token + ')' : '') +
+      ' holds the write lock since ' + since;
   }
   term.onData(function (data) { sendBytes(encoder.encode(data)); });
   // Some mouse reports are raw bytes above 0x7f, not text: sent as they are.
@@ -299,7 +327,8 @@
   function setWsStatus(kind, text) {
     el.wsStatus.className = 'ws-status ws-' + kind;
     el.wsStatus.textContent = text;
-    el.sendButton.disabled = kind !== 'connected';
+    wsConnected = kind === 'connected';
+    el.sendButton.disabled = !wsConnected || lockReason !== null;
   }
 
   function wsUrl(port) {
@@ -398,12 +427,22 @@
   var lineInputShown = true;
   try { lineInputShown = localStorage.getItem(LINE_INPUT_KEY) !== 'off'; } catch (err) { /* default */ }
 
-  function setWritable(on) {
+  var lockReason = null;    // set while another client holds the write lock
+  var wsConnected = false;  // the socket is open (the Send button works only then)
+
+  function setWritable(on, reason) {
     writable = on;
-    term.options.disableStdin = !on;
+    if (reason !== undefined) lockReason = reason;
+    var locked = on && lockReason !== null;
+    term.options.disableStdin = !on || locked;
     el.lineInput.hidden = !on;
     el.lineInput.setAttribute('aria-pressed', String(lineInputShown));
-    el.sendForm.hidden = !(on && lineInputShown);
+    // Locked out, the input line shows why, whatever the toggle says.
+    el.sendForm.hidden = !(on && (lineInputShown || locked));
+    el.sendInput.disabled = locked;
+    el.sendInput.placeholder = locked ? lockReason : '';
+    el.sendInput.title = locked ? lockReason : '';
+    el.sendButton.disabled = !wsConnected || locked;
   }
 
   el.lineInput.addEventListener('click', function () {
@@ -422,6 +461,7 @@
     if (!ws || ws.readyState !== WebSocket.OPEN) return;
     var line = el.sendInput.value;
     ws.send(encoder.encode(line + LINE_ENDINGS[el.lineEnding.value]));
+    lastSentMs = Date.now();
     if (line !== '' && line !== sent[sent.length - 1]) {
       sent.push(line);
       if (sent.length > SENT_HISTORY_LIMIT) sent.shift();
@@ -545,7 +585,7 @@
     el.portsEmpty.textContent = 'No ports configured.';
 
     var current = ports.filter(function (p) { return p.name === selected; })[0];
-    setWritable(Boolean(current && current.writable));
+    setWritable(Boolean(current && current.writable), lockedOut(current));
     if (selected !== null) {
       el.portTitle.textContent = current ? selected : selected + ' (no such port)';
     }
