@@ -18,17 +18,21 @@ from typing import Any
 import pytest
 import serial
 import yaml
+from websockets.sync.client import connect as ws_connect
 
 from muxd.ser2net import convert, mode, reader, render
 from tests.helpers import (
+    AUTO,
     LOCAL,
     ROOT,
     Muxd,
     PtyDevice,
+    StartMuxd,
     connect,
     free_port,
     recv_until,
     run_muxd,
+    start_muxd,
     wait_for,
 )
 
@@ -509,8 +513,80 @@ def test_ser2net_refuses_the_admin_port_and_bad_files_with_status_2(
     _no_traceback(done)
 
 
-def test_join_daemon_is_a_stub_that_says_run_standalone() -> None:
-    assert mode.join_daemon([{"name": "x"}]) is None
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_with_a_daemon_the_exporters_command_joins_it_and_its_port_leaves_with_the_process(  # noqa: PLR0917
+    ser2net_bin: Path,
+    pty_device: PtyDevice,
+    muxd: StartMuxd,
+    started: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+    stop: signal.Signals,
+) -> None:
+    """labgrid's command line with a daemon on the control socket: the port is
+    the daemon's (its API, its WebSocket readers) while the process lives; the
+    process opens no device; killing it, even outright, removes the port."""
+    control = tmp_path / "control.sock"
+    daemon = start_muxd(
+        muxd,
+        tmp_path,
+        {"sim": True},
+        [{"tcp": AUTO}],
+        name="lab",
+        top={"control": {"path": str(control), "socket_mode": "0660"}},
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(ser2net_bin), *_labgrid_lines(pty_device.path, port, True)],
+        stdout=(tmp_path / "ser2net.log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MUXD_CONTROL": str(control)},
+    )
+    started.append(proc)
+    names = lambda: [p["name"] for p in daemon.api("/api/v1/ports")["ports"]]  # noqa: E731
+    wait_for(lambda: "ttyDUT" in names(), 15, "the exported port in the daemon")
+    assert "through the muxd daemon" in (tmp_path / "ser2net.log").read_text()
+    # The device is the daemon's: the ser2net-mode process holds no fd on it.
+    tty = os.path.realpath(pty_device.path)
+    assert all(os.path.realpath(fd) != tty for fd in Path(f"/proc/{proc.pid}/fd").iterdir())
+
+    # A browser's WebSocket on the daemon follows the console while labgrid's
+    # kind of client (pyserial rfc2217) types into it.
+    with ws_connect(f"ws://{daemon.http}/ws/ttyDUT?format=raw", open_timeout=5) as ws:
+        client = serial.serial_for_url(f"rfc2217://{LOCAL}:{port}", baudrate=115200, timeout=5)
+        try:
+            client.write(b"uname\r")
+            assert pty_device.read(6) == b"uname\r"
+            pty_device.write(b"Linux board 6.1\r\n")
+            assert client.read_until(b"6.1\r\n").endswith(b"Linux board 6.1\r\n")
+            seen = b""
+            deadline = time.monotonic() + 10
+            while b"6.1\r\n" not in seen and time.monotonic() < deadline:
+                message = ws.recv(timeout=deadline - time.monotonic())
+                seen += message if isinstance(message, bytes) else message.encode()
+            assert b"Linux board 6.1\r\n" in seen
+        finally:
+            client.close()
+
+    os.kill(proc.pid, stop)
+    proc.wait(5)
+    wait_for(lambda: "ttyDUT" not in names(), 10, "the port removed with its process")
+    assert names() == ["lab"]
+    with pytest.raises(OSError):
+        connect(port, timeout=1).close()  # nobody listens on the exported port any more
+
+
+def test_without_a_daemon_ser2net_mode_runs_standalone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MUXD_CONTROL", str(tmp_path / "no-such.sock"))
+    assert mode.join_daemon([{"name": "x"}], "ser2net") is None
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "stale.sock"))  # a socket file nobody listens on
+    stale.close()
+    monkeypatch.setenv("MUXD_CONTROL", str(tmp_path / "stale.sock"))
+    assert mode.join_daemon([{"name": "x"}], "ser2net") is None
+    monkeypatch.setenv("MUXD_CONTROL", "")  # never join
+    assert mode.join_daemon([{"name": "x"}], "ser2net") is None
 
 
 # -- labgrid -----------------------------------------------------------------------------------

@@ -389,6 +389,10 @@ def test_service_starts_ready_with_its_status(guest: Guest) -> None:
     assert guest.run("systemctl", "is-active", "muxd.service").strip() == "active"
     # The shipped config's device is absent here: the port says so, and waits for it.
     assert shown["StatusText"] == "serial0 backing-off 0 clients"
+    # The control socket that ser2net mode (labgrid's exporter) joins: the
+    # service's user and group, and no one else.
+    control = "/run/muxd/control.sock"
+    assert guest.run("stat", "-c", "%F %a %U %G", control).strip() == "socket 660 muxd muxd"
 
 
 def test_journal_has_muxd_fields(guest: Guest) -> None:

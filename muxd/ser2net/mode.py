@@ -6,10 +6,20 @@ printed (``muxd convert ser2net FILE``) or served (``muxd run --ser2net
 FILE``; ``ser2net -c FILE`` or ``-Y ...``). Every problem of the file is
 printed, one ``FILE:LINE: ...`` line each, and the exit status is 2.
 
-Before serving standalone, the ports are offered to ``join_daemon``: where a
-muxd daemon already runs, it can take them as run-time ports and this
-process then only holds them (the hook is wired at merge; here it always
-says "no daemon").
+Joining a daemon. Before serving standalone, the ports are offered to a
+muxd daemon through its control socket (``control:`` in its config; the
+packaged one has /run/muxd/control.sock, mode 0660, group muxd; MUXD_CONTROL
+names another, and an empty MUXD_CONTROL means never join). Where a daemon
+answers there, it takes them as run-time ports held by this process's
+connection (muxd.apiclient.hold_ports): this process opens no device and
+serves nothing itself, and when it ends (SIGTERM, or killed outright) the
+kernel closes its connection and the daemon removes the ports. Each port
+gets a read-only WebSocket listener there besides ser2net's, so the exported
+board shows in the daemon's web console and /metrics, and
+its history from before the place was acquired is the daemon's. A daemon
+that refuses the ports (a name or device already in use) is an error, exit
+2: standalone would find the device taken all the same. No daemon there (no
+socket, or a stale one): standalone, exactly as ser2net would run.
 
 Started under the name ``ser2net`` (a symlink, as busybox does), muxd takes
 ser2net(8)'s options. labgrid's exporter is the main user: it runs ``ser2net
@@ -36,17 +46,37 @@ EXIT_OK, EXIT_CONFIG = 0, 2
 # What `ser2net -v` prints: labgrid's exporter splits on spaces and wants
 # exactly three words, the third starting with the major version it supports (4).
 SER2NET_VERSION = "4.3.11"
+# The control socket of the packaged muxd daemon (config/muxd.yaml), which
+# ser2net mode joins when a daemon answers there; MUXD_CONTROL overrides it.
+DEFAULT_CONTROL = "/run/muxd/control.sock"
 # ser2net's default config files: upstream's, then Debian's.
 DEFAULT_CONFIGS = ("/etc/ser2net/ser2net.yaml", "/etc/ser2net.yaml")
 
 
-def join_daemon(ports: list[dict[str, Any]]) -> int | None:
+def join_daemon(ports: list[dict[str, Any]], prog: str) -> int | None:
     """Hand the ports to a running muxd daemon, if there is one, and hold them
     there until this process is stopped; return the exit status then. None:
-    no daemon, run standalone. (A stub: the lead wires it to the run-time
-    ports of the daemon's control socket at merge.)"""
-    del ports
-    return None
+    no daemon, run standalone (see the module docstring)."""
+    from muxd import apiclient
+
+    path = os.environ.get("MUXD_CONTROL", DEFAULT_CONTROL)
+    if not path or not os.path.exists(path) or not apiclient.daemon_reachable(path):
+        return None
+    names = ", ".join(str(p.get("name")) for p in ports)
+    # In the daemon, each port also gets a read-only WebSocket listener, so the
+    # board shows in its web console (and /ws/NAME) beside the exporter's client.
+    ports = [
+        {**p, "listeners": [*p["listeners"], {"websocket": True, "name": f"{p['name']}-web"}]} for p in ports
+    ]
+
+    def ready() -> None:
+        print(f"{prog}: serving {names} through the muxd daemon at {path}", file=sys.stderr)
+
+    try:
+        return apiclient.hold_ports(path, ports, on_ready=ready)
+    except apiclient.ApiError as exc:
+        print(f"{prog}: the muxd daemon at {path} refused {names}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def version_line() -> str:
@@ -96,7 +126,7 @@ def serve(conversion: convert.Conversion, prog: str, level: str | None, ready_fi
 
     if not report(conversion, prog):
         return EXIT_CONFIG
-    joined = join_daemon(conversion.data)
+    joined = join_daemon(conversion.data, prog)
     if joined is not None:
         return joined
     try:
