@@ -110,6 +110,18 @@ class MuxdCollector:
         dropped = CounterMetricFamily(
             "muxd_client_dropped_bytes", "Device bytes clients lost to the overflow policy.", labels=pl
         )
+        fallbacks = CounterMetricFamily(
+            "muxd_client_block_fallbacks",
+            "Lossless readers (overflow: block) that held the device past block_timeout "
+            "and fell back to drop-oldest.",
+            labels=pl,
+        )
+        held = GaugeMetricFamily(
+            "muxd_port_held", "1 while muxd does not read the device, held for a lossless reader.", labels=p
+        )
+        holds = CounterMetricFamily(
+            "muxd_port_holds", "Times the device was held (not read) for a lossless reader.", labels=p
+        )
         unacked = CounterMetricFamily(
             "muxd_device_unacked_bytes",
             "Bytes written to a TCP upstream that it had not acknowledged when the link died.",
@@ -167,6 +179,8 @@ class MuxdCollector:
             discarded.add_metric([port], hub.writes.discarded)
             max_lag.add_metric([port], max((hub.lag(r) for r in rt.clients()), default=0))
             unacked.add_metric([port], rt.upstream.bytes_unacked_lost)
+            held.add_metric([port], 1.0 if hub.holding else 0.0)
+            holds.add_metric([port], hub.holds)
             lc = rt.line_control
             line_info.add_metric([port, str(lc.settings.baudrate), line_format(lc.settings)], 1.0)
             for signal, n in lc.control_changes.items():
@@ -186,6 +200,8 @@ class MuxdCollector:
                     client_disc.add_metric([*labels, reason], n)
                 delivered.add_metric(labels, stats.closed_delivered + sum(r.delivered for r in live))
                 dropped.add_metric(labels, stats.closed_dropped + sum(r.dropped for r in live))
+                if lst.overflow == "block":
+                    fallbacks.add_metric(labels, stats.block_fallbacks)
                 if lst.kind in ASKING_KINDS:
                     asked = rt.line_control.counts.get(lst.name, SettingsCounts())
                     settings.add_metric([*labels, "applied"], asked.applied)
@@ -199,7 +215,7 @@ class MuxdCollector:
         yield from (up, state, connects, disconnects, down, last_change)
         yield from (read, written, queue, discarded, max_lag)
         yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
-        yield from (trace_written, trace_dropped)
+        yield from (trace_written, trace_dropped, fallbacks, held, holds)
         yield from mqtt
         yield from (line_info, control_changes, control_requests)
         yield from tls_metrics()

@@ -20,6 +20,7 @@ PORT_KEYS = {
     "line_timeout",
     "history",
     "line_control",
+    "owner_idle",
     "trace",
     "sequences",
     "mqtt",
@@ -36,7 +37,7 @@ TCP_KEYS = (
 )
 SIM_KEYS = {"baudrate", "status_interval", "boot"}
 LISTENER_COMMON = {"name", "mode", "max_clients", "buffer", "overflow", "write", "notices"}
-LISTENER_COMMON |= {"history", "history_lines"}
+LISTENER_COMMON |= {"history", "history_lines", "block_timeout"}
 LISTENER_EXTRA = {
     "tcp": {"format", "allow", "tls"},
     "rfc2217": {"allow", "tls"},

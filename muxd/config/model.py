@@ -28,7 +28,7 @@ from muxd.records import Format
 # the tuples derived from them are what the loader accepts, so the two cannot drift.
 ListenerKind = Literal["tcp", "unix", "pty", "rfc2217", "websocket"]
 Mode = Literal["ro", "rw"]
-Overflow = Literal["drop-oldest", "disconnect"]
+Overflow = Literal["drop-oldest", "disconnect", "block"]
 WriteMode = Literal["chunks", "lines"]
 LineControlPolicy = Literal["virtual", "ignore", "owner", "any"]
 UpstreamControl = Literal["none", "rfc2217", "usr"]
@@ -112,6 +112,10 @@ class Listener:
     # pause or a slow network without loss, small enough for thousands of readers.
     buffer: int = 256 * KiB
     overflow: Overflow = "drop-oldest"
+    # overflow: block: how long one reader may hold the device (muxd.hub) before
+    # it falls back to drop-oldest. 10 s rides out a reader's GC pause or a
+    # busy host; beyond that the reader is stuck and the port must go on.
+    block_timeout: float = 10.0
     write: WriteMode = "chunks"
     notices: bool = False
     file_mode: int = 0o660  # unix socket / pty device permissions
@@ -155,6 +159,11 @@ class Port:
     history: int = 64 * KiB
     # virtual: line-settings requests are acknowledged, never applied (muxd.linecontrol).
     line_control: LineControlPolicy = "virtual"
+    # line_control: owner: ownership ends after this long without a settings or
+    # control change or a write by the owner (muxd.linecontrol). 10 minutes is
+    # longer than any flashing or test session's pause, short enough that a
+    # forgotten client does not keep the port for a day. 0: only a disconnect ends it.
+    owner_idle: float = 600.0
     trace: tuple[TraceFile, ...] = ()
     # Named control-line sequences (muxd.sequences), (name, steps) in config order.
     sequences: tuple[tuple[str, tuple[seqs.Step, ...]], ...] = ()

@@ -198,7 +198,15 @@ class TcpPort(FdUpstream):
             self._idle_timer = self.reactor.call_later(self.cfg.idle_timeout, self._guarded(self._check_idle))
         self._drain()
 
+    def set_reading(self, on: bool) -> None:
+        # A link we stopped reading is not idle: its quiet time starts again
+        # when reading resumes (muxd.hub holds the device for a lossless reader).
+        self._last_rx = self.reactor.now()
+        super().set_reading(on)
+
     def _check_idle(self) -> None:
+        if not self._reading:  # held: what the K2 sends waits in its window
+            self._last_rx = self.reactor.now()
         left = self._last_rx + self.cfg.idle_timeout - self.reactor.now()
         if left > 0:
             self._idle_timer = self.reactor.call_later(left, self._guarded(self._check_idle))
