@@ -89,4 +89,4 @@ class PortRuntime:
         """The hub, upstream and line control of a port; nothing started yet."""
         hub = Hub(port.name, bounds_for(port), reactor)
         upstream = make_upstream(port, hub, reactor)
-        return cls(port, hub, upstream, LineControl(port, upstream))
+        return cls(port, hub, upstream, LineControl(port, upstream, hub))
