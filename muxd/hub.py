@@ -59,6 +59,12 @@ are owed with ``take()``. The hub never closes a reader from inside its own
 call chain, whatever the cause (an overflow, a failed send): it marks the
 reader doomed, stops serving it, and the close runs on the next turn of the
 loop.
+
+Why this module is long: a reader's cursor, bound, losses, notices and hold
+are one state, changed together on the hot path (publish, the fan-out pass,
+advance); split across modules, each change would cross a module boundary
+per byte served, and the invariant (delivered + dropped + purged == cursor -
+start) would have no single owner.
 """
 
 from __future__ import annotations

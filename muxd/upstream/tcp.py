@@ -41,6 +41,11 @@ it, as with any TCP connection: a small SO_SNDBUF keeps that amount small
 (the rest stays queued in the hub), and when a link is dropped the bytes the
 K2 never acknowledged (TCP_INFO's bytes_acked) are logged and counted in
 ``bytes_unacked_lost`` (a metric), never lost silently.
+
+Why this module is long: connecting without blocking, the three ways a dead
+link is found, the vendor and RFC 2217 control channels and the reconciling
+of a K2's answers all act on the one socket and its state; split apart, each
+would need the others' internals.
 """
 
 from __future__ import annotations
