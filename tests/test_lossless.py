@@ -24,7 +24,11 @@ import pytest
 from muxd import config as configmod
 from muxd.errors import ConfigError
 from muxd.hub import Hub, PortBounds, ReaderPolicy
+from muxd.port import bounds_for
 from muxd.reactor import Reactor
+from muxd.upstream.sim import SimDevice
+from muxd.upstream.tcp import TcpPort
+from tests.fakes.k2 import FakeK2
 from tests.helpers import (
     AUTO,
     IdleOwner,
@@ -268,3 +272,51 @@ def test_check_warns_for_block_on_a_uart_without_rtscts(tmp_path: Path, pty_devi
     assert "rtscts" not in res.stdout + res.stderr
     res = _check(tmp_path, {"serial": pty_device.path})  # a pty's writer blocks: nothing lost
     assert "rtscts" not in res.stdout + res.stderr
+
+
+# -- the upstreams stop reading while held ---------------------------------------------------------
+
+
+def turn_for(reactor: Reactor, seconds: float) -> None:
+    """Run the loop for a while: the hold lasting is what is under test."""
+    until = time.monotonic() + seconds
+    run_until(reactor, lambda: time.monotonic() > until, "the time", timeout=seconds + 2)
+
+
+def test_a_held_k2_link_is_not_read_and_not_idle(k2: FakeK2) -> None:
+    reactor = Reactor()
+    data = {"ports": [{"name": "dut", "upstream": {"tcp": f"127.0.0.1:{k2.port}", "idle_timeout": "300ms"}}]}
+    port = configmod.from_data(data).ports[0]
+    assert isinstance(port.upstream, configmod.TcpUpstream)
+    hub = Hub(port.name, bounds_for(port), reactor)
+    up = TcpPort(port.upstream, hub, reactor)
+    up.start()
+    try:
+        run_until(reactor, lambda: up.status.state == "up" and k2.active == 1, "the link")
+        hub.set_reading(False)  # what the hub calls when a lossless reader holds the device
+        k2.feed(b"held" * 1000)
+        turn_for(reactor, 0.8)  # past idle_timeout: a held link is not idle
+        assert hub.bytes_in == 0 and up.status.state == "up"
+        hub.set_reading(True)
+        run_until(reactor, lambda: hub.bytes_in == 4000, "the K2's bytes once reading resumes")
+    finally:
+        up.stop()
+        reactor.close()
+
+
+def test_a_held_simulator_keeps_its_output() -> None:
+    reactor = Reactor()
+    port = configmod.from_data({"ports": [{"name": "sim", "upstream": {"sim": True}}]}).ports[0]
+    assert isinstance(port.upstream, configmod.SimUpstream)
+    hub = Hub(port.name, bounds_for(port), reactor)
+    sim = SimDevice(port.upstream, hub, reactor)
+    hub.set_reading(False)
+    sim.start()
+    try:
+        turn_for(reactor, 0.3)
+        assert hub.bytes_in == 0 and sim.overruns == 0
+        hub.set_reading(True)
+        run_until(reactor, lambda: b"U-Boot" in hub.ring.read(hub.ring.tail), "the boot log")
+    finally:
+        sim.stop()
+        reactor.close()
