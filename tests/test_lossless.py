@@ -320,3 +320,26 @@ def test_a_held_simulator_keeps_its_output() -> None:
     finally:
         sim.stop()
         reactor.close()
+
+
+def test_an_upstream_made_while_the_device_is_held_starts_held() -> None:
+    """A reload that replaces the upstream while a lossless reader holds the device."""
+    reactor = Reactor()
+    port = configmod.from_data({"ports": [{"name": "sim", "upstream": {"sim": True}}]}).ports[0]
+    assert isinstance(port.upstream, configmod.SimUpstream)
+    hub = Hub(port.name, bounds_for(port), reactor)
+    policy = ReaderPolicy("l", 256 * KiB, True, False, False, False, block=True)
+    reader = hub.attach(IdleOwner(), policy, "lossless")
+    hub.publish(b"h" * (200 * KiB))
+    assert holding(hub)
+    sim = SimDevice(port.upstream, hub, reactor)
+    sim.start()
+    try:
+        turn_for(reactor, 0.3)
+        assert hub.bytes_in == 200 * KiB
+        hub.take(reader, 200 * KiB)  # caught up: the hold ends, the new upstream reads
+        run_until(reactor, lambda: hub.bytes_in > 200 * KiB, "the simulator's output")
+    finally:
+        sim.stop()
+        hub.detach(reader, "test")
+        reactor.close()

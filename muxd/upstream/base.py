@@ -154,7 +154,9 @@ class FdUpstream(ABC):
         # it has none (a pty, found at open; a K2 that cannot be told), so no
         # view shows a level nobody can set (muxd.linecontrol.control_lines).
         self.control_lines = True
-        self._reading = True  # False while the hub holds the device (muxd.hub)
+        # False while the hub holds the device (muxd.hub); an upstream replaced
+        # by a reload while a lossless reader holds it starts held.
+        self._reading = not hub.holding
         hub.writes.on_ready = self._on_write_ready
         hub.set_reading = self.set_reading
 

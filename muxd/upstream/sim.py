@@ -67,7 +67,7 @@ class SimDevice:
         self._last_was_cr = False
         self._timers: list[Timer] = []
         self._running = False
-        self._reading = True  # False while the hub holds the device
+        self._reading = not hub.holding  # False while the hub holds the device
         self.status = UpstreamStatus(hub.name, hub.notice)
         self.bytes_unacked_lost = 0  # a simulated UART takes every byte
         self.control = ControlLines(dtr=True, rts=True)
