@@ -329,6 +329,11 @@ class Hub:
         """Whether the device is held (not read) for a lossless reader."""
         return bool(self._holding)
 
+    def held_total(self) -> float:
+        """Seconds the device was held, the current hold included."""
+        now = time.monotonic() - self._held_since if self._holding else 0.0
+        return self.held_seconds + now
+
     # -- readers -------------------------------------------------------------
 
     @property

@@ -122,6 +122,11 @@ class MuxdCollector:
         holds = CounterMetricFamily(
             "muxd_port_holds", "Times the device was held (not read) for a lossless reader.", labels=p
         )
+        held_seconds = CounterMetricFamily(
+            "muxd_port_held_seconds",
+            "Time the device was held for a lossless reader: every reader of the port waited with it.",
+            labels=p,
+        )
         unacked = CounterMetricFamily(
             "muxd_device_unacked_bytes",
             "Bytes written to a TCP upstream that it had not acknowledged when the link died.",
@@ -181,6 +186,7 @@ class MuxdCollector:
             unacked.add_metric([port], rt.upstream.bytes_unacked_lost)
             held.add_metric([port], 1.0 if hub.holding else 0.0)
             holds.add_metric([port], hub.holds)
+            held_seconds.add_metric([port], hub.held_total())
             lc = rt.line_control
             line_info.add_metric([port, str(lc.settings.baudrate), line_format(lc.settings)], 1.0)
             for signal, n in lc.control_changes.items():
@@ -215,7 +221,7 @@ class MuxdCollector:
         yield from (up, state, connects, disconnects, down, last_change)
         yield from (read, written, queue, discarded, max_lag)
         yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
-        yield from (trace_written, trace_dropped, fallbacks, held, holds)
+        yield from (trace_written, trace_dropped, fallbacks, held, holds, held_seconds)
         yield from mqtt
         yield from (line_info, control_changes, control_requests)
         yield from tls_metrics()

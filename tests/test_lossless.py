@@ -141,6 +141,7 @@ def test_a_paused_lossless_reader_gets_every_byte_while_others_are_served(
         assert m.metric("muxd_client_dropped_bytes_total", port="dut", listener="lossless") == 0
         assert m.metric("muxd_client_block_fallbacks_total", port="dut", listener="lossless") == 0
         assert m.metric("muxd_port_holds_total", port="dut") >= 1
+        assert m.metric("muxd_port_held_seconds_total", port="dut") >= 1.0  # most of the 2 s pause
         wait_for(lambda: m.metric("muxd_port_held", port="dut") == 0, 10, "the hold released")
     finally:
         counter.stop.set()
