@@ -17,6 +17,9 @@ warnings (reported, exit status unchanged)
       with neither TLS nor ``allow:``; for a websocket listener, through an
       HTTP server with neither;
     - ``metrics_token: true`` on an HTTP server without tokens (no effect);
+    - ``overflow: block`` on a serial device without ``flow: rtscts``: when
+      muxd stops reading, the UART's FIFO overruns and the loss moves there
+      (a pty is spared: its writer blocks);
     - a missing directory that systemd creates when it starts the unit
       (SYSTEMD_DIRECTORIES): ``muxd check`` run before the first start would
       otherwise cry wolf.
@@ -40,7 +43,7 @@ import re
 from dataclasses import dataclass
 
 from muxd.access import AccessError, read_token_file
-from muxd.config.model import Config, HttpServer, Listener
+from muxd.config.model import Config, HttpServer, Listener, Port, SerialUpstream
 from muxd.errors import ConfigError
 
 # Made by muxd.service (RuntimeDirectory=muxd, LogsDirectory=muxd) at each start.
@@ -116,6 +119,11 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def is_pty(path: str) -> bool:
+    """Whether path is (a link to) a pseudo-terminal, whose writer blocks when unread."""
+    return os.path.realpath(path).startswith("/dev/pts/")
+
+
 def has_tls(entry: object) -> bool:
     """Whether a listener or HTTP server has a ``tls:`` section (muxd.tls)."""
     return getattr(entry, "tls", None) is not None
@@ -177,6 +185,22 @@ class _Checker:
                         )
                     )
 
+    def block(self, p: int, port: Port) -> None:
+        """overflow: block holds the device; without RTS/CTS a UART cannot be held."""
+        up = port.upstream
+        if not isinstance(up, SerialUpstream) or up.settings.flow == "rtscts" or is_pty(up.path):
+            return
+        for i, lst in enumerate(port.listeners):
+            if lst.overflow == "block":
+                self.warnings.append(
+                    self.at(
+                        f"ports[{p}].listeners[{i}].overflow",
+                        f"port {port.name}, listener {lst.name}: overflow: block on serial {up.path} "
+                        f"without flow: rtscts: while muxd holds the device the UART overruns, "
+                        "and the loss moves there",
+                    )
+                )
+
     def http(self, k: int, srv: HttpServer) -> None:
         key = f"http[{k}]" if f"http[{k}]" in self.cfg.lines else "http"
         what = f"http server {srv.name}"
@@ -194,6 +218,7 @@ class _Checker:
         for p, port in enumerate(self.cfg.ports):
             for i, lst in enumerate(port.listeners):
                 self.listener(p, port.name, i, lst)
+            self.block(p, port)
             for t, trace in enumerate(port.trace):
                 what = f"port {port.name}, trace {trace.path}"
                 self._directory(trace.path, f"ports[{p}].trace[{t}].path", what)

@@ -85,11 +85,13 @@ def policy_for(cfg: Listener, fmt: Format | None = None) -> ReaderPolicy:
     return ReaderPolicy(
         listener=cfg.name,
         capacity=cfg.buffer,
-        drop_oldest=cfg.overflow == "drop-oldest",
+        drop_oldest=cfg.overflow != "disconnect",  # block falls back to drop-oldest
         writable=cfg.writable,
         lines=cfg.write == "lines",
         notices=cfg.notices,
         format=fmt or cfg.format,
+        block=cfg.overflow == "block",
+        block_timeout=cfg.block_timeout,
     )
 
 

@@ -13,7 +13,22 @@ Out (device -> readers)
     never judged on a burst it has not yet been offered; it only loses bytes
     the ring itself has overwritten, which are counted the same way. Nothing a
     slow reader does can slow the device or another reader: the ring never
-    waits for anybody.
+    waits for anybody, with one exception, asked for by the listener.
+
+Lossless readers (``overflow: block``)
+    A raw reader whose policy says ``block`` is never skipped forward: when its
+    lag reaches its hold mark (its ``buffer`` less HOLD_SLACK, the most one
+    device read can add) the hub *holds* the device: it asks the upstream to
+    stop reading (``set_reading(False)``), so the device's own flow control
+    applies (a pty writer blocks, a K2's TCP window closes, a UART with
+    RTS/CTS holds). Every other reader is slowed with it, the documented price,
+    but is still served what the ring holds. Once every holding reader is back
+    under half its hold mark, reading resumes. A reader may hold the device for
+    at most its ``block_timeout``: then it falls back to drop-oldest for the
+    rest of its connection, counted (``ListenerStats.block_fallbacks``), logged,
+    and told in-band (a notice, where it has notices on), so a stuck lossless
+    reader cannot freeze a port for ever. The check costs the fan-out pass one
+    test of an empty set when nobody holds the device.
 
     With many readers the wake-up pass is deferred by a few milliseconds so
     that several device reads go out in one send per reader: syscalls per byte
@@ -44,12 +59,19 @@ are owed with ``take()``. The hub never closes a reader from inside its own
 call chain, whatever the cause (an overflow, a failed send): it marks the
 reader doomed, stops serving it, and the close runs on the next turn of the
 loop.
+
+Why this module is long: a reader's cursor, bound, losses, notices and hold
+are one state, changed together on the hot path (publish, the fan-out pass,
+advance); split across modules, each change would cross a module boundary
+per byte served, and the invariant (delivered + dropped + purged == cursor -
+start) would have no single owner.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -77,6 +99,14 @@ MAX_NOTICES = 16
 # names the real one (reset, peer closed...), which its stats count.
 SEND_FAILED = "send failed"
 
+# A lossless reader holds the device this far short of its buffer: one device
+# read (muxd.upstream.base.READ_SIZE, 64 KiB) may still arrive after reading
+# stops, and two leave room for an upstream that decodes a read in two
+# publishes. The config requires a block reader's buffer to be at least twice
+# this (muxd.config.ports), so the hold mark is never below half the buffer.
+HOLD_SLACK = 128 * 1024
+
+log = logging.getLogger("muxd.hub")
 _reader_ids = itertools.count(1)
 
 
@@ -92,6 +122,11 @@ class ReaderPolicy:
     lines: bool  # input is released to the device in whole lines
     notices: bool  # in-band notices (upstream up/down, gaps) go into a raw reader's stream
     format: Format = "raw"  # raw bytes, or text/jsonl records shared through a FramedLog
+    # overflow: block: hold the device rather than skip this reader forward
+    # (raw readers only; a record reader falls back to drop-oldest), for at
+    # most block_timeout seconds at a time.
+    block: bool = False
+    block_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +185,7 @@ class ListenerStats:
         self.closed_delivered = 0
         self.closed_dropped = 0
         self.closed_purged = 0
+        self.block_fallbacks = 0  # lossless readers that held the device past block_timeout
 
 
 class Reader:
@@ -166,8 +202,10 @@ class Reader:
         "doomed",
         "dropped",
         "gap_mid_line",
+        "hold_timer",
         "id",
         "line_mark",
+        "lossless",
         "notice_pos",
         "notices",
         "owner",
@@ -216,6 +254,16 @@ class Reader:
         # set of views among all readers at the same offset. Encoding readers
         # (WebSocket, RFC 2217) leave it None and are woken through on_data().
         self.direct: DirectWriter | None = None
+        # overflow: block in force (cleared for good when it falls back), and
+        # while it holds the device, the timer of its block_timeout.
+        self.lossless = False
+        self.hold_timer: Timer | None = None
+
+    @property
+    def hold_mark(self) -> int:
+        """The lag at which this lossless reader holds the device."""
+        capacity = self.policy.capacity
+        return max(capacity - HOLD_SLACK, capacity // 2)
 
     @property
     def held(self) -> int:
@@ -269,6 +317,24 @@ class Hub:
         self.listener_stats: dict[str, ListenerStats] = {}
         self.bytes_in = 0
         self.notices_dropped = 0
+        # Lossless readers (overflow: block), and those holding the device now.
+        self._lossless: set[Reader] = set()
+        self._holding: set[Reader] = set()
+        # Set by the upstream: stop (False) or resume (True) reading the device.
+        self.set_reading: Callable[[bool], None] = lambda _on: None
+        self.holds = 0  # times the device was held for a lossless reader
+        self.held_seconds = 0.0  # total time it was held, closed holds only
+        self._held_since = 0.0
+
+    @property
+    def holding(self) -> bool:
+        """Whether the device is held (not read) for a lossless reader."""
+        return bool(self._holding)
+
+    def held_total(self) -> float:
+        """Seconds the device was held, the current hold included."""
+        now = time.monotonic() - self._held_since if self._holding else 0.0
+        return self.held_seconds + now
 
     # -- readers -------------------------------------------------------------
 
@@ -300,6 +366,7 @@ class Hub:
         reader.stats = self.stats_for(policy.listener)
         reader.stats.connections += 1
         self.readers[reader.id] = reader
+        self._set_lossless(reader, policy.block and policy.format == "raw")
         return reader
 
     def detach(self, reader: Reader, reason: str) -> None:
@@ -307,6 +374,7 @@ class Hub:
         if self.readers.pop(reader.id, None) is None:
             return
         self._blocked.discard(reader)
+        self._set_lossless(reader, False)
         self.writes.leave(reader)  # a partial last line still goes out
         stats = reader.stats
         if reader.doomed is not None and reader.doomed != SEND_FAILED:
@@ -347,6 +415,7 @@ class Hub:
         reader.doomed = reason
         reader.blocked = True  # the fan-out pass skips it
         self._blocked.discard(reader)
+        self._set_lossless(reader, False)  # a doomed reader holds nothing
         reader.notices.clear()
         if close is None:
             owner = reader.owner
@@ -366,6 +435,8 @@ class Hub:
             for reader in list(self._blocked):
                 if head - reader.cursor > reader.policy.capacity:
                     self._overflow(reader)
+        if self._lossless:
+            self._hold_check()
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
@@ -418,6 +489,8 @@ class Hub:
             reader.delivered += n
             if n < total:
                 direct.blocked()
+        if self._holding:
+            self._release_check()
         now = time.monotonic()
         self._next_flush = now + min((now - started) * FLUSH_GAP, FLUSH_GAP_MAX)
 
@@ -506,6 +579,8 @@ class Hub:
         else:
             reader.cursor += n
         reader.delivered += n
+        if reader.hold_timer is not None:
+            self._release_check()
 
     def take(self, reader: Reader, limit: int) -> bytes:
         """What the reader is owed next, at most about `limit` bytes (records
@@ -628,7 +703,71 @@ class Hub:
         """A reloaded listener's options apply to its connected readers at once,
         but for the format, which the connection was made for: new readers get it."""
         policy = dataclasses.replace(policy, format=reader.policy.format)
-        reader.policy = policy
+        was_block, reader.policy = reader.policy.block, policy
+        if policy.block != was_block:  # a fallen-back reader stays fallen back otherwise
+            self._set_lossless(reader, policy.block and policy.format == "raw")
         self.writes.retarget(reader, policy)
         if self.head - reader.cursor > policy.capacity:
+            self._overflow(reader)
+
+    # -- lossless readers (overflow: block) ----------------------------------------
+
+    def _set_lossless(self, reader: Reader, on: bool) -> None:
+        reader.lossless = on
+        if on:
+            self._lossless.add(reader)
+            self._hold_check()
+        else:
+            self._lossless.discard(reader)
+            self._unhold(reader)
+
+    def _hold_check(self) -> None:
+        """After a publish: a lossless reader at its hold mark holds the device."""
+        head = self.head
+        for reader in self._lossless:
+            if reader.hold_timer is None and head - reader.cursor >= reader.hold_mark:
+                self._hold(reader)
+
+    def _hold(self, reader: Reader) -> None:
+        timeout = reader.policy.block_timeout
+        reader.hold_timer = self.reactor.call_later(timeout, lambda: self._block_expired(reader))
+        if not self._holding:
+            self.holds += 1
+            self._held_since = time.monotonic()
+            who = f"{reader.policy.listener} {reader.peer}"
+            log.debug("%s: device held for lossless reader %s", self.name, who)
+            self.set_reading(False)
+        self._holding.add(reader)
+
+    def _unhold(self, reader: Reader) -> None:
+        timer, reader.hold_timer = reader.hold_timer, None
+        if timer is None:
+            return
+        timer.cancel()
+        self._holding.discard(reader)
+        if not self._holding:
+            self.held_seconds += time.monotonic() - self._held_since
+            self.set_reading(True)
+
+    def _release_check(self) -> None:
+        """A holding reader that is back under half its hold mark lets go."""
+        head = self.head
+        for reader in list(self._holding):
+            if head - reader.cursor <= reader.hold_mark // 2:
+                self._unhold(reader)
+
+    def _block_expired(self, reader: Reader) -> None:
+        """The reader held the device for its block_timeout: drop-oldest from now on."""
+        self._set_lossless(reader, False)  # lets go of the device (cancelling a fired timer is safe)
+        reader.stats.block_fallbacks += 1
+        timeout = reader.policy.block_timeout
+        log.warning(
+            "%s: lossless reader %s %s held the device for %gs (block_timeout): it falls back to drop-oldest",
+            self.name,
+            reader.policy.listener,
+            reader.peer,
+            timeout,
+        )
+        self.notice_to(reader, f"lossless reader held the device for {timeout:g}s: now drop-oldest")
+        if reader.blocked and self.head - reader.cursor > reader.policy.capacity:
             self._overflow(reader)

@@ -23,10 +23,19 @@ Policies (``Port.line_control``):
     force.
 ``owner``
     The first rw requester that asks for any setting (even the value already
-    in force) becomes the owner until it disconnects; only the owner's
-    requests are applied. Claiming on a no-op request matters: pyserial sends
-    its settings when it opens, and a client that opened with the right baud
-    rate relies on nobody else changing it afterwards.
+    in force) becomes the owner; only the owner's requests are applied.
+    Claiming on a no-op request matters: pyserial sends its settings when it
+    opens, and a client that opened with the right baud rate relies on nobody
+    else changing it afterwards. Ownership ends when the owner disconnects,
+    or once it has gone ``owner_idle`` (per port) without a settings or
+    control request or a write (seen through the hub's write observers): a
+    client that opened the port and was forgotten must not hold it for ever.
+    When it ends, what the owner left is undone: the port's configured line
+    settings are put back on the device, and a DTR or RTS the owner changed
+    returns to its configured level, asserted (high), as a serial port opens
+    (BREAK off). The end is logged, is the port's last change
+    (``changed_by``: the API and ``muxd status`` show it), and is told
+    in-band to readers with notices on. Another client may then claim it.
 ``any``
     Every rw requester's request is applied, last one wins (ser2net's way).
 
@@ -72,10 +81,11 @@ import time
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from muxd.config import Port
+from muxd.config import Port, SimUpstream
 from muxd.errors import SettingsRefused
-from muxd.hub import Reader
+from muxd.hub import Hub, Reader
 from muxd.protocol.line_settings import LineSettings
+from muxd.reactor import Timer
 from muxd.upstream.base import ControlLines, ModemLines
 from muxd.upstream.state import UP, UpstreamStatus
 
@@ -107,6 +117,17 @@ class ControlOwner(Protocol):
 
 # The signals, as metric labels and API keys.
 SIGNALS = ("dtr", "rts", "break")
+# The levels DTR and RTS return to when an owner's time ends: asserted, as
+# pyserial opens a serial port (muxd.upstream.serial) and the simulator starts.
+CONFIGURED_LINES = ControlLines(dtr=True, rts=True, brk=False)
+
+
+def configured_settings(port: Port) -> LineSettings:
+    """The line settings the port's config gives its device."""
+    up = port.upstream
+    if isinstance(up, SimUpstream):
+        return LineSettings(baudrate=up.baudrate)
+    return up.settings
 
 
 def describe_lines(dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None) -> str:
@@ -128,11 +149,24 @@ class SettingsCounts:
 
 
 class LineControl:
-    def __init__(self, port: Port, upstream: SettingsOwner) -> None:
+    def __init__(self, port: Port, upstream: SettingsOwner, hub: Hub | None = None) -> None:
         self.port = port.name
         self.policy = port.line_control
         self.upstream = upstream
         self.owner: Reader | None = None
+        # The owner's idle clock (monotonic): its last request or write, and
+        # the timer that ends its ownership owner_idle after (re-armed lazily:
+        # activity only moves _active, the timer looks at it when it fires).
+        self.owner_idle = port.owner_idle
+        self.configured = configured_settings(port)
+        self._active = 0.0
+        self._idle_timer: Timer | None = None
+        self._owner_lines: set[str] = set()  # the lines the owner changed: undone when it ends
+        # The hub: its reactor for the idle timer, its write observers for the
+        # owner's writes, its notices to tell readers. None in unit tests of the policy alone.
+        self.hub = hub
+        if hub is not None:
+            hub.writes.observers.append(self._wrote)
         # line_control: virtual: what each client asked for last (and was told
         # is in force); bounded by the connected clients, dropped in release().
         self.virtual: dict[Reader, LineSettings] = {}
@@ -191,6 +225,7 @@ class LineControl:
                     current,
                 )
             return current
+        self._touch(who)
         if wanted == current:
             return current
         try:
@@ -284,6 +319,7 @@ class LineControl:
                 self.control_requests["refused"] += 1
                 log.info("%s: %s refused for %s (%s)", self.port, what, by, why)
             return current
+        self._touch(who)
         if asked == current:
             return current
         changed = {
@@ -291,6 +327,8 @@ class LineControl:
             for k, v in (("dtr", dtr), ("rts", rts), ("brk", brk))
             if v is not None and v != getattr(current, k)
         }
+        if who is self.owner:
+            self._owner_lines.update(changed)
         try:
             return self.apply_control(by, **changed)
         except SettingsRefused:  # apply_control has logged it
@@ -326,19 +364,103 @@ class LineControl:
         """``who`` disconnected: it owns nothing any more."""
         self.virtual.pop(who, None)
         if self.owner is who:
-            self.owner = None
-            log.info("%s: %s %s no longer owns the line settings", self.port, who.policy.listener, who.peer)
+            self._end_ownership("disconnected")
 
     def reload(self, port: Port, upstream: SettingsOwner | None) -> None:
         """A reloaded port config; ``upstream`` is given when it was reopened (a
         new one, which brings back the configured settings)."""
         self.policy = port.line_control
-        if self.policy != "owner":
-            self.owner = None
-        if self.policy != "virtual":
-            self.virtual.clear()  # clients are told the settings in force from now on
+        self.owner_idle = port.owner_idle
+        self.configured = configured_settings(port)
         if upstream is not None:
             self.upstream = upstream
+        if self.policy != "owner":
+            self._end_ownership("line_control is no longer owner", restore=False)
+        elif self.owner is not None:
+            self._arm_idle()  # owner_idle may have changed
+        if self.policy != "virtual":
+            self.virtual.clear()  # clients are told the settings in force from now on
+
+    # -- the owner's time ------------------------------------------------------------
+
+    def _touch(self, who: Reader) -> None:
+        if who is self.owner and self.hub is not None:
+            self._active = self.hub.reactor.now()
+
+    def _wrote(self, who: Reader, _data: bytes) -> None:
+        """The hub's write observer: the owner's writes keep it the owner."""
+        if who is self.owner:
+            self._touch(who)
+
+    def _arm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self.hub is None or self.owner is None or self.owner_idle <= 0:
+            return
+        left = self._active + self.owner_idle - self.hub.reactor.now()
+        self._idle_timer = self.hub.reactor.call_later(max(0.0, left), self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.owner is None or self.hub is None:
+            return
+        if self.hub.reactor.now() - self._active < self.owner_idle:
+            self._arm_idle()  # it was active meanwhile
+            return
+        self._end_ownership(f"idle for {self.owner_idle:g}s (owner_idle)")
+
+    def _end_ownership(self, why: str, restore: bool = True) -> None:
+        """The owner's time is over: undo what it left on the device (the
+        configured settings, DTR/RTS it changed back to their configured
+        level), log it, and tell readers with notices on."""
+        owner, self.owner = self.owner, None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        lines, self._owner_lines = self._owner_lines, set()
+        if owner is None:
+            return
+        who = f"{owner.policy.listener} {owner.peer}"
+        undone = self._restore(who, why, lines) if restore else []
+        back = f"; put back: {', '.join(undone)}" if undone else ""
+        log.info("%s: %s no longer owns the line settings (%s)%s", self.port, who, why, back)
+        if undone:
+            self._changed(f"muxd (owner {who} {why})")
+        if self.hub is not None:
+            self.hub.notice(f"line settings owner {who} {why}{back}")
+
+    def _restore(self, who: str, why: str, lines: set[str]) -> list[str]:
+        """Put the configured settings and lines back; what was put back, for the log and notice."""
+        undone = []
+        if self.settings != self.configured:
+            try:
+                self.upstream.apply_settings(self.configured)
+                undone.append(f"line settings {self.configured}")
+            except SettingsRefused as exc:
+                log.warning(
+                    "%s: the configured line settings %s could not be put back after owner %s (%s): %s",
+                    self.port,
+                    self.configured,
+                    who,
+                    why,
+                    exc,
+                )
+        current = self.control
+        if current is None or not self.control_lines or self.busy is not None:
+            return undone  # no lines; or a sequence runs, and ends with levels of its own
+        want = {
+            k: getattr(CONFIGURED_LINES, k)
+            for k in ("dtr", "rts", "brk")
+            if (k in lines or k == "brk") and getattr(current, k) != getattr(CONFIGURED_LINES, k)
+        }
+        if want:
+            try:
+                self.apply_control(f"muxd (owner {who} {why})", **want)
+            except SettingsRefused:
+                return undone  # apply_control has logged it, with who asked
+            undone.append(describe_lines(**want))
+        return undone
 
     def _may_change(self, who: Reader) -> bool:
         if self.policy == "ignore" or not who.policy.writable:
@@ -347,7 +469,12 @@ class LineControl:
             return True
         if self.owner is None:
             self.owner = who
-            log.info("%s: %s %s now owns the line settings", self.port, who.policy.listener, who.peer)
+            self._owner_lines = set()
+            idle = f" (until it leaves or idles for {self.owner_idle:g}s)" if self.owner_idle > 0 else ""
+            log.info("%s: %s %s now owns the line settings%s", self.port, who.policy.listener, who.peer, idle)
+            if self.hub is not None:
+                self._active = self.hub.reactor.now()
+                self._arm_idle()
         return self.owner is who
 
     def _counts(self, who: Reader) -> SettingsCounts:

@@ -110,6 +110,23 @@ class MuxdCollector:
         dropped = CounterMetricFamily(
             "muxd_client_dropped_bytes", "Device bytes clients lost to the overflow policy.", labels=pl
         )
+        fallbacks = CounterMetricFamily(
+            "muxd_client_block_fallbacks",
+            "Lossless readers (overflow: block) that held the device past block_timeout "
+            "and fell back to drop-oldest.",
+            labels=pl,
+        )
+        held = GaugeMetricFamily(
+            "muxd_port_held", "1 while muxd does not read the device, held for a lossless reader.", labels=p
+        )
+        holds = CounterMetricFamily(
+            "muxd_port_holds", "Times the device was held (not read) for a lossless reader.", labels=p
+        )
+        held_seconds = CounterMetricFamily(
+            "muxd_port_held_seconds",
+            "Time the device was held for a lossless reader: every reader of the port waited with it.",
+            labels=p,
+        )
         unacked = CounterMetricFamily(
             "muxd_device_unacked_bytes",
             "Bytes written to a TCP upstream that it had not acknowledged when the link died.",
@@ -181,9 +198,12 @@ class MuxdCollector:
             lock = hub.writes.lock
             lock_refused.add_metric([port], lock.refused_bytes)
             if lock.holder is not None:
-                held = lock.holder.reader.policy.listener
-                kind = next((lst.kind for lst in rt.config.listeners if lst.name == held), "mqtt")
-                lock_holder.add_metric([port, held, kind], 1.0)
+                by = lock.holder.reader.policy.listener
+                kind = next((lst.kind for lst in rt.config.listeners if lst.name == by), "mqtt")
+                lock_holder.add_metric([port, by, kind], 1.0)
+            held.add_metric([port], 1.0 if hub.holding else 0.0)
+            holds.add_metric([port], hub.holds)
+            held_seconds.add_metric([port], hub.held_total())
             lc = rt.line_control
             line_info.add_metric([port, str(lc.settings.baudrate), line_format(lc.settings)], 1.0)
             for signal, n in lc.control_changes.items():
@@ -203,6 +223,8 @@ class MuxdCollector:
                     client_disc.add_metric([*labels, reason], n)
                 delivered.add_metric(labels, stats.closed_delivered + sum(r.delivered for r in live))
                 dropped.add_metric(labels, stats.closed_dropped + sum(r.dropped for r in live))
+                if lst.overflow == "block":
+                    fallbacks.add_metric(labels, stats.block_fallbacks)
                 if lst.kind in ASKING_KINDS:
                     asked = rt.line_control.counts.get(lst.name, SettingsCounts())
                     settings.add_metric([*labels, "applied"], asked.applied)
@@ -216,7 +238,7 @@ class MuxdCollector:
         yield from (up, state, connects, disconnects, down, last_change)
         yield from (read, written, queue, discarded, max_lag)
         yield from (clients, conns, rejected, client_disc, delivered, dropped, unacked, settings)
-        yield from (trace_written, trace_dropped)
+        yield from (trace_written, trace_dropped, fallbacks, held, holds, held_seconds)
         yield from mqtt
         yield from (line_info, control_changes, control_requests, lock_refused, lock_holder)
         yield from tls_metrics()

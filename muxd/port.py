@@ -92,6 +92,6 @@ class PortRuntime:
         hub.writes.tell = hub.tell  # the write lock's in-band answers
         hub.writes.lock.reload(port.write_lock, port.lock_idle)
         upstream = make_upstream(port, hub, reactor)
-        rt = cls(port, hub, upstream, LineControl(port, upstream))
+        rt = cls(port, hub, upstream, LineControl(port, upstream, hub))
         hub.writes.commands = PortActions(rt, reactor)  # the escape letters of tcp, unix and pty clients
         return rt

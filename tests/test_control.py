@@ -172,16 +172,19 @@ def test_pyserial_dtr_rts_and_break_each_reach_the_k2_once(
         s.rts = False
         s.send_break(0.05)
         wait_for(lambda: "break=0" in signals_at(k2), 5, "the BREAK's end at the K2")
+        seen = signals_at(k2)
+        # pyserial asserts both lines as it opens (unknown at the K2, so they go through), then ours.
+        assert seen == ["dtr=1", "rts=1", "dtr=0", "rts=0", "break=1", "break=0"], seen
+        assert k2.lines == {"dtr": False, "rts": False, "break": False}
+        line = m.port_info("dut1")["line"]
+        assert (line["dtr"], line["rts"], line["break"]) == (False, False, False)
+        assert line["changed_by"].startswith("rfc2217-0 127.0.0.1:")
+        assert m.metric("muxd_control_changes_total", port="dut1", signal="break") == 2
     finally:
         s.close()
-    seen = signals_at(k2)
-    # pyserial asserts both lines as it opens (unknown at the K2, so they go through), then ours.
-    assert seen == ["dtr=1", "rts=1", "dtr=0", "rts=0", "break=1", "break=0"], seen
-    assert k2.lines == {"dtr": False, "rts": False, "break": False}
-    line = m.port_info("dut1")["line"]
-    assert (line["dtr"], line["rts"], line["break"]) == (False, False, False)
-    assert line["changed_by"].startswith("rfc2217-0 127.0.0.1:")
-    assert m.metric("muxd_control_changes_total", port="dut1", signal="break") == 2
+    # The owner left: the lines it changed return to their configured level (muxd.linecontrol).
+    wait_for(lambda: len(signals_at(k2)) >= 8, 5, "the lines put back")
+    assert signals_at(k2)[6:] == ["dtr=1", "rts=1"]
 
 
 def test_a_read_only_clients_attempts_reach_nothing(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
@@ -214,10 +217,12 @@ def test_a_non_owner_is_refused_and_told_the_level_in_force(
             other.dtr = False  # RFC 2217's "refused": answered with DTR on, the level in force
         owner.dtr = False
         wait_for(lambda: "dtr=0" in signals_at(k2), 5, "the owner's DTR")
+        assert signals_at(k2) == ["dtr=1", "rts=1", "dtr=0"]
     finally:
         other.close()
         owner.close()
-    assert signals_at(k2) == ["dtr=1", "rts=1", "dtr=0"]
+    # The owner left: the DTR it lowered returns to its configured level (muxd.linecontrol).
+    wait_for(lambda: signals_at(k2) == ["dtr=1", "rts=1", "dtr=0", "dtr=1"], 5, "DTR put back")
 
 
 # -- sequences --------------------------------------------------------------------------------------

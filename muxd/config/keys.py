@@ -23,6 +23,7 @@ PORT_KEYS = {
     "line_control",
     "write_lock",
     "lock_idle",
+    "owner_idle",
     "trace",
     "sequences",
     "mqtt",
@@ -39,7 +40,7 @@ TCP_KEYS = (
 )
 SIM_KEYS = {"baudrate", "status_interval", "boot"}
 LISTENER_COMMON = {"name", "mode", "max_clients", "buffer", "overflow", "write", "notices"}
-LISTENER_COMMON |= {"history", "history_lines"}
+LISTENER_COMMON |= {"history", "history_lines", "block_timeout"}
 LISTENER_EXTRA = {
     "tcp": {"format", "allow", "tls", "banner", "escape"},
     "rfc2217": {"allow", "tls", "banner"},

@@ -28,7 +28,7 @@ from muxd.records import Format
 # the tuples derived from them are what the loader accepts, so the two cannot drift.
 ListenerKind = Literal["tcp", "unix", "pty", "rfc2217", "websocket"]
 Mode = Literal["ro", "rw"]
-Overflow = Literal["drop-oldest", "disconnect"]
+Overflow = Literal["drop-oldest", "disconnect", "block"]
 WriteMode = Literal["chunks", "lines"]
 LineControlPolicy = Literal["virtual", "ignore", "owner", "any"]
 WriteLockPolicy = Literal["none", "first"]
@@ -114,6 +114,10 @@ class Listener:
     # pause or a slow network without loss, small enough for thousands of readers.
     buffer: int = 256 * KiB
     overflow: Overflow = "drop-oldest"
+    # overflow: block: how long one reader may hold the device (muxd.hub) before
+    # it falls back to drop-oldest. 10 s rides out a reader's GC pause or a
+    # busy host; beyond that the reader is stuck and the port must go on.
+    block_timeout: float = 10.0
     write: WriteMode = "chunks"
     notices: bool = False
     file_mode: int = 0o660  # unix socket / pty device permissions
@@ -168,6 +172,11 @@ class Port:
     # The holder of the write lock loses it after this long without input:
     # 5 minutes outlasts reading a page of output, not a coffee break. 0: never.
     lock_idle: float = 300.0
+    # line_control: owner: ownership ends after this long without a settings or
+    # control change or a write by the owner (muxd.linecontrol). 10 minutes is
+    # longer than any flashing or test session's pause, short enough that a
+    # forgotten client does not keep the port for a day. 0: only a disconnect ends it.
+    owner_idle: float = 600.0
     trace: tuple[TraceFile, ...] = ()
     # Named control-line sequences (muxd.sequences), (name, steps) in config order.
     sequences: tuple[tuple[str, tuple[seqs.Step, ...]], ...] = ()

@@ -57,6 +57,15 @@ LINE_TIMEOUT_MAX = 60.0
 # two keystrokes; over a day it is no longer "idle" but "gone".
 LOCK_IDLE_MIN = 1.0
 LOCK_IDLE_MAX = 86400.0
+# overflow: block needs room for the hub's hold slack (muxd.hub.HOLD_SLACK,
+# 128 KiB: what may still arrive after reading stops) twice over, so that a
+# lossless reader holds the device at half its buffer at the latest.
+BLOCK_MIN_BUFFER = 256 * KiB
+# block_timeout: from 100 ms (tests, a reader that must never stall a port
+# long) to 10 minutes (a lab capture that would rather hold the board).
+BLOCK_TIMEOUT_MIN, BLOCK_TIMEOUT_MAX = 0.1, 600.0
+# owner_idle: 100 ms for tests up to a day.
+OWNER_IDLE_MIN, OWNER_IDLE_MAX = 0.1, 86400.0
 # Sequences per port: a reset, a bootloader entry, a few board-specific ones.
 MAX_SEQUENCES = 32
 
@@ -179,7 +188,7 @@ def _listener(node: Node, port_name: str, index: int) -> Listener:
     else:
         default_name = f"{kind}:{path or port_name}"
     mode_key = "socket_mode" if kind == "unix" else "link_mode"
-    return Listener(
+    lst = Listener(
         kind=kind,
         name=m.read("name", read_name, default_name),
         host=host,
@@ -189,6 +198,7 @@ def _listener(node: Node, port_name: str, index: int) -> Listener:
         max_clients=m.read("max_clients", lambda n: n.integer(1, 100_000), d.max_clients),
         buffer=m.read("buffer", lambda n: n.size(4 * KiB, 1 * GiB), d.buffer),
         overflow=m.read("overflow", lambda n: n.choice(OVERFLOWS), d.overflow),
+        block_timeout=m.read("block_timeout", _block_timeout, d.block_timeout),
         write=m.read("write", lambda n: n.choice(WRITE_MODES), d.write),
         notices=m.read("notices", Node.flag, d.notices),
         file_mode=m.read(mode_key, Node.file_mode, d.file_mode),
@@ -201,6 +211,28 @@ def _listener(node: Node, port_name: str, index: int) -> Listener:
         banner=m.read("banner", _banner, d.banner),
         escape=m.read("escape", lambda n: n.parsed(parse_escape), None),
     )
+    _check_block(lst, m)
+    return lst
+
+
+def _block_timeout(node: Node) -> float:
+    return node.duration(BLOCK_TIMEOUT_MIN, BLOCK_TIMEOUT_MAX, off=False)
+
+
+def _check_block(lst: Listener, m: Section) -> None:
+    """overflow: block's own bounds (see BLOCK_MIN_BUFFER); each error at its key."""
+    if lst.overflow != "block":
+        if "block_timeout" in m and m.ok("block_timeout", "overflow"):
+            m["block_timeout"].add_error("block_timeout applies to overflow: block only")
+        return
+    if lst.buffer < BLOCK_MIN_BUFFER and m.ok("buffer", "overflow"):
+        m.get("buffer", m["overflow"]).add_error(
+            f"overflow: block needs a buffer of at least {BLOCK_MIN_BUFFER // KiB}KiB, got {lst.buffer}"
+        )
+    if lst.format != "raw" and m.ok("format", "overflow"):
+        m.get("format", m["overflow"]).add_error(
+            f"overflow: block keeps raw streams only, not format: {lst.format}"
+        )
 
 
 def _banner(node: Node) -> str:
@@ -302,6 +334,7 @@ def read_port(node: Node, has_broker: bool) -> PortRead:
         line_control=m.read("line_control", lambda n: n.choice(LINE_CONTROL_POLICIES), d.line_control),
         write_lock=m.read("write_lock", lambda n: n.choice(WRITE_LOCK_POLICIES), d.write_lock),
         lock_idle=m.read("lock_idle", lambda n: n.duration(LOCK_IDLE_MIN, LOCK_IDLE_MAX), d.lock_idle),
+        owner_idle=m.read("owner_idle", lambda n: n.duration(OWNER_IDLE_MIN, OWNER_IDLE_MAX), d.owner_idle),
         trace=m.read("trace", list_of(_trace), ()),
         sequences=m.read("sequences", _sequences, ()),
         mqtt=m.read("mqtt", _port_mqtt, None),

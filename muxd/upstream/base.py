@@ -21,6 +21,13 @@ closes is retried with growing waits, not hundreds of times a minute.
 Writes queued while the device is down stay queued in the hub (bounded, with
 backpressure on the writers) and go out in order once it is back up.
 
+Reading can be paused (``set_reading(False)``, which the hub calls while a
+lossless reader holds the device, see muxd.hub): the fd stays registered for
+output and errors, but not for input, so the device's own flow control
+applies (a pty writer blocks, a TCP peer's window closes, a UART with
+RTS/CTS holds). An error or hang-up while paused is still read: the device is
+going away and what it had is owed to the readers.
+
 Every upstream also owns what is in force on the line, as the one copy muxd
 keeps: the line settings (``settings``) and the control lines (``control``:
 DTR, RTS, BREAK; ``set_control`` changes them or raises SettingsRefused), and
@@ -147,7 +154,11 @@ class FdUpstream(ABC):
         # it has none (a pty, found at open; a K2 that cannot be told), so no
         # view shows a level nobody can set (muxd.linecontrol.control_lines).
         self.control_lines = True
+        # False while the hub holds the device (muxd.hub); an upstream replaced
+        # by a reload while a lossless reader holds it starts held.
+        self._reading = not hub.holding
         hub.writes.on_ready = self._on_write_ready
+        hub.set_reading = self.set_reading
 
     # -- subclass hooks -------------------------------------------------------
 
@@ -241,7 +252,7 @@ class FdUpstream(ABC):
 
     def _opened(self, fd: int) -> None:
         self.fd = fd
-        self.reactor.add(fd, IN | self._out_mask(), self._on_events, self._on_internal_error)
+        self.reactor.add(fd, self._in_mask() | self._out_mask(), self._on_events, self._on_internal_error)
         self._stable = self.reactor.call_later(self.stable_after, self._on_stable)
         self.status.set(UP, "opened")
         self._on_up()
@@ -302,6 +313,15 @@ class FdUpstream(ABC):
     def _out_mask(self) -> int:
         return OUT if self.hub.writes.queue.bytes else 0
 
+    def _in_mask(self) -> int:
+        return IN if self._reading else 0
+
+    def set_reading(self, on: bool) -> None:
+        """Read the device (True) or leave its bytes where they are (False)."""
+        self._reading = on
+        if self.fd is not None:
+            self.reactor.modify(self.fd, self._in_mask() | self._out_mask())
+
     def _on_events(self, mask: int) -> None:
         if mask & OUT:
             self._drain()
@@ -338,4 +358,4 @@ class FdUpstream(ABC):
             if n < len(unit):
                 break
         if self.fd is not None:
-            self.reactor.modify(self.fd, IN | self._out_mask())
+            self.reactor.modify(self.fd, self._in_mask() | self._out_mask())

@@ -11,6 +11,10 @@ output as a board's debug header would not, but a demo wants to: ``[DTR low]``,
 ``[RTS high]``, ``[BREAK on]``. The modem inputs read as a loopback plug
 wires them (as pyserial's loop:// does): CTS follows RTS, DSR follows DTR, CD
 on, RI off.
+
+Reading paused (``set_reading(False)``, muxd.hub holding the device for a
+lossless reader) is a UART with flow control holding: output waits in the
+pending buffer, which overruns (counted) past MAX_PENDING as a FIFO would.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class SimDevice:
         self._last_was_cr = False
         self._timers: list[Timer] = []
         self._running = False
+        self._reading = not hub.holding  # False while the hub holds the device
         self.status = UpstreamStatus(hub.name, hub.notice)
         self.bytes_unacked_lost = 0  # a simulated UART takes every byte
         self.control = ControlLines(dtr=True, rts=True)
@@ -70,6 +75,11 @@ class SimDevice:
         # Bounded: the newest CONTROL_LOG entries.
         self.control_log: list[tuple[float, str, bool]] = []
         hub.writes.on_ready = self._on_input
+        hub.set_reading = self.set_reading
+
+    def set_reading(self, on: bool) -> None:
+        """Release output (True) or hold it in the pending buffer (False)."""
+        self._reading = on
 
     def describe(self) -> str:
         return self.cfg.describe()
@@ -140,7 +150,7 @@ class SimDevice:
         if not self._running:
             return
         self._credit = min(self._credit + self.rate * TICK, max(self.rate * TICK * 4, 1.0))
-        n = min(int(self._credit), len(self._out))
+        n = min(int(self._credit), len(self._out)) if self._reading else 0
         if n:
             self._credit -= n
             chunk = bytes(self._out[:n])

@@ -41,6 +41,11 @@ it, as with any TCP connection: a small SO_SNDBUF keeps that amount small
 (the rest stays queued in the hub), and when a link is dropped the bytes the
 K2 never acknowledged (TCP_INFO's bytes_acked) are logged and counted in
 ``bytes_unacked_lost`` (a metric), never lost silently.
+
+Why this module is long: connecting without blocking, the three ways a dead
+link is found, the vendor and RFC 2217 control channels and the reconciling
+of a K2's answers all act on the one socket and its state; split apart, each
+would need the others' internals.
 """
 
 from __future__ import annotations
@@ -198,7 +203,15 @@ class TcpPort(FdUpstream):
             self._idle_timer = self.reactor.call_later(self.cfg.idle_timeout, self._guarded(self._check_idle))
         self._drain()
 
+    def set_reading(self, on: bool) -> None:
+        # A link we stopped reading is not idle: its quiet time starts again
+        # when reading resumes (muxd.hub holds the device for a lossless reader).
+        self._last_rx = self.reactor.now()
+        super().set_reading(on)
+
     def _check_idle(self) -> None:
+        if not self._reading:  # held: what the K2 sends waits in its window
+            self._last_rx = self.reactor.now()
         left = self._last_rx + self.cfg.idle_timeout - self.reactor.now()
         if left > 0:
             self._idle_timer = self.reactor.call_later(left, self._guarded(self._check_idle))
