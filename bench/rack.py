@@ -37,6 +37,7 @@ Prints one JSON line per case. `python -m bench.rack --ports 128 --readers 4
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -49,11 +50,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from bench.fanout import BAUD_RATE_BPS, REPO, Device, Server, TargetError, machine, raise_nofile
 from bench.memory import status_kib
-from bench.fanout import BAUD_RATE_BPS, REPO, Device, Server, TargetError, free_port, machine, raise_nofile
 
 TARGETS = ("muxd", "ser2net")
 TRACE_FORMATS = ("text", "jsonl", "raw")
@@ -116,6 +118,20 @@ def ser2net_config(
     return "\n".join(out) + "\n"
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports: all bound at once, so none is handed out twice."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def listening(ports: Sequence[int]) -> bool:
     """True when every 127.0.0.1:port is in LISTEN state (read from
     /proc/net/tcp: a probe connection would count as a client)."""
@@ -143,7 +159,11 @@ def start_server(target: str, cmd: list[str], ports: Sequence[int], log: Path) -
 
 
 def feeder_main(
-    masters: Sequence[int], rate: int, seconds: float, tick: float, conn: multiprocessing.connection.Connection
+    masters: Sequence[int],
+    rate: int,
+    seconds: float,
+    tick: float,
+    conn: Connection,
 ) -> None:
     """Write `rate` bytes/s to every master for `seconds`; send back
     (offered, taken) per board. Bytes the pty refuses are not retried."""
@@ -161,10 +181,8 @@ def feeder_main(
                 continue
             at = offered[i] % len(_LINE)  # the stream continues where it was
             offered[i] = due
-            try:
+            with contextlib.suppress(BlockingIOError):
                 taken[i] += os.write(fd, view[at : at + k])
-            except BlockingIOError:
-                pass
         now = time.monotonic()
         time.sleep(max(0.0, tick - (now - start) % tick))
         now = time.monotonic()
@@ -175,7 +193,7 @@ def feeder_main(
 # ---------------------------------------------------------------- readers
 
 
-def reader_main(ports: Sequence[int], readers: int, conn: multiprocessing.connection.Connection) -> None:
+def reader_main(ports: Sequence[int], readers: int, conn: Connection) -> None:
     """Hold readers x ports connections. Messages: ("ready") once each has
     seen a byte; then on ("drain", taken per board) read until every
     connection has its board's bytes or is quiet, and send back
@@ -281,7 +299,7 @@ def run_case(
     devices = [Device(case / f"tty{i}") for i in range(boards)]
     for d in devices:
         d.plug()
-    ports = [free_port() for _ in range(boards)]
+    ports = free_ports(boards)
     record: dict[str, Any] = {
         "bench": "rack",
         "target": target,
@@ -360,7 +378,7 @@ def run_idle(boards: int, seconds: float, work: Path) -> dict[str, Any]:
     devices = [Device(work / f"idle{i}") for i in range(boards)]
     for d in devices:
         d.plug()
-    ports = [free_port() for _ in range(boards)]
+    ports = free_ports(boards)
     conf = work / "idle.yaml"
     conf.write_text(json.dumps(muxd_config([d.link for d in devices], ports, "jsonl", work, None)))
     cmd = [sys.executable, "-m", "muxd", "run", "-c", str(conf), "--log-level", "warning"]
@@ -390,12 +408,23 @@ def run_startup(boards: int, work: Path) -> dict[str, Any]:
     devices = [Device(work / f"start{i}") for i in range(boards)]
     for d in devices:
         d.plug()
-    ports = [free_port() for _ in range(boards)]
+    ports = free_ports(boards)
     conf = work / "start.yaml"
     conf.write_text(json.dumps(muxd_config([d.link for d in devices], ports, "jsonl", work, None)))
     ready = work / "ready.json"
     log = work / "start.log"
-    cmd = [sys.executable, "-m", "muxd", "run", "-c", str(conf), "--log-level", "info", "--ready-file", str(ready)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "muxd",
+        "run",
+        "-c",
+        str(conf),
+        "--log-level",
+        "info",
+        "--ready-file",
+        str(ready),
+    ]
     t0 = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
