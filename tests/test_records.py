@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -168,3 +169,30 @@ def test_a_format_first_asked_for_later_replays_the_past_with_its_times() -> Non
     records = [json.loads(x) for x in late.got.splitlines()]
     assert [r["data"] for r in records] == ["one\n", "two\n", "three\n"]
     assert records[0]["t"] <= records[1]["t"] <= records[2]["t"]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"boot ok\n",
+        b'a"b\\c\td\x00\x1f\n\xff\xfeok\r\npartial',
+        "é€😀\n".encode(),
+        b"\n\n",
+        bytes(range(256)),
+    ],
+)
+def test_jsonl_records_are_what_json_dumps_writes(chunk: bytes) -> None:
+    """The encoder builds records from parts (for speed): each must be the
+    json.dumps of its dict, strays as \\udcNN, and parse back to the bytes."""
+    t = 1764609000.123456789
+    got = JsonlEncoder('d"u\\t').data(chunk, t).decode()
+    text = chunk.decode("utf-8", "surrogateescape")
+    want = "".join(
+        json.dumps({"t": round(t, 6), "port": 'd"u\\t', "dir": "rx", "data": line}, separators=(",", ":"))
+        + "\n"
+        for line in re.findall(r"[^\n]*\n|[^\n]+$", text)
+    )
+    assert [json.loads(x) for x in got.splitlines()] == [json.loads(x) for x in want.splitlines()]
+    assert (
+        "".join(json.loads(x)["data"] for x in got.splitlines()).encode("utf-8", "surrogateescape") == chunk
+    )
