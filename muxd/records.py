@@ -222,10 +222,15 @@ class FramedLog:
     chunks, so a record is never cut by a skip.
     """
 
-    def __init__(self, fmt: Format, port: str, raw_capacity: int) -> None:
+    def __init__(self, fmt: Format, port: str, raw_capacity: int, history: int = 0) -> None:
         self.format = fmt
         self.encoder = make_encoder(fmt, port)
         self.ring = Ring(raw_capacity * FRAMED_EXPANSION)
+        self.ring.low = self._needed
+        # The raw history its records must keep for readers to come (0: only
+        # what its readers have yet to take), and those readers.
+        self.history = history
+        self.cursors: set[RecordCursor] = set()
         # (raw offset, framed offset, whether it starts a line, arrival time) at
         # the start of each chunk still held.
         self.index: deque[tuple[int, int, bool, float]] = deque()
@@ -238,6 +243,17 @@ class FramedLog:
         tail = self.ring.tail
         while self.index and (self.index[0][1] < tail or len(self.index) > MAX_INDEX):
             self.index.popleft()
+
+    def _needed(self) -> int:
+        """The oldest framed offset still needed (muxd.ring: Ring.low): the
+        records of the chunk each reader stands in, and of the history kept."""
+        raw = self.raw_head - self.history if self.history else self.raw_head
+        for cursor in self.cursors:
+            raw = min(raw, cursor.at)
+        i = self._find(raw)
+        if i < len(self.index) and self.index[i][0] == raw:
+            return self.index[i][1]
+        return self.index[i - 1][1] if i > 0 else self.ring.tail
 
     def _find(self, raw: int) -> int:
         """The index position of the first chunk starting at or after raw."""
@@ -331,10 +347,14 @@ class RecordCursor:
     bytes to skip, raw bytes they carry), until the reader moves past it.
     """
 
-    def __init__(self, log: FramedLog) -> None:
+    def __init__(self, log: FramedLog, history: int = 0) -> None:
         self.log = log
+        self._history = history  # the port's bound: kept by the log once a reader replays any
         self._skip: tuple[int, int, int] | None = None
         self._end = 0  # the raw offset the records last given end at
+        # The reader's cursor as last seen here (begin, taken, skip_to: every
+        # move forward but a purge, which only makes it later): what the log must hold.
+        self.at = log.raw_tail
 
     @property
     def tail(self) -> int:
@@ -350,7 +370,9 @@ class RecordCursor:
         at the line that holds `start`: N lines asked, N lines given. A
         replay that must begin inside a text line gets that line's stamp."""
         log = self.log
-        boundary = max(log.raw_tail, log.boundary_before(start))
+        if start < log.raw_head:  # a reader that replays: readers to come may too
+            log.history = max(log.history, self._history)
+        boundary = self.at = max(log.raw_tail, log.boundary_before(start))
         if ring.tail <= boundary < start:
             before = ring.read(boundary, start)
             lines = before.count(b"\n")
@@ -381,7 +403,7 @@ class RecordCursor:
     def skip_to(self, cursor: int, raw: int) -> tuple[int, int]:
         """The reader skips forward to the first chunk boundary at or after
         raw: (its new cursor, the raw bytes it loses by that)."""
-        target = self.log.boundary_after(raw)
+        target = self.at = self.log.boundary_after(raw)
         lost = target - cursor - self.unowed(cursor)
         self._skip = None
         return target, lost
@@ -413,6 +435,7 @@ class RecordCursor:
         whole): (its new cursor, the device bytes those records carried)."""
         delivered = self._end - cursor - self.unowed(cursor)
         self._skip = None
+        self.at = self._end
         return self._end, delivered
 
     def gap(self, cursor: int, lost: int, now: float, mid_line: bool) -> bytes:
@@ -454,11 +477,20 @@ class RecordLogs:
     """A port's FramedLogs, one per record format in use, and the arrival times
     of the chunks its ring holds.
 
-    Formats the config names (``kept``) are encoded from the start, so their
-    history is there for the first reader. A format only some connections ask
-    for (a WebSocket's query) is created for the first of them by replaying the
-    last ``history`` bytes of the ring (all a reader may replay) with the
-    original arrival times, and released when the last one leaves.
+    Formats the config names for listeners (``kept``) are encoded from the
+    start, so their history is there for the first reader. A format only some
+    connections ask for (a WebSocket's query) or only traces use is created
+    for the first of them by replaying the last ``history`` bytes of the ring
+    (all a reader may replay) with the original arrival times, and released
+    when the last one leaves.
+
+    Memory follows need: a log holds the records its readers have yet to
+    take, and the history only for a kept format or once a reader has
+    replayed some (a trace never does: its file is its history), so a jsonl
+    trace of a busy port costs the records of a quarter second, not
+    FRAMED_EXPANSION times the ring. The first reader to replay from a log
+    that held no history gets what it still holds (at least the trace's
+    unwritten part); readers after it get the whole bound.
     """
 
     def __init__(self, port: str, capacity: int, history: int, kept: tuple[Format, ...], ring: Ring) -> None:
@@ -500,24 +532,32 @@ class RecordLogs:
     def log(self, fmt: Format) -> FramedLog:
         log = self.logs.get(fmt)
         if log is None:
-            log = self.logs[fmt] = FramedLog(fmt, self.port, self.capacity)
+            history = self.history if fmt in self.kept else 0
+            log = self.logs[fmt] = FramedLog(fmt, self.port, self.capacity, history)
             self._replay(log)
         return log
 
     def cursor(self, fmt: Format) -> RecordCursor:
         """A new reader's cursor in the format's log (made now if need be)."""
-        return RecordCursor(self.log(fmt))
+        log = self.log(fmt)
+        cursor = RecordCursor(log, self.history)
+        log.cursors.add(cursor)
+        return cursor
 
     def release(self, cursor: RecordCursor, readers: int) -> None:
         """A reader of the cursor's log left, `readers` remain: with none left,
         the log goes, unless the config keeps it."""
         log = cursor.log
+        log.cursors.discard(cursor)
         if not readers and log.format not in self.kept and self.logs.get(log.format) is log:
             del self.logs[log.format]
 
     def resize(self, ring: Ring, capacity: int, history: int, kept: tuple[Format, ...]) -> None:
         """A reloaded port's ring and bounds: logs made from now on follow them."""
         self.ring, self.capacity, self.history, self.kept = ring, capacity, history, kept
+        for fmt, log in self.logs.items():
+            if log.history or fmt in kept:
+                log.history = history
 
     def _replay(self, log: FramedLog) -> None:
         """Encode the ring's history into a new framed log, chunk by chunk,

@@ -196,3 +196,30 @@ def test_jsonl_records_are_what_json_dumps_writes(chunk: bytes) -> None:
     assert (
         "".join(json.loads(x)["data"] for x in got.splitlines()).encode("utf-8", "surrogateescape") == chunk
     )
+
+
+def test_rings_follow_what_readers_lag_not_the_capacity() -> None:
+    """A bound is a ceiling: with readers that keep up, a port's raw ring holds
+    its history and a trace-only jsonl log (not kept: no listener asks it)
+    only what its reader has yet to take, however much passes and however
+    large the capacity; a stuck reader still gets its whole backlog."""
+    capacity = 1 << 20
+    hub = Hub("p", PortBounds(capacity, 1024, 64, 4096), Reactor())
+    trace = Taker()
+    trace.reader = hub.attach(trace, _policy("jsonl", capacity), "t")
+    raw = Taker()
+    raw.reader = hub.attach(raw, _policy("raw", capacity), "t")
+    line = b"." * 63 + b"\n"
+    for _ in range(8192):  # 512 KiB of device bytes, over a MiB of records
+        hub.publish(line)
+        trace.take_all(hub)
+        raw.take_all(hub)
+    assert len(raw.got) == 8192 * 64 and trace.got.count(b"\n") == 8192
+    assert hub.ring.allocated <= 64 * 1024
+    assert trace.reader.log is not None and trace.reader.log.ring.allocated <= 64 * 1024
+    stuck = Taker()
+    stuck.reader = hub.attach(stuck, _policy("raw", capacity), "t")
+    for _ in range(4096):  # 256 KiB it does not take
+        hub.publish(line)
+    stuck.take_all(hub)
+    assert len(stuck.got) == 4096 * 64 and stuck.reader.dropped == 0
