@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-# The buffer a ring starts with: a few device reads (or a few seconds of a
-# serial console), so a ring nobody writes to much stays small.
-INITIAL_SIZE = 64 * 1024
+# The buffer a ring starts with: a page, a few device reads, so that a
+# quiet port costs little (128 of them, two rings each: 1 MiB, not 16).
+INITIAL_SIZE = 4 * 1024
 
 
 class Ring:

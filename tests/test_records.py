@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from muxd.hub import Hub, PortBounds, Reader, ReaderPolicy
 from muxd.reactor import Reactor
-from muxd.records import Format, FramedLog, JsonlEncoder, TextEncoder, stamp
+from muxd.records import Arrivals, Format, FramedLog, JsonlEncoder, TextEncoder, stamp
 
 STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 
@@ -223,3 +223,13 @@ def test_rings_follow_what_readers_lag_not_the_capacity() -> None:
         hub.publish(line)
     stuck.take_all(hub)
     assert len(stuck.got) == 4096 * 64 and stuck.reader.dropped == 0
+
+
+def test_arrivals_keep_order_through_compaction() -> None:
+    arrivals = Arrivals()
+    for i in range(3000):
+        arrivals.append(i * 10, i / 8)
+    for _ in range(2500):
+        arrivals.popleft()  # compacts in bulk on the way
+    assert len(arrivals) == 500 and arrivals.offset(1) == 25010
+    assert arrivals.items()[0] == (25000, 2500 / 8) and arrivals.items()[-1] == (29990, 2999 / 8)
