@@ -45,7 +45,12 @@ never needed for history, since the next reader's log is made again from
 the raw ring (which holds the history) with the original arrival times. That
 replay covers only the port's history bound, so opening a format costs an
 encode of at most ``history`` bytes, never of the whole ring. A FramedLog's
-ring, like every Ring, grows with what is written up to its bound.
+ring, like every Ring, holds only what its readers still need (RecordLogs
+says what), up to its bound.
+
+Why this module is long: the encoders, the framed log, the record cursor and
+the arrival times are one contract (records addressed by raw device
+offsets); split apart, each would reach into the others' internals.
 """
 
 from __future__ import annotations
