@@ -569,9 +569,12 @@ class RecordLogs:
     def log(self, fmt: Format) -> FramedLog:
         log = self.logs.get(fmt)
         if log is None:
-            history = self.history if fmt in self.kept else 0
-            log = self.logs[fmt] = FramedLog(fmt, self.port, self.capacity, history)
+            # The replay's records are all kept (the reader it is made for may
+            # want them); then the history stays only for a kept format, or
+            # once a reader replays (RecordCursor.begin).
+            log = self.logs[fmt] = FramedLog(fmt, self.port, self.capacity, self.history)
             self._replay(log)
+            log.history = self.history if fmt in self.kept else 0
         return log
 
     def cursor(self, fmt: Format) -> RecordCursor:

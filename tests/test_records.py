@@ -233,3 +233,15 @@ def test_arrivals_keep_order_through_compaction() -> None:
         arrivals.popleft()  # compacts in bulk on the way
     assert len(arrivals) == 500 and arrivals.offset(1) == 25010
     assert arrivals.items()[0] == (25000, 2500 / 8) and arrivals.items()[-1] == (29990, 2999 / 8)
+
+
+def test_a_format_first_asked_for_later_replays_more_than_a_ring_page() -> None:
+    """The replay that makes a log for a late reader keeps all the history it
+    encodes, however much more than the log's first buffer that is."""
+    hub = Hub("p", PortBounds(1 << 20, 1024, 64, 64 * 1024), Reactor())  # no format kept
+    for i in range(1000):
+        hub.publish(b"%063d\n" % i)  # 64,000 bytes
+    late = Taker()
+    late.reader = hub.attach(late, _policy("jsonl", 1 << 20), "t", history=64 * 1024)
+    late.take_all(hub)
+    assert [int(json.loads(x)["data"]) for x in late.got.splitlines()] == list(range(1000))
