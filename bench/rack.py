@@ -356,8 +356,6 @@ def run_case(
             server_rss_peak_kib=server.status_kib("VmHWM"),
             server_rss_end_kib=server.status_kib("VmRSS"),
         )
-        if trace is not None:
-            record["trace_bytes"] = sum(p.stat().st_size for p in case.glob(f"b*.{trace}"))
     finally:
         for proc in (fd, rd):
             if proc.pid is not None and proc.is_alive():
@@ -366,6 +364,8 @@ def run_case(
         record["server_exit"] = server.stop()
         for d in devices:
             d.unplug()
+    if trace is not None:  # after the stop: what a server writes on its way out counts
+        record["trace_bytes"] = sum(p.stat().st_size for p in case.glob(f"b*.{trace}"))
     return record
 
 
