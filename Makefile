@@ -81,7 +81,7 @@ test: system-deps $(STAMP)
 BENCH_VENV ?= .venv-bench
 BENCH_OUT  ?= bench/results.jsonl
 # bench.rack's lines (docs/benchmarks.md, section rack, quotes them by hand).
-RACK_OUT   ?= bench/rack.jsonl
+RACK_OUT   ?= bench/results-rack.jsonl
 
 bench-deps:
 	@command -v ser2net >/dev/null || { \
