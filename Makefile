@@ -94,6 +94,8 @@ test: system-deps $(STAMP) $(LABGRID_STAMP)
 # editable for its dependencies (the harness runs muxd from the working tree).
 BENCH_VENV ?= .venv-bench
 BENCH_OUT  ?= bench/results.jsonl
+# bench.rack's lines (docs/benchmarks.md, section rack, quotes them by hand).
+RACK_OUT   ?= bench/results-rack.jsonl
 
 bench-deps:
 	@command -v ser2net >/dev/null || { \
@@ -102,12 +104,17 @@ bench-deps:
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q -e . ser2tcp matplotlib
 
-# About 8 minutes on 2 cores; writes docs/benchmarks.md and docs/img/*.png.
+# About 10 minutes on 2 cores; writes docs/benchmarks.md and docs/img/*.png.
 bench: bench-deps
-	rm -f $(BENCH_OUT)
+	rm -f $(BENCH_OUT) $(RACK_OUT)
 	$(BENCH_VENV)/bin/python -m bench.fanout --all --out $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python -m bench.report $(BENCH_OUT)
 	$(BENCH_VENV)/bin/python -m bench.memory
+	@# A rack: 128 boards x 4 readers at 115200 baud, a jsonl trace each, muxd then ser2net.
+	$(BENCH_VENV)/bin/python -m bench.rack --ports 128 --readers 4 --trace jsonl --seconds 10 --out $(RACK_OUT)
+	$(BENCH_VENV)/bin/python -m bench.rack --ports 128 --readers 4 --seconds 10 --out $(RACK_OUT)
+	$(BENCH_VENV)/bin/python -m bench.rack --ports 128 --idle --seconds 10 --out $(RACK_OUT)
+	$(BENCH_VENV)/bin/python -m bench.rack --ports 128 --startup --out $(RACK_OUT)
 
 # The 10-second smoke run that `make test` also runs.
 bench-smoke: $(STAMP)

@@ -228,6 +228,9 @@ def _plot_stuck(runs: dict[tuple[str, str, int], Record], targets: list[str], pa
     plt.close(fig)
 
 
+HAND_WRITTEN = "<!-- Below: written by hand from bench.rack and bench.memory; bench.report keeps it. -->"
+
+
 def write(runs: dict[tuple[str, str, int], Record], md: Path, img: Path) -> None:
     targets = [t for t in TARGETS if any(k[0] == t for k in runs)]
     img.mkdir(parents=True, exist_ok=True)
@@ -278,7 +281,10 @@ def write(runs: dict[tuple[str, str, int], Record], md: Path, img: Path) -> None
         lines += [f"## {scenario}", "", INTRO[scenario], "", *_table(scenario, runs, targets), ""]
         if scenario == "stuck":
             lines += [f"![stuck-reader timeline]({rel / 'stuck_timeline.png'})", ""]
-    md.write_text("\n".join(lines))
+    # Sections written by hand from other benches (the rack, memory) follow
+    # the marker and are kept as they are.
+    kept = md.read_text().partition(HAND_WRITTEN)[1:] if md.exists() else ("", "")
+    md.write_text("\n".join(lines) + ("\n" + "".join(kept) if kept[0] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

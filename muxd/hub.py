@@ -308,6 +308,7 @@ class Hub:
         self.bounds = bounds
         self.reactor = reactor
         self.ring = Ring(bounds.log_capacity)
+        self.ring.low = self._needed
         self.readers: dict[int, Reader] = {}
         self._blocked: set[Reader] = set()
         self._flush_pending = False
@@ -696,8 +697,17 @@ class Hub:
         self.bounds = bounds
         if bounds.log_capacity != self.ring.capacity:
             self.ring = self.ring.resized(bounds.log_capacity)
+            self.ring.low = self._needed
         self.records.resize(self.ring, bounds.log_capacity, bounds.history, bounds.formats)
         self.writes.resize(bounds.write_queue, bounds.max_line, bounds.line_timeout)
+
+    def _needed(self) -> int:
+        """The oldest offset the ring must still hold (muxd.ring: Ring.low): the
+        history bound, and each reader's cursor (and the byte before it, for ends_line)."""
+        low = self.head - self.bounds.history
+        for reader in self.readers.values():
+            low = min(low, reader.cursor - 1)
+        return low
 
     def retarget(self, reader: Reader, policy: ReaderPolicy) -> None:
         """A reloaded listener's options apply to its connected readers at once,

@@ -11,15 +11,23 @@ readers had (hub.ListenerStats), so they only ever go up, as counters must.
 
 Each HTTP server has its own private CollectorRegistry, so nothing depends on
 prometheus_client's global one; process metrics come from its ProcessCollector.
+
+prometheus_client is imported at the first scrape, not at start: with what it
+pulls in (http.server, urllib.request, email, compression modules) it is about
+12 MB of RSS, more than a quiet port of muxd, and a daemon nobody scrapes
+never needs it. make_registry() returns a LazyRegistry, which builds the real
+registry when first collected.
 """
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from muxd import __version__
 from muxd.hub import ListenerStats
@@ -59,6 +67,8 @@ class MuxdCollector:
         self._servers = servers
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
         p, pl = ["port"], ["port", "listener"]
         up = GaugeMetricFamily("muxd_upstream_up", "1 if the port's device is connected, else 0.", labels=p)
         state = GaugeMetricFamily(
@@ -257,6 +267,8 @@ class MuxdCollector:
 
 def _mqtt_metrics(ports: Iterable[PortRuntime]) -> Iterator[Metric]:
     """The MQTT bridge (muxd.mqtt): its connection, once, and each published port's feed."""
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
     p = ["port"]
     up = GaugeMetricFamily("muxd_mqtt_up", "1 if the MQTT bridge is connected to its broker, else 0.")
     state = GaugeMetricFamily(
@@ -319,6 +331,8 @@ def _mqtt_metrics(ports: Iterable[PortRuntime]) -> Iterator[Metric]:
 def tls_metrics() -> Iterator[Metric]:
     """TLS handshakes of every TLS listener and http server, by listener name
     (muxd.tls.TLS_STATS; the reasons are a fixed set: timeout, error, closed, silent, evicted, busy)."""
+    from prometheus_client.metrics_core import CounterMetricFamily
+
     done = CounterMetricFamily("muxd_tls_handshakes", "TLS handshakes completed.", labels=["listener"])
     failed = CounterMetricFamily(
         "muxd_tls_handshake_failures",
@@ -343,6 +357,8 @@ def line_format(settings: LineSettings) -> str:
 def build_info() -> GaugeMetricFamily:
     """The `_info` idiom: label-only facts as a gauge of 1, so a query can join
     them onto any series (`* on(instance) group_left(version) muxd_build_info`)."""
+    from prometheus_client.metrics_core import GaugeMetricFamily
+
     info = GaugeMetricFamily(
         "muxd_build_info", "muxd's version and the Python running it; always 1.", labels=["version", "python"]
     )
@@ -358,16 +374,42 @@ def _merged(counts: dict[str, int]) -> dict[str, int]:
     return out
 
 
+class LazyRegistry:
+    """A registry that imports prometheus_client and builds itself when first
+    collected (generate_latest() only calls collect())."""
+
+    def __init__(
+        self,
+        ports: Callable[[], Iterable[PortRuntime]],
+        reactor: Reactor,
+        servers: Callable[[], Iterable[tuple[str, int]]],
+    ) -> None:
+        self._collector = MuxdCollector(ports, reactor, servers)
+        self._registry: CollectorRegistry | None = None
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry, ProcessCollector
+
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(self._collector)
+            ProcessCollector(registry=self._registry)
+        return self._registry
+
+    def collect(self) -> Iterable[Metric]:
+        return self.registry.collect()
+
+
 def make_registry(
     ports: Callable[[], Iterable[PortRuntime]],
     reactor: Reactor,
     servers: Callable[[], Iterable[tuple[str, int]]] = tuple,
-) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(MuxdCollector(ports, reactor, servers))
-    ProcessCollector(registry=registry)
-    return registry
+) -> LazyRegistry:
+    return LazyRegistry(ports, reactor, servers)
 
 
-def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
+def render(registry: LazyRegistry) -> bytes:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry.registry)

@@ -43,12 +43,16 @@ class ListenerRuntime(Protocol):
 
 
 def bounds_for(port: Port) -> PortBounds:
+    # Formats kept from the start, with their history: those of listeners and
+    # the MQTT bridge. A format only traces use is made when its trace starts
+    # and holds only what the trace has yet to write (the file is its history).
+    listened = {lst.format for lst in port.listeners} | ({port.mqtt.format} if port.mqtt else set())
     return PortBounds(
         log_capacity=port.log_capacity,
         write_queue=port.write_queue,
         max_line=port.max_line,
         history=port.history_bound,
-        formats=port.formats,
+        formats=tuple(f for f in port.formats if f in listened),
         line_timeout=port.line_timeout,
     )
 

@@ -45,7 +45,12 @@ never needed for history, since the next reader's log is made again from
 the raw ring (which holds the history) with the original arrival times. That
 replay covers only the port's history bound, so opening a format costs an
 encode of at most ``history`` bytes, never of the whole ring. A FramedLog's
-ring, like every Ring, grows with what is written up to its bound.
+ring, like every Ring, holds only what its readers still need (RecordLogs
+says what), up to its bound.
+
+Why this module is long: the encoders, the framed log, the record cursor and
+the arrival times are one contract (records addressed by raw device
+offsets); split apart, each would reach into the others' internals.
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ import codecs
 import json
 import re
 import time
+from array import array
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 from muxd.ring import Ring
@@ -150,21 +157,27 @@ class TextEncoder(Encoder):
 
 
 class JsonlEncoder(Encoder):
+    """Records built from parts: every record of a chunk shares its lead
+    (``{"t":...,"port":...,"dir":"rx","data":``), and only each line's string
+    goes through the JSON string encoder (C), which is what json.dumps with
+    ensure_ascii=False would write for it: the same bytes, about four times
+    less CPU than a json.dumps per record (the cost of a jsonl trace)."""
+
     def __init__(self, port: str) -> None:
         super().__init__(port)
         self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self._port = _json_string(port)
 
     def data(self, chunk: bytes, t: float) -> bytes:
         text = self._decoder.decode(chunk)
-        t = round(t, 6)
-        out = []
-        for line in _lines(text):
-            record = {"t": t, "port": self.port, "dir": "rx", "data": line}
-            out.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
-        if not out:
+        if not text:
             return b""
+        lead = f'{{"t":{round(t, 6)!r},"port":{self._port},"dir":"rx","data":'
+        out = "".join([f"{lead}{_json_string(line)}}}\n" for line in _lines(text)])
+        if text.isascii():
+            return out.encode()
         # Text stays readable UTF-8; only the escaped stray bytes become \udcNN.
-        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", "\n".join(out) + "\n").encode()
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", out).encode()
 
     def event(
         self,
@@ -180,6 +193,8 @@ class JsonlEncoder(Encoder):
 
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
+# json.dumps(str, ensure_ascii=False) without the call's set-up: the C string encoder.
+_json_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def _lines(text: str) -> list[str]:
@@ -213,10 +228,15 @@ class FramedLog:
     chunks, so a record is never cut by a skip.
     """
 
-    def __init__(self, fmt: Format, port: str, raw_capacity: int) -> None:
+    def __init__(self, fmt: Format, port: str, raw_capacity: int, history: int = 0) -> None:
         self.format = fmt
         self.encoder = make_encoder(fmt, port)
         self.ring = Ring(raw_capacity * FRAMED_EXPANSION)
+        self.ring.low = self._needed
+        # The raw history its records must keep for readers to come (0: only
+        # what its readers have yet to take), and those readers.
+        self.history = history
+        self.cursors: set[RecordCursor] = set()
         # (raw offset, framed offset, whether it starts a line, arrival time) at
         # the start of each chunk still held.
         self.index: deque[tuple[int, int, bool, float]] = deque()
@@ -229,6 +249,17 @@ class FramedLog:
         tail = self.ring.tail
         while self.index and (self.index[0][1] < tail or len(self.index) > MAX_INDEX):
             self.index.popleft()
+
+    def _needed(self) -> int:
+        """The oldest framed offset still needed (muxd.ring: Ring.low): the
+        records of the chunk each reader stands in, and of the history kept."""
+        raw = self.raw_head - self.history if self.history else self.raw_head
+        for cursor in self.cursors:
+            raw = min(raw, cursor.at)
+        i = self._find(raw)
+        if i < len(self.index) and self.index[i][0] == raw:
+            return self.index[i][1]
+        return self.index[i - 1][1] if i > 0 else self.ring.tail
 
     def _find(self, raw: int) -> int:
         """The index position of the first chunk starting at or after raw."""
@@ -322,10 +353,14 @@ class RecordCursor:
     bytes to skip, raw bytes they carry), until the reader moves past it.
     """
 
-    def __init__(self, log: FramedLog) -> None:
+    def __init__(self, log: FramedLog, history: int = 0) -> None:
         self.log = log
+        self._history = history  # the port's bound: kept by the log once a reader replays any
         self._skip: tuple[int, int, int] | None = None
         self._end = 0  # the raw offset the records last given end at
+        # The reader's cursor as last seen here (begin, taken, skip_to: every
+        # move forward but a purge, which only makes it later): what the log must hold.
+        self.at = log.raw_tail
 
     @property
     def tail(self) -> int:
@@ -341,7 +376,9 @@ class RecordCursor:
         at the line that holds `start`: N lines asked, N lines given. A
         replay that must begin inside a text line gets that line's stamp."""
         log = self.log
-        boundary = max(log.raw_tail, log.boundary_before(start))
+        if start < log.raw_head:  # a reader that replays: readers to come may too
+            log.history = max(log.history, self._history)
+        boundary = self.at = max(log.raw_tail, log.boundary_before(start))
         if ring.tail <= boundary < start:
             before = ring.read(boundary, start)
             lines = before.count(b"\n")
@@ -372,7 +409,7 @@ class RecordCursor:
     def skip_to(self, cursor: int, raw: int) -> tuple[int, int]:
         """The reader skips forward to the first chunk boundary at or after
         raw: (its new cursor, the raw bytes it loses by that)."""
-        target = self.log.boundary_after(raw)
+        target = self.at = self.log.boundary_after(raw)
         lost = target - cursor - self.unowed(cursor)
         self._skip = None
         return target, lost
@@ -404,6 +441,7 @@ class RecordCursor:
         whole): (its new cursor, the device bytes those records carried)."""
         delivered = self._end - cursor - self.unowed(cursor)
         self._skip = None
+        self.at = self._end
         return self._end, delivered
 
     def gap(self, cursor: int, lost: int, now: float, mid_line: bool) -> bytes:
@@ -441,15 +479,55 @@ def _drop_front(views: list[memoryview], n: int) -> list[memoryview]:
 MAX_ARRIVALS = 16 * 1024
 
 
+class Arrivals:
+    """(raw offset, arrival time) of each chunk still held, oldest first, in
+    two flat arrays: 16 bytes a chunk where a deque of tuples costs about
+    120 (a few hundred chunks a port: 38 KiB each on a rack of 128)."""
+
+    def __init__(self) -> None:
+        self._offsets = array("q")
+        self._times = array("d")
+        self._first = 0  # entries before it are gone (compacted away in bulk)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - self._first
+
+    def append(self, offset: int, t: float) -> None:
+        self._offsets.append(offset)
+        self._times.append(t)
+
+    def offset(self, i: int) -> int:
+        return self._offsets[self._first + i]
+
+    def popleft(self) -> None:
+        self._first += 1
+        if self._first >= 1024 and 2 * self._first >= len(self._offsets):
+            del self._offsets[: self._first]
+            del self._times[: self._first]
+            self._first = 0
+
+    def items(self) -> list[tuple[int, float]]:
+        return list(zip(self._offsets[self._first :], self._times[self._first :], strict=True))
+
+
 class RecordLogs:
     """A port's FramedLogs, one per record format in use, and the arrival times
     of the chunks its ring holds.
 
-    Formats the config names (``kept``) are encoded from the start, so their
-    history is there for the first reader. A format only some connections ask
-    for (a WebSocket's query) is created for the first of them by replaying the
-    last ``history`` bytes of the ring (all a reader may replay) with the
-    original arrival times, and released when the last one leaves.
+    Formats the config names for listeners (``kept``) are encoded from the
+    start, so their history is there for the first reader. A format only some
+    connections ask for (a WebSocket's query) or only traces use is created
+    for the first of them by replaying the last ``history`` bytes of the ring
+    (all a reader may replay) with the original arrival times, and released
+    when the last one leaves.
+
+    Memory follows need: a log holds the records its readers have yet to
+    take, and the history only for a kept format or once a reader has
+    replayed some (a trace never does: its file is its history), so a jsonl
+    trace of a busy port costs the records of a quarter second, not
+    FRAMED_EXPANSION times the ring. The first reader to replay from a log
+    that held no history gets what it still holds (at least the trace's
+    unwritten part); readers after it get the whole bound.
     """
 
     def __init__(self, port: str, capacity: int, history: int, kept: tuple[Format, ...], ring: Ring) -> None:
@@ -459,7 +537,7 @@ class RecordLogs:
         self.kept = kept
         self.ring = ring  # the hub's; replaced with it on a resize
         self.logs: dict[Format, FramedLog] = {}
-        self._arrivals: deque[tuple[int, float]] = deque()
+        self._arrivals = Arrivals()
         self._last_time = 0.0  # the latest time given to a record (see clock)
         for fmt in kept:
             self.log(fmt)
@@ -479,9 +557,9 @@ class RecordLogs:
         and encode it once into every log in use."""
         now = self.clock()
         arrivals = self._arrivals
-        arrivals.append((start, now))
+        arrivals.append(start, now)
         tail = self.ring.tail
-        while len(arrivals) > MAX_ARRIVALS or (len(arrivals) > 1 and arrivals[1][0] <= tail):
+        while len(arrivals) > MAX_ARRIVALS or (len(arrivals) > 1 and arrivals.offset(1) <= tail):
             arrivals.popleft()
         if self.logs:
             chunk = bytes(data)
@@ -491,31 +569,42 @@ class RecordLogs:
     def log(self, fmt: Format) -> FramedLog:
         log = self.logs.get(fmt)
         if log is None:
-            log = self.logs[fmt] = FramedLog(fmt, self.port, self.capacity)
+            # The replay's records are all kept (the reader it is made for may
+            # want them); then the history stays only for a kept format, or
+            # once a reader replays (RecordCursor.begin).
+            log = self.logs[fmt] = FramedLog(fmt, self.port, self.capacity, self.history)
             self._replay(log)
+            log.history = self.history if fmt in self.kept else 0
         return log
 
     def cursor(self, fmt: Format) -> RecordCursor:
         """A new reader's cursor in the format's log (made now if need be)."""
-        return RecordCursor(self.log(fmt))
+        log = self.log(fmt)
+        cursor = RecordCursor(log, self.history)
+        log.cursors.add(cursor)
+        return cursor
 
     def release(self, cursor: RecordCursor, readers: int) -> None:
         """A reader of the cursor's log left, `readers` remain: with none left,
         the log goes, unless the config keeps it."""
         log = cursor.log
+        log.cursors.discard(cursor)
         if not readers and log.format not in self.kept and self.logs.get(log.format) is log:
             del self.logs[log.format]
 
     def resize(self, ring: Ring, capacity: int, history: int, kept: tuple[Format, ...]) -> None:
         """A reloaded port's ring and bounds: logs made from now on follow them."""
         self.ring, self.capacity, self.history, self.kept = ring, capacity, history, kept
+        for fmt, log in self.logs.items():
+            if log.history or fmt in kept:
+                log.history = history
 
     def _replay(self, log: FramedLog) -> None:
         """Encode the ring's history into a new framed log, chunk by chunk,
         with the times the chunks arrived."""
         ring = self.ring
         tail, head = max(ring.tail, ring.head - self.history), ring.head
-        arrivals = list(self._arrivals)
+        arrivals = self._arrivals.items()
         if arrivals and arrivals[0][0] > tail:  # older times were merged away
             arrivals[0] = (tail, arrivals[0][1])
         for i, (off, t) in enumerate(arrivals):

@@ -13,6 +13,12 @@ costs little, and creating a ring never zero-fills (touches) the whole bound.
 Each doubling copies what is held once: amortised, less than one extra copy
 per byte, and never more than the capacity in one go.
 
+The owner may say what must be held (``low``: the oldest offset anyone still
+needs, the readers' cursors and the history bound): before a write would grow
+the buffer, what is older than that is let go instead, so a ring grows to
+what its readers lag and its history, not to the capacity, whatever the
+traffic. Without ``low`` every byte up to the capacity is kept.
+
 Readers get ``memoryview`` slices of the buffer, never copies: one slice, or two
 when the requested range wraps around the end. A view is only valid until the
 next ``write``, which may overwrite it (or move the log to a bigger buffer), so
@@ -22,9 +28,11 @@ the event loop.
 
 from __future__ import annotations
 
-# The buffer a ring starts with: a few device reads (or a few seconds of a
-# serial console), so a ring nobody writes to much stays small.
-INITIAL_SIZE = 64 * 1024
+from collections.abc import Callable
+
+# The buffer a ring starts with: a page, a few device reads, so that a
+# quiet port costs little (128 of them, two rings each: 1 MiB, not 16).
+INITIAL_SIZE = 4 * 1024
 
 
 class Ring:
@@ -36,7 +44,8 @@ class Ring:
         self._buf = bytearray(self._size)
         self._view = memoryview(self._buf)
         self.head = 0  # absolute offset one past the newest byte
-        self._first = 0  # the oldest offset ever written here (non-zero after a resize)
+        self._first = 0  # the oldest offset held here (non-zero after a resize or a let-go)
+        self.low: Callable[[], int] | None = None  # the oldest offset still needed (see above)
 
     @property
     def tail(self) -> int:
@@ -53,7 +62,10 @@ class Ring:
         if n == 0:
             return
         if self._size < self.capacity and self.head + n - self._first > self._size:
-            self._grow(self.head + n - self._first)
+            if self.low is not None:  # asked once per buffer's worth of writes, at most
+                self._first = max(self._first, min(self.low(), self.head))
+            if self.head + n - self._first > self._size:
+                self._grow(self.head + n - self._first)
         cap = self._size
         if n >= cap:
             # Only the newest `cap` bytes can survive; place them as if written in order.
@@ -73,7 +85,12 @@ class Ring:
     def _grow(self, needed: int) -> None:
         """Move to a buffer of at least `needed` bytes (doubling, up to the
         capacity); what is held keeps its offsets."""
-        size = min(self.capacity, max(needed, 2 * self._size))
+        # Doubling amortises the copies of a ring that only grows; one that lets
+        # go (low) grows only when its readers lag more, so a quarter over
+        # the need (in whole pages) is enough: a port with a 64 KiB history
+        # holds about 80 KiB, not 128.
+        grown = 2 * self._size if self.low is None else -(-(needed + needed // 4) // 4096) * 4096
+        size = min(self.capacity, max(needed, grown))
         held = self.read(self.tail)
         self._size = size
         self._buf = bytearray(size)

@@ -15,10 +15,11 @@ sequence (muxd.writes ``events``; ``{"event": "attach", "client": ID,
 --`` in text).
 
 Never blocking the device. Regular files cannot be watched with epoll, so a
-trace is written on a timer (FLUSH_INTERVAL) while the port is quiet, and at
-once by the fan-out pass when EAGER bytes (at most a quarter of the ring) are
-pending, at most WRITE_LIMIT bytes per call: a quiet port costs a write every
-quarter second, and a flood is written as it comes, so the trace keeps up with
+trace is written on a timer (FLUSH_INTERVAL after the first byte pending), and
+at once by the fan-out pass when EAGER bytes (at most a quarter of the ring) are
+pending, at most WRITE_LIMIT bytes per call: a port that talks costs a write
+every quarter second, a quiet one nothing (the timer is armed only while
+something waits), and a flood is written as it comes, so the trace keeps up with
 any rate the device reaches and loses bytes (counted as ``backlog``, with a gap
 record) only if the ring overwrote them first. A disk that is full or failing
 costs trace bytes, never device bytes: a failed write skips what it could not
@@ -114,7 +115,6 @@ class Trace:
 
     def start(self) -> None:
         self._open()
-        self._schedule(FLUSH_INTERVAL)
 
     def stop(self) -> None:
         """Write what is pending, then close; the reader leaves the hub."""
@@ -147,6 +147,8 @@ class Trace:
         # Small chunks make many records: the format's own ring must not wrap either.
         if self.hub.behind(self.reader, EAGER):
             self.flush()
+        if not self.hub.caught_up(self.reader):
+            self._schedule(FLUSH_INTERVAL)
 
     def on_write_room(self) -> None:
         pass
@@ -167,7 +169,10 @@ class Trace:
     def _tick(self) -> None:
         self._timer = None
         self.flush()
-        self._schedule(FLUSH_INTERVAL)
+        # Armed again only while something waits (WRITE_LIMIT was reached):
+        # a quiet port has no timer at all.
+        if not self.hub.caught_up(self.reader):
+            self._schedule(FLUSH_INTERVAL)
 
     def flush(self) -> None:
         budget = WRITE_LIMIT

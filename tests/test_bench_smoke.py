@@ -106,3 +106,33 @@ def test_stuck_record_is_well_formed(tmp_path: Path) -> None:
     assert len(r["longest_gap_ms"]) == 9
     [stuck] = r["stuck"]
     assert {"bytes_received", "frames_received", "disconnected", "how"} <= stuck.keys()
+
+
+def test_rack_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
+    """bench.rack with 2 boards x 1 reader x 2 s and a jsonl trace each:
+    every byte taken from the devices reaches every reader, on muxd (and on
+    ser2net where it is installed, in the same run)."""
+    import shutil
+
+    out = tmp_path / "rack.jsonl"
+    cmd = [sys.executable, "-m", "bench.rack", "--ports", "2", "--readers", "1", "--seconds", "2"]
+    cmd += ["--trace", "jsonl", "--out", str(out), "--target", "muxd"]
+    if shutil.which("ser2net"):
+        cmd += ["--target", "ser2net"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _, stderr = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=15)
+        pytest.fail("bench.rack did not finish in 90 s")
+    assert proc.returncode == 0, stderr.decode()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["target"] for r in records] == (["muxd", "ser2net"] if shutil.which("ser2net") else ["muxd"])
+    for r in records:
+        assert "error" not in r, r["error"]
+        assert r["connections_ready"] == r["connections_alive_end"] == 2
+        assert r["taken_bytes"] > 2 * 11520  # 2 boards at 11,520 B/s for 2 s, less slack
+        assert r["delivered_bytes"] == r["taken_bytes"] and r["lost_bytes"] == 0
+        assert r["server_cpu_s"] > 0 and r["server_rss_peak_kib"] > 0 and r["trace_bytes"] > 0
+    assert records[0]["server_exit"] == 0

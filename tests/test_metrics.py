@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,15 @@ def test_documented_alert_rules_are_valid(tmp_path: Path) -> None:
         [promtool, "check", "rules", str(path)], capture_output=True, timeout=30, check=False
     )
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+
+
+def test_prometheus_client_is_imported_at_the_first_scrape_only() -> None:
+    """About 12 MB of RSS: a daemon nobody scrapes never pays it."""
+    code = (
+        "import sys, muxd.daemon, muxd.metrics as m\n"
+        "from muxd.reactor import Reactor\n"
+        "reg = m.make_registry(lambda: [], Reactor())\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported at start'\n"
+        "assert b'muxd_build_info' in m.render(reg)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from muxd.hub import Hub, PortBounds, Reader, ReaderPolicy
 from muxd.reactor import Reactor
-from muxd.records import Format, FramedLog, JsonlEncoder, TextEncoder, stamp
+from muxd.records import Arrivals, Format, FramedLog, JsonlEncoder, TextEncoder, stamp
 
 STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 
@@ -168,3 +169,79 @@ def test_a_format_first_asked_for_later_replays_the_past_with_its_times() -> Non
     records = [json.loads(x) for x in late.got.splitlines()]
     assert [r["data"] for r in records] == ["one\n", "two\n", "three\n"]
     assert records[0]["t"] <= records[1]["t"] <= records[2]["t"]
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"boot ok\n",
+        b'a"b\\c\td\x00\x1f\n\xff\xfeok\r\npartial',
+        "é€😀\n".encode(),
+        b"\n\n",
+        bytes(range(256)),
+    ],
+)
+def test_jsonl_records_are_what_json_dumps_writes(chunk: bytes) -> None:
+    """The encoder builds records from parts (for speed): each must be the
+    json.dumps of its dict, strays as \\udcNN, and parse back to the bytes."""
+    t = 1764609000.123456789
+    got = JsonlEncoder('d"u\\t').data(chunk, t).decode()
+    text = chunk.decode("utf-8", "surrogateescape")
+    want = "".join(
+        json.dumps({"t": round(t, 6), "port": 'd"u\\t', "dir": "rx", "data": line}, separators=(",", ":"))
+        + "\n"
+        for line in re.findall(r"[^\n]*\n|[^\n]+$", text)
+    )
+    assert [json.loads(x) for x in got.splitlines()] == [json.loads(x) for x in want.splitlines()]
+    assert (
+        "".join(json.loads(x)["data"] for x in got.splitlines()).encode("utf-8", "surrogateescape") == chunk
+    )
+
+
+def test_rings_follow_what_readers_lag_not_the_capacity() -> None:
+    """A bound is a ceiling: with readers that keep up, a port's raw ring holds
+    its history and a trace-only jsonl log (not kept: no listener asks it)
+    only what its reader has yet to take, however much passes and however
+    large the capacity; a stuck reader still gets its whole backlog."""
+    capacity = 1 << 20
+    hub = Hub("p", PortBounds(capacity, 1024, 64, 4096), Reactor())
+    trace = Taker()
+    trace.reader = hub.attach(trace, _policy("jsonl", capacity), "t")
+    raw = Taker()
+    raw.reader = hub.attach(raw, _policy("raw", capacity), "t")
+    line = b"." * 63 + b"\n"
+    for _ in range(8192):  # 512 KiB of device bytes, over a MiB of records
+        hub.publish(line)
+        trace.take_all(hub)
+        raw.take_all(hub)
+    assert len(raw.got) == 8192 * 64 and trace.got.count(b"\n") == 8192
+    assert hub.ring.allocated <= 64 * 1024
+    assert trace.reader.log is not None and trace.reader.log.ring.allocated <= 64 * 1024
+    stuck = Taker()
+    stuck.reader = hub.attach(stuck, _policy("raw", capacity), "t")
+    for _ in range(4096):  # 256 KiB it does not take
+        hub.publish(line)
+    stuck.take_all(hub)
+    assert len(stuck.got) == 4096 * 64 and stuck.reader.dropped == 0
+
+
+def test_arrivals_keep_order_through_compaction() -> None:
+    arrivals = Arrivals()
+    for i in range(3000):
+        arrivals.append(i * 10, i / 8)
+    for _ in range(2500):
+        arrivals.popleft()  # compacts in bulk on the way
+    assert len(arrivals) == 500 and arrivals.offset(1) == 25010
+    assert arrivals.items()[0] == (25000, 2500 / 8) and arrivals.items()[-1] == (29990, 2999 / 8)
+
+
+def test_a_format_first_asked_for_later_replays_more_than_a_ring_page() -> None:
+    """The replay that makes a log for a late reader keeps all the history it
+    encodes, however much more than the log's first buffer that is."""
+    hub = Hub("p", PortBounds(1 << 20, 1024, 64, 64 * 1024), Reactor())  # no format kept
+    for i in range(1000):
+        hub.publish(b"%063d\n" % i)  # 64,000 bytes
+    late = Taker()
+    late.reader = hub.attach(late, _policy("jsonl", 1 << 20), "t", history=64 * 1024)
+    late.take_all(hub)
+    assert [int(json.loads(x)["data"]) for x in late.got.splitlines()] == list(range(1000))

@@ -604,3 +604,33 @@ def test_a_reload_adds_and_removes_traces(muxd: StartMuxd, tmp_path: Path, pty_d
     wait_file(second, lambda b: b == b"two\n", "two in the new trace")
     assert first.read_bytes() == b"one\n"  # written whole before it closed
     assert m.port_info()["clients"] == 1  # a trace is no client
+
+
+def test_a_quiet_port_arms_no_trace_timer(tmp_path: Path) -> None:
+    """Idle is free: a trace's flush timer is armed only while bytes wait, so
+    128 quiet ports cost no wake-ups (in process: the reactor's timer heap)."""
+    from muxd.config import TraceFile
+    from muxd.hub import Hub, PortBounds
+    from muxd.reactor import Reactor
+    from muxd.trace import Trace
+
+    reactor = Reactor()
+    bounds = PortBounds(
+        log_capacity=64 * 1024, write_queue=4096, max_line=4096, history=4096, formats=("jsonl",)
+    )
+    hub = Hub("quiet", bounds, reactor)
+    path = tmp_path / "quiet.jsonl"
+    trace = Trace(TraceFile(str(path), format="jsonl"), hub, reactor)
+    trace.start()
+    try:
+        assert reactor.timer_count == 0  # nothing pending: no timer
+        hub.publish(b"boot ok\n")
+        deadline = time.monotonic() + 5
+        while b"boot ok" not in path.read_bytes():
+            assert time.monotonic() < deadline, "the trace never wrote the line"
+            reactor.run_once(0.05)
+        while reactor.timer_count and time.monotonic() < deadline:
+            reactor.run_once(0.05)  # the written-out timer pops; none is armed again
+        assert reactor.timer_count == 0
+    finally:
+        trace.stop()
