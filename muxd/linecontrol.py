@@ -87,7 +87,7 @@ from muxd.hub import Hub, Reader
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Timer
 from muxd.upstream.base import ControlLines, ModemLines
-from muxd.upstream.state import UP, UpstreamStatus
+from muxd.upstream.state import UP, LinkMonitor
 
 log = logging.getLogger("muxd.linecontrol")
 
@@ -106,7 +106,7 @@ class ControlOwner(Protocol):
     """An upstream with control lines (every real one: muxd.upstream.base.Upstream)."""
 
     control: ControlLines
-    status: UpstreamStatus
+    status: LinkMonitor
 
     def set_control(
         self, dtr: bool | None = None, rts: bool | None = None, brk: bool | None = None

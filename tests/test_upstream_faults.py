@@ -27,7 +27,7 @@ from muxd import config as configmod
 from muxd.errors import LocalProtocolError
 from muxd.port import PortRuntime
 from muxd.reactor import Reactor
-from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, STATES, TRANSITIONS, UP, UpstreamStatus
+from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, STATES, TRANSITIONS, UP, LinkMonitor
 from muxd.upstream.tcp import TcpPort
 from tests.fakes.k2 import BANNER_AND_CLOSE, ONE_BYTE_AND_CLOSE, RST, SERVE, FakeK2
 from tests.helpers import (
@@ -225,7 +225,7 @@ def test_the_transition_table_refuses_what_it_does_not_list() -> None:
     def notify(text: str, **_fields: object) -> None:
         notices.append(text)
 
-    st = UpstreamStatus("p", notify)
+    st = LinkMonitor("p", notify)
     born = st.since
     st.set(CONNECTING, "opening")
     st.set(CONNECTING, "opening")  # the same state and reason: no change at all

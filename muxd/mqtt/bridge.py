@@ -67,8 +67,8 @@ from muxd.upstream.state import (
     DOWN,
     STATES,
     UP,
+    LinkMonitor,
     UpstreamState,
-    UpstreamStatus,
     backoff_delay,
 )
 
@@ -123,7 +123,7 @@ class MqttBridge:
         self.host = hostname or socket.gethostname()
         self.online_topic = f"{cfg.prefix}/{self.host}/online"
         self.feeds: dict[str, Feed] = {}
-        self.status = UpstreamStatus("", lambda *_a, **_k: None, subject=f"mqtt {cfg.broker}", logger=log)
+        self.status = LinkMonitor("", lambda *_a, **_k: None, subject=f"mqtt {cfg.broker}", logger=log)
         self.reconnects = 0  # attempts that failed, and links that were lost
         self.failures: dict[str, int] = {}  # the same, by the reason's label
         self.refused_packets = 0  # packets over inbound_limit(), refused unread

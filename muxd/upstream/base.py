@@ -49,7 +49,7 @@ from typing import Protocol
 from muxd.hub import Hub
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import ERRMASK, IN, OUT, Reactor, Timer
-from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, UP, UpstreamStatus, backoff_delay
+from muxd.upstream.state import BACKING_OFF, CONNECTING, DOWN, UP, LinkMonitor, backoff_delay
 
 log = logging.getLogger("muxd.upstream")
 
@@ -94,7 +94,7 @@ class ModemLines:
 class Upstream(Protocol):
     """What the daemon, the line control, the API and the metrics see of a device."""
 
-    status: UpstreamStatus
+    status: LinkMonitor
     # The line settings in force: the one copy muxd keeps (muxd.linecontrol and
     # the listeners read it here). Only apply_settings() and the device's own
     # answers change it.
@@ -146,7 +146,7 @@ class FdUpstream(ABC):
         self.stable_after = STABLE_UP  # an attribute so that tests can shorten it
         self._stable: Timer | None = None  # fires when the current link has lasted stable_after
         self._stopped = False
-        self.status = UpstreamStatus(hub.name, hub.notice)
+        self.status = LinkMonitor(hub.name, hub.notice)
         # Bytes handed to the device that it may never have got (a TCP link that
         # died with them unacknowledged: muxd.upstream.tcp); counted, never silent.
         self.bytes_unacked_lost = 0

@@ -27,7 +27,7 @@ from muxd.hub import Hub
 from muxd.protocol.line_settings import LineSettings
 from muxd.reactor import Reactor, Timer
 from muxd.upstream.base import ControlLines, ModemLines
-from muxd.upstream.state import DOWN, UP, UpstreamStatus
+from muxd.upstream.state import DOWN, UP, LinkMonitor
 
 TICK = 0.01  # output is released every 10 ms: smooth at any baud rate, cheap at idle
 # Pending output bound: a UART FIFO that overflows loses bytes, and so does this
@@ -68,7 +68,7 @@ class SimDevice:
         self._timers: list[Timer] = []
         self._running = False
         self._reading = not hub.holding  # False while the hub holds the device
-        self.status = UpstreamStatus(hub.name, hub.notice)
+        self.status = LinkMonitor(hub.name, hub.notice)
         self.bytes_unacked_lost = 0  # a simulated UART takes every byte
         self.control = ControlLines(dtr=True, rts=True)
         # (monotonic time, line, level) of every change: what a test asserts on.

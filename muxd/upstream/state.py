@@ -1,6 +1,7 @@
 """An upstream's connection state: what it is doing now, and since when.
 
-The upstream owns this object and is the only code that changes it (through
+A ``LinkMonitor`` holds it. The upstream (or the MQTT bridge, for its broker
+link) owns that object and is the only code that changes it (through
 ``set``); the API, the metrics and the systemd status line read it.
 
 The state is an ``UpstreamState`` and every change is checked against
@@ -92,7 +93,11 @@ def backoff_delay(failures: int, backoff_min: float, backoff_max: float) -> floa
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-class UpstreamStatus:
+class LinkMonitor:
+    """The one owner of a link's UpstreamState (an upstream's, or the MQTT
+    bridge's broker link): the state and its reason now, since when, the
+    attempts and the counters, and the once-per-outage logging."""
+
     def __init__(
         self,
         port: str,
