@@ -1112,7 +1112,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _emit(record: dict[str, Any], out: Path | None) -> None:
+def emit(record: dict[str, Any], out: Path | None) -> None:
+    """One result as a JSON line on stdout, and appended to `out` (bench.report reads it)."""
     line = json.dumps(record, separators=(",", ":"))
     print(line, flush=True)
     if out is not None:
@@ -1168,7 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle = wait_quiet()
         record = run_once(target, scenario, n, seconds, args.python, fmt=fmt)
         record.update(version=versions[target], machine=env, command=command, machine_idle_before_pct=idle)
-        _emit(record, args.out)
+        emit(record, args.out)
         if "error" in record:
             print(f"    error: {record['error']}", file=sys.stderr, flush=True)
     return 0

@@ -54,7 +54,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from bench.fanout import BAUD_RATE_BPS, REPO, Device, Server, TargetError, machine, raise_nofile
+from bench.fanout import BAUD_RATE_BPS, REPO, Device, Server, TargetError, emit, machine, raise_nofile
 from bench.memory import status_kib
 
 TARGETS = ("muxd", "ser2net")
@@ -466,14 +466,6 @@ def run_startup(boards: int, work: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
-def _emit(record: dict[str, Any], out: Path | None) -> None:
-    line = json.dumps(record, separators=(",", ":"))
-    print(line, flush=True)
-    if out is not None:
-        with open(out, "a") as f:
-            f.write(line + "\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.rack", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ports", type=int, default=128, help="boards (default 128)")
@@ -492,10 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="muxd-rack-") as tmp:
         work = Path(tmp)
         if args.idle:
-            _emit(run_idle(args.ports, args.seconds, work), args.out)
+            emit(run_idle(args.ports, args.seconds, work), args.out)
             return 0
         if args.startup:
-            _emit(run_startup(args.ports, work), args.out)
+            emit(run_startup(args.ports, work), args.out)
             return 0
         broker = None
         if args.mqtt:
@@ -519,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except TargetError as exc:
                     record = {"bench": "rack", "target": target, "error": str(exc)}
                 record["machine"] = machine()
-                _emit(record, args.out)
+                emit(record, args.out)
         finally:
             if broker is not None:
                 os.kill(broker[0].pid, signal.SIGTERM)
