@@ -26,12 +26,10 @@ from collections.abc import Callable, Mapping
 import h11
 
 from muxd.api import PortManager
-from muxd.checks import group_id
 from muxd.config import ControlSocket, HttpServer
-from muxd.listeners.acceptor import Acceptor
+from muxd.listeners.acceptor import Acceptor, bind_unix
 from muxd.listeners.http import MAX_CONNECTIONS, HttpFront, HttpTimeouts
 from muxd.listeners.http_reply import Reply
-from muxd.listeners.stream import _remove_stale_socket
 from muxd.port import PortRuntime
 from muxd.reactor import Reactor
 from muxd.transport import SocketTransport
@@ -60,22 +58,8 @@ class ControlFront(HttpFront):
 
     def start(self) -> None:
         path = self.control.path
-        _remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)  # owner only until the mode below is set
-        try:
-            sock.bind(path)
-            self._owns_path = True
-            os.chmod(path, self.control.file_mode)
-            if self.control.group is not None:
-                os.chown(path, -1, group_id(self.control.group))
-            sock.listen(socket.SOMAXCONN)
-        except (OSError, KeyError):
-            sock.close()
-            self._unlink()
-            raise
-        finally:
-            os.umask(old_umask)
+        sock = bind_unix(path, self.control.file_mode, self.control.group)
+        self._owns_path = True
         self._acceptor = Acceptor(PEER, sock, self.reactor, self._on_connection)
         self._acceptor.start()
         log.info("control socket at %s (mode %04o)", path, self.control.file_mode)

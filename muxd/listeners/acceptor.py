@@ -11,11 +11,15 @@ to do with each connection is the owner's business (``on_connection``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import socket
+import stat
 from collections.abc import Callable
 
+from muxd.checks import group_id
 from muxd.config import format_hostport
 from muxd.reactor import IN, Reactor
 
@@ -52,6 +56,53 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def bind_unix(path: str, mode: int, group: str | int | None) -> socket.socket:
+    """A listening Unix socket at path with this mode and group (a unix
+    listener's, the control socket's). It is made under umask 0177, so it is
+    never reachable by others before its mode is set; a stale socket file of
+    a dead instance is replaced, a live one is never taken over. On failure
+    nothing is left behind: the socket is closed, the file this made removed."""
+    remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    made = False
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(path)
+        made = True
+        os.chmod(path, mode)
+        if group is not None:
+            os.chown(path, -1, group_id(group))
+        sock.listen(socket.SOMAXCONN)
+    except (OSError, KeyError):
+        sock.close()
+        if made:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink a socket file left by a dead instance; refuse to steal a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
 
 
 def sock_address(sock: socket.socket) -> str:

@@ -18,21 +18,18 @@ backpressure to the half-close linger and the graceful close, is the core's.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import socket
-import stat
 
 from muxd.access import permitted
 from muxd.banner import BannerContext, expand
-from muxd.checks import group_id
 from muxd.config import Listener
 from muxd.connection import Connection
 from muxd.errors import MuxdError
 from muxd.hub import Hub
 from muxd.linecontrol import LineControl
-from muxd.listeners.acceptor import Acceptor, bind_tcp
+from muxd.listeners.acceptor import Acceptor, bind_tcp, bind_unix
 from muxd.ratelimit import LogLimiter
 from muxd.reactor import Reactor
 from muxd.tls_handshakes import TlsServer
@@ -92,19 +89,8 @@ class StreamListener:
         log.info("%s: listening on %s (%s)", self.hub.name, self.bound_address, cfg.mode)
 
     def _bind_unix(self) -> socket.socket:
-        path = self.cfg.path
-        _remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-            self._owns_path = True
-            os.chmod(path, self.cfg.file_mode)
-            if self.cfg.group is not None:
-                os.chown(path, -1, group_id(self.cfg.group))
-            sock.listen(socket.SOMAXCONN)
-        except (OSError, KeyError):
-            sock.close()
-            raise
+        sock = bind_unix(self.cfg.path, self.cfg.file_mode, self.cfg.group)
+        self._owns_path = True
         return sock
 
     def set_tls(self, cfg: Listener) -> None:
@@ -202,22 +188,3 @@ def _peer_name(addr: object, cfg: Listener) -> str:
         host, port = addr[0], addr[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return f"unix:{cfg.path}"
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket file left by a dead instance; refuse to steal a live one."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"{path} is in use by another process")
