@@ -28,6 +28,9 @@ Listeners at run time (``POST /api/v1/ports/NAME/listeners``, ``DELETE
 ``listeners[1].tcp``). ``GET /api/v1/ports?device=PATH`` finds the port that
 owns a device (``device_key``: a serial device by its real path, a K2 by
 host:port), which is how the ser2net mode joins a port the daemon already has.
+
+Why this module is long: every answer of /api/v1 is here, each a small
+function over the same views, whose shapes docs/contracts.md pins together.
 """
 
 from __future__ import annotations

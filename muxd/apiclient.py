@@ -51,6 +51,9 @@ it ends (a SIGKILL closes the socket too). For the ser2net mode:
 
 A port removed with DELETE while held stays removed; the holder is not told.
 
+Why this module is long: where, how and who, the errors and holding a
+connection are one client, shared by every command that asks the daemon.
+
 This module stays light: `muxd tail` imports it, and the config module (and
 PyYAML with it) is imported only when ``-c`` is given; urllib.request only
 by the JSON calls.
