@@ -30,6 +30,7 @@ from tests.helpers import (
     PtyDevice,
     StartMuxd,
     connect,
+    free_port,
     muxd_cmd,
     read_to_eof,
     recv_exactly,
@@ -133,11 +134,15 @@ def test_bad_bodies_get_the_config_files_errors_and_clashes_409(
     status, answer = post(m.http, {"tcp": m.address(0), "name": "same-address"})
     assert status == 409 and "in use" in answer["error"], answer
     busy = connect_listening()
+    first = free_port()
     try:
-        status, answer = post(m.http, [extra("first"), {"tcp": f"{LOCAL}:{busy.getsockname()[1]}"}])
+        body = [{"tcp": f"{LOCAL}:{first}", "name": "first"}, {"tcp": f"{LOCAL}:{busy.getsockname()[1]}"}]
+        status, answer = post(m.http, body)
     finally:
         busy.close()
     assert status == 409 and "address already in use" in answer["error"], answer
+    with pytest.raises(OSError):
+        connect(first, timeout=1).close()  # bound, then let go
     assert listeners(m) == before
     assert post(m.http, extra(), port="nosuch")[0] == 404
     # The config file's listeners are not the API's to remove.
