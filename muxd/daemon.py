@@ -764,6 +764,11 @@ class Daemon:
                 (lst.address, lst.name) for lst in rt.config.listeners if not lst.address.endswith(":0")
             )
             holders.update((t.path, f"a trace of port {rt.name}") for t in rt.config.trace)
+        if runtime_only:  # what the API added to the file's ports is not the file's either
+            for name, added in self.runtime_listeners.items():
+                bound = api_bound(self.ports[name])
+                names |= set(added)
+                holders.update((bound.get(cfg.name, cfg.address), cfg.name) for cfg in added.values())
         return names, holders
 
     @staticmethod

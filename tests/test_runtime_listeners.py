@@ -190,6 +190,17 @@ def test_a_reload_keeps_added_listeners(muxd: StartMuxd, tmp_path: Path, pty_dev
     m.wait_log("reloaded")
     assert "listener late of port dut was added at run time" in m.log()
     assert not (tmp_path / "s").exists()
+    # Nor a new port of the file with a listener of that name.
+    new_port = {
+        "name": "other",
+        "upstream": {"sim": True},
+        "listeners": [{"unix": str(tmp_path / "o"), "name": "late"}],
+    }
+    m.rewrite([*m.data["ports"], new_port])
+    m.signal(signal.SIGHUP)
+    wait_for(lambda: m.log().count("reloaded") == 2, 10, "the second reload")
+    assert "cannot start port other: listener name 'late' is taken" in m.log()
+    assert not (tmp_path / "o").exists()
     pty_device.write(b"after reload\n")
     assert recv_exactly(late, 13) == b"after reload\n"
     assert delete(m.http, "late")[0] == 200
