@@ -47,7 +47,7 @@ from tests.test_runtime_ports import _line
 def start(muxd: StartMuxd, tmp_path: Path, dev: PtyDevice) -> tuple[Muxd, str]:
     """muxd on `dev` as "dut" with a control socket; (muxd, the control socket's path)."""
     control = str(tmp_path / "control.sock")
-    listeners = [{"tcp": AUTO, "mode": "rw", "notices": True}, {"websocket": True}]
+    listeners: list[dict[str, Any]] = [{"tcp": AUTO, "mode": "rw", "notices": True}, {"websocket": True}]
     top = {"control": {"path": control, "socket_mode": "0660"}}
     return start_on_pty(muxd, tmp_path, dev, listeners, top=top), control
 
