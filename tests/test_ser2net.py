@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -575,6 +576,10 @@ def test_with_a_daemon_the_exporters_command_joins_it_and_its_port_leaves_with_t
         connect(port, timeout=1).close()  # nobody listens on the exported port any more
 
 
+def _joined_or_gone(listeners: Any, proc: subprocess.Popen[bytes]) -> bool:
+    return "con01" in listeners() or proc.poll() is not None
+
+
 def test_on_a_daemon_that_owns_the_device_the_exporters_listener_joins_its_port_with_its_history(
     ser2net_bin: Path,
     pty_device: PtyDevice,
@@ -602,17 +607,21 @@ def test_on_a_daemon_that_owns_the_device_the_exporters_listener_joins_its_port_
     pty_device.write(b"U-Boot 2024.01 before the place was acquired\r\n")
     assert recv_until(watcher, b"acquired\r\n").endswith(b"acquired\r\n")
 
-    port = free_port()
-    log = tmp_path / "ser2net.log"
-    proc = subprocess.Popen(
-        [str(ser2net_bin), *_labgrid_lines(pty_device.path, port, True)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MUXD_CONTROL": str(control)},
-    )
-    started.append(proc)
     listeners = lambda: {lst["name"] for lst in daemon.port_info("board")["listeners"]}  # noqa: E731
-    wait_for(lambda: "con01" in listeners(), 15, "the exporter's listener on the daemon's port")
+    log = tmp_path / "ser2net.log"
+    for _ in range(3):  # labgrid's 0.0.0.0:PORT: a free loopback port may be another's elsewhere
+        port = free_port()
+        proc = subprocess.Popen(
+            [str(ser2net_bin), *_labgrid_lines(pty_device.path, port, True)],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MUXD_CONTROL": str(control)},
+        )
+        started.append(proc)
+        wait_for(partial(_joined_or_gone, listeners, proc), 15, "the exporter's listener")
+        if proc.poll() is None or "address already in use" not in log.read_text():
+            break
+    assert proc.poll() is None, log.read_text()
     assert [p["name"] for p in daemon.api("/api/v1/ports")["ports"]] == ["board"]
     text = log.read_text()
     assert "serving ttyDUT (on its port board) through the muxd daemon" in text, text
