@@ -49,7 +49,8 @@ Ports at run time (muxd.api, with the daemon as ``manager``): ``POST
 /api/v1/ports`` adds one, ``DELETE /api/v1/ports/NAME`` removes it; both are
 admin actions. With ``?hold=1`` the port lives as long as the connection that
 added it: the reply carries the release (Reply.on_close), so that connection
-is kept open without an idle timeout and its end removes the port.
+is kept open without an idle timeout and its end removes the port. A port's
+listeners are added and removed alike (``/api/v1/ports/NAME/listeners``).
 
 Why this module is long: every route is checked for Host, allow-list, token
 scope and Origin here, in one place, so that no route can skip a check; the
