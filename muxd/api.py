@@ -21,19 +21,30 @@ JSON, validated by the config's own code (muxd.config.from_data), so its
 errors are the file's, with key paths (``ports[0].listeners[1].tcp``) and no
 line: 400 with every error. The PortManager (the daemon) starts or stops it;
 a clash with what runs is a Conflict, 409, and changes nothing.
+
+Listeners at run time (``POST /api/v1/ports/NAME/listeners``, ``DELETE
+/api/v1/ports/NAME/listeners/LISTENER``): the body is one entry of a port's
+``listeners:`` or a list of them, validated the same way (key paths
+``listeners[1].tcp``). ``GET /api/v1/ports?device=PATH`` finds the port that
+owns a device (``device_key``: a serial device by its real path, a K2 by
+host:port), which is how the ser2net mode joins a port the daemon already has.
+
+Why this module is long: every answer of /api/v1 is here, each a small
+function over the same views, whose shapes docs/contracts.md pins together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from muxd import config as configmod
 from muxd import sequences
-from muxd.config import Listener, Port
+from muxd.config import Listener, Port, SerialUpstream, TcpUpstream, Upstream
 from muxd.errors import ConfigError, MuxdError, SettingsRefused
 from muxd.hub import Reader
 from muxd.port import PortRuntime
@@ -140,6 +151,7 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
         "attempts": st.attempts,
         "next_attempt_in": None if (left := st.next_attempt_in()) is None else round(left, 3),
         "upstream": rt.config.upstream.describe(),
+        "history": rt.config.history,
         "writable": ws is not None and ws.writable,
         "bytes_in": hub.bytes_in,
         "bytes_out": hub.writes.bytes_out,
@@ -176,8 +188,32 @@ def port_view(rt: PortRuntime) -> dict[str, Any]:
     }
 
 
-def ports_view(ports: Iterable[PortRuntime]) -> dict[str, Any]:
+def ports_view(ports: Iterable[PortRuntime], device: str | None = None) -> dict[str, Any]:
+    """Every port, or with ``device`` (``?device=``) the one that owns it, if any."""
+    if device is not None:
+        wanted = device_query(device)
+        ports = [rt for rt in ports if wanted is not None and device_key(rt.config.upstream) == wanted]
     return {"ports": [port_view(rt) for rt in ports]}
+
+
+def device_key(upstream: Upstream) -> tuple[str, ...] | None:
+    """What a port owns: a serial device (by its real path: two links to one
+    tty are one device) or a K2's address; None for a simulated device."""
+    if isinstance(upstream, SerialUpstream):
+        return ("serial", os.path.realpath(upstream.path))
+    if isinstance(upstream, TcpUpstream):
+        return ("tcp", upstream.host.lower(), str(upstream.port))
+    return None
+
+
+def device_query(text: str) -> tuple[str, ...] | None:
+    """``?device=``: an absolute path is a serial device, HOST:PORT a K2 (None: neither)."""
+    if text.startswith("/"):
+        return ("serial", os.path.realpath(text))
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return ("tcp", host.strip("[]").lower(), str(int(port)))
 
 
 def clients_view(rt: PortRuntime) -> dict[str, Any]:
@@ -328,6 +364,15 @@ class PortManager(Protocol):
     def release(self, name: str, rt: PortRuntime) -> None:
         """The connection holding it ended."""
 
+    def add_listeners(self, name: str, listeners: list[Listener], by: str) -> PortRuntime:
+        """Start them on port ``name``: KeyError, Conflict, or StartError; all or none."""
+
+    def remove_listener(self, port: str, name: str, by: str, cfg: Listener | None = None) -> None:
+        """Stop one added at run time; KeyError for none (or not ``cfg``), Conflict for another."""
+
+    def release_listeners(self, port: str, listeners: list[Listener]) -> None:
+        """The connection holding them ended."""
+
 
 # Where an API body's errors say they come from (never a file of the machine).
 API_SOURCE = "<api>"
@@ -384,6 +429,78 @@ def remove_port(manager: PortManager, name: str, by: str) -> tuple[int, dict[str
         manager.remove_port(name, by)
     except KeyError:
         return 404, {"error": f"no port {name!r}"}
+    except Conflict as exc:
+        return 409, {"error": str(exc)}
+    return 200, {"ok": True, "removed": name}
+
+
+# -- listeners at run time: admin actions ------------------------------------------------------
+
+# What a 400 of a listener body says it is about: the body itself, not ports[0].
+_LISTENERS_PATH = "ports[0].listeners"
+
+
+def parse_listeners(port: str, body: bytes) -> tuple[list[Listener] | None, dict[str, Any]]:
+    """(the listeners, {}) or (None, a 400's answer) for a POST
+    /api/v1/ports/NAME/listeners body: one listener, or a list of them."""
+    try:
+        data = json.loads(body or b"null")
+    except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
+        return None, {"error": f"the body is not JSON: {exc}"}
+    items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(item, dict) for item in items):
+        return None, {
+            "error": "give one listener as a JSON object, or a list of them: entries of a port's listeners:"
+        }
+    try:
+        # A port of the config's own schema around them: the file's checks and
+        # texts (duplicates among them included); the upstream is never opened.
+        cfg = configmod.from_data(
+            {"ports": [{"name": port, "upstream": {"sim": True}, "listeners": items}]}, API_SOURCE
+        )
+    except ConfigError as exc:
+        answer = config_errors(exc)
+        for error in answer["errors"]:
+            error["path"] = (error["path"] or "").replace(_LISTENERS_PATH, "listeners", 1)
+        answer["error"] = "; ".join(f"{e['path']}: {e['message']}" for e in answer["errors"])
+        return None, answer
+    return list(cfg.ports[0].listeners), {}
+
+
+def listener_views(rt: PortRuntime, names: Iterable[str]) -> list[dict[str, Any]]:
+    """The listeners called ``names`` as a port's view lists them (bound addresses)."""
+    wanted = set(names)
+    return [lst for lst in port_view(rt)["listeners"] if lst["name"] in wanted]
+
+
+def add_listeners(
+    manager: PortManager, port: str, body: bytes, by: str
+) -> tuple[int, dict[str, Any], list[Listener]]:
+    """POST /api/v1/ports/NAME/listeners: 201 with their views, 400 for a
+    body the config file would refuse or a listener that cannot start, 404
+    for no such port, 409 for a clash with what runs; nothing started then."""
+    listeners, refused = parse_listeners(port, body)
+    if listeners is None:
+        return 400, refused, []
+    try:
+        rt = manager.add_listeners(port, listeners, by)
+    except KeyError:
+        return 404, {"error": f"no port {port!r}"}, []
+    except Conflict as exc:
+        return 409, {"error": str(exc)}, []
+    except MuxdError as exc:  # StartError
+        return 400, {"error": str(exc)}, []
+    answer = {"ok": True, "port": port, "listeners": listener_views(rt, (lst.name for lst in listeners))}
+    return 201, answer, listeners
+
+
+def remove_listener(manager: PortManager, port: str, name: str, by: str) -> tuple[int, dict[str, Any]]:
+    """DELETE /api/v1/ports/NAME/listeners/LISTENER: 200, 404 for none, 409
+    for a listener the API did not add (the config file's, or a port's own)."""
+    try:
+        manager.remove_listener(port, name, by)
+    except KeyError:
+        return 404, {"error": f"no listener {name!r} on port {port!r}"}
     except Conflict as exc:
         return 409, {"error": str(exc)}
     return 200, {"ok": True, "removed": name}

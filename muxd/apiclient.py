@@ -40,10 +40,19 @@ it ends (a SIGKILL closes the socket too). For the ser2net mode:
     connection (returns 1: it stopped, or its control socket changed). A port
     refused raises ApiError (Refused: 400 with every error in ``details``,
     409 for a clash) and the ports added before it go with the connection.
+``hold_requests(control_path, requests, *, on_ready=None) -> int``
+    the same for any POSTs with ``?hold=1`` (path, body): ports, and
+    listeners added to a port the daemon has (POST /api/v1/ports/NAME/listeners),
+    all on one connection, so the process's end removes everything.
+``device_owner(control_path, device) -> dict | None``
+    the view of the port that owns a device (GET /api/v1/ports?device=), if any.
 ``daemon_reachable(control_path) -> bool``
     whether a muxd answers on that control socket.
 
 A port removed with DELETE while held stays removed; the holder is not told.
+
+Why this module is long: where, how and who, the errors and holding a
+connection are one client, shared by every command that asks the daemon.
 
 This module stays light: `muxd tail` imports it, and the config module (and
 PyYAML with it) is imported only when ``-c`` is given; urllib.request only
@@ -379,6 +388,23 @@ def remove_port(ep: Endpoint, name: str) -> Any:
     return _call(ep, f"/api/v1/ports/{quote(name)}", method="DELETE")
 
 
+def add_listeners(ep: Endpoint, port: str, listeners: Any) -> Any:
+    """POST /api/v1/ports/NAME/listeners (one listener or a list). Raises as get() does."""
+    return _call(ep, listeners_path(port), listeners, "POST")
+
+
+def remove_listener(ep: Endpoint, port: str, name: str) -> Any:
+    """DELETE /api/v1/ports/NAME/listeners/LISTENER. Raises as get() does."""
+    return _call(ep, f"{listeners_path(port)}/{quote(name)}", method="DELETE")
+
+
+def listeners_path(port: str) -> str:
+    return f"/api/v1/ports/{quote(port)}/listeners"
+
+
+HOLD_PORT = "/api/v1/ports?hold=1"
+
+
 def hold(
     ep: Endpoint,
     ports: list[dict[str, Any]],
@@ -387,12 +413,22 @@ def hold(
     """Add ``ports`` with ?hold=1 on one connection and keep it open until
     SIGTERM/SIGINT (0) or the daemon closes it (1); see the module docstring.
     ``on_ready`` gets the daemon's answers, one per port."""
+    return hold_all(ep, [(HOLD_PORT, port) for port in ports], on_ready)
+
+
+def hold_all(
+    ep: Endpoint,
+    requests: list[tuple[str, Any]],
+    on_ready: Callable[[list[Any]], None] | None = None,
+) -> int:
+    """POST each (path, body) on one connection, then hold it as hold() does;
+    each path ends in ``?hold=1``."""
     conn = connection(ep)
     # The handlers are in place before anyone is told the ports are there: a
     # SIGTERM right after on_ready is a clean stop, never the default death.
     with _stop_signals() as (stopped, wakeup):
         try:
-            answers = [exchange(conn, ep, "POST", "/api/v1/ports?hold=1", port) for port in ports]
+            answers = [exchange(conn, ep, "POST", path, body) for path, body in requests]
             if on_ready is not None:
                 on_ready(answers)
             assert conn.sock is not None  # connected by the requests above
@@ -449,6 +485,24 @@ def hold_ports(
     until SIGTERM/SIGINT (0) or the daemon goes away (1); see the module docstring."""
     ready = None if on_ready is None else (lambda _answers: on_ready())
     return hold(control_endpoint(control_path), ports, ready)
+
+
+def hold_requests(
+    control_path: str, requests: list[tuple[str, Any]], *, on_ready: Callable[[], None] | None = None
+) -> int:
+    """hold_ports for any held POSTs: (path, body) each; see the module docstring."""
+    ready = None if on_ready is None else (lambda _answers: on_ready())
+    return hold_all(control_endpoint(control_path), requests, ready)
+
+
+def device_owner(control_path: str, device: str) -> dict[str, Any] | None:
+    """The view of the daemon's port that owns ``device`` (a serial device's
+    path, or HOST:PORT), or None. Raises as get() does."""
+    answer = get(
+        control_endpoint(control_path), f"/api/v1/ports?device={urllib.parse.quote(device, safe='')}"
+    )
+    ports = answer.get("ports") if isinstance(answer, dict) else None
+    return ports[0] if isinstance(ports, list) and ports and isinstance(ports[0], dict) else None
 
 
 def daemon_reachable(control_path: str) -> bool:

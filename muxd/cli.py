@@ -219,6 +219,9 @@ def _reach_parser(control: bool = False) -> argparse.ArgumentParser:
     return reach
 
 
+PORT_ACTIONS = ("add", "remove", "add-listener", "remove-listener")
+
+
 def port_parser() -> argparse.ArgumentParser:
     """`muxd ctl port add FILE|-` and `muxd ctl port remove NAME` (ports at run time)."""
     parser = argparse.ArgumentParser(
@@ -226,14 +229,22 @@ def port_parser() -> argparse.ArgumentParser:
         parents=[_reach_parser(control=True)],
         description="Add a port to a running muxd, or remove one added so.",
     )
-    parser.add_argument("action", choices=("add", "remove"))
+    parser.add_argument("action", choices=PORT_ACTIONS)
     parser.add_argument(
-        "target", metavar="FILE|-|NAME", help="add: one port, YAML or JSON (- for stdin); remove: its name"
+        "target",
+        metavar="FILE|-|NAME",
+        help="add: one port, YAML or JSON (- for stdin); remove, add-listener, remove-listener: its name",
+    )
+    parser.add_argument(
+        "what",
+        metavar="FILE|-|LISTENER",
+        nargs="?",
+        help="add-listener: one listener or a list, YAML or JSON (- for stdin); remove-listener: its name",
     )
     parser.add_argument(
         "--hold",
         action="store_true",
-        help="add: keep the port only while this command runs (until SIGTERM/SIGINT or kill)",
+        help="add, add-listener: keep it only while this command runs (until SIGTERM/SIGINT or kill)",
     )
     return parser
 
@@ -260,7 +271,7 @@ def _port_command(argv: list[str]) -> list[str] | None:
             words.append(i)
     if not words or argv[words[0]] != "port":
         return None
-    if (len(words) >= 2 and argv[words[1]] in ("add", "remove")) or (
+    if (len(words) >= 2 and argv[words[1]] in PORT_ACTIONS) or (
         len(words) == 1 and {"-h", "--help"} & set(argv)
     ):
         return argv[1 : words[0]] + argv[words[0] + 1 :]
@@ -594,6 +605,14 @@ def _ctl(args: argparse.Namespace) -> int:
 
 def _read_port(target: str) -> dict[str, Any]:
     """One port from a file or stdin, YAML or JSON (JSON is YAML)."""
+    data = _read_yaml(target, "one port, a mapping as an entry of the config file's ports:")
+    if not isinstance(data, dict):
+        raise ValueError(f"{target}: give one port, a mapping as an entry of the config file's ports:")
+    return data
+
+
+def _read_yaml(target: str, what: str) -> Any:
+    """A mapping, or a list of mappings, from a file or stdin, YAML or JSON."""
     import yaml
 
     try:
@@ -601,8 +620,8 @@ def _read_port(target: str) -> dict[str, Any]:
         data = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ValueError(f"cannot read {target}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{target}: give one port, a mapping as an entry of the config file's ports:")
+    if not isinstance(data, (dict, list)):
+        raise ValueError(f"{target}: give {what}")
     return data
 
 
@@ -623,7 +642,12 @@ def _ctl_port(argv: list[str]) -> int:
     ep = _endpoint(args)
     if ep is None:
         return EXIT_CONFIG
+    if (args.what is None) != (args.action in ("add", "remove")):
+        print(f"muxd: ctl port: {args.action} takes {_PORT_USAGE[args.action]}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
+        if args.action.endswith("-listener"):
+            return _ctl_listener(ep, args)
         if args.action == "remove":
             if args.hold:
                 print("muxd: ctl port: --hold is for add", file=sys.stderr)
@@ -659,6 +683,44 @@ def _ctl_port(argv: list[str]) -> int:
         for line in details or [str(exc)]:
             print(f"muxd: ctl port: {line}", file=sys.stderr)
         return exc.exit_status
+
+
+_PORT_USAGE = {
+    "add": "FILE|-",
+    "remove": "NAME",
+    "add-listener": "NAME FILE|-",
+    "remove-listener": "NAME LISTENER",
+}
+
+
+def _ctl_listener(ep: Any, args: argparse.Namespace) -> int:
+    """`ctl port add-listener NAME FILE|- [--hold]`, `ctl port remove-listener NAME LISTENER`."""
+    from muxd import apiclient
+
+    if args.action == "remove-listener":
+        if args.hold:
+            print("muxd: ctl port: --hold is for add and add-listener", file=sys.stderr)
+            return EXIT_CONFIG
+        apiclient.remove_listener(ep, args.target, args.what)
+        print(f"{args.target}: listener {args.what} removed")
+        return EXIT_OK
+    listeners = _read_yaml(args.what, "a listener, a mapping as an entry of a port's listeners:, or a list")
+    if not args.hold:
+        answer = apiclient.add_listeners(ep, args.target, listeners)
+        print(f"{args.target}: added; {_port_listeners(answer)}")
+        return EXIT_OK
+
+    def ready(answers: list[Any]) -> None:
+        for answer in answers:
+            print(
+                f"{args.target}: added, held until this command ends; {_port_listeners(answer)}", flush=True
+            )
+
+    path = f"{apiclient.listeners_path(args.target)}?hold=1"
+    if apiclient.hold_all(ep, [(path, listeners)], ready) != EXIT_OK:
+        print("muxd: ctl port: the daemon closed the connection; the listeners are gone", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _tail(args: argparse.Namespace) -> int:

@@ -30,6 +30,12 @@ DELETE (or the end of the connection that holds it, ?hold=1) removes it; a
 file port cannot be removed through the API. The control socket (``control:``,
 muxd.control) serves the same API to whoever may open it.
 
+Listeners at run time (POST /api/v1/ports/NAME/listeners): checked against
+what runs as a port's are, bound, then made; all or none. They are the
+API's, as run-time ports are: a reload keeps them (a file listener of the
+same name is not started, and says so), DELETE or the end of the holding
+connection removes one, and a listener of the file cannot be removed so.
+
 systemd hears READY=1 once every listener is bound and every upstream tried,
 a STATUS= line kept current, WATCHDOG=1 from the loop itself (a hung loop
 stops the pings), RELOADING=1 around a reload and STOPPING=1 on the way out.
@@ -42,6 +48,7 @@ undoes the others' work on failure, which is clearest read side by side.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -54,7 +61,7 @@ from typing import TYPE_CHECKING
 from muxd import config as configmod
 from muxd import systemd as sd
 from muxd.access import Tokens
-from muxd.api import Conflict
+from muxd.api import Conflict, device_key
 from muxd.api import bound_addresses as api_bound
 from muxd.checks import group_problem
 from muxd.config import (
@@ -63,9 +70,6 @@ from muxd.config import (
     HttpServer,
     Listener,
     Port,
-    SerialUpstream,
-    TcpUpstream,
-    Upstream,
 )
 from muxd.connection import policy_for
 from muxd.control import ControlFront
@@ -196,14 +200,7 @@ def _bridge(cfg: configmod.MqttConfig, reactor: Reactor) -> MqttBridge:
     return MqttBridge(cfg, reactor)
 
 
-def _device(upstream: Upstream) -> tuple[str, ...] | None:
-    """What a port owns: a serial device (by its real path: two links to one
-    tty are one device) or a K2's address; None for a simulated device."""
-    if isinstance(upstream, SerialUpstream):
-        return ("serial", os.path.realpath(upstream.path))
-    if isinstance(upstream, TcpUpstream):
-        return ("tcp", upstream.host.lower(), str(upstream.port))
-    return None
+_device = device_key  # what a port owns (muxd.api: GET /api/v1/ports?device= asks the same)
 
 
 def _rebind_needed(old: Listener, new: Listener) -> bool:
@@ -235,6 +232,8 @@ class Daemon:
         self.mqtt: MqttBridge | None = None  # the broker connection (muxd.mqtt), with mqtt:
         self.control: ControlFront | None = None  # the control socket, with control:
         self.runtime_ports: set[str] = set()  # names of the ports added through the API
+        # Listeners added through the API, by port, then by name: a reload keeps them.
+        self.runtime_listeners: dict[str, dict[str, Listener]] = {}
 
     # -- start ---------------------------------------------------------------
 
@@ -567,9 +566,11 @@ class Daemon:
         # The file's ports only: a port added at run time is the API's to remove.
         wanted = {p.name for p in new.ports}
         for name in [n for n in self.ports if n not in wanted and n not in self.runtime_ports]:
+            self.runtime_listeners.pop(name, None)
             self._stop_port(self.ports.pop(name))
         for port in new.ports:
             rt = self.ports.get(port.name)
+            port = self._with_runtime_listeners(port)  # noqa: PLW2901
             if port.name in self.runtime_ports:
                 log.error(
                     "reload: port %s was added at run time; the file's port of that name is not started",
@@ -672,6 +673,22 @@ class Daemon:
         rt.line_control.reload(port, rt.upstream if reopen else None)
         rt.hub.writes.lock.reload(port.write_lock, port.lock_idle)
 
+    def _with_runtime_listeners(self, port: Port) -> Port:
+        """A reloaded file port with the listeners the API added to it; a file
+        listener named as one of those is not started (logged)."""
+        added = self.runtime_listeners.get(port.name)
+        if not added:
+            return port
+        for cfg in port.listeners:
+            if cfg.name in added:
+                log.error(
+                    "reload: listener %s of port %s was added at run time; the file's is not started",
+                    cfg.name,
+                    port.name,
+                )
+        kept = tuple(cfg for cfg in port.listeners if cfg.name not in added)
+        return dataclasses.replace(port, listeners=kept + tuple(added.values()))
+
     def _guarded(self, what: str, start: Callable[[], object]) -> None:
         # A reload that adds a listener on a busy address must not take down the rest.
         try:
@@ -722,6 +739,16 @@ class Daemon:
         for rt in others:
             if device is not None and _device(rt.config.upstream) == device:
                 raise Conflict(f"{port.upstream.describe()} is the device of port {rt.name!r}")
+        names, holders = self._in_use(others, runtime_only)
+        self._check_listeners(port.listeners, names, holders)
+        for spec in port.trace:
+            if spec.path in holders:
+                raise Conflict(f"trace {spec.path} is in use by {holders[spec.path]}")
+
+    def _in_use(self, others: list[PortRuntime], runtime_only: bool) -> tuple[set[str], dict[str, str]]:
+        """The listener names, and the addresses and paths (with who holds
+        each), that ``others`` (and, but for ``runtime_only``, the HTTP
+        servers and the control socket) have taken."""
         holders: dict[str, str] = {}  # address or path -> who holds it
         names: set[str] = set()
         if not runtime_only:
@@ -737,14 +764,20 @@ class Daemon:
                 (lst.address, lst.name) for lst in rt.config.listeners if not lst.address.endswith(":0")
             )
             holders.update((t.path, f"a trace of port {rt.name}") for t in rt.config.trace)
-        for cfg in port.listeners:
+        if runtime_only:  # what the API added to the file's ports is not the file's either
+            for name, added in self.runtime_listeners.items():
+                bound = api_bound(self.ports[name])
+                names |= set(added)
+                holders.update((bound.get(cfg.name, cfg.address), cfg.name) for cfg in added.values())
+        return names, holders
+
+    @staticmethod
+    def _check_listeners(listeners: tuple[Listener, ...], names: set[str], holders: dict[str, str]) -> None:
+        for cfg in listeners:
             if cfg.name in names:
                 raise Conflict(f"listener name {cfg.name!r} is taken")
             if cfg.kind != "websocket" and cfg.address in holders:
                 raise Conflict(f"listener {cfg.name}: {cfg.address} is in use by {holders[cfg.address]}")
-        for spec in port.trace:
-            if spec.path in holders:
-                raise Conflict(f"trace {spec.path} is in use by {holders[spec.path]}")
 
     def _start_file_port(self, port: Port) -> None:
         """A reload's new port: refused (logged) where a run-time port holds
@@ -763,6 +796,7 @@ class Daemon:
         if name not in self.runtime_ports:
             raise Conflict(f"port {name!r} is in the config file: remove it there and reload")
         self.runtime_ports.discard(name)
+        self.runtime_listeners.pop(name, None)
         del self.ports[name]
         current.hub.notice(f"{name} port removed ({by})", event="port", state="removed", reason=by)
         self._stop_port(current)
@@ -777,6 +811,83 @@ class Daemon:
             return
         with contextlib.suppress(KeyError):  # removed by DELETE before its holder went
             self.remove_port(name, "the end of its holding connection", rt)
+
+    # -- listeners at run time (muxd.api.PortManager) ------------------------------------
+
+    def add_listeners(self, name: str, listeners: list[Listener], by: str) -> PortRuntime:
+        """Start ``listeners`` on the running port ``name``, as a start would
+        (checked against what runs, then sockets bound, then pty links made):
+        all or none. KeyError for no such port, api.Conflict for a name or
+        address in use (a busy address included), StartError otherwise."""
+        rt = self.ports[name]
+        names, holders = self._in_use(list(self.ports.values()), runtime_only=False)
+        self._check_listeners(tuple(listeners), names, holders)
+        old = rt.config
+        new = dataclasses.replace(old, listeners=old.listeners + tuple(listeners))
+        self._validate_port(dataclasses.replace(new, listeners=tuple(listeners), trace=()))
+        # The log first: it must hold the new listeners' buffer and history.
+        rt.hub.resize(bounds_for(new))
+        rt.config = new
+        started: list[str] = []
+        try:
+            for cfg in sorted(listeners, key=lambda c: c.kind not in SOCKET_KINDS):  # sockets first
+                self._start_listener(rt, cfg)
+                started.append(cfg.name)
+        except StartError as exc:
+            for done in started:
+                if done in rt.listeners:
+                    self._stop_listener(rt, done)
+            rt.config = old
+            rt.hub.resize(bounds_for(old))
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+                raise Conflict(str(exc)) from exc
+            raise
+        self.runtime_listeners.setdefault(name, {}).update((cfg.name, cfg) for cfg in listeners)
+        log.info("port %s: listeners %s added by %s", name, ", ".join(c.name for c in listeners), by)
+        return rt
+
+    def remove_listener(self, port: str, name: str, by: str, cfg: Listener | None = None) -> None:
+        """Remove a listener added at run time (``cfg``: only if it is still
+        that one): its clients get an in-band notice, what they are owed, then
+        FIN; the port and its other clients are untouched. KeyError for no
+        such listener, api.Conflict for one the API did not add."""
+        rt = self.ports[port]
+        current = next((lst for lst in rt.config.listeners if lst.name == name), None)
+        if current is None or (cfg is not None and current is not cfg):
+            raise KeyError(name)
+        added = self.runtime_listeners.get(port, {})
+        if name not in added:
+            where = "port's own (remove the port)" if port in self.runtime_ports else "config file's"
+            raise Conflict(f"listener {name!r} is the {where}: only listeners added to a port can be removed")
+        del added[name]
+        for reader in list(rt.hub.readers.values()):
+            if reader.policy.listener == name:
+                rt.hub.notice_to(
+                    reader,
+                    f"{port} listener {name} removed ({by})",
+                    event="listener",
+                    state="removed",
+                    reason=by,
+                )
+        # The log keeps its size until the next reload: shrinking it now would
+        # only cut the other readers' history short.
+        rt.config = dataclasses.replace(
+            rt.config, listeners=tuple(lst for lst in rt.config.listeners if lst is not current)
+        )
+        if name in rt.listeners:
+            self._stop_listener(rt, name)
+        for front in self._fronts():
+            front.finish_orphans()  # a websocket listener's clients
+        log.info("port %s: listener %s removed by %s", port, name, by)
+
+    def release_listeners(self, port: str, listeners: list[Listener]) -> None:
+        """The connection holding these listeners ended: remove those still there."""
+        if self._stopping:
+            return
+        for cfg in listeners:
+            with contextlib.suppress(KeyError):  # removed already, or its port gone
+                self.remove_listener(port, cfg.name, "the end of its holding connection", cfg)
 
     def client_count(self) -> int:
         """Connected clients: the hubs' readers but for trace files."""

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +574,86 @@ def test_with_a_daemon_the_exporters_command_joins_it_and_its_port_leaves_with_t
     assert names() == ["lab"]
     with pytest.raises(OSError):
         connect(port, timeout=1).close()  # nobody listens on the exported port any more
+
+
+def _joined_or_gone(listeners: Any, proc: subprocess.Popen[bytes]) -> bool:
+    return "con01" in listeners() or proc.poll() is not None
+
+
+def test_on_a_daemon_that_owns_the_device_the_exporters_listener_joins_its_port_with_its_history(
+    ser2net_bin: Path,
+    pty_device: PtyDevice,
+    muxd: StartMuxd,
+    started: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """The board is a port of the daemon's config, watched before any place is
+    acquired: labgrid's command line joins that port with its rfc2217
+    listener (no second port, no second owner of the device), whose clients
+    get the port's history; SIGTERM takes the listener away, the port and
+    its other clients stay."""
+    control = tmp_path / "control.sock"
+    daemon = start_muxd(
+        muxd,
+        tmp_path,
+        {"serial": pty_device.path, "baudrate": 9600},
+        [{"tcp": AUTO, "notices": True}],
+        name="board",
+        history="4KiB",
+        top={"control": {"path": str(control), "socket_mode": "0660"}},
+    )
+    watcher = connect(daemon.port())
+    wait_for(lambda: daemon.port_info("board")["clients"] == 1, 10, "the daemon's reader")
+    pty_device.write(b"U-Boot 2024.01 before the place was acquired\r\n")
+    assert recv_until(watcher, b"acquired\r\n").endswith(b"acquired\r\n")
+
+    listeners = lambda: {lst["name"] for lst in daemon.port_info("board")["listeners"]}  # noqa: E731
+    log = tmp_path / "ser2net.log"
+    for _ in range(3):  # labgrid's 0.0.0.0:PORT: a free loopback port may be another's elsewhere
+        port = free_port()
+        proc = subprocess.Popen(
+            [str(ser2net_bin), *_labgrid_lines(pty_device.path, port, True)],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MUXD_CONTROL": str(control)},
+        )
+        started.append(proc)
+        wait_for(partial(_joined_or_gone, listeners, proc), 15, "the exporter's listener")
+        if proc.poll() is None or "address already in use" not in log.read_text():
+            break
+    assert proc.poll() is None, log.read_text()
+    assert [p["name"] for p in daemon.api("/api/v1/ports")["ports"]] == ["board"]
+    text = log.read_text()
+    assert "serving ttyDUT (on its port board) through the muxd daemon" in text, text
+    assert "warning: " in text and "9600 8N1" in text and "115200 8N1" in text, text
+    assert daemon.port_info("board")["line"]["baudrate"] == 9600  # the daemon's settings stay
+
+    # A telnet client of the exporter's listener (as `labgrid-client console`
+    # is): the line from before the process started comes first.
+    console = connect(port)
+    assert b"U-Boot 2024.01 before the place was acquired\r\n" in recv_until(console, b"acquired\r\n")
+    # labgrid's own kind of client types and reads as before.
+    client = serial.serial_for_url(f"rfc2217://{LOCAL}:{port}", baudrate=115200, timeout=5)
+    try:
+        client.write(b"version\r")
+        assert pty_device.read(8) == b"version\r"
+        pty_device.write(b"U-Boot 2024.01\r\n=> ")
+        assert client.read_until(b"=> ").endswith(b"U-Boot 2024.01\r\n=> ")
+    finally:
+        client.close()
+
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(5) == 0
+    wait_for(lambda: "con01" not in listeners(), 10, "the exporter's listener removed with its process")
+    with pytest.raises(OSError):
+        connect(port, timeout=1).close()
+    assert b"board listener con01 removed" not in recv_until(console, b"=> ")  # notices off there
+    console.close()
+    # The port and its other client: still there, still served, history intact.
+    assert [p["name"] for p in daemon.api("/api/v1/ports")["ports"]] == ["board"]
+    pty_device.write(b"still watched\r\n")
+    assert recv_until(watcher, b"watched\r\n").endswith(b"still watched\r\n")
+    watcher.close()
 
 
 def test_without_a_daemon_ser2net_mode_runs_standalone(

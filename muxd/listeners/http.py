@@ -49,7 +49,8 @@ Ports at run time (muxd.api, with the daemon as ``manager``): ``POST
 /api/v1/ports`` adds one, ``DELETE /api/v1/ports/NAME`` removes it; both are
 admin actions. With ``?hold=1`` the port lives as long as the connection that
 added it: the reply carries the release (Reply.on_close), so that connection
-is kept open without an idle timeout and its end removes the port.
+is kept open without an idle timeout and its end removes the port. A port's
+listeners are added and removed alike (``/api/v1/ports/NAME/listeners``).
 
 Why this module is long: every route is checked for Host, allow-list, token
 scope and Origin here, in one place, so that no route can skip a check; the
@@ -432,7 +433,11 @@ class HttpFront:
         rt = ports.get(parts[1]) if len(parts) > 1 else None
         if len(parts) > 1 and rt is None:
             return error_reply(404, f"no port {echo(parts[1])}", True)
-        if (parts == ["ports"] and method == "POST") or (len(parts) == 2 and method == "DELETE"):
+        if (
+            (parts == ["ports"] and method == "POST")
+            or (len(parts) == 2 and method == "DELETE")
+            or (parts[2:3] == ["listeners"] and (len(parts), method) in ((3, "POST"), (4, "DELETE")))
+        ):
             return self._port_change(method, parts, request, peer_host, body=body, query=query)
         # Board control (muxd.api.set_signals, run_sequence) is an admin action too.
         control = parts[2:] == ["signals"] or (len(parts) == 4 and parts[2] == "sequences")
@@ -466,7 +471,8 @@ class HttpFront:
         if denied is not None:
             return denied
         if len(parts) == 1:
-            reply = json_reply(200, api.ports_view(ports.values()))
+            device = urllib.parse.parse_qs(query).get("device", [None])[-1]
+            reply = json_reply(200, api.ports_view(ports.values(), device))
         elif len(parts) == 3 and parts[2] == "clients":
             assert rt is not None
             reply = json_reply(200, api.clients_view(rt))
@@ -478,7 +484,8 @@ class HttpFront:
     def _port_change(
         self, method: str, parts: list[str], request: h11.Request, peer_host: str, *, body: bytes, query: str
     ) -> Reply:
-        """POST /api/v1/ports (``?hold=1``: for the connection's life), DELETE /api/v1/ports/NAME."""
+        """POST /api/v1/ports (``?hold=1``: for the connection's life), DELETE
+        /api/v1/ports/NAME; POST and DELETE of a port's listeners alike."""
         manager = self.manager
         if manager is None:
             return error_reply(405, "ports cannot be added or removed on this server", True)
@@ -489,6 +496,8 @@ class HttpFront:
         if refusal:
             return error_reply(403, refusal, True)
         by = f"api {peer_host}"
+        if method == "DELETE" and len(parts) == 4:
+            return json_reply(*api.remove_listener(manager, parts[1], parts[3], by))
         if method == "DELETE":
             return json_reply(*api.remove_port(manager, parts[1], by))
         hold = urllib.parse.parse_qs(query).get("hold", [""])[-1] in ("1", "true", "yes")
@@ -498,6 +507,13 @@ class HttpFront:
             return error_reply(
                 400, "?hold=1 needs a kept-alive connection (HTTP/1.1, no Connection: close)", True
             )
+        if len(parts) == 3:
+            status, answer, added = api.add_listeners(manager, parts[1], body, by)
+            reply = json_reply(status, {**answer, "held": hold} if added else answer)
+            if added and hold:
+                port = parts[1]
+                reply.on_close = lambda: manager.release_listeners(port, added)
+            return reply
         status, answer, rt = api.add_port(manager, body, by)
         reply = json_reply(status, {**answer, "held": hold} if rt is not None else answer)
         if rt is not None and hold:

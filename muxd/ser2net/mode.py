@@ -15,11 +15,15 @@ connection (muxd.apiclient.hold_ports): this process opens no device and
 serves nothing itself, and when it ends (SIGTERM, or killed outright) the
 kernel closes its connection and the daemon removes the ports. Each port
 gets a read-only WebSocket listener there besides ser2net's, so the exported
-board shows in the daemon's web console and /metrics, and
-its history from before the place was acquired is the daemon's. A daemon
-that refuses the ports (a name or device already in use) is an error, exit
-2: standalone would find the device taken all the same. No daemon there (no
-socket, or a stale one): standalone, exactly as ser2net would run.
+board shows in the daemon's web console and /metrics. Where the daemon
+already owns the device (a port of its config: the board is watched, and
+its history kept, before any place is acquired), ser2net's listeners join
+that port instead (POST /api/v1/ports/NAME/listeners?hold=1), each giving
+its new clients the port's ``history``; the daemon's line settings stay (a
+warning says where ser2net's differ). A daemon that refuses (a name or
+address in use) is an error, exit 2: standalone would find the device taken
+all the same. No daemon there (no socket, or a stale one): standalone,
+exactly as ser2net would run.
 
 Started under the name ``ser2net`` (a symlink, as busybox does), muxd takes
 ser2net(8)'s options. labgrid's exporter is the main user: it runs ``ser2net
@@ -63,20 +67,61 @@ def join_daemon(ports: list[dict[str, Any]], prog: str) -> int | None:
     if not path or not os.path.exists(path) or not apiclient.daemon_reachable(path):
         return None
     names = ", ".join(str(p.get("name")) for p in ports)
-    # In the daemon, each port also gets a read-only WebSocket listener, so the
-    # board shows in its web console (and /ws/NAME) beside the exporter's client.
-    ports = [
-        {**p, "listeners": [*p["listeners"], {"websocket": True, "name": f"{p['name']}-web"}]} for p in ports
-    ]
+    try:
+        requests, joined = _join_requests(path, ports, prog)
+    except apiclient.ApiError as exc:
+        print(f"{prog}: the muxd daemon at {path} did not answer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
 
     def ready() -> None:
-        print(f"{prog}: serving {names} through the muxd daemon at {path}", file=sys.stderr)
+        print(f"{prog}: serving {joined} through the muxd daemon at {path}", file=sys.stderr)
 
     try:
-        return apiclient.hold_ports(path, ports, on_ready=ready)
+        return apiclient.hold_requests(path, requests, on_ready=ready)
     except apiclient.ApiError as exc:
         print(f"{prog}: the muxd daemon at {path} refused {names}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _join_requests(path: str, ports: list[dict[str, Any]], prog: str) -> tuple[list[tuple[str, Any]], str]:
+    """The held POSTs for ``ports``, and what they serve, in words. A port
+    whose device the daemon already has lends it its listeners (with the
+    port's history for their new clients); any other is added whole, with a
+    read-only WebSocket listener, so the board shows in the daemon's web
+    console (and /ws/NAME) beside the exporter's client."""
+    from muxd import apiclient
+
+    requests: list[tuple[str, Any]] = []
+    said: list[str] = []
+    for port in ports:
+        device = str(port.get("upstream", {}).get("serial", ""))
+        owner = apiclient.device_owner(path, device) if device else None
+        if owner is None:
+            web = {"websocket": True, "name": f"{port['name']}-web"}
+            requests.append((apiclient.HOLD_PORT, {**port, "listeners": [*port["listeners"], web]}))
+            said.append(str(port["name"]))
+            continue
+        name = str(owner["name"])
+        differs = _settings_differ(port["upstream"], owner.get("line", {}))
+        if differs:
+            # One device, one owner: the daemon's settings stay.
+            print(f"{prog}: warning: {device} is port {name} of the muxd daemon, {differs}", file=sys.stderr)
+        history = owner.get("history", 0)
+        listeners = [{"history": history, **lst} for lst in port["listeners"]]
+        requests.append((f"{apiclient.listeners_path(name)}?hold=1", listeners))
+        said.append(f"{port['name']} (on its port {name})")
+    return requests, ", ".join(said)
+
+
+def _settings_differ(upstream: dict[str, Any], line: dict[str, Any]) -> str:
+    """Why the ser2net line settings are not the port's, in words; "" if they are."""
+    wanted = f"{upstream.get('baudrate')} {upstream.get('bytesize', 8)}"
+    wanted += f"{str(upstream.get('parity', 'none'))[0].upper()}{upstream.get('stopbits', 1):g}"
+    wanted += f" flow {upstream.get('flow', 'none')}"
+    current = f"{line.get('baudrate')} {line.get('format')} flow {line.get('flow')}"
+    if wanted == current:
+        return ""
+    return f"at {current}; ser2net's {wanted} is not applied"
 
 
 def version_line() -> str:
