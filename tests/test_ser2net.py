@@ -11,8 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from functools import partial
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -535,16 +534,15 @@ def test_with_a_daemon_the_exporters_command_joins_it_and_its_port_leaves_with_t
         name="lab",
         top={"control": {"path": str(control), "socket_mode": "0660"}},
     )
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(ser2net_bin), *_labgrid_lines(pty_device.path, port, True)],
-        stdout=(tmp_path / "ser2net.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MUXD_CONTROL": str(control)},
-    )
-    started.append(proc)
     names = lambda: [p["name"] for p in daemon.api("/api/v1/ports")["ports"]]  # noqa: E731
-    wait_for(lambda: "ttyDUT" in names(), 15, "the exported port in the daemon")
+    proc, port = start_exporter_command(
+        ser2net_bin,
+        pty_device,
+        control,
+        started,
+        log=tmp_path / "ser2net.log",
+        joined=lambda: "ttyDUT" in names(),
+    )
     assert "through the muxd daemon" in (tmp_path / "ser2net.log").read_text()
     # The device is the daemon's: the ser2net-mode process holds no fd on it.
     tty = os.path.realpath(pty_device.path)
@@ -576,8 +574,33 @@ def test_with_a_daemon_the_exporters_command_joins_it_and_its_port_leaves_with_t
         connect(port, timeout=1).close()  # nobody listens on the exported port any more
 
 
-def _joined_or_gone(listeners: Any, proc: subprocess.Popen[bytes]) -> bool:
-    return "con01" in listeners() or proc.poll() is not None
+def start_exporter_command(
+    ser2net_bin: Path,
+    dev: PtyDevice,
+    control: Path,
+    started: list[subprocess.Popen[bytes]],
+    *,
+    log: Path,
+    joined: Callable[[], bool],
+) -> tuple[subprocess.Popen[bytes], int]:
+    """labgrid's command line for `dev`, joining the daemon at `control`, once
+    `joined()` or the process has exited; (the process, its port). labgrid
+    binds 0.0.0.0:PORT and free_port() knows loopback only: a port taken
+    elsewhere meanwhile is tried again with another, at most three times."""
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen(
+            [str(ser2net_bin), *_labgrid_lines(dev.path, port, True)],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MUXD_CONTROL": str(control)},
+        )
+        started.append(proc)
+        wait_for(lambda: joined() or proc.poll() is not None, 15, "the exporter's command joined")  # noqa: B023
+        if proc.poll() is None or "address already in use" not in log.read_text():
+            break
+    assert proc.poll() is None, log.read_text()
+    return proc, port
 
 
 def test_on_a_daemon_that_owns_the_device_the_exporters_listener_joins_its_port_with_its_history(
@@ -609,19 +632,9 @@ def test_on_a_daemon_that_owns_the_device_the_exporters_listener_joins_its_port_
 
     listeners = lambda: {lst["name"] for lst in daemon.port_info("board")["listeners"]}  # noqa: E731
     log = tmp_path / "ser2net.log"
-    for _ in range(3):  # labgrid's 0.0.0.0:PORT: a free loopback port may be another's elsewhere
-        port = free_port()
-        proc = subprocess.Popen(
-            [str(ser2net_bin), *_labgrid_lines(pty_device.path, port, True)],
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "MUXD_CONTROL": str(control)},
-        )
-        started.append(proc)
-        wait_for(partial(_joined_or_gone, listeners, proc), 15, "the exporter's listener")
-        if proc.poll() is None or "address already in use" not in log.read_text():
-            break
-    assert proc.poll() is None, log.read_text()
+    proc, port = start_exporter_command(
+        ser2net_bin, pty_device, control, started, log=log, joined=lambda: "con01" in listeners()
+    )
     assert [p["name"] for p in daemon.api("/api/v1/ports")["ports"]] == ["board"]
     text = log.read_text()
     assert "serving ttyDUT (on its port board) through the muxd daemon" in text, text
