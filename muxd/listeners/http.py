@@ -450,12 +450,9 @@ class HttpFront:
             assert rt is not None
             if method != "POST":
                 return Reply(405, b"405 Method Not Allowed\n", headers=[("allow", "POST")])
-            denied = self._token_refusal(request, "admin", True)
+            denied = self._admin_denied(request, peer_host)
             if denied is not None:
                 return denied
-            refusal = self._admin_refusal(request, peer_host)
-            if refusal:
-                return error_reply(403, refusal, True)
             if control:
                 by = f"api {peer_host}"
                 if parts[2] == "signals":
@@ -489,12 +486,9 @@ class HttpFront:
         manager = self.manager
         if manager is None:
             return error_reply(405, "ports cannot be added or removed on this server", True)
-        denied = self._token_refusal(request, "admin", True)
+        denied = self._admin_denied(request, peer_host)
         if denied is not None:
             return denied
-        refusal = self._admin_refusal(request, peer_host)
-        if refusal:
-            return error_reply(403, refusal, True)
         by = f"api {peer_host}"
         if method == "DELETE" and len(parts) == 4:
             return json_reply(*api.remove_listener(manager, parts[1], parts[3], by))
@@ -534,6 +528,15 @@ class HttpFront:
             return error_reply(404, f"no client {echo(action[1])} on port {rt.name!r}", True)
         log.info("%s: client %s disconnected by admin request from %s", rt.name, action[1], peer_host)
         return json_reply(200, {"ok": True})
+
+    def _admin_denied(self, request: h11.Request, peer_host: str) -> Reply | None:
+        """The answer refusing an admin action (an API change, a control), or
+        None if it may go on: the token check, then _admin_refusal's."""
+        denied = self._token_refusal(request, "admin", True)
+        if denied is not None:
+            return denied
+        refusal = self._admin_refusal(request, peer_host)
+        return error_reply(403, refusal, True) if refusal else None
 
     def _admin_refusal(self, request: h11.Request, peer_host: str) -> str | None:
         """Why an admin action is refused, after the token check (which,
