@@ -31,7 +31,7 @@ reload must refuse it: a TLS, CA or password file that cannot be read
 (``paho_problem``). They are written here, once, with the others.
 
 Nothing here binds, connects or writes: binding is what only a start can
-try, and a busy address is reported then (muxd.daemon.StartError).
+try, and a busy address is reported then (muxd.startup.StartError).
 """
 
 from __future__ import annotations

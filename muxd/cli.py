@@ -439,7 +439,8 @@ def _raise_fd_limit() -> None:
 def _serve(config: Config, level: str | None, ready_file: str | None = None, demo: bool = False) -> int:
     from muxd import checks
     from muxd import systemd as sd
-    from muxd.daemon import Daemon, StartError
+    from muxd.daemon import Daemon
+    from muxd.startup import StartError
 
     sd.setup_logging(level or config.log_level)
     log = _log()

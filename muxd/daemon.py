@@ -51,7 +51,6 @@ import contextlib
 import dataclasses
 import errno
 import logging
-import os
 import signal
 import socket
 from collections.abc import Callable
@@ -63,7 +62,6 @@ from muxd import systemd as sd
 from muxd.access import Tokens
 from muxd.api import Conflict, device_key
 from muxd.api import bound_addresses as api_bound
-from muxd.checks import group_problem
 from muxd.config import (
     Config,
     ControlSocket,
@@ -76,12 +74,22 @@ from muxd.control import ControlFront
 from muxd.errors import ConfigError, MuxdError
 from muxd.listeners.acceptor import sock_address
 from muxd.listeners.http import HttpFront
-from muxd.listeners.pty import PtyListener
-from muxd.listeners.rfc2217 import Rfc2217Listener
-from muxd.listeners.stream import StreamListener
 from muxd.listeners.websocket import reauthorize
-from muxd.port import ListenerClient, ListenerRuntime, PortRuntime, bounds_for, make_upstream
+from muxd.port import ListenerClient, PortRuntime, bounds_for, make_upstream
 from muxd.reactor import Reactor
+from muxd.startup import (
+    LISTENER_FACTORIES,
+    SOCKET_KINDS,
+    StartError,
+    check_group,
+    check_path,
+    check_pty_link,
+    check_start,
+    http_address,
+    http_what,
+    listener_what,
+    start_cause,
+)
 from muxd.trace import Trace
 
 if TYPE_CHECKING:
@@ -94,101 +102,6 @@ log = logging.getLogger("muxd")
 SHUTDOWN_FLUSH = 2.0
 # How often the STATUS= line is recomputed; it is sent only when it changed.
 STATUS_INTERVAL = 1.0
-
-
-ListenerFactory = Callable[[Listener, PortRuntime, Reactor, "socket.socket | None"], ListenerRuntime]
-
-
-def _stream(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
-    return StreamListener(cfg, rt.hub, reactor, sock, rt.line_control)  # type: ignore[return-value]
-
-
-def _rfc2217(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
-    return Rfc2217Listener(cfg, rt.hub, reactor, rt.line_control, sock)  # type: ignore[return-value]
-
-
-def _pty(cfg: Listener, rt: PortRuntime, reactor: Reactor, sock: socket.socket | None) -> ListenerRuntime:
-    if sock is not None:
-        raise MuxdError(f"socket activation passed a socket named {cfg.name!r}, a pty listener")
-    return PtyListener(cfg, rt.hub, reactor, rt.line_control)  # type: ignore[return-value]
-
-
-# Listener kinds with their own sockets. `websocket` has none: it is served by
-# the HTTP servers at /ws/<port>.
-LISTENER_FACTORIES: dict[str, ListenerFactory] = {
-    "tcp": _stream,
-    "unix": _stream,
-    "rfc2217": _rfc2217,
-    "pty": _pty,
-}
-# The kinds that bind a listening socket (phase 2 of a start; a pty is made in phase 3).
-SOCKET_KINDS = frozenset({"tcp", "unix", "rfc2217"})
-
-
-class StartError(MuxdError):
-    """A listener or HTTP server that cannot start, as one line: the port, the
-    listener and its address, and the cause. The CLI prints it and exits 2,
-    since what fails at start (a busy address, a missing directory, an
-    unknown group, an unreadable token or certificate file) is for the
-    operator to fix, and a restart cannot."""
-
-
-def _check_group(group: str | int | None) -> None:
-    problem = group_problem(group)
-    if problem is not None:
-        raise MuxdError(problem)
-
-
-def _check_path(path: str, group: str | int | None) -> None:
-    """What a Unix socket, pty link or trace file needs before it is made:
-    its directory, and its group."""
-    parent = os.path.dirname(path) or "/"
-    if not os.path.isdir(parent):
-        raise OSError(errno.ENOENT, "no directory", path)
-    _check_group(group)
-
-
-def _check_pty_link(path: str) -> None:
-    # A pty link replaces an old link, never a file (muxd.listeners.pty).
-    if os.path.lexists(path) and not os.path.islink(path):
-        raise OSError(errno.EEXIST, f"{path} exists and is not a symlink; not replacing it")
-
-
-def _check_start(what: str, check: Callable[[], object]) -> None:
-    try:
-        check()
-    except (OSError, MuxdError) as exc:
-        raise StartError(f"{what}: {start_cause(exc, getattr(exc, 'filename', None) or '')}") from exc
-
-
-def _listener_what(port: str, cfg: Listener) -> str:
-    # The address, unless the (default) name already says it.
-    return f"port {port}, listener {cfg.name}" + (f" ({cfg.address})" if cfg.address not in cfg.name else "")
-
-
-def _http_address(srv: HttpServer) -> str:
-    return configmod.format_hostport(srv.host, srv.port)
-
-
-def _http_what(srv: HttpServer) -> str:
-    address = _http_address(srv)
-    return f"http server {srv.name}" + (f" ({address})" if address not in srv.name else "")
-
-
-def start_cause(exc: BaseException, path: str = "") -> str:
-    """Why a start failed, in words, without the repetition of errno texts."""
-    if isinstance(exc, OSError):
-        if exc.errno == errno.EADDRINUSE:
-            return "address already in use"
-        if exc.errno == errno.EADDRNOTAVAIL:
-            return "no such address on this machine"
-        if exc.errno == errno.ENOENT and path:
-            return f"directory {os.path.dirname(path) or '/'} does not exist"
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            where = f" ({exc.filename})" if exc.filename and exc.filename != path else ""
-            return f"permission denied{where}"
-        return exc.strerror or str(exc)
-    return str(exc)
 
 
 def _bridge(cfg: configmod.MqttConfig, reactor: Reactor) -> MqttBridge:
@@ -275,25 +188,25 @@ class Daemon:
         for port in self.config.ports:
             self._validate_port(port)
         for srv in self.config.http:
-            _check_start(_http_what(srv), partial(Tokens.load, srv.tokens))  # read again by the server
+            check_start(http_what(srv), partial(Tokens.load, srv.tokens))  # read again by the server
         if self.config.control is not None:
             ctl = self.config.control
-            _check_start(f"control socket {ctl.path}", partial(_check_path, ctl.path, ctl.group))
+            check_start(f"control socket {ctl.path}", partial(check_path, ctl.path, ctl.group))
 
     @staticmethod
     def _validate_port(port: Port) -> None:
         for cfg in port.listeners:
             if cfg.kind in ("unix", "pty"):
-                _check_start(_listener_what(port.name, cfg), partial(_check_path, cfg.path, cfg.group))
+                check_start(listener_what(port.name, cfg), partial(check_path, cfg.path, cfg.group))
             if cfg.kind == "pty":
-                _check_start(_listener_what(port.name, cfg), partial(_check_pty_link, cfg.path))
+                check_start(listener_what(port.name, cfg), partial(check_pty_link, cfg.path))
         for spec in port.trace:
-            _check_start(f"port {port.name}, trace {spec.path}", partial(_check_path, spec.path, spec.group))
+            check_start(f"port {port.name}, trace {spec.path}", partial(check_path, spec.path, spec.group))
 
     def _check_activated(self) -> None:
         """Every socket systemd passed must belong to a listener with a socket
         of its own, or to an HTTP server, named by its FileDescriptorName=."""
-        targets = {srv.name: _http_address(srv) for srv in self.config.http}
+        targets = {srv.name: http_address(srv) for srv in self.config.http}
         kinds = {srv.name: "http" for srv in self.config.http}
         for port in self.config.ports:
             for cfg in port.listeners:
@@ -452,11 +365,11 @@ class Daemon:
             # Checked before anything is bound (on a reload; start() validated it
             # already): a unix socket would otherwise be left behind, and a pty
             # would only log it and carry on.
-            _check_group(cfg.group)
+            check_group(cfg.group)
             listener = factory(cfg, rt, self.reactor, sock)
             listener.start()
         except (OSError, MuxdError) as exc:
-            raise StartError(f"{_listener_what(rt.name, cfg)}: {start_cause(exc, cfg.path)}") from exc
+            raise StartError(f"{listener_what(rt.name, cfg)}: {start_cause(exc, cfg.path)}") from exc
         rt.listeners[cfg.name] = listener
 
     def _start_http(self, srv: HttpServer) -> None:
@@ -471,7 +384,7 @@ class Daemon:
             )
             front.start()
         except (OSError, MuxdError) as exc:
-            raise StartError(f"{_http_what(srv)}: {start_cause(exc)}") from exc
+            raise StartError(f"{http_what(srv)}: {start_cause(exc)}") from exc
         self.http[srv.name] = front
 
     def _start_control(self, cfg: ControlSocket) -> None:

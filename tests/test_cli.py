@@ -408,7 +408,7 @@ def test_a_stale_ready_file_goes_even_when_the_start_fails(
     listeners = [{"tcp": f"127.0.0.1:{busy_port}"}]
     path = write_config(tmp_path, {"ports": [{**sim_port(), "listeners": listeners}]})
     m = muxd("run", "-c", str(path), "--ready-file", str(ready))
-    assert m.wait_exit(10) == 2  # a start error: the operator must act (muxd.daemon.StartError)
+    assert m.wait_exit(10) == 2  # a start error: the operator must act (muxd.startup.StartError)
     assert "already in use" in m.log() and f"127.0.0.1:{busy_port}" in m.log()
     assert not ready.exists()
 

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from muxd import config as configmod
-from muxd.daemon import Daemon, StartError
+from muxd.daemon import Daemon
+from muxd.startup import StartError
 from tests.helpers import (
     AUTO,
     ROOT,
