@@ -19,14 +19,15 @@ DEMO_ARGS ?=
 # openssl (s_client reads a TLS listener), mosquitto (the MQTT bridge's
 # broker in tests/test_mqtt.py and bench/mqtt.py), and systemd-container +
 # mmdebstrap (tests/test_systemd_real.py boots the .deb under a real systemd),
-# ser2net (tests/test_ser2net.py converts its shipped /etc/ser2net.yaml and examples).
+# ser2net (tests/test_ser2net.py converts its shipped /etc/ser2net.yaml and examples),
+# picocom (tests/test_sharing.py: the escape commands from a terminal program on a pty).
 SYSTEM_PACKAGES := chromium prometheus systemd dpkg-dev debhelper dh-python \
 	pybuild-plugin-pyproject python3-all python3-setuptools lintian \
 	libsystemd-dev pkg-config netcat-openbsd openssl mosquitto \
-	systemd-container mmdebstrap ser2net
+	systemd-container mmdebstrap picocom ser2net
 SYSTEM_COMMANDS := chromium promtool systemd-socket-activate systemd-analyze \
 	dpkg-buildpackage dh_python3 lintian pkg-config nc openssl mosquitto \
-	systemd-nspawn mmdebstrap ser2net
+	systemd-nspawn mmdebstrap ser2net picocom
 
 .PHONY: run demo test lint system-deps venv bench bench-deps bench-smoke deb clean
 

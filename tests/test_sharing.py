@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import termios
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pexpect
 import pytest
 
 from muxd.hub import Hub, PortBounds, Reader, ReaderPolicy
@@ -393,6 +395,36 @@ def test_escape_commands_on_tcp_and_pty(muxd: StartMuxd, tmp_path: Path, k2: Fak
     assert f"BREAK by {m.names[0]} {pa}" in text
     assert f"sequence reset by {m.names[0]} {pa}" in text
     assert "left (closed by escape)" in text or "left (escape)" in text
+
+
+PICOCOM = shutil.which("picocom")
+
+
+@pytest.mark.skipif(PICOCOM is None, reason="picocom is not installed (apt-get install picocom)")
+def test_escape_through_picocom_on_the_pty(muxd: StartMuxd, tmp_path: Path, k2: FakeK2) -> None:
+    """A terminal user's own program on the pty listener: picocom (its escape
+    is C-a, so ^] passes through to muxd). Who, a BREAK at the device, typing;
+    nothing of the answers reaches the device."""
+    assert PICOCOM is not None
+    m = start(muxd, tmp_path, k2)
+    child = pexpect.spawn(PICOCOM, ["-q", "-b", "115200", str(tmp_path / "ttyDUT")], timeout=10)
+    try:
+        wait_clients(m.http, 1)
+        child.send(ESC + b"w")
+        child.expect(b"write lock: ")
+        child.send(ESC + b"b")  # the lock is free: taken, as typing would take it
+        child.expect(b"BREAK sent")
+        wait_for(lambda: signals(k2)[-2:] == ["break=1", "break=0"], what="picocom's BREAK at the K2")
+        child.send(b"uname\r")
+        assert k2.wait_uart(b"uname\r")
+        k2.feed(b"Linux dut1\r\n")
+        child.expect(b"Linux dut1")
+        assert k2.uart_received() == b"uname\r"
+    finally:
+        child.sendcontrol("a")
+        child.sendcontrol("x")  # picocom's exit
+        child.expect(pexpect.EOF, timeout=5)
+        child.close(force=True)  # by its PID, if it is still there
 
 
 browser = web.browser  # headless Chromium, skipped where it is not installed
