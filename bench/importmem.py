@@ -8,7 +8,8 @@ which tracemalloc does not see. The modules each import brought in are
 listed too (a ``sys.modules`` diff), so a surprise like libcrypto through
 ``importlib.resources`` has a name. ``--demo``: starts ``muxd demo`` on free
 ports, waits for its ready file (it serves from then on), lets it settle,
-fetches the web console's page and reads its VmHWM and VmRSS.
+fetches the web console's page (and with ``--websocket`` opens a WebSocket
+reader, as the page does in a browser) and reads its VmHWM and VmRSS.
 
 `python -m bench.importmem [--imports MOD ...] [--demo]`; one JSON line.
 """
@@ -93,7 +94,7 @@ def _libraries(pid: int) -> list[str]:
     return sorted(names)
 
 
-def demo() -> dict[str, Any]:
+def demo(websocket: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as work:
         ready = Path(work) / "ready"
         tcp, http = _free_port(2), _free_port()
@@ -108,8 +109,15 @@ def demo() -> dict[str, Any]:
             time.sleep(_SETTLE_S)
             with urllib.request.urlopen(f"http://127.0.0.1:{http}/", timeout=5) as resp:
                 page = len(resp.read())
+            if websocket:  # as the console page does: a WebSocket reader of the demo port
+                from websockets.sync.client import connect
+
+                with connect(f"ws://127.0.0.1:{http}/ws/demo", open_timeout=5) as ws:
+                    ws.recv(timeout=5)
+                    time.sleep(_SETTLE_S)
+                    mem = _status(proc.pid)
             time.sleep(_SETTLE_S)
-            mem = _status(proc.pid)
+            mem = _status(proc.pid)  # VmHWM: the WebSocket's peak stays in it
             libs = _libraries(proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -118,6 +126,7 @@ def demo() -> dict[str, Any]:
         "demo_hwm_mib": round(mem["VmHWM"] / 1024, 1),
         "demo_rss_mib": round(mem["VmRSS"] / 1024, 1),
         "page_bytes": page,
+        "websocket": websocket,
         "libraries": libs,
     }
 
@@ -127,6 +136,7 @@ def main() -> None:
     default = " ".join(DEFAULT_IMPORTS)
     ap.add_argument("--imports", nargs="*", metavar="MOD", help=f"modules in order (default {default})")
     ap.add_argument("--demo", action="store_true", help="peak RSS of `muxd demo`, serving")
+    ap.add_argument("--websocket", action="store_true", help="--demo with a WebSocket reader, as the console")
     ap.add_argument("--table", action="store_true", help="--imports as a table, not JSON")
     args = ap.parse_args()
     if args.table and not args.demo:
@@ -136,7 +146,7 @@ def main() -> None:
         return
     result: dict[str, Any] = {"python": sys.version.split()[0], "pid": os.getpid()}
     if args.demo:
-        result.update(demo())
+        result.update(demo(args.websocket))
     else:
         result["imports"] = imports(args.imports or DEFAULT_IMPORTS)
     print(json.dumps(result))
