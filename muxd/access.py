@@ -40,7 +40,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import hmac
 import ipaddress
 import stat
 from collections.abc import Iterable, Sequence
@@ -183,8 +182,10 @@ class Tokens:
     def match(self, presented: str | None) -> tuple[str, Scope] | None:
         """(name, scope) of the token presented, or None. Every secret is
         compared, so the time does not depend on which one matched."""
-        if presented is None:
+        if presented is None or not self._entries:
             return None
+        import hmac  # memory: libcrypto only where tokens are configured (docs/benchmarks.md)
+
         given = presented.encode("utf-8", "surrogateescape")
         found: tuple[str, Scope] | None = None
         for name, scope, secret in self._entries:

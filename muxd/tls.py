@@ -38,13 +38,15 @@ import contextlib
 import errno
 import logging
 import socket
-import ssl
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from muxd.config import TlsConfig
 from muxd.files import checked_paths
 from muxd.transport import graceful_close
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger("muxd.tls")
 
@@ -72,6 +74,8 @@ class Wire(Protocol):
 
 def make_context(spec: TlsConfig, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
     """A server context from the config's files; ssl.SSLError/OSError if they are bad."""
+    import ssl  # memory: libssl only with a tls: config (docs/benchmarks.md)
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # TLS 1.0 and 1.1 are deprecated (RFC 8996) and no client of ours needs them.
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -115,6 +119,8 @@ class TlsTransport:
     def __init__(
         self, raw: Wire, context: ssl.SSLContext, server_side: bool = True, server_hostname: str | None = None
     ) -> None:
+        import ssl  # memory: libssl loaded by the context's maker (docs/benchmarks.md)
+
         self.raw = raw
         self.fd = raw.fileno()
         self._incoming = ssl.MemoryBIO()
@@ -137,6 +143,8 @@ class TlsTransport:
         """Advance the handshake with what the socket has: True once done.
         BlockingIOError never escapes: False means wait for readiness.
         ssl.SSLError: the peer's TLS is bad; ConnectionError: it left."""
+        import ssl  # memory: libssl only with a tls: config (docs/benchmarks.md)
+
         for _ in range(MAX_READS):
             try:
                 self._ssl.do_handshake()
@@ -175,6 +183,8 @@ class TlsTransport:
     def recv(self, n: int) -> bytes:
         """Up to n bytes of plaintext; b"" at EOF (close_notify or FIN);
         BlockingIOError when none can be had now."""
+        import ssl  # memory: libssl only with a tls: config (docs/benchmarks.md)
+
         for _ in range(MAX_READS):
             try:
                 data = self._ssl.read(n)
@@ -201,6 +211,8 @@ class TlsTransport:
     def send(self, data: bytes | bytearray | memoryview) -> int:
         """Encrypt up to one record of data and offer it to the socket; the
         plaintext count taken. BlockingIOError while earlier records wait."""
+        import ssl  # memory: libssl only with a tls: config (docs/benchmarks.md)
+
         self.flush()
         if self._cipher:
             raise BlockingIOError(errno.EAGAIN, "TLS records wait for the socket")
@@ -253,6 +265,8 @@ class TlsTransport:
 
     def close(self) -> None:
         """close_notify (not waiting for the peer's), then the graceful close. Safe twice."""
+        import ssl  # memory: libssl only with a tls: config (docs/benchmarks.md)
+
         if self._closed:
             return
         self._closed = True

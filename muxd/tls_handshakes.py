@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 from collections.abc import Callable
 
 from muxd.config import TlsConfig
@@ -227,6 +226,8 @@ class _Handshake:
         self.reactor.add(self.fd, IN, self._on_events, self._on_internal_error)
 
     def _on_events(self, mask: int) -> None:
+        import ssl  # memory: libssl only with a tls: config (docs/benchmarks.md)
+
         if mask & (IN | ERRMASK) and not self.heard:
             # Level-triggered: IN means bytes (or an EOF, which ends it below).
             self.heard = True

@@ -6,18 +6,20 @@ run. A request's path segments are looked up in that index, so a crafted path
 never reaches the file system (where a 256-byte segment raises ENAMETOOLONG,
 and a traversal could escape muxd/web), and every connection sends the same
 bytes without a copy.
+
+The files are found by a plain path next to this module, not through
+importlib.resources: both installs (editable, and the .deb's dist-packages)
+keep package data on disk beside the code, and importlib.resources would
+import tempfile, zipfile, bz2 and lzma into every daemon, with or without
+an HTTP front (memory: docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, NamedTuple
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
-if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; this alias is 3.9..3.13
-    from importlib.abc import Traversable
-
-WEB = resources.files("muxd").joinpath("web")
+WEB = Path(__file__).parent / "web"
 CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -32,7 +34,7 @@ _web_cache: dict[str, bytes] = {}
 # Relative path -> file, of every file the console has, listed once. A request
 # is looked up here, so its path never reaches the file system (where a
 # 256-byte segment raises ENAMETOOLONG, and a traversal could escape).
-_web_index: dict[str, Traversable] | None = None
+_web_index: dict[str, Path] | None = None
 # Directory depth listed: the console's tree is 3 deep.
 WEB_DEPTH = 8
 
@@ -42,7 +44,7 @@ class WebFile(NamedTuple):
     content_type: str
 
 
-def _list_web(node: Traversable, prefix: str, depth: int, out: dict[str, Traversable]) -> None:
+def _list_web(node: Path, prefix: str, depth: int, out: dict[str, Path]) -> None:
     for child in node.iterdir():
         if child.name.startswith((".", "__")):
             continue
@@ -53,10 +55,10 @@ def _list_web(node: Traversable, prefix: str, depth: int, out: dict[str, Travers
             out[prefix + child.name] = child
 
 
-def web_files() -> dict[str, Traversable]:
+def web_files() -> dict[str, Path]:
     global _web_index
     if _web_index is None:
-        index: dict[str, Traversable] = {}
+        index: dict[str, Path] = {}
         _list_web(WEB, "", 0, index)
         _web_index = index
     return _web_index

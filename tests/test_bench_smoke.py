@@ -136,3 +136,62 @@ def test_rack_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
         assert r["delivered_bytes"] == r["taken_bytes"] and r["lost_bytes"] == 0
         assert r["server_cpu_s"] > 0 and r["server_rss_peak_kib"] > 0 and r["trace_bytes"] > 0
     assert records[0]["server_exit"] == 0
+
+
+# Builds and starts (binds; never runs) a Daemon in a fresh interpreter, then
+# prints the modules it holds. argv: the config's path.
+_IMPORTS_AFTER_START = """
+import json, sys
+from muxd import config as configmod
+from muxd.daemon import Daemon
+daemon = Daemon(configmod.load(sys.argv[1]))
+daemon.start()
+print(json.dumps(sorted(sys.modules)))
+"""
+# What a config without tls: and tokens: never uses, and costs RSS in every
+# daemon (docs/benchmarks.md, rack, where the memory goes): libssl, hmac's
+# libcrypto, importlib.resources' tempfile/zipfile/bz2/lzma, and wsproto with
+# hashlib's libcrypto until a WebSocket is accepted.
+_UNUSED = ("ssl", "_ssl", "hmac", "importlib.resources", "tempfile", "zipfile", "wsproto", "_hashlib")
+
+
+def _modules_after_start(config: dict[str, Any], tmp_path: Path) -> set[str]:
+    path = tmp_path / "muxd.yaml"
+    path.write_text(json.dumps(config))
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER_START, str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def test_the_demo_started_imports_no_tls_nor_token_code(tmp_path: Path) -> None:
+    """The built-in demo (its listeners moved to free ports), started: ssl,
+    hmac and importlib.resources stay out, with its HTTP front and console,
+    and wsproto (hashlib, libcrypto) until a WebSocket is accepted."""
+    import yaml
+
+    demo = yaml.safe_load((REPO / "muxd" / "demo.yaml").read_text())
+    for lst in demo["ports"][0]["listeners"]:
+        if "tcp" in lst:
+            lst["name"], lst["tcp"] = f"demo-{lst['mode']}", "127.0.0.1:0"
+    demo["http"]["listen"] = "127.0.0.1:0"
+    loaded = _modules_after_start(demo, tmp_path)
+    assert "muxd.listeners.http" in loaded  # the front was built: the check is not vacuous
+    assert loaded.isdisjoint(_UNUSED), sorted(loaded.intersection(_UNUSED))
+
+
+def test_a_tcp_only_rack_imports_no_tls_nor_token_code(tmp_path: Path) -> None:
+    """Two serial-less ports with TCP listeners and no http: section."""
+    ports = [
+        {"name": f"p{i}", "upstream": {"sim": True}, "listeners": [{"tcp": "127.0.0.1:0", "name": f"l{i}"}]}
+        for i in range(2)
+    ]
+    loaded = _modules_after_start({"ports": ports}, tmp_path)
+    assert "muxd.listeners.stream" in loaded
+    assert loaded.isdisjoint(_UNUSED), sorted(loaded.intersection(_UNUSED))

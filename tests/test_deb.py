@@ -43,6 +43,21 @@ def test_contents(deb: Path) -> None:
     assert "/usr/share/doc/muxd/examples/muxd.example.yaml" in paths
 
 
+def test_web_console_ships_beside_web_py(deb: Path) -> None:
+    """muxd.web reads the console by a path beside web.py (not importlib.resources):
+    every file of muxd/web has its place there in the package, as has the
+    WebSocket module imported at the first upgrade."""
+    from muxd.web import web_files
+
+    paths = {line.split()[-1].removeprefix(".") for line in dpkg_deb("-c", str(deb)).splitlines()}
+    [web_py] = [p for p in paths if p.endswith("/muxd/web.py")]
+    package = web_py.removesuffix("/web.py")
+    console = sorted(web_files())
+    assert "index.html" in console
+    assert [rel for rel in console if f"{package}/web/{rel}" not in paths] == []
+    assert f"{package}/listeners/wsclient.py" in paths
+
+
 def test_control(deb: Path) -> None:
     fields = control_fields(deb)
     assert fields["Package"] == "muxd"

@@ -23,7 +23,7 @@ names are parsed and compared in muxd.protocol.http_names, which explains why.
 Routes: ``/`` and the console's files (muxd.web, looked up in an index, never
 on the file system), ``/metrics``, ``/api/v1/...`` (muxd.api) and
 ``/ws/<port>``, where an accepted upgrade hands the transport to a
-WebSocketClient (muxd.listeners.websocket). Numbers in a path are parsed with
+WebSocketClient (muxd.listeners.wsclient). Numbers in a path are parsed with
 a bound on their digits, so int() never sees something it raises on.
 
 Access (muxd.access). A peer outside the server's ``allow:`` is closed at

@@ -10,7 +10,7 @@ peer closes, asks to close, or idles. A response after which the connection
 must close (an error, ``Connection: close``, HTTP/1.0) puts it in the core's
 CLOSING state: the response is flushed, then the graceful close. An accepted
 WebSocket upgrade hands the transport, with any bytes after the request, to a
-WebSocketClient (muxd.listeners.websocket): the core's SWITCHED state.
+WebSocketClient (muxd.listeners.wsclient): the core's SWITCHED state.
 
 The transport is a SocketTransport, or under https a TLS transport (muxd.tls)
 made after the handshake; nothing here asks which. The core watches EPOLLOUT
@@ -47,7 +47,7 @@ import h11
 
 from muxd.fdconn import FdConnection, State
 from muxd.listeners.http_reply import Reply, error_reply
-from muxd.listeners.websocket import WebSocketClient, header
+from muxd.listeners.websocket import header
 from muxd.protocol.http_names import peer_ip
 from muxd.transport import Transport
 
@@ -233,6 +233,9 @@ class HttpConnection(FdConnection):
         # Hand the transport over: it is the WebSocket's now, not ours to close.
         transport, trailing = self.transport, self.h11.trailing_data[0]
         self._switch()
+        # memory: wsproto loaded by the upgrade that made `result` (docs/benchmarks.md)
+        from muxd.listeners.wsclient import WebSocketClient
+
         client = WebSocketClient(
             transport,
             self.peer,
