@@ -332,11 +332,11 @@ def quick_config(args: argparse.Namespace) -> Config:
 def demo_config(tcp: int | None = None, http: int | None = None) -> Config:
     """The built-in demo, its TCP listeners at tcp and tcp+1 and its web
     console at http when given (to move them off ports already in use)."""
-    from importlib import resources
-
     import yaml
 
-    text = resources.files("muxd").joinpath("demo.yaml").read_text(encoding="utf-8")
+    # A plain path beside this module, not importlib.resources: that pulls in
+    # tempfile and zipfile, memory a demo never uses (docs/benchmarks.md).
+    text = (Path(__file__).parent / "demo.yaml").read_text(encoding="utf-8")
     if tcp is None and http is None:
         return configmod.loads(text, "<built-in demo>")
     data = yaml.safe_load(text)
