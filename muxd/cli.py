@@ -90,12 +90,35 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's own formatter, with the terminal's width found without
+    shutil: argparse imports shutil for it even when no help is printed, and
+    shutil its compression modules (bz2, lzma), about 1 MiB a daemon never
+    uses (docs/benchmarks.md)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        try:
+            columns = os.get_terminal_size(sys.stdout.fileno()).columns
+        except (OSError, ValueError):
+            columns = 80
+    return argparse.HelpFormatter(prog, width=columns - 2)  # argparse's own margin
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser (and its subcommands') with _help_formatter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _help_formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="muxd", description="Multi-reader serial multiplexer: one owner of the device, many readers."
     )
     parser.add_argument("--version", action="version", version=f"muxd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     run = sub.add_parser("run", help="run in the foreground")
     run.add_argument("-c", "--config", metavar="FILE", help="configuration file (YAML)")
@@ -189,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reach_parser(control: bool = False) -> argparse.ArgumentParser:
+def _reach_parser(control: bool = False) -> _Parser:
     """The options by which `status`, `tail` and `ctl` reach the daemon
     (muxd.apiclient); ``control``: its control socket too (not for `tail`,
     whose WebSocket goes to an http server)."""
-    reach = argparse.ArgumentParser(add_help=False)
+    reach = _Parser(add_help=False)
     group = reach.add_argument_group("reaching the daemon")
     where = group.add_mutually_exclusive_group(required=True)
     where.add_argument(
@@ -224,7 +247,7 @@ PORT_ACTIONS = ("add", "remove", "add-listener", "remove-listener")
 
 def port_parser() -> argparse.ArgumentParser:
     """`muxd ctl port add FILE|-` and `muxd ctl port remove NAME` (ports at run time)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="muxd ctl port",
         parents=[_reach_parser(control=True)],
         description="Add a port to a running muxd, or remove one added so.",

@@ -17,7 +17,6 @@ from muxd.reactor import Reactor
 from muxd.sharing import PortActions
 from muxd.trace import Trace
 from muxd.upstream.base import Upstream
-from muxd.upstream.serial import SerialPort
 from muxd.upstream.sim import SimDevice
 from muxd.upstream.tcp import TcpPort
 
@@ -60,6 +59,9 @@ def bounds_for(port: Port) -> PortBounds:
 def make_upstream(port: Port, hub: Hub, reactor: Reactor) -> Upstream:
     cfg = port.upstream
     if isinstance(cfg, SerialUpstream):
+        # pyserial (0.7 MiB) only where a port has a serial device (docs/benchmarks.md).
+        from muxd.upstream.serial import SerialPort
+
         return SerialPort(cfg, hub, reactor)
     if isinstance(cfg, SimUpstream):
         return SimDevice(cfg, hub, reactor)

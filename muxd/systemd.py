@@ -37,16 +37,26 @@ from types import ModuleType
 
 from muxd.errors import ConfigError
 
-_sd_daemon: ModuleType | None
-_sd_journal: ModuleType | None
-try:
-    # By name, not `from systemd import ...`: a checker run from the source tree would
-    # take the repo's systemd/ directory (the unit files) for the package.
-    _sd_daemon = importlib.import_module("systemd.daemon")
-    _sd_journal = importlib.import_module("systemd.journal")
-except ImportError:
-    _sd_daemon = None
-    _sd_journal = None
+# systemd's variables for the processes it starts: with none of them set,
+# nothing here talks to systemd, and the stdlib fallbacks below are enough.
+SYSTEMD_VARS = ("NOTIFY_SOCKET", "LISTEN_FDS", "JOURNAL_STREAM", "WATCHDOG_USEC")
+
+
+def systemd_python() -> tuple[ModuleType, ModuleType] | None:
+    """systemd-python's daemon and journal modules, or None if not installed."""
+    try:
+        # By name, not `from systemd import ...`: a checker run from the source tree
+        # would take the repo's systemd/ directory (the unit files) for the package.
+        return importlib.import_module("systemd.daemon"), importlib.import_module("systemd.journal")
+    except ImportError:
+        return None
+
+
+# Loaded only under systemd: libsystemd and what it links (libgcrypt, lz4,
+# zstd, lzma) cost about 2 MiB that a process started by hand never uses.
+_loaded = systemd_python() if any(var in os.environ for var in SYSTEMD_VARS) else None
+_sd_daemon: ModuleType | None = _loaded[0] if _loaded else None
+_sd_journal: ModuleType | None = _loaded[1] if _loaded else None
 
 log = logging.getLogger(__name__)
 

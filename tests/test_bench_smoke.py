@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from muxd.systemd import SYSTEMD_VARS
+
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(
@@ -138,21 +140,28 @@ def test_rack_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     assert records[0]["server_exit"] == 0
 
 
-# Builds and starts (binds; never runs) a Daemon in a fresh interpreter, then
-# prints the modules it holds. argv: the config's path.
+# Parses `muxd run -c PATH`, then builds and starts (binds; never runs) a
+# Daemon in a fresh interpreter, and prints the modules it holds. argv: the
+# config's path.
 _IMPORTS_AFTER_START = """
 import json, sys
 from muxd import config as configmod
+from muxd.cli import build_parser
 from muxd.daemon import Daemon
-daemon = Daemon(configmod.load(sys.argv[1]))
+args = build_parser().parse_args(["run", "-c", sys.argv[1]])
+daemon = Daemon(configmod.load(args.config))
 daemon.start()
 print(json.dumps(sorted(sys.modules)))
 """
 # What a config without tls: and tokens: never uses, and costs RSS in every
 # daemon (docs/benchmarks.md, rack, where the memory goes): libssl, hmac's
 # libcrypto, importlib.resources' tempfile/zipfile/bz2/lzma, and wsproto with
-# hashlib's libcrypto until a WebSocket is accepted.
-_UNUSED = ("ssl", "_ssl", "hmac", "importlib.resources", "tempfile", "zipfile", "wsproto", "_hashlib")
+# hashlib's libcrypto until a WebSocket is accepted; argparse's shutil with its
+# bz2 and lzma; pyserial without a serial port; systemd-python outside systemd.
+_UNUSED = (
+    *("ssl", "_ssl", "hmac", "importlib.resources", "tempfile", "zipfile", "wsproto", "_hashlib"),
+    *("shutil", "bz2", "lzma", "serial", "systemd"),
+)
 
 
 def _modules_after_start(config: dict[str, Any], tmp_path: Path) -> set[str]:
@@ -161,6 +170,8 @@ def _modules_after_start(config: dict[str, Any], tmp_path: Path) -> set[str]:
     out = subprocess.run(
         [sys.executable, "-c", _IMPORTS_AFTER_START, str(path)],
         cwd=REPO,
+        # Not under systemd: with one of its variables, muxd loads systemd-python (rightly).
+        env={k: v for k, v in os.environ.items() if k not in SYSTEMD_VARS},
         capture_output=True,
         text=True,
         timeout=60,

@@ -25,7 +25,8 @@ import muxd.systemd as sd
 from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-HAVE_SYSTEMD_PYTHON = sd._sd_daemon is not None
+SYSTEMD_PYTHON = sd.systemd_python()  # muxd loads it only under systemd; the tests ask for it
+HAVE_SYSTEMD_PYTHON = SYSTEMD_PYTHON is not None
 # Prepended to child scripts to force the stdlib fallback: a None entry makes `import systemd` fail.
 FORCE_STDLIB = "import sys; sys.modules['systemd'] = None\n"
 
@@ -40,9 +41,9 @@ FORCE_STDLIB = "import sys; sys.modules['systemd'] = None\n"
     ]
 )
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    if request.param == "stdlib":
-        monkeypatch.setattr(sd, "_sd_daemon", None)
-        monkeypatch.setattr(sd, "_sd_journal", None)
+    daemon, journal = SYSTEMD_PYTHON if request.param != "stdlib" and SYSTEMD_PYTHON else (None, None)
+    monkeypatch.setattr(sd, "_sd_daemon", daemon)
+    monkeypatch.setattr(sd, "_sd_journal", journal)
     monkeypatch.setattr(sd, "_notify_failed", False)
     yield request.param
 
