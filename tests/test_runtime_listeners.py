@@ -22,6 +22,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 from muxd import apiclient
+from tests import test_runtime_ports as runtime_ports
 from tests.helpers import (
     AUTO,
     LOCAL,
@@ -37,26 +38,19 @@ from tests.helpers import (
     request,
     run_muxd,
     split_hostport,
-    start_on_pty,
     wait_clients,
     wait_for,
 )
-from tests.test_runtime_ports import _line
 
 
 def start(muxd: StartMuxd, tmp_path: Path, dev: PtyDevice) -> tuple[Muxd, str]:
-    """muxd on `dev` as "dut" with a control socket; (muxd, the control socket's path)."""
-    control = str(tmp_path / "control.sock")
+    """test_runtime_ports' port "dut", with a websocket listener too."""
     listeners: list[dict[str, Any]] = [{"tcp": AUTO, "mode": "rw", "notices": True}, {"websocket": True}]
-    top = {"control": {"path": control, "socket_mode": "0660"}}
-    return start_on_pty(muxd, tmp_path, dev, listeners, top=top), control
+    return runtime_ports.start(muxd, tmp_path, dev, listeners)
 
 
 def post(addr: str, body: Any, port: str = "dut") -> tuple[int, Any]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {"content-type": "application/json"}
-    status, _, answer = request(addr, "POST", f"/api/v1/ports/{port}/listeners", headers, data)
-    return status, json.loads(answer)
+    return runtime_ports.post(addr, body, f"/api/v1/ports/{port}/listeners")
 
 
 def delete(addr: str, name: str, port: str = "dut") -> tuple[int, Any]:
@@ -223,7 +217,7 @@ def test_held_listeners_go_with_their_holder(
         stderr=subprocess.PIPE,
     )
     try:
-        line = _line(holder)
+        line = runtime_ports.holder_line(holder)
         assert b"dut: added, held until this command ends; late 127.0.0.1:" in line, line
         address = line.split(b"late ")[1].split(b",")[0].decode()
         late = connect(split_hostport(address)[1])

@@ -48,11 +48,18 @@ from tests.helpers import (
 from tests.test_metrics import promtool_check, scrape, value
 
 
-def start(muxd: StartMuxd, tmp_path: Path, dev: PtyDevice, **opts: Any) -> tuple[Muxd, str]:
-    """muxd on `dev` as "dut" with a control socket; (muxd, the control socket's path)."""
+def start(
+    muxd: StartMuxd,
+    tmp_path: Path,
+    dev: PtyDevice,
+    listeners: list[dict[str, Any]] | None = None,
+    **opts: Any,
+) -> tuple[Muxd, str]:
+    """muxd on `dev` as "dut" with a control socket (by default one rw tcp
+    listener with notices); (muxd, the control socket's path)."""
     control = str(tmp_path / "control.sock")
     top = {"control": {"path": control, "socket_mode": "0660"}, **opts.pop("top", {})}
-    listeners = [{"tcp": AUTO, "mode": "rw", "notices": True}]
+    listeners = listeners or [{"tcp": AUTO, "mode": "rw", "notices": True}]
     return start_on_pty(muxd, tmp_path, dev, listeners, top=top, **opts), control
 
 
@@ -65,9 +72,10 @@ def port_b(dev: PtyDevice, **extra: Any) -> dict[str, Any]:
     }
 
 
-def post(addr: str, port: Any) -> tuple[int, Any]:
-    body = port if isinstance(port, bytes) else json.dumps(port).encode()
-    status, _, answer = request(addr, "POST", "/api/v1/ports", {"content-type": "application/json"}, body)
+def post(addr: str, body: Any, path: str = "/api/v1/ports") -> tuple[int, Any]:
+    """POST body (JSON, or bytes as they are) to the API; (status, the JSON answer)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    status, _, answer = request(addr, "POST", path, {"content-type": "application/json"}, data)
     return status, json.loads(answer)
 
 
@@ -264,7 +272,7 @@ def _holder(control: str, port_file: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bytes:
+def holder_line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bytes:
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     assert ready, "the holder printed nothing"
@@ -280,7 +288,7 @@ def test_held_port_goes_with_its_holder(
     port_file.write_text(yaml.safe_dump(port_b(dev_b)))
     holder = _holder(control, port_file)
     try:
-        line = _line(holder)
+        line = holder_line(holder)
         assert b"b: added, held" in line, line
         address = line.split(b"tb ")[1].split(b",")[0].decode()
         client = connect(split_hostport(address)[1])
@@ -316,7 +324,7 @@ def test_hold_ports_stops_cleanly_on_a_sigterm_right_after_ready(
             stdout=subprocess.PIPE,
         )
         try:
-            assert _line(holder) == b"ready\n"
+            assert holder_line(holder) == b"ready\n"
             holder.send_signal(signal.SIGTERM)
             assert holder.wait(10) == 0
         finally:
@@ -338,7 +346,7 @@ def test_hold_ports_returns_1_when_the_daemon_goes(
         stdout=subprocess.PIPE,
     )
     try:
-        assert _line(holder) == b"ready\n"
+        assert holder_line(holder) == b"ready\n"
         assert port_names(m) == ["dut", "b"]
         m.signal(signal.SIGTERM)
         assert m.wait_exit() == 0
