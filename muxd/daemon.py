@@ -113,9 +113,6 @@ def _bridge(cfg: configmod.MqttConfig, reactor: Reactor) -> MqttBridge:
     return MqttBridge(cfg, reactor)
 
 
-_device = device_key  # what a port owns (muxd.api: GET /api/v1/ports?device= asks the same)
-
-
 def _rebind_needed(old: Listener, new: Listener) -> bool:
     return (old.kind, old.host, old.port, old.path, old.file_mode, old.group) != (
         new.kind,
@@ -648,9 +645,9 @@ class Daemon:
             if rt.name == port.name:
                 where = "added at run time" if rt.name in self.runtime_ports else "in the config file"
                 raise Conflict(f"port {port.name!r} exists ({where})")
-        device = _device(port.upstream)
+        device = device_key(port.upstream)  # as GET /api/v1/ports?device= asks
         for rt in others:
-            if device is not None and _device(rt.config.upstream) == device:
+            if device is not None and device_key(rt.config.upstream) == device:
                 raise Conflict(f"{port.upstream.describe()} is the device of port {rt.name!r}")
         names, holders = self._in_use(others, runtime_only)
         self._check_listeners(port.listeners, names, holders)
