@@ -55,8 +55,9 @@ Why this module is long: where, how and who, the errors and holding a
 connection are one client, shared by every command that asks the daemon.
 
 This module stays light: `muxd tail` imports it, and the config module (and
-PyYAML with it) is imported only when ``-c`` is given; urllib.request only
-by the JSON calls.
+PyYAML with it) is imported only when ``-c`` is given. Every call, to an
+http(s) server or the control socket, is one http.client exchange
+(``exchange``): one way to send, and one reading of the answers and errors.
 """
 
 from __future__ import annotations
@@ -327,37 +328,12 @@ def exchange(conn: http.client.HTTPConnection, ep: Endpoint, method: str, path: 
 
 
 def _call(ep: Endpoint, path: str, body: dict[str, Any] | None = None, method: str = "GET") -> Any:
-    import urllib.error
-    import urllib.request
-
-    if ep.socket_path is not None:
-        conn = connection(ep)
-        try:
-            return exchange(conn, ep, method, path, body)
-        finally:
-            conn.close()
-
-    headers = ep.headers()
-    data = None
-    if method == "POST":
-        data = json.dumps(body or {}).encode()
-        headers["content-type"] = "application/json"
-    req = urllib.request.Request(ep.url.rstrip("/") + path, data=data, headers=headers, method=method)
+    """One request on a connection of its own (TCP, TLS or the control socket)."""
+    conn = connection(ep)
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT, context=ep.context) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = str(json.load(exc).get("error", exc.reason))[:MAX_REASON]
-        except (ValueError, AttributeError):  # not JSON, or not an object: not muxd's answer
-            message = str(exc.reason)
-        raise refusal(exc.code, message) from None
-    except urllib.error.URLError as exc:
-        raise Unreachable(f"cannot reach {ep.url}: {exc.reason}") from None
-    except ValueError as exc:  # json.JSONDecodeError: something else answers there
-        raise Unreachable(f"{ep.url} is not muxd's API: {exc}") from None
-    except OSError as exc:  # a timeout or reset while reading the answer
-        raise Unreachable(f"{ep.url}: {exc.strerror or exc}") from None
+        return exchange(conn, ep, method, path, body)
+    finally:
+        conn.close()
 
 
 def get(ep: Endpoint, path: str) -> Any:

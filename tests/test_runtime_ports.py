@@ -405,6 +405,9 @@ def test_ctl_port_add_and_remove(
     assert refused.returncode == 1
     assert "ports[0].write_queue: " in refused.stderr
     assert "ports[0].listeners[0].tcp:" in refused.stderr
+    # The same errors, every one, however the daemon is reached.
+    over_tcp = run_muxd("ctl", "--url", m.http, "port", "add", str(bad))
+    assert (over_tcp.returncode, over_tcp.stderr) == (1, refused.stderr)
     removed = run_muxd("ctl", "--control", control, "port", "remove", "b")
     assert (removed.returncode, removed.stdout) == (0, "b: removed\n")
     assert port_names(m) == ["dut"]
