@@ -372,15 +372,22 @@ def run_case(
 # ---------------------------------------------------------------- idle and start-up
 
 
-def run_idle(boards: int, seconds: float, work: Path) -> dict[str, Any]:
-    """CPU of `boards` quiet ports (devices open, no clients, a jsonl trace
-    each) over `seconds`, after a second to settle."""
-    devices = [Device(work / f"idle{i}") for i in range(boards)]
+def _boards_with_traces(boards: int, work: Path, name: str) -> tuple[list[Device], list[int], Path]:
+    """`boards` plugged pty devices and free ports, and work/NAME.yaml: a muxd
+    config serving them, a jsonl trace each."""
+    devices = [Device(work / f"{name}{i}") for i in range(boards)]
     for d in devices:
         d.plug()
     ports = free_ports(boards)
-    conf = work / "idle.yaml"
+    conf = work / f"{name}.yaml"
     conf.write_text(json.dumps(muxd_config([d.link for d in devices], ports, "jsonl", work, None)))
+    return devices, ports, conf
+
+
+def run_idle(boards: int, seconds: float, work: Path) -> dict[str, Any]:
+    """CPU of `boards` quiet ports (devices open, no clients, a jsonl trace
+    each) over `seconds`, after a second to settle."""
+    devices, ports, conf = _boards_with_traces(boards, work, "idle")
     cmd = [sys.executable, "-m", "muxd", "run", "-c", str(conf), "--log-level", "warning"]
     server = start_server("muxd", cmd, ports, work / "idle.log")
     try:
@@ -405,12 +412,7 @@ def run_idle(boards: int, seconds: float, work: Path) -> dict[str, Any]:
 def run_startup(boards: int, work: Path) -> dict[str, Any]:
     """Exec to READY (the ready file appears) and SIGHUP to `reloaded`, for
     a config of `boards` ports with a jsonl trace each."""
-    devices = [Device(work / f"start{i}") for i in range(boards)]
-    for d in devices:
-        d.plug()
-    ports = free_ports(boards)
-    conf = work / "start.yaml"
-    conf.write_text(json.dumps(muxd_config([d.link for d in devices], ports, "jsonl", work, None)))
+    devices, ports, conf = _boards_with_traces(boards, work, "start")
     ready = work / "ready.json"
     log = work / "start.log"
     cmd = [
